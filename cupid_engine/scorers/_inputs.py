@@ -1,0 +1,116 @@
+"""Reading what a scorer needs from a store catalog: episode sets, outcomes, metadata.
+
+Shared by the scorer adapters and the index so that "the rollouts", "the training
+demos" and "R(τ)" mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cupid_engine.constants import SPLITS
+
+RETURN_MODES = ("pm1", "01", "real")
+METADATA_COLUMNS = ("tier", "length", "source", "task", "success")
+
+
+def catalog_dict(catalog: pa.Table) -> dict[str, dict[str, Any]]:
+    """Episode id -> catalog row (as a dict)."""
+    return {row["episode_id"]: row for row in catalog.to_pylist()}
+
+
+def ids_in_split(catalog: pa.Table, split: str) -> list[str]:
+    """Episode ids of one split, in catalog order."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits: {SPLITS}")
+    ids = catalog.column("episode_id").to_pylist()
+    splits = catalog.column("split").to_pylist()
+    return [e for e, s in zip(ids, splits) if s == split]
+
+
+def resolve_episodes(catalog: pa.Table, spec: str | Sequence[str] | None, *, default: str) -> list[str]:
+    """Episode ids from a split name, a comma-separated id list or a sequence of ids.
+
+    Args:
+        catalog: Store catalog.
+        spec: ``"rollout"`` (a split), ``"train+holdout"`` (splits), ``"ep_1,ep_2"``,
+            ``["ep_1", "ep_2"]`` or None.
+        default: Split used when ``spec`` is None.
+
+    Raises:
+        ValueError: If the result is empty or names an unknown episode.
+    """
+    if spec is None:
+        spec = default
+    if isinstance(spec, str):
+        parts = spec.split("+")
+        if all(p in SPLITS for p in parts):
+            wanted = set(parts)
+            ids = [e for e, s in zip(catalog.column("episode_id").to_pylist(), catalog.column("split").to_pylist())
+                   if s in wanted]
+        else:
+            ids = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        ids = [str(s) for s in spec]
+    known = set(catalog.column("episode_id").to_pylist())
+    unknown = [e for e in ids if e not in known]
+    if unknown:
+        raise ValueError(f"episodes not in the catalog: {unknown[:5]}")
+    if not ids:
+        raise ValueError(f"no episodes selected by {spec!r}")
+    return ids
+
+
+def returns_of(catalog: pa.Table, ids: Sequence[str], mode: str = "pm1") -> np.ndarray:
+    """R(τ) per episode from the catalog.
+
+    Args:
+        catalog: Store catalog with ``success`` (pm1, 01) or ``return`` (real).
+        ids: Episode ids.
+        mode: ``pm1`` (+1 success, −1 failure), ``01`` (1 / 0) or ``real`` (catalog return).
+
+    Returns:
+        ``[M]`` float64.
+    """
+    if mode not in RETURN_MODES:
+        raise ValueError(f"returns must be one of {RETURN_MODES}, got {mode!r}")
+    rows = catalog_dict(catalog)
+    out = np.empty(len(ids), np.float64)
+    for i, e in enumerate(ids):
+        row = rows[e]
+        if mode == "real":
+            val = row.get("return")
+            if val is None or not np.isfinite(val):
+                raise ValueError(f"episode {e!r} has no finite 'return' in the catalog (returns='real')")
+            out[i] = float(val)
+        else:
+            succ = row.get("success")
+            if succ is None:
+                raise ValueError(f"episode {e!r} has no 'success' label in the catalog")
+            out[i] = (1.0 if succ else -1.0) if mode == "pm1" else (1.0 if succ else 0.0)
+    return out
+
+
+def metadata_columns(catalog: pa.Table, ids: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    """Splits and the metadata columns (tier, length, ...) present in the catalog, per id."""
+    rows = catalog_dict(catalog)
+    splits = [rows[e]["split"] for e in ids]
+    meta = {c: [rows[e].get(c) for e in ids] for c in METADATA_COLUMNS if c in catalog.column_names}
+    return splits, meta
+
+
+def metadata_value(row: dict[str, Any], key: str) -> Any:
+    """A value from a catalog row: a column, else a key of its JSON ``metadata``."""
+    if key in row and row[key] is not None:
+        return row[key]
+    raw = row.get("metadata")
+    if raw:
+        meta = json.loads(raw) if isinstance(raw, str) else raw
+        if key in meta:
+            return meta[key]
+    return None

@@ -1,0 +1,154 @@
+"""CUPID performance influence (Agia et al., CoRL 2025, Prop. 1/2; DESIGN §1).
+
+  Ψ_π(ξ) = (1/m) Σ_τ R(τ) Σ_{z'∈τ} Σ_{z∈ξ} ψ(z')ᵀψ(z) = s_ξᵀ u,
+  s_ξ = Σ_{z∈ξ} ψ(z),   u = (1/m) Σ_τ R(τ) Σ_{z'∈τ} ψ(z').
+
+Because whitening is linear, s_ξ = L⁻¹(Σ φ), so only per-episode feature sums are read
+and the cost is O((N + M)·k): the demo × rollout matrix is never formed, and demos
+are streamed block by block, each block's score depending only on its own rows (no
+batch-order dependence). ``normalization="mean"`` divides by |ξ| and |τ| (Eq. 3);
+``"sum"`` is Prop. 2, the official setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cupid_engine.config import Config, check, field
+from cupid_engine.scorers import _inputs
+from cupid_engine.scorers.base import Scorer, register
+from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
+from cupid_engine.scorers.table import make_table
+
+NORMALIZATIONS = ("sum", "mean")
+
+
+def rollout_direction(
+    rollout_psi_sums: np.ndarray | torch.Tensor,
+    returns: np.ndarray,
+    *,
+    rollout_lengths: np.ndarray | None = None,
+    normalization: str = "sum",
+) -> torch.Tensor:
+    """u = (1/m) Σ_τ R(τ) s_τ (s_τ divided by |τ| for ``mean``).
+
+    Args:
+        rollout_psi_sums: ``[M, K]`` whitened rollout sums Σψ(z').
+        returns: ``[M]`` R(τ).
+        rollout_lengths: ``[M]`` |τ| (required for ``mean``).
+        normalization: ``sum`` or ``mean``.
+
+    Returns:
+        ``[K]`` float64.
+    """
+    s = torch.as_tensor(rollout_psi_sums).to(torch.float64)
+    r = torch.as_tensor(np.asarray(returns, np.float64))
+    if s.ndim != 2 or s.shape[0] != r.shape[0] or s.shape[0] == 0:
+        raise ValueError(f"need [M>0, K] rollout sums and [M] returns, got {tuple(s.shape)} and {tuple(r.shape)}")
+    if normalization == "mean":
+        if rollout_lengths is None:
+            raise ValueError("normalization='mean' needs rollout lengths")
+        r = r / torch.as_tensor(np.asarray(rollout_lengths, np.float64))
+    elif normalization != "sum":
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}")
+    return (r[:, None] * s).sum(0) / s.shape[0]
+
+
+def cupid_scores(
+    demo_psi_sums: np.ndarray | torch.Tensor,
+    direction: torch.Tensor,
+    *,
+    demo_lengths: np.ndarray | None = None,
+    normalization: str = "sum",
+) -> np.ndarray:
+    """Ψ_π(ξ) = s_ξᵀu for a block of demos.
+
+    Args:
+        demo_psi_sums: ``[N, K]`` whitened demo sums Σψ(z).
+        direction: ``[K]`` u from :func:`rollout_direction`.
+        demo_lengths: ``[N]`` |ξ| (required for ``mean``).
+        normalization: ``sum`` or ``mean``.
+
+    Returns:
+        ``[N]`` float64 scores.
+    """
+    s = torch.as_tensor(demo_psi_sums).to(torch.float64)
+    out = (s @ direction.to(torch.float64)).numpy()
+    if normalization == "mean":
+        if demo_lengths is None:
+            raise ValueError("normalization='mean' needs demo lengths")
+        out = out / np.asarray(demo_lengths, np.float64)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CupidConfig(Config):
+    """Options of the CUPID scorer."""
+
+    normalization: str = field("sum", help="'sum' (Prop. 2, official) or 'mean' (divide by |ξ| and |τ|, Eq. 3)")
+    returns: str = field("pm1", help="R(τ): 'pm1' (±1 from success), '01', or 'real' (catalog return)")
+    damping: float = field(DEFAULT_DAMPING, help="relative damping λ of the preconditioner")
+    rollouts: str = field("rollout", help="rollouts τ: a split name or comma-separated episode ids")
+    episodes: str = field("train", help="episodes to score: split(s) joined by '+' or comma-separated ids")
+    block: int = field(8192, help="demo episodes whitened per block (memory bound)")
+
+    def __post_init__(self) -> None:
+        check(self.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
+        check(self.returns in _inputs.RETURN_MODES, f"returns must be one of {_inputs.RETURN_MODES}")
+        check(self.damping >= 0, "damping must be >= 0")
+        check(self.block > 0, "block must be positive")
+
+
+def episode_lengths(catalog: pa.Table, ids: list[str], run: Any) -> np.ndarray:
+    """|ξ| per episode from the catalog ``length`` column (else counted from the run)."""
+    if "length" in catalog.column_names:
+        rows = _inputs.catalog_dict(catalog)
+        return np.asarray([rows[e]["length"] for e in ids], np.float64)
+    return np.asarray([run.step_features(e).shape[0] for e in ids], np.float64)
+
+
+
+
+@register
+class CupidScorer(Scorer):
+    """CUPID: Ψ_π(ξ) = s_ξᵀu over whitened episode sums."""
+
+    name = "cupid"
+    config_cls = CupidConfig
+
+    def raw_scores(self, store: Any, run: str) -> tuple[list[str], np.ndarray]:
+        """``(ids, [N] Ψ_π)`` for the configured episodes."""
+        cfg = self.config
+        r = store.run(run)
+        cat = store.catalog()
+        pre = Preconditioner.from_run(r, damping=cfg.damping)
+        rollouts = _inputs.resolve_episodes(cat, cfg.rollouts, default="rollout")
+        demos = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
+        ret = _inputs.returns_of(cat, rollouts, cfg.returns)
+        u = rollout_direction(
+            pre.whiten(r.episode_features(rollouts)),
+            ret,
+            rollout_lengths=episode_lengths(cat, rollouts, r) if cfg.normalization == "mean" else None,
+            normalization=cfg.normalization,
+        )
+        lengths = episode_lengths(cat, demos, r) if cfg.normalization == "mean" else None
+        out = np.empty(len(demos), np.float64)
+        for start in range(0, len(demos), cfg.block):
+            chunk = demos[start : start + cfg.block]
+            out[start : start + len(chunk)] = cupid_scores(
+                pre.whiten(r.episode_features(chunk)),
+                u,
+                demo_lengths=None if lengths is None else lengths[start : start + len(chunk)],
+                normalization=cfg.normalization,
+            )
+        return demos, out
+
+    def score(self, store: Any, run: str, **inputs: Any) -> pa.Table:
+        ids, scores = self.raw_scores(store, run)
+        splits, meta = _inputs.metadata_columns(store.catalog(), ids)
+        return make_table(ids, scores, method=self.name, splits=splits, config=self.config, metadata=meta)
