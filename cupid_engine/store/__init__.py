@@ -1,0 +1,34 @@
+"""Chunked Zarr v3 gradient store (DESIGN §4).
+
+- :mod:`~cupid_engine.store.gradient_store`: the store, its catalog and verification.
+- :mod:`~cupid_engine.store.run`: one featuriser run: sharded writes, resume, reads.
+- :mod:`~cupid_engine.store.catalog`: catalog schema and the deterministic shard plan.
+- :mod:`~cupid_engine.store.quant`: storage dtypes (fp32/fp16/bf16/int8+scale).
+- :mod:`~cupid_engine.store.config`: :class:`RunConfig`.
+"""
+
+from cupid_engine.store.config import COMPRESSORS, STORAGE_DTYPES, RunConfig
+from cupid_engine.store.gradient_store import (
+    CorruptChunk,
+    CorruptChunkError,
+    GradientStore,
+    SchemaVersionError,
+    VerifyReport,
+    create_store,
+    open_store,
+)
+from cupid_engine.store.run import Run
+
+__all__ = [
+    "COMPRESSORS",
+    "STORAGE_DTYPES",
+    "CorruptChunk",
+    "CorruptChunkError",
+    "GradientStore",
+    "Run",
+    "RunConfig",
+    "SchemaVersionError",
+    "VerifyReport",
+    "create_store",
+    "open_store",
+]

@@ -1,0 +1,500 @@
+"""One run of the gradient store: per-step features, episode sums and the Gram matrix.
+
+Layout of ``runs/<name>/`` (every array carries the crc32c checksum codec):
+
+- ``steps``            ``[rows, K]`` storage dtype, chunks ``[chunk_rows, K]``
+- ``scales``           ``[rows]`` float32 per-row int8 scales (int8 runs only)
+- ``episodes``         ``[slots, K]`` float32 per-episode sums of the fp32 features,
+                       chunks ``[episode_chunk_rows, K]``
+- ``gram_parts``       ``[S, K, K]`` float64, one chunk per shard: X_s^T X_s over the rows
+                       of the shard's episodes whose split is in ``gram_splits``
+- ``gram_count_parts`` ``[S]`` int64, one chunk per shard: number of those rows
+- ``done``             ``[S]`` uint8, one chunk per shard: the completion marker, written last
+- ``gram``             ``[K, K]`` float64, written by :meth:`Run.finalize`
+
+Every shard owns whole chunks of every array (the catalog aligns shard regions to chunk
+boundaries) and a shard is always written as complete chunks, so concurrent writers of
+disjoint shards never share a chunk, and rewriting a shard never reads (possibly torn)
+old data. A shard without its marker is simply written again: that is the resume story.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from cupid_engine.constants import SCHEMA_VERSION
+from cupid_engine.store import quant
+from cupid_engine.store.config import RunConfig
+from cupid_engine.store.gradient_store import (
+    CorruptChunk,
+    CorruptChunkError,
+    GradientStore,
+    SchemaVersionError,
+    VerifyReport,
+)
+
+log = logging.getLogger(__name__)
+
+_PER_SHARD = ("gram_parts", "gram_count_parts", "done")
+
+
+def _codecs(compressor: str) -> list:
+    if compressor == "none":
+        head = []
+    elif compressor == "blosc-lz4":
+        head = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    elif compressor == "zstd":
+        head = [zarr.codecs.ZstdCodec(level=1)]
+    else:
+        raise ValueError(f"unknown compressor {compressor!r}")
+    # Checksum last so it covers the bytes as stored on disk.
+    return head + [zarr.codecs.Crc32cCodec()]
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """A float32 C-contiguous numpy view/copy of a numpy array or CPU torch tensor."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
+        if getattr(x, "device", None) is not None and str(x.device) != "cpu":
+            raise ValueError(f"step_features must be on the CPU, got device {x.device}")
+        x = x.detach()
+        if str(x.dtype) == "torch.bfloat16":  # numpy cannot hold bf16
+            x = x.float()
+        x = x.numpy()
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"step_features must be floating point, got {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class Run:
+    """Features of one featuriser configuration, written shard by shard.
+
+    Obtain with :meth:`GradientStore.create_run` or :meth:`GradientStore.run`.
+    """
+
+    def __init__(self, store: GradientStore, name: str, group: zarr.Group) -> None:
+        self.store = store
+        self.name = name
+        self._group = group
+        attrs = dict(group.attrs)
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"run {name!r} has schema version {attrs.get('schema_version')}, expected {SCHEMA_VERSION}"
+            )
+        self.config: RunConfig = RunConfig.from_dict(attrs["config"])
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def dtype(self) -> str:
+        return self.config.dtype
+
+    def check_config(self, config: RunConfig) -> None:
+        """Raise ``ValueError`` showing the differing keys unless ``config`` equals this run's."""
+        have, want = self.config.canonical(), config.canonical()
+        if have == want:
+            return
+        diffs = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)}
+        lines = "; ".join(f"{k}: stored {a!r} != requested {b!r}" for k, (a, b) in diffs.items())
+        raise ValueError(f"run {self.name!r} exists with a different config ({lines}); use another run name")
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
+
+    def _array_names(self) -> list[str]:
+        names = ["steps", "episodes", "gram_parts", "gram_count_parts", "done", "gram"]
+        if self.dtype == "int8":
+            names.insert(1, "scales")
+        return names
+
+    def _ensure_arrays(self) -> None:
+        """Create missing arrays, sized for the current catalog (idempotent)."""
+        idx = self.store._index(refresh=True)
+        k, c = self.k, _codecs(self.config.compressor)
+        cr, ecr = self.store.chunk_rows, self.store.episode_chunk_rows
+        specs = {
+            "steps": ((idx.total_rows, k), (cr, k), quant.storage_numpy_dtype(self.dtype), c),
+            "scales": ((idx.total_rows,), (cr,), np.float32, c),
+            "episodes": ((idx.total_slots, k), (ecr, k), np.float32, c),
+            "gram_parts": ((idx.num_shards, k, k), (1, k, k), np.float64, c),
+            "gram_count_parts": ((idx.num_shards,), (1,), np.int64, _codecs("none")),
+            "done": ((idx.num_shards,), (1,), np.uint8, _codecs("none")),
+            "gram": ((k, k), (k, k), np.float64, c),
+        }
+        existing = set(self._group.array_keys())
+        for name in self._array_names():
+            if name in existing:
+                continue
+            shape, chunks, dtype, codecs = specs[name]
+            self._group.create_array(
+                name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs, fill_value=0
+            )
+        self._arrays.clear()
+
+    @property
+    def num_shards(self) -> int:
+        """Shards this run's arrays are sized for (may lag the catalog until :meth:`sync`)."""
+        return int(self._array("done").shape[0])
+
+    def sync(self) -> None:
+        """Grow the run's arrays to the current catalog (driver side, not concurrently).
+
+        Existing chunks are untouched: the catalog never moves rows.
+        """
+        self.store._check_writable()
+        idx = self.store._index(refresh=True)
+        want = {
+            "steps": (idx.total_rows, self.k),
+            "scales": (idx.total_rows,),
+            "episodes": (idx.total_slots, self.k),
+            "gram_parts": (idx.num_shards, self.k, self.k),
+            "gram_count_parts": (idx.num_shards,),
+            "done": (idx.num_shards,),
+        }
+        for name, shape in want.items():
+            if name not in self._array_names():
+                continue
+            a = self._array(name)
+            if tuple(a.shape) != shape:
+                if shape[0] < a.shape[0]:
+                    raise RuntimeError(f"run {self.name!r}: catalog shrank below array {name!r}; store is inconsistent")
+                a.resize(shape)
+        self._arrays.clear()
+
+    # ------------------------------------------------------------------ state
+    def _done_flags(self) -> np.ndarray:
+        return np.asarray(self._read(self._array("done"), slice(None), "done", None), dtype=bool)
+
+    def shard_done(self, shard_id: int) -> bool:
+        """Whether the shard's completion marker exists."""
+        if not 0 <= shard_id < self.num_shards:
+            return False
+        return bool(self._array("done")[shard_id])
+
+    def pending_shards(self) -> list[int]:
+        """Catalog shards without a completion marker (including ones not yet synced)."""
+        idx = self.store._index(refresh=True)
+        done = self._done_flags()
+        return [s for s in range(idx.num_shards) if s >= len(done) or not done[s]]
+
+    def is_complete(self) -> bool:
+        """True when every shard of the catalog is written."""
+        return not self.pending_shards()
+
+    # ------------------------------------------------------------------ writing
+    def write_shard(
+        self,
+        shard_id: int,
+        episode_ids: Sequence[str],
+        step_features: Any,
+        lengths: Sequence[int] | np.ndarray,
+    ) -> None:
+        """Write one shard; everything is validated before the first byte is written.
+
+        Args:
+            shard_id: a shard of the catalog's plan.
+            episode_ids: ``[n]`` the shard's episodes, in catalog order.
+            step_features: ``[rows, K]`` float32 numpy array or CPU torch tensor, the
+                concatenated steps of those episodes (``rows = sum(lengths)``).
+            lengths: ``[n]`` steps per episode, equal to the catalog's.
+
+        Raises:
+            ValueError: plan mismatch, wrong K, empty episode, NaN/Inf (episode and step named).
+            RuntimeError: the shard lies beyond this run's arrays (call :meth:`sync`).
+        """
+        self.store._check_writable()
+        if isinstance(shard_id, bool) or not isinstance(shard_id, (int, np.integer)):
+            raise TypeError(f"shard_id must be an int, got {shard_id!r}")
+        shard_id = int(shard_id)
+        idx = self.store._index()
+        if shard_id >= idx.num_shards:
+            idx = self.store._index(refresh=True)
+        if not 0 <= shard_id < idx.num_shards:
+            raise ValueError(f"shard {shard_id} is not in the catalog's shard plan (0..{idx.num_shards - 1})")
+        a, b = idx.shard_range(shard_id)
+        plan_ids = idx.ids[a:b]
+        plan_len = idx.length[a:b]
+        ids = [str(e) for e in episode_ids]
+        lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if ids != plan_ids:
+            extra = [e for e in ids if e not in set(plan_ids)]
+            missing = [e for e in plan_ids if e not in set(ids)]
+            raise ValueError(
+                f"shard {shard_id}: episode_ids do not match the shard plan "
+                f"(plan has {len(plan_ids)} episodes starting {plan_ids[:3]}; not in plan: {extra[:5]}; "
+                f"missing: {missing[:5]}; order must be catalog order)"
+            )
+        for eid, n in zip(ids, lens):
+            if n <= 0:
+                raise ValueError(f"shard {shard_id}: episode {eid!r} is empty (length {n})")
+        if len(lens) != len(ids) or not np.array_equal(lens, plan_len):
+            bad = [(e, int(x), int(y)) for e, x, y in zip(ids, lens, plan_len) if x != y]
+            raise ValueError(
+                f"shard {shard_id}: lengths do not match the catalog "
+                f"(got {len(lens)} lengths for {len(ids)} episodes; (episode, given, catalog): {bad[:5]})"
+            )
+        x = _to_numpy(step_features)
+        rows = int(lens.sum())
+        if x.ndim != 2 or x.shape[1] != self.k:
+            raise ValueError(f"shard {shard_id}: step_features has shape {x.shape}, expected [{rows}, {self.k}] (k={self.k})")
+        if x.shape[0] != rows:
+            raise ValueError(f"shard {shard_id}: step_features has {x.shape[0]} rows, lengths sum to {rows}")
+        finite_rows = np.isfinite(x).all(axis=1)
+        if not finite_rows.all():
+            r = int(np.argmin(finite_rows))
+            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+            e = int(np.searchsorted(starts, r, side="right") - 1)
+            col = int(np.argmin(np.isfinite(x[r])))
+            raise ValueError(
+                f"shard {shard_id}: episode {ids[e]!r} step {r - int(starts[e])} has a non-finite feature "
+                f"({x[r, col]} at column {col}); nothing of the shard was written"
+            )
+        if shard_id >= self.num_shards or int(idx.row_offset[b - 1] + idx.length[b - 1]) > self._array("steps").shape[0]:
+            raise RuntimeError(
+                f"shard {shard_id} lies beyond run {self.name!r}'s arrays (episodes added after the run "
+                f"was created): call run.sync() on the driver first"
+            )
+
+        # --- everything validated: compute, then write (marker last) ---
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        sums = np.add.reduceat(x, starts, axis=0, dtype=np.float64).astype(np.float32)
+        gram_mask = np.repeat(np.isin(idx.split[a:b], list(self.config.gram_splits)), lens)
+        gram_count = int(gram_mask.sum())
+        data, scales = quant.encode(x, self.dtype)
+
+        done = self._array("done")
+        if done[shard_id]:
+            # Clear the marker first: a crash during a rewrite must not leave it standing.
+            done[shard_id] = 0
+        row0 = int(idx.row_offset[a])
+        self._write_aligned(self._array("steps"), row0, data)
+        if scales is not None:
+            self._write_aligned(self._array("scales"), row0, scales)
+        self._write_aligned(self._array("episodes"), int(idx.slot[a]), sums)
+        if gram_count:
+            xs = x if gram_count == rows else x[gram_mask]
+            x64 = xs.astype(np.float64)
+            self._array("gram_parts")[shard_id] = x64.T @ x64
+        # A shard with no Gram rows keeps the fill value (zeros) and writes nothing there.
+        self._array("gram_count_parts")[shard_id] = gram_count
+        done[shard_id] = 1
+
+    @staticmethod
+    def _write_aligned(array: zarr.Array, start: int, values: np.ndarray) -> None:
+        """Write ``values`` at ``start`` (a chunk boundary) as whole chunks only.
+
+        The tail is zero-padded to the chunk (or array) end so zarr never has to read
+        the old chunk, which may be torn by a killed writer.
+        """
+        chunk = array.chunks[0]
+        n = values.shape[0]
+        body = (n // chunk) * chunk
+        if body:
+            array[start : start + body] = values[:body]
+        if body < n:
+            end = min(start + body + chunk, array.shape[0])
+            tail = np.zeros((end - start - body,) + values.shape[1:], dtype=values.dtype)
+            tail[: n - body] = values[body:]
+            array[start + body : end] = tail
+
+    # ------------------------------------------------------------------ finalize
+    def finalize(self, *, allow_partial: bool = False) -> np.ndarray:
+        """Reduce the per-shard Gram partials, in shard order, into ``gram``.
+
+        Summing in a fixed order makes the result identical however shards were
+        scheduled across workers.
+
+        Args:
+            allow_partial: reduce over the finished shards only instead of raising.
+
+        Returns:
+            ``[K, K]`` float64 Gram matrix.
+        """
+        self.store._check_writable()
+        pending = self.pending_shards()
+        if pending and not allow_partial:
+            raise RuntimeError(
+                f"run {self.name!r}: {len(pending)} shard(s) not written yet (first: {pending[:10]}); "
+                "write them or pass allow_partial=True"
+            )
+        done = self._done_flags()
+        parts = self._array("gram_parts")
+        counts = self._read(self._array("gram_count_parts"), slice(None), "gram_count_parts", None)
+        gram = np.zeros((self.k, self.k), np.float64)
+        count = 0
+        used = []
+        for s in range(len(done)):
+            if not done[s]:
+                continue
+            used.append(s)
+            count += int(counts[s])
+            if counts[s]:
+                gram += self._read(parts, s, "gram_parts", self.store._index().episodes_in_shard(s))
+        self._array("gram")[...] = gram
+        self._group.attrs["finalized"] = {
+            "gram_count": count,
+            "num_shards": len(done),
+            "shards_used": len(used),
+            "partial": bool(pending),
+        }
+        return gram
+
+    def _finalized(self) -> dict:
+        fin = self._group.attrs.get("finalized")
+        if not fin:
+            raise RuntimeError(f"run {self.name!r} is not finalized: call run.finalize()")
+        return dict(fin)
+
+    def gram(self) -> np.ndarray:
+        """``[K, K]`` float64 Gram matrix written by :meth:`finalize`."""
+        self._finalized()
+        return np.asarray(self._read(self._array("gram"), slice(None), "gram", None), dtype=np.float64)
+
+    @property
+    def gram_count(self) -> int:
+        """Number of step rows summed into :meth:`gram`."""
+        return int(self._finalized()["gram_count"])
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, array: zarr.Array, sel: Any, what: str, episode_ids: list[str] | None) -> np.ndarray:
+        try:
+            return array[sel]
+        except ValueError as exc:
+            who = f"episode(s) {episode_ids[:10]}" if episode_ids else "run metadata"
+            raise CorruptChunkError(
+                f"run {self.name!r} array {what!r}: corrupt chunk covering {who}: {exc}"
+            ) from exc
+
+    def _check_written(self, positions: np.ndarray) -> None:
+        idx = self.store._index()
+        shards = np.unique(idx.shard[positions])
+        done = self._done_flags()
+        missing = [int(s) for s in shards if s >= len(done) or not done[s]]
+        if missing:
+            eids = [idx.ids[p] for p in positions if idx.shard[p] in set(missing)]
+            raise RuntimeError(f"run {self.name!r}: episode(s) {eids[:10]} are in unwritten shard(s) {missing[:10]}")
+
+    def _positions(self, ids: Sequence[str] | None) -> np.ndarray:
+        idx = self.store._index()
+        if ids is None:
+            return np.arange(len(idx.ids))
+        try:
+            return np.asarray([idx.pos[str(e)] for e in ids], dtype=np.int64)
+        except KeyError as exc:
+            idx = self.store._index(refresh=True)
+            unknown = [e for e in ids if str(e) not in idx.pos]
+            if unknown:
+                raise KeyError(f"unknown episode id(s) {unknown[:10]}") from exc
+            return np.asarray([idx.pos[str(e)] for e in ids], dtype=np.int64)
+
+    def step_features(self, episode_id: str) -> np.ndarray:
+        """``[T, K]`` float32 (dequantised) features of one episode's steps."""
+        pos = self._positions([episode_id])
+        self._check_written(pos)
+        idx = self.store._index()
+        r0 = int(idx.row_offset[pos[0]])
+        r1 = r0 + int(idx.length[pos[0]])
+        data = self._read(self._array("steps"), slice(r0, r1), "steps", [episode_id])
+        scales = None
+        if self.dtype == "int8":
+            scales = self._read(self._array("scales"), slice(r0, r1), "scales", [episode_id])
+        return quant.decode(data, self.dtype, scales)
+
+    def episode_features(self, ids: Sequence[str] | None = None) -> np.ndarray:
+        """``[E, K]`` float32 per-episode sums; catalog order when ``ids`` is None."""
+        pos = self._positions(ids)
+        if len(pos) == 0:
+            return np.zeros((0, self.k), np.float32)
+        self._check_written(pos)
+        idx = self.store._index()
+        slots = idx.slot[pos]
+        arr = self._array("episodes")
+        lo, hi = int(slots.min()), int(slots.max()) + 1
+        if hi - lo <= 4 * len(slots):
+            # Dense enough: one contiguous read beats a gather of scattered rows.
+            block = self._read(arr, slice(lo, hi), "episodes", [idx.ids[p] for p in pos])
+            return np.ascontiguousarray(block[slots - lo])
+        order = np.argsort(slots, kind="stable")
+        got = self._oindex(arr, slots[order], [idx.ids[p] for p in pos])
+        out = np.empty((len(pos), self.k), np.float32)
+        out[order] = got
+        return out
+
+    def _oindex(self, arr: zarr.Array, rows: np.ndarray, eids: list[str]) -> np.ndarray:
+        try:
+            return arr.oindex[rows, :]
+        except ValueError as exc:
+            raise CorruptChunkError(f"run {self.name!r} array 'episodes': corrupt chunk covering episode(s) {eids[:10]}: {exc}") from exc
+
+    def iter_episode_features(self, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Stream per-episode sums in catalog order.
+
+        Yields:
+            ``(episode_ids [b], features [b, K] float32)`` with ``b <= block``.
+        """
+        if block <= 0:
+            raise ValueError(f"block must be positive, got {block}")
+        idx = self.store._index()
+        for a in range(0, len(idx.ids), block):
+            b = min(len(idx.ids), a + block)
+            ids = idx.ids[a:b]
+            yield ids, self.episode_features(ids)
+
+    # ------------------------------------------------------------------ checks
+    def _verify_into(self, report: VerifyReport) -> None:
+        idx = self.store._index(refresh=True)
+        for name in self._array_names():
+            arr = self._array(name)
+            chunk = arr.chunks[0]
+            n = arr.shape[0]
+            for c in range(-(-n // chunk)):
+                r0, r1 = c * chunk, min(n, (c + 1) * chunk)
+                report.chunks_checked += 1
+                try:
+                    arr[r0:r1]
+                except Exception as exc:  # noqa: BLE001 - any decode failure is a finding
+                    if name in ("steps", "scales"):
+                        eids = idx.episodes_in_rows(r0, r1)
+                    elif name == "episodes":
+                        eids = idx.episodes_in_slots(r0, r1)
+                    elif name in _PER_SHARD:
+                        eids = idx.episodes_in_shard(c)
+                    else:
+                        eids = []
+                    report.problems.append(CorruptChunk(self.name, name, c, tuple(eids), str(exc)))
+
+    def info(self) -> dict[str, Any]:
+        """Summary: k, dtype, completion, bytes stored."""
+        idx = self.store._index()
+        done = int(self._done_flags().sum())
+        steps = self._array("steps")
+        nbytes = int(steps.shape[0]) * self.k * quant.storage_numpy_dtype(self.dtype).itemsize
+        fin = self._group.attrs.get("finalized")
+        return {
+            "name": self.name,
+            "k": self.k,
+            "dtype": self.dtype,
+            "compressor": self.config.compressor,
+            "gram_splits": list(self.config.gram_splits),
+            "shards_done": done,
+            "shards_total": idx.num_shards,
+            "complete": done == idx.num_shards,
+            "finalized": bool(fin),
+            "steps_bytes": nbytes,
+            "steps_bytes_stored": int(steps.nbytes_stored()),
+        }
+
+    def __repr__(self) -> str:
+        return f"Run({self.name!r}, k={self.k}, dtype={self.dtype!r})"
