@@ -1,5 +1,7 @@
-"""Episodes and dataset sources (placeholder; the data helper fills this in)."""
+"""Episodes and dataset sources."""
 
 from cupid_engine.data.episode import Episode
+from cupid_engine.data.lerobot import LeRobotDataset, open_dataset, write_dataset
+from cupid_engine.data.schema import EPISODE_SCHEMA, EpisodeError, FormatError, episodes_table
 
-__all__ = ["Episode"]
+__all__ = ["Episode", "EPISODE_SCHEMA", "EpisodeError", "FormatError", "LeRobotDataset", "episodes_table", "open_dataset", "write_dataset"]

@@ -1,0 +1,102 @@
+"""Small helpers shared by the readers: filesystems, safe paths, selection by id/split."""
+
+from __future__ import annotations
+
+import posixpath
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from cupid_engine.constants import SPLITS
+from cupid_engine.data.episode import Episode
+from cupid_engine.data.schema import FormatError
+
+
+def escape_id(episode_id: str) -> str:
+    """Percent-encode an episode id so it can be used as one file-name component.
+
+    Ids are data, never paths: ``"../x"`` becomes ``"..%2Fx"``; only
+    ``[A-Za-z0-9_.-]`` survive, and a leading dot is encoded so no name is hidden or
+    ``..``.
+    """
+    out = urllib.parse.quote(episode_id, safe="")
+    # quote() leaves '.', '-', '_', '~' alone; '~' and a leading '.' are still awkward.
+    out = out.replace("~", "%7E")
+    if out.startswith("."):
+        out = "%2E" + out[1:]
+    return out
+
+
+def url_to_fs(path_or_url: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Split a local path or fsspec URL into ``(filesystem, root path)``."""
+    fs, root = fsspec.core.url_to_fs(str(path_or_url))
+    return fs, root.rstrip("/") or "/"
+
+
+def join_inside(root: str, relative: str, *, what: str) -> str:
+    """Join ``relative`` (read from a dataset's own metadata) under ``root``, refusing escapes.
+
+    Raises:
+        FormatError: If ``relative`` is absolute or climbs out of ``root``.
+    """
+    norm = posixpath.normpath(relative)
+    if relative.startswith(("/", "\\")) or norm == ".." or norm.startswith("../") or "\\" in relative or ":" in relative:
+        raise FormatError(f"{what}: path {relative!r} escapes the dataset root {root!r}")
+    return posixpath.join(root, norm)
+
+
+def check_split(split: str | None) -> None:
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+
+
+def map_split(name: str, split_map: dict[str, str], *, where: str) -> str:
+    """Translate a native split name to one of ``constants.SPLITS`` (no silent default)."""
+    if name not in split_map:
+        raise FormatError(f"{where}: native split {name!r} has no mapping; pass split_map={{{name!r}: ...}}")
+    out = split_map[name]
+    if out not in SPLITS:
+        raise ValueError(f"split_map[{name!r}] = {out!r} is not one of {SPLITS}")
+    return out
+
+
+def selected_rows(catalog: pa.Table, ids: Iterable[str] | None, split: str | None) -> list[int]:
+    """Row numbers of ``catalog`` matching ``ids`` and ``split`` (catalog order).
+
+    Raises:
+        KeyError: If some requested ids are not in the catalog (they are listed).
+    """
+    check_split(split)
+    ep_ids = catalog.column("episode_id").to_pylist()
+    splits = catalog.column("split").to_pylist()
+    wanted = None
+    if ids is not None:
+        wanted = {ids} if isinstance(ids, str) else set(ids)
+        missing = wanted.difference(ep_ids)
+        if missing:
+            raise KeyError(f"episode ids not in dataset: {sorted(missing)[:10]}{' ...' if len(missing) > 10 else ''}")
+    return [
+        i
+        for i, (eid, sp) in enumerate(zip(ep_ids, splits))
+        if (wanted is None or eid in wanted) and (split is None or sp == split)
+    ]
+
+
+def filter_stream(episodes: Iterable[Episode], ids: Iterable[str] | None, split: str | None) -> Iterator[Episode]:
+    """Filter a stream for sources without a cheap catalog; missing ids raise at the end."""
+    check_split(split)
+    wanted = None if ids is None else ({ids} if isinstance(ids, str) else set(ids))
+    seen: set[str] = set()
+    for ep in episodes:
+        if wanted is not None:
+            if ep.episode_id not in wanted:
+                continue
+            seen.add(ep.episode_id)
+        if split is None or ep.split == split:
+            yield ep
+    if wanted is not None and seen != wanted:
+        missing = sorted(wanted - seen)
+        raise KeyError(f"episode ids not in dataset: {missing[:10]}{' ...' if len(missing) > 10 else ''}")

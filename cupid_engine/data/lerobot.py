@@ -1,0 +1,574 @@
+"""Our datasets on disk: a LeRobot v3.0 Parquet writer, and a reader for v3.0 and v2.1.
+
+Layout written by :func:`write_dataset` (LeRobot v3.0, readable by pyarrow alone)::
+
+    meta/info.json                              codebase_version "v3.0", fps, features, ...
+    meta/tasks.parquet                          task_index, task
+    meta/episodes/chunk-000/file-000.parquet    one row per episode: episode_index, length,
+                                                data/chunk_index, data/file_index,
+                                                dataset_from_index, dataset_to_index (global
+                                                row range, end exclusive), tasks, and our
+                                                episode-level fields (episode_id, split,
+                                                source, task, success, return, tier, metadata)
+    data/chunk-XXX/file-XXX.parquet             step rows of ``episodes_per_file`` episodes:
+                                                observation.<key>, action (fixed_size_list
+                                                <float32>), timestamp, frame_index,
+                                                episode_index, index, task_index
+
+File names come from counters, never from episode ids. The reader also opens LeRobot
+v2.1 datasets (``meta/episodes.jsonl`` and one ``data/chunk-XXX/episode_XXXXXX.parquet``
+per episode) without the lerobot package, so hub datasets can be scored directly; fields
+those datasets lack get defaults (split from ``info.json`` ``splits``, else ``train``;
+source = the dataset folder name; success/return/tier unknown).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cupid_engine.constants import SCHEMA_VERSION
+from cupid_engine.data._util import join_inside, map_split, selected_rows, url_to_fs
+from cupid_engine.data.episode import Episode
+from cupid_engine.data.schema import (
+    ACTION_COLUMN,
+    EPISODE_SCHEMA,
+    OBS_PREFIX,
+    EpisodeValidator,
+    FormatError,
+    column_to_numpy,
+    episode_row,
+    fixed_list,
+    parse_metadata,
+    step_schema,
+)
+
+CODEBASE_VERSION = "v3.0"
+READABLE_VERSIONS = ("v3.0", "v2.1", "v2.0")
+CHUNKS_SIZE = 1000
+DATA_PATH_V3 = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+EPISODES_META_PATH = "meta/episodes/chunk-000/file-000.parquet"
+# Step rows are buffered up to this many before a row group is written: big enough for
+# efficient Parquet, small enough that memory stays bounded whatever the episode count.
+_ROW_GROUP_ROWS = 65536
+_NUMERIC_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "bool")
+DEFAULT_SPLIT_MAP = {"train": "train", "valid": "holdout", "val": "holdout", "test": "holdout", "validation": "validation"}
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def write_dataset(
+    path: str | os.PathLike,
+    episodes: Iterable[Episode],
+    *,
+    fps: int = 20,
+    episodes_per_file: int = 100,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Write episodes as a LeRobot v3.0 dataset, streaming.
+
+    Episodes are validated as they arrive (duplicate ids, length 0, dimensions that
+    differ from the first episode, non-finite values) and written file by file, so at
+    most one data file's buffer (``<= 65536`` rows) plus the episode-level rows are held.
+    The dataset is assembled in a sibling temporary folder and moved into place only
+    when complete: a failure leaves any previous dataset at ``path`` untouched.
+
+    Args:
+        path: Destination folder.
+        episodes: Any iterable of episodes (a generator is fine).
+        fps: Frames per second recorded in ``info.json`` and used for ``timestamp``.
+        episodes_per_file: Episodes per ``data/chunk-XXX/file-XXX.parquet``.
+        overwrite: Replace an existing dataset at ``path``.
+
+    Returns:
+        The dataset folder.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False, or it is a non-empty
+            folder that is not a dataset.
+        EpisodeError: For bad episodes (nothing is written).
+        ValueError: For no episodes or bad arguments.
+    """
+    if int(fps) <= 0 or int(episodes_per_file) <= 0:
+        raise ValueError(f"fps and episodes_per_file must be positive, got {fps}, {episodes_per_file}")
+    path = pathlib.Path(path)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        if not path.is_dir() or (any(path.iterdir()) and not (path / "meta" / "info.json").is_file()):
+            raise FileExistsError(f"{path} is not a LeRobot dataset; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        _write(tmp, episodes, fps=int(fps), episodes_per_file=int(episodes_per_file))
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+class _Writer:
+    """State of one streaming write: the open data file, its buffer and the meta rows."""
+
+    def __init__(self, root: pathlib.Path, fps: int, episodes_per_file: int) -> None:
+        self.root = root
+        self.fps = fps
+        self.per_file = episodes_per_file
+        self.check = EpisodeValidator()
+        self.schema: pa.Schema | None = None
+        self.tasks: dict[str, int] = {}
+        self.n_episodes = 0
+        self.n_frames = 0
+        self.file_number = -1
+        self.data_writer: pq.ParquetWriter | None = None
+        self.buffer: list[pa.Table] = []
+        self.buffered_rows = 0
+        self.meta_rows: list[dict[str, Any]] = []
+        self.meta_writer: pq.ParquetWriter | None = None
+
+    def add(self, ep: Episode) -> None:
+        self.check(ep)
+        if self.schema is None:
+            base = step_schema(self.check.obs_dims, self.check.action_dim)
+            self.schema = base.append(pa.field("timestamp", pa.float32(), nullable=False))
+            self.schema = self.schema.append(pa.field("index", pa.int64(), nullable=False))
+            self.schema = self.schema.append(pa.field("task_index", pa.int64(), nullable=False))
+        if self.n_episodes % self.per_file == 0:
+            self._next_file()
+        task_index = self.tasks.setdefault(ep.task, len(self.tasks))
+        T = ep.length
+        cols: dict[str, pa.Array] = {
+            "episode_index": pa.array(np.full(T, self.n_episodes, np.int64)),
+            "frame_index": pa.array(np.arange(T, dtype=np.int64)),
+        }
+        for key in sorted(ep.observations):
+            cols[OBS_PREFIX + key] = fixed_list(ep.observations[key])
+        cols[ACTION_COLUMN] = fixed_list(ep.actions)
+        cols["timestamp"] = pa.array((np.arange(T) / self.fps).astype(np.float32))
+        cols["index"] = pa.array(np.arange(self.n_frames, self.n_frames + T, dtype=np.int64))
+        cols["task_index"] = pa.array(np.full(T, task_index, np.int64))
+        self.buffer.append(pa.Table.from_arrays(list(cols.values()), schema=self.schema))
+        self.buffered_rows += T
+        if self.buffered_rows >= _ROW_GROUP_ROWS:
+            self._flush_data()
+        chunk, file = divmod(self.file_number, CHUNKS_SIZE)
+        row = episode_row(ep)
+        row.update(
+            {
+                "episode_index": self.n_episodes,
+                "tasks": [ep.task],
+                "data/chunk_index": chunk,
+                "data/file_index": file,
+                "dataset_from_index": self.n_frames,
+                "dataset_to_index": self.n_frames + T,
+            }
+        )
+        self.meta_rows.append(row)
+        self.n_episodes += 1
+        self.n_frames += T
+
+    def _next_file(self) -> None:
+        self._close_data()
+        self.file_number += 1
+        chunk, file = divmod(self.file_number, CHUNKS_SIZE)
+        out = self.root / DATA_PATH_V3.format(chunk_index=chunk, file_index=file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.data_writer = pq.ParquetWriter(out, self.schema)
+
+    def _flush_data(self) -> None:
+        if self.buffer:
+            self.data_writer.write_table(pa.concat_tables(self.buffer), row_group_size=_ROW_GROUP_ROWS)
+            self.buffer, self.buffered_rows = [], 0
+
+    def _close_data(self) -> None:
+        if self.data_writer is not None:
+            self._flush_data()
+            self.data_writer.close()
+            self.data_writer = None
+        self._flush_meta()
+
+    def _flush_meta(self) -> None:
+        if not self.meta_rows:
+            return
+        table = pa.Table.from_pylist(self.meta_rows, schema=EPISODES_META_SCHEMA)
+        if self.meta_writer is None:
+            out = self.root / EPISODES_META_PATH
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.meta_writer = pq.ParquetWriter(out, EPISODES_META_SCHEMA)
+        self.meta_writer.write_table(table)
+        self.meta_rows = []
+
+    def finish(self) -> None:
+        if self.n_episodes == 0:
+            raise ValueError("write_dataset got no episodes")
+        self._close_data()
+        self.meta_writer.close()
+        pq.write_table(
+            pa.table({"task_index": pa.array(list(self.tasks.values()), pa.int64()), "task": list(self.tasks)}),
+            self.root / "meta" / "tasks.parquet",
+        )
+        features: dict[str, Any] = {}
+        for key in sorted(self.check.obs_dims):
+            features[OBS_PREFIX + key] = {"dtype": "float32", "shape": [self.check.obs_dims[key]], "names": None}
+        features[ACTION_COLUMN] = {"dtype": "float32", "shape": [self.check.action_dim], "names": None}
+        features["timestamp"] = {"dtype": "float32", "shape": [1], "names": None}
+        for name in ("frame_index", "episode_index", "index", "task_index"):
+            features[name] = {"dtype": "int64", "shape": [1], "names": None}
+        info = {
+            "codebase_version": CODEBASE_VERSION,
+            "robot_type": None,
+            "total_episodes": self.n_episodes,
+            "total_frames": self.n_frames,
+            "total_tasks": len(self.tasks),
+            "chunks_size": CHUNKS_SIZE,
+            "data_files_size_in_mb": 100,
+            "video_files_size_in_mb": 500,
+            "fps": self.fps,
+            # LeRobot's own (Hugging Face) split: every row. Our train/holdout/... split is
+            # the per-episode `split` column of meta/episodes.
+            "splits": {"train": f"0:{self.n_episodes}"},
+            "data_path": DATA_PATH_V3,
+            "video_path": None,
+            "features": features,
+            "cupid_engine": {"schema_version": SCHEMA_VERSION, "episodes_per_file": self.per_file},
+        }
+        (self.root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
+
+
+EPISODES_META_SCHEMA = pa.schema(
+    [
+        pa.field("episode_index", pa.int64(), nullable=False),
+        pa.field("tasks", pa.list_(pa.string())),
+        pa.field("data/chunk_index", pa.int64(), nullable=False),
+        pa.field("data/file_index", pa.int64(), nullable=False),
+        pa.field("dataset_from_index", pa.int64(), nullable=False),
+        pa.field("dataset_to_index", pa.int64(), nullable=False),
+    ]
+    + list(EPISODE_SCHEMA)
+)
+
+
+def _write(root: pathlib.Path, episodes: Iterable[Episode], *, fps: int, episodes_per_file: int) -> None:
+    root.mkdir(parents=True)
+    writer = _Writer(root, fps, episodes_per_file)
+    try:
+        for ep in episodes:
+            writer.add(ep)
+        writer.finish()
+    finally:
+        if writer.data_writer is not None:
+            writer.data_writer.close()
+        if writer.meta_writer is not None:
+            writer.meta_writer.close()
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def open_dataset(path: str | os.PathLike, **options: Any) -> LeRobotDataset:
+    """Open a LeRobot v3.0 (ours or the hub's) or v2.1 dataset. See :class:`LeRobotDataset`."""
+    return LeRobotDataset(path, **options)
+
+
+class LeRobotDataset:
+    """Streaming reader of a LeRobot v3.0 or v2.1 dataset (local path or fsspec URL).
+
+    Only episode-level metadata is loaded at open; step data is read one data file at a
+    time, so memory is bounded by the largest data file.
+
+    Args:
+        path: Dataset folder (holding ``meta/info.json``) or fsspec URL.
+        source: ``source`` for datasets without a ``source`` column (default: folder name).
+        split_map: Native split name (``info.json`` ``splits``) -> one of
+            ``constants.SPLITS``, used when there is no ``split`` column.
+        default_split: Split of episodes outside every ``splits`` range.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        source: str | None = None,
+        split_map: dict[str, str] | None = None,
+        default_split: str = "train",
+    ) -> None:
+        self.path = str(path)
+        self._fs, self._root = url_to_fs(path)
+        info_path = join_inside(self._root, "meta/info.json", what=self.path)
+        if not self._fs.isfile(info_path):
+            raise FormatError(f"{self.path}: no meta/info.json; not a LeRobot dataset")
+        with self._fs.open(info_path, "rb") as f:
+            self.info: dict[str, Any] = json.loads(f.read())
+        self.version = str(self.info.get("codebase_version", ""))
+        if self.version not in READABLE_VERSIONS:
+            raise FormatError(f"{self.path}: codebase_version {self.version!r} not in {READABLE_VERSIONS}")
+        self._source = source if source is not None else self._root.rstrip("/").rsplit("/", 1)[-1]
+        self._split_map = dict(DEFAULT_SPLIT_MAP if split_map is None else split_map)
+        self._default_split = default_split
+        self._parse_features()
+        meta = self._read_meta_v3() if self.version == "v3.0" else self._read_meta_v2()
+        self._index = meta.column("episode_index").to_numpy().astype(np.int64)
+        self._from = meta.column("dataset_from_index").to_numpy().astype(np.int64)
+        self._to = meta.column("dataset_to_index").to_numpy().astype(np.int64)
+        self._file = meta.column("_file").to_pylist()
+        if np.any(self._to - self._from <= 0):
+            bad = int(np.argmax(self._to - self._from <= 0))
+            raise FormatError(f"{self.path}: episode_index {self._index[bad]} has length 0 in the episode metadata")
+        if "length" in meta.column_names:
+            stated = np.asarray(meta.column("length").to_pylist(), dtype=np.int64)
+            bad = np.flatnonzero(stated != self._to - self._from)
+            if bad.size:
+                i = int(bad[0])
+                raise FormatError(
+                    f"{self.path}: episode_index {self._index[i]} has length {stated[i]} but row range "
+                    f"{self._from[i]}:{self._to[i]}"
+                )
+        self._catalog = self._build_catalog(meta)
+        self._rows_by_file: dict[str, list[int]] = {}
+        for r, f in enumerate(self._file):
+            self._rows_by_file.setdefault(f, []).append(r)
+        self._shards = list(self._rows_by_file)
+
+    # -- metadata ---------------------------------------------------------------------
+
+    def _parse_features(self) -> None:
+        feats = self.info.get("features")
+        if not isinstance(feats, dict) or ACTION_COLUMN not in feats:
+            raise FormatError(f"{self.path}: meta/info.json has no 'features' with an 'action' entry")
+        self._obs_dims: dict[str, int] = {}
+        for name, spec in feats.items():
+            if not name.startswith(OBS_PREFIX) or not isinstance(spec, dict):
+                continue
+            # Images and videos are not low-dimensional observations: skipped by design.
+            if spec.get("dtype") not in _NUMERIC_DTYPES:
+                continue
+            self._obs_dims[name[len(OBS_PREFIX) :]] = _feature_width(spec, name, self.path)
+        self._action_dim = _feature_width(feats[ACTION_COLUMN], ACTION_COLUMN, self.path)
+
+    def _read_meta_v3(self) -> pa.Table:
+        pattern = join_inside(self._root, "meta/episodes", what=self.path) + "/chunk-*/file-*.parquet"
+        files = sorted(self._fs.glob(pattern))
+        if not files:
+            raise FormatError(f"{self.path}: no meta/episodes/chunk-*/file-*.parquet")
+        meta = pa.concat_tables(
+            [pq.read_table(f, filesystem=self._fs) for f in files], promote_options="permissive"
+        )
+        for col in ("episode_index", "data/chunk_index", "data/file_index", "dataset_from_index", "dataset_to_index"):
+            if col not in meta.column_names:
+                raise FormatError(f"{self.path}: episode metadata lacks column {col!r}")
+        template = str(self.info.get("data_path", DATA_PATH_V3))
+        files_col = []
+        for c, f in zip(meta.column("data/chunk_index").to_pylist(), meta.column("data/file_index").to_pylist()):
+            files_col.append(_format_path(template, self.path, chunk_index=c, file_index=f))
+        return meta.append_column("_file", pa.array(files_col, pa.string()))
+
+    def _read_meta_v2(self) -> pa.Table:
+        ep_path = join_inside(self._root, "meta/episodes.jsonl", what=self.path)
+        if not self._fs.isfile(ep_path):
+            raise FormatError(f"{self.path}: no meta/episodes.jsonl")
+        rows = []
+        with self._fs.open(ep_path, "rt") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise FormatError(f"{self.path}: meta/episodes.jsonl line {lineno}: {exc}") from None
+        rows.sort(key=lambda r: r.get("episode_index", -1))
+        chunks_size = int(self.info.get("chunks_size", CHUNKS_SIZE))
+        template = str(self.info.get("data_path", "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"))
+        start = 0
+        cols: dict[str, list] = {k: [] for k in ("episode_index", "length", "tasks", "dataset_from_index", "dataset_to_index", "_file")}
+        for r in rows:
+            idx, length = r.get("episode_index"), r.get("length")
+            if not isinstance(idx, int) or not isinstance(length, int) or idx < 0 or length < 0:
+                raise FormatError(f"{self.path}: meta/episodes.jsonl row {r!r} needs integer episode_index and length")
+            cols["episode_index"].append(idx)
+            cols["length"].append(length)
+            tasks = r.get("tasks", [])
+            cols["tasks"].append([str(t) for t in tasks] if isinstance(tasks, list) else [str(tasks)])
+            # v2.1 has no stored row ranges: the global `index` runs over episodes in order.
+            cols["dataset_from_index"].append(start)
+            cols["dataset_to_index"].append(start + length)
+            start += length
+            cols["_file"].append(_format_path(template, self.path, episode_chunk=idx // chunks_size, episode_index=idx))
+        return pa.table(cols)
+
+    def _build_catalog(self, meta: pa.Table) -> pa.Table:
+        n = meta.num_rows
+        names = set(meta.column_names)
+        lengths = (self._to - self._from).tolist()
+
+        def col(name: str, default: Any) -> list:
+            return meta.column(name).to_pylist() if name in names else [default] * n
+
+        ids = col("episode_id", None)
+        ids = [f"episode_{i:06d}" if e is None else e for e, i in zip(ids, self._index.tolist())]
+        if "split" in names:
+            splits = meta.column("split").to_pylist()
+        else:
+            splits = self._splits_from_info()
+        if "task" in names:
+            tasks = meta.column("task").to_pylist()
+        else:
+            tasks = ["; ".join(t or []) for t in col("tasks", [])]
+        table = pa.Table.from_pydict(
+            {
+                "episode_id": ids,
+                "split": splits,
+                "source": col("source", self._source),
+                "task": tasks,
+                "length": lengths,
+                "success": col("success", None),
+                "return": col("return", None),
+                "tier": col("tier", None),
+                "metadata": [m if m else "{}" for m in col("metadata", "{}")],
+            },
+            schema=EPISODE_SCHEMA,
+        )
+        if len(set(ids)) != n:
+            dup = next(e for e in ids if ids.count(e) > 1)
+            raise FormatError(f"{self.path}: duplicate episode_id {dup!r} in the episode metadata")
+        return table
+
+    def _splits_from_info(self) -> list[str]:
+        out = [None] * len(self._index)
+        pos = {int(i): k for k, i in enumerate(self._index.tolist())}
+        for name, rng in (self.info.get("splits") or {}).items():
+            try:
+                a, b = (int(x) for x in str(rng).split(":"))
+            except ValueError:
+                raise FormatError(f"{self.path}: info.json split {name!r} range {rng!r} is not 'start:stop'") from None
+            mapped = map_split(name, self._split_map, where=self.path)
+            for i in range(a, b):
+                if i in pos:
+                    out[pos[i]] = mapped
+        return [self._default_split if s is None else s for s in out]
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def obs_keys(self) -> list[str]:
+        """Observation keys (without the ``observation.`` prefix), sorted."""
+        return sorted(self._obs_dims)
+
+    @property
+    def obs_dims(self) -> dict[str, int]:
+        """``observation key -> width``."""
+        return dict(self._obs_dims)
+
+    @property
+    def action_dim(self) -> int:
+        """Action width ``A``."""
+        return self._action_dim
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def catalog(self) -> pa.Table:
+        """Episode-level table (:data:`~cupid_engine.data.schema.EPISODE_SCHEMA`), no step data."""
+        return self._catalog
+
+    def shards(self) -> list[str]:
+        """Data files, relative to the dataset root, in episode order."""
+        return list(self._shards)
+
+    def iter_shard(self, unit: str) -> Iterator[Episode]:
+        """Episodes stored in one data file (a value from :meth:`shards`)."""
+        if unit not in self._shards:
+            raise KeyError(f"{unit!r} is not a data file of {self.path}")
+        yield from self._read_file(unit, self._rows_by_file[unit])
+
+    def episodes(self, ids: Iterable[str] | None = None, split: str | None = None) -> Iterator[Episode]:
+        """Stream episodes in dataset order, one data file at a time.
+
+        Args:
+            ids: Only these episode ids (dataset order, not the order given).
+            split: Only this split.
+
+        Raises:
+            KeyError: If an id is not in the dataset (before anything is read).
+        """
+        rows = selected_rows(self._catalog, ids, split)
+        by_file: dict[str, list[int]] = {}
+        for r in rows:
+            by_file.setdefault(self._file[r], []).append(r)
+        for unit, file_rows in by_file.items():
+            yield from self._read_file(unit, file_rows)
+
+    # -- step data --------------------------------------------------------------------
+
+    def _read_file(self, unit: str, rows: list[int]) -> Iterator[Episode]:
+        full = join_inside(self._root, unit, what=self.path)
+        columns = ["episode_index"] + [OBS_PREFIX + k for k in self.obs_keys] + [ACTION_COLUMN]
+        try:
+            table = pq.read_table(full, columns=columns, filesystem=self._fs)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise FormatError(f"{self.path}: cannot read data file {unit!r}: {exc}") from None
+        # The first row of a file is the smallest global row index of the episodes it holds.
+        start = int(self._from[self._rows_by_file[unit]].min())
+        ep_col = table.column("episode_index")
+        cat = self._catalog
+        for r in rows:
+            eid = cat["episode_id"][r].as_py()
+            lo, hi = int(self._from[r]) - start, int(self._to[r]) - start
+            if hi > table.num_rows:
+                raise FormatError(f"{self.path}: {unit!r} has {table.num_rows} rows; episode {eid!r} needs rows {lo}:{hi}")
+            got = ep_col.slice(lo, hi - lo).to_numpy()
+            if got.size == 0 or np.any(got != self._index[r]):
+                raise FormatError(f"{self.path}: {unit!r} rows {lo}:{hi} do not all belong to episode {eid!r} (episode_index {self._index[r]})")
+            part = table.slice(lo, hi - lo)
+            try:
+                obs = {k: column_to_numpy(part.column(OBS_PREFIX + k), self._obs_dims[k]) for k in self.obs_keys}
+                act = column_to_numpy(part.column(ACTION_COLUMN), self._action_dim)
+            except FormatError as exc:
+                raise FormatError(f"{self.path}: {unit!r}, episode {eid!r}: {exc}") from None
+            yield Episode(
+                episode_id=eid,
+                observations=obs,
+                actions=act,
+                split=cat["split"][r].as_py(),
+                source=cat["source"][r].as_py(),
+                task=cat["task"][r].as_py(),
+                success=cat["success"][r].as_py(),
+                return_=cat["return"][r].as_py(),
+                tier=cat["tier"][r].as_py(),
+                metadata=parse_metadata(cat["metadata"][r].as_py(), eid),
+            )
+
+
+def _feature_width(spec: Any, name: str, where: str) -> int:
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise FormatError(f"{where}: feature {name!r} has no valid shape ({shape!r})")
+    return int(np.prod(shape)) if shape else 1
+
+
+def _format_path(template: str, where: str, **fields: Any) -> str:
+    """Fill a data_path template with integer fields only, and keep it relative."""
+    for k, v in fields.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise FormatError(f"{where}: {k} must be a non-negative integer, got {v!r}")
+    try:
+        out = template.format(**fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise FormatError(f"{where}: data_path template {template!r} cannot be filled ({exc})") from None
+    join_inside("/", out, what=where)
+    return out
