@@ -1,0 +1,72 @@
+"""Robot policies the engine trains, rolls out and attributes.
+
+This subpackage owns everything model-specific, so the featuriser, scorers and
+datamodel trainers never see model code:
+
+* ``samples``: cut episodes into samples (observation window + action chunk, padded as
+  in diffusion_policy) identified by ``(episode_key, step)``.
+* ``normalizer``: per-dimension gaussian / min-max normaliser with a minimum spread, so
+  near-constant dimensions are not amplified into noise.
+* ``mlp``: :class:`MLPPolicy`, deterministic or Gaussian head. The cheap, exactly
+  differentiable policy: ``loss``/``logprob`` are exact log-likelihood quantities, which
+  is where influence functions are best understood; Linear layers only, so every
+  parameter is hook-featurisable.
+* ``diffusion``: :class:`DiffusionPolicy`, a small Conv1d UNet trained with DDPM and
+  sampled with DDIM: the policy class CUPID targets, attributed through the ``square``
+  surrogate (CUPID Eq. 9).
+* ``outputs``: the output functions ``loss``, ``logprob``, ``square``, ``energy`` and the
+  draw expansion the hook-based featuriser uses.
+* ``tracking``: which modules/parameters are differentiated (``all``, ``head``, names).
+* ``training``: :func:`train_policy` with per-sample / per-cluster loss weights
+  (weight 0 == removal), EMA, deterministic data order.
+* ``checkpoint``: safetensors + JSON checkpoints with a content hash.
+"""
+
+from cupid_engine.policies.base import Policy, PolicyConfig
+from cupid_engine.policies.checkpoint import compute_policy_hash, load_policy, policy_hash, save_policy
+from cupid_engine.policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig, seeded_diffusion_noise
+from cupid_engine.policies.mlp import MLPPolicy, MLPPolicyConfig
+from cupid_engine.policies.normalizer import Normalizer
+from cupid_engine.policies.outputs import (
+    expand_for_output,
+    functional_output,
+    get_output,
+    output_from_expanded,
+    reduce_groups,
+)
+from cupid_engine.policies.registry import POLICIES, build_policy, make_policy_config, policy_kind
+from cupid_engine.policies.samples import SampleSet, build_samples, episode_key
+from cupid_engine.policies.tracking import tracked_modules, tracked_parameters
+from cupid_engine.policies.training import TrainConfig, sample_weight_vector, train_policy
+
+__all__ = [
+    "POLICIES",
+    "DiffusionPolicy",
+    "DiffusionPolicyConfig",
+    "MLPPolicy",
+    "MLPPolicyConfig",
+    "Normalizer",
+    "Policy",
+    "PolicyConfig",
+    "SampleSet",
+    "TrainConfig",
+    "build_policy",
+    "build_samples",
+    "compute_policy_hash",
+    "episode_key",
+    "expand_for_output",
+    "functional_output",
+    "get_output",
+    "load_policy",
+    "make_policy_config",
+    "output_from_expanded",
+    "policy_hash",
+    "policy_kind",
+    "reduce_groups",
+    "sample_weight_vector",
+    "save_policy",
+    "seeded_diffusion_noise",
+    "tracked_modules",
+    "tracked_parameters",
+    "train_policy",
+]

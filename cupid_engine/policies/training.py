@@ -1,0 +1,270 @@
+"""Training policies with per-sample or per-cluster loss weights.
+
+Determinism: parameters are initialised from ``seed``; the epoch order comes from a
+``torch.Generator`` seeded with ``seed`` and diffusion noise from a second generator,
+both on the CPU, so a run is reproducible bit for bit on the same device and thread
+count.
+
+Weights. Each sample gets ``w = sample_weight * cluster_weight[cluster]``; the batch
+loss is ``mean_b(w_b * l_b)`` (see :meth:`Policy.compute_loss`). Samples with ``w = 0``
+are **dropped before anything else** (the normaliser fit, the epoch order, the step
+count): training with weight 0 on a cluster is then *identical* to training on the data
+without that cluster. A weighted mean inside fixed batches could not give that: the
+removed samples would still occupy batch slots and shift the order of the others. The
+test suite checks the equality parameter for parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cupid_engine.config import Config, check, field
+from cupid_engine.data.episode import Episode
+from cupid_engine.policies.base import Policy, PolicyConfig
+from cupid_engine.policies.registry import build_policy
+from cupid_engine.policies.samples import SampleSet, build_samples
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+# Offset of the noise generator's seed from the data-order seed: two independent streams.
+_NOISE_SEED_OFFSET = 0x5DEECE66D
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """How a policy is trained."""
+
+    epochs: int = field(100, help="passes over the (kept) training samples; ignored when steps is set")
+    steps: int | None = field(None, help="optimizer steps (overrides epochs when set)")
+    batch_size: int = field(256, help="samples per optimizer step (the last batch of an epoch may be smaller)")
+    lr: float = field(1e-3, help="learning rate")
+    weight_decay: float = field(0.0, help="weight decay (decoupled for adamw)")
+    optimizer: str = field("adamw", help=f"one of {OPTIMIZERS}")
+    seed: int = field(0, help="seed of the initialisation, the data order and the diffusion noise")
+    ema_decay: float | None = field(None, help="EMA of the weights (returned policy holds the EMA); None: off")
+    grad_clip: float | None = field(None, help="max global grad norm; None: no clipping")
+    device: str = field("cpu", help="torch device to train on")
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        check(0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
+        check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay must be in (0, 1)")
+        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0")
+
+
+def _as_samples(config: PolicyConfig, data: SampleSet | Iterable[Episode]) -> SampleSet:
+    if isinstance(data, SampleSet):
+        if (data.n_obs_steps, data.horizon) != (config.n_obs_steps, config.horizon):
+            raise ValueError(
+                f"samples have n_obs_steps={data.n_obs_steps}, horizon={data.horizon}; the policy config "
+                f"wants {config.n_obs_steps}, {config.horizon}"
+            )
+        if config.obs_keys is not None and tuple(config.obs_keys) != tuple(data.obs_keys):
+            raise ValueError(f"samples use obs_keys {data.obs_keys}, the config {config.obs_keys}")
+        return data
+    return build_samples(data, n_obs_steps=config.n_obs_steps, horizon=config.horizon, obs_keys=config.obs_keys)
+
+
+def resolve_config(config: PolicyConfig, samples: SampleSet) -> PolicyConfig:
+    """Fill ``obs_dim``, ``action_dim`` and ``obs_keys`` from the samples; mismatches raise."""
+    for name, value in (("obs_dim", samples.obs_dim), ("action_dim", samples.action_dim)):
+        have = getattr(config, name)
+        if have not in (0, value):
+            raise ValueError(f"config {name}={have} but the samples have {value}")
+    return config.replace(obs_dim=samples.obs_dim, action_dim=samples.action_dim, obs_keys=tuple(samples.obs_keys))
+
+
+def sample_weight_vector(
+    samples: SampleSet,
+    *,
+    sample_weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+    cluster_weights: Mapping[Any, float] | Sequence[float] | np.ndarray | torch.Tensor | None = None,
+    clusters: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample weights ``[N]`` float64: ``sample_weight * cluster_weight[cluster]``.
+
+    Args:
+        samples: The training samples.
+        sample_weights: ``[N]`` non-negative weights, or None (all 1).
+        cluster_weights: Weight per cluster: a sequence/tensor indexed by cluster id, or a
+            mapping cluster -> weight (clusters not in the mapping keep weight 1). With
+            ``clusters=None`` the clusters are the episodes and a mapping may be keyed by
+            episode id (str) or episode index (int).
+        clusters: ``[N]`` int64 cluster id of each sample; default: its episode index.
+
+    Returns:
+        ``[N]`` float64 weights.
+    """
+    n = len(samples)
+    w = torch.ones(n, dtype=torch.float64)
+    if sample_weights is not None:
+        sw = torch.as_tensor(np.asarray(sample_weights, dtype=np.float64))
+        if sw.shape != (n,):
+            raise ValueError(f"sample_weights must be [N={n}], got {tuple(sw.shape)}")
+        w = w * sw
+    if cluster_weights is None:
+        if clusters is not None:
+            raise ValueError("clusters given without cluster_weights")
+    else:
+        if clusters is None:
+            cl = samples.episode_index
+            names: dict[Any, int] = {eid: i for i, eid in enumerate(samples.episode_ids)}
+        else:
+            cl = torch.as_tensor(np.asarray(clusters, dtype=np.int64))
+            if cl.shape != (n,):
+                raise ValueError(f"clusters must be [N={n}], got {tuple(cl.shape)}")
+            if (cl < 0).any():
+                raise ValueError("cluster ids must be >= 0")
+            names = {}
+        num_clusters = int(cl.max()) + 1
+        if isinstance(cluster_weights, Mapping):
+            cw = torch.ones(num_clusters, dtype=torch.float64)
+            for key, value in cluster_weights.items():
+                idx = names.get(key, key) if isinstance(key, str) else int(key)
+                if isinstance(idx, str) or not 0 <= idx < num_clusters:
+                    raise ValueError(f"cluster_weights has unknown cluster {key!r}")
+                cw[idx] = float(value)
+        else:
+            cw = torch.as_tensor(np.asarray(cluster_weights, dtype=np.float64))
+            if cw.dim() != 1 or cw.shape[0] < num_clusters:
+                raise ValueError(f"cluster_weights must have one weight per cluster ({num_clusters}), got {tuple(cw.shape)}")
+        w = w * cw[cl]
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("sample/cluster weights must be finite and >= 0")
+    return w
+
+
+def train_policy(
+    policy_config: PolicyConfig,
+    samples_or_episodes: SampleSet | Iterable[Episode],
+    train_config: TrainConfig | None = None,
+    *,
+    sample_weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+    cluster_weights: Mapping[Any, float] | Sequence[float] | np.ndarray | torch.Tensor | None = None,
+    clusters: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    progress: bool = True,
+) -> Policy:
+    """Train a policy from scratch by behaviour cloning.
+
+    Args:
+        policy_config: MLP or diffusion config; ``obs_dim``/``action_dim`` 0 are inferred.
+        samples_or_episodes: A SampleSet or Episodes (cut with the config's window sizes).
+        train_config: Optimisation settings (default ``TrainConfig()``).
+        sample_weights: ``[N]`` per-sample loss weights.
+        cluster_weights: Per-cluster loss weights (see :func:`sample_weight_vector`).
+        clusters: ``[N]`` cluster id per sample (default: episode).
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The trained policy in eval mode on ``train_config.device``, with the normaliser fitted
+        on the kept (non-zero-weight) samples and ``policy.train_info`` (dict: ``losses`` per
+        epoch, ``step_losses``, ``steps``, ``num_samples``, ``num_kept``, ``train_config``).
+    """
+    cfg = train_config or TrainConfig()
+    samples = _as_samples(policy_config, samples_or_episodes)
+    config = resolve_config(policy_config, samples)
+    w = sample_weight_vector(samples, sample_weights=sample_weights, cluster_weights=cluster_weights, clusters=clusters)
+    kept = torch.nonzero(w > 0, as_tuple=False).flatten()
+    if kept.numel() == 0:
+        raise ValueError("every sample has weight 0: nothing to train on")
+    kept_w = w[kept]
+    uniform = bool((kept_w == 1).all())
+    device = torch.device(cfg.device)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        policy = build_policy(config)
+    policy.normalizer.fit(samples.obs[kept], samples.action[kept])
+    policy.to(device)
+    data = policy.normalizer.normalize_batch(samples.batch(kept))
+    weights = None if uniform else kept_w.to(device=device, dtype=torch.float32)
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay is not None else None
+
+    n = kept.numel()
+    per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    noise_gen = torch.Generator().manual_seed((cfg.seed + _NOISE_SEED_OFFSET) % 2**63)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"train {type(policy).__name__}", unit="step", disable=not progress, leave=False)
+    step_losses: list[float] = []
+    epoch_losses: list[float] = []
+    policy.train()
+    step = 0
+    try:
+        while step < total:
+            perm = torch.randperm(n, generator=order_gen).to(device)
+            epoch_sum, epoch_count = 0.0, 0
+            for start in range(0, n, cfg.batch_size):
+                if step >= total:
+                    break
+                idx = perm[start : start + cfg.batch_size]
+                batch = {k: v[idx] for k, v in data.items()}
+                loss = policy.compute_loss(
+                    batch, None if weights is None else weights[idx], generator=noise_gen
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                if ema is not None:
+                    _ema_update(ema, policy, cfg.ema_decay, step)
+                value = float(loss.detach())
+                step_losses.append(value)
+                epoch_sum += value * idx.numel()
+                epoch_count += idx.numel()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            epoch_losses.append(epoch_sum / max(epoch_count, 1))
+    finally:
+        bar.close()
+    if ema is not None:
+        policy.load_state_dict(ema.state_dict())
+    policy.eval()
+    policy.train_info = {
+        "losses": epoch_losses,
+        "step_losses": step_losses,
+        "steps": step,
+        "num_samples": len(samples),
+        "num_kept": int(n),
+        "train_config": cfg.to_dict(),
+    }
+    log.info("trained %s for %d steps on %d/%d samples, final loss %.4g",
+             type(policy).__name__, step, n, len(samples), step_losses[-1])
+    return policy
+
+
+@torch.no_grad()
+def _ema_update(ema: Policy, model: Policy, max_decay: float, step: int) -> None:
+    # Warm-up (1 + k) / (10 + k): early EMA weights are not dominated by the random init.
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
