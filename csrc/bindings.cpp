@@ -1,0 +1,35 @@
+// Python bindings of cupid_engine._C: only m.def lines live here.
+//
+// Kernels take raw data pointers (as integers) plus shapes: the Python wrappers in
+// cupid_engine/ops check device, dtype, contiguity and shape, so this module links
+// neither libtorch nor a CUDA-enabled torch and builds in seconds.
+#include <pybind11/pybind11.h>
+
+#include "cupid/kernels.h"
+#include "cupid/quality.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cupid_engine native kernels (C++ CPU, optional CUDA)";
+  m.def("has_cuda", &cupid::has_cuda, "Whether CUDA kernels were compiled into this build.");
+  m.def("num_threads", &cupid::num_threads, "OpenMP threads the CPU kernels use.");
+
+  // --- projection (csrc/cpu/projection.cpp) ---
+  m.def("project_cpu", &cupid::project_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x_ptr"), py::arg("out_ptr"), py::arg("batch"), py::arg("dim"), py::arg("x_stride"),
+        py::arg("k"), py::arg("method"), py::arg("dtype"), py::arg("seed"), py::arg("s"),
+        "out[B, k] (fp32, zero-filled by the caller) += P x for x[B, dim] (row stride x_stride).");
+  m.def("countsketch_pair_cpu", &cupid::countsketch_pair_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("delta_ptr"), py::arg("x_ptr"), py::arg("cs_delta_ptr"), py::arg("cs_x_ptr"), py::arg("rows"),
+        py::arg("out_dim"), py::arg("in_dim"), py::arg("k"), py::arg("dtype"), py::arg("seed"),
+        "Tensorsketch stage 1: CountSketch of delta[rows, O] and x[rows, I] into [rows, k] each.");
+
+  // --- scorers (csrc/cpu/quality.cpp) ---
+  m.def("quality_minmax_cpu", &cupid::quality_minmax_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("r_ptr"), py::arg("r_off_ptr"), py::arg("m"), py::arg("d_ptr"), py::arg("d_off_ptr"), py::arg("n"),
+        py::arg("k"), py::arg("maxmin_ptr"), py::arg("minmax_ptr"), py::arg("dtype"),
+        "CUPID-Quality: maxmin/minmax[m, n] over (rollout, demo) segment pairs, never storing A.");
+
+  // --- cuda (csrc/cuda/*.cu) ---
+}

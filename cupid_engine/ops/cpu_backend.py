@@ -1,0 +1,75 @@
+"""The ``cpu`` backend: host wrappers of the C++ kernels in ``csrc/cpu``.
+
+The C++ module takes raw pointers, so every check on device, dtype, contiguity and shape
+happens here before a pointer leaves Python. The tensorsketch FFT stage runs in
+``torch.fft`` (pocketfft on CPU): the C++ kernel fuses the hashing scatter, which is the
+part torch cannot do without index tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cupid_engine.ops import reference
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_METHODS = {"dense": 0, "sparse": 1, "signshift": 2}
+
+
+def _C():
+    from cupid_engine import _C as mod  # noqa: N811
+
+    return mod
+
+
+def is_available() -> bool:
+    try:
+        _C()
+    except ImportError:
+        return False
+    return True
+
+
+def _check(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"cpu backend: {name} is on {t.device}, expected cpu")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"cpu backend: {name} has dtype {t.dtype}, expected one of {list(_DTYPES)}")
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def project(x: torch.Tensor, k: int, method: str, seed: int, s: int) -> torch.Tensor:
+    _check(x, "x")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    B, P = x.shape
+    out = torch.zeros(B, k, dtype=_out_dtype(x.dtype))
+    if B:
+        _C().project_cpu(
+            x.data_ptr(), out.data_ptr(), B, P, x.stride(0), k, _METHODS[method], _DTYPES[x.dtype], seed, s
+        )
+    return out
+
+
+def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(delta, "delta")
+    _check(x, "x")
+    delta, x = delta.contiguous(), x.contiguous()
+    B, T, O = delta.shape
+    I = x.shape[2]
+    acc = _out_dtype(delta.dtype)
+    cs1 = torch.zeros(B, T, k, dtype=acc)
+    cs2 = torch.zeros(B, T, k, dtype=acc)
+    if B * T:
+        _C().countsketch_pair_cpu(
+            delta.data_ptr(), x.data_ptr(), cs1.data_ptr(), cs2.data_ptr(), B * T, O, I, k, _DTYPES[delta.dtype], seed
+        )
+    return cs1, cs2
+
+
+def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    cs1, cs2 = countsketch_pair(delta, x, k, seed)
+    return reference.circular_convolve_sum(cs1, cs2, k)
