@@ -161,6 +161,7 @@ class AuditConfig(Config):
         check(0.0 < self.length_jaccard_flag <= 1.0, "length_jaccard_flag must be in (0, 1]")
         check(0.0 < self.length_spearman_flag <= 1.0, "length_spearman_flag must be in (0, 1]")
         check(isinstance(self.policy, dict), "policy must be a table")
+        check(not self.policy or "type" in self.policy, "policy needs a 'type' (mlp, diffusion ...)")
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -173,8 +174,8 @@ class AuditConfig(Config):
 
         Top-level keys are the field names; ``[policy]`` and ``[learner_options]`` are
         tables. ``keep_ratios = [...]`` may replace ``prune_ratios`` (``prune = 1 -
-        keep``). A relative ``cache_dir`` resolves against the TOML file's folder, so an
-        audit resumes from the same cache whatever the working directory.
+        keep``). A relative ``cache_dir`` is made absolute against the current working
+        directory (like ``--out``), so the config records where its cache lives.
         """
         path = Path(path)
         with open(path, "rb") as fh:
@@ -185,7 +186,7 @@ class AuditConfig(Config):
             data["prune_ratios"] = [round(1.0 - float(k), 12) for k in data.pop("keep_ratios")]
         cache = Path(data.get("cache_dir", "audit_cache"))
         if not cache.is_absolute():
-            cache = (path.parent / cache).resolve()
+            cache = cache.resolve()
         data["cache_dir"] = str(cache)
         for key in ("methods", "baselines", "seeds", "heldout_seeds", "prune_ratios"):
             if key in data:
