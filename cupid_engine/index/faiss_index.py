@@ -1,0 +1,149 @@
+"""A FAISS inner-product index over whitened episode sums, with its on-disk form.
+
+Exact ``IndexFlatIP`` is the default (what CUPID's Ψ_π needs is an exact inner
+product); ``IndexHNSWFlat`` with METRIC_INNER_PRODUCT is the low-latency option, its
+recall measured against exact by :func:`recall_at_k` rather than assumed. An index is
+saved as ``<kind>.faiss`` plus ``<kind>.json`` holding the episode ids (FAISS stores
+only row numbers) and a fingerprint of what it was built from, so a reopen against a
+changed run is detected and rebuilt instead of answering with stale rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+KINDS = ("flat", "hnsw")
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+class InfluenceIndex:
+    """Episode vectors searchable by inner product.
+
+    Args:
+        dim: Vector width.
+        kind: ``flat`` (exact) or ``hnsw``.
+        hnsw_m: HNSW graph degree M.
+        ef_construction: HNSW build-time beam width.
+        ef_search: HNSW query-time beam width (recall/latency trade-off).
+        device: ``cpu`` (default) or ``gpu`` (faiss-gpu; flat only; same results).
+    """
+
+    def __init__(
+        self, dim: int, *, kind: str = "flat", hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
+        device: str = "cpu",
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+        if device not in ("cpu", "gpu"):
+            raise ValueError("device must be 'cpu' or 'gpu'")
+        faiss = _faiss()
+        self.dim, self.kind, self.device = int(dim), kind, device
+        self.params = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
+        if kind == "flat":
+            self.index = faiss.IndexFlatIP(self.dim)
+        else:
+            self.index = faiss.IndexHNSWFlat(self.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = ef_construction
+            self.index.hnsw.efSearch = ef_search
+        self.ids: list[str] = []
+        self.meta: dict[str, Any] = {}
+        self._search_index = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def ef_search(self) -> int:
+        return int(self.params["ef_search"])
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        self.params["ef_search"] = int(value)
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = int(value)
+
+    def add(self, vectors: np.ndarray, ids: Sequence[str]) -> None:
+        """Append ``[B, dim]`` vectors with their episode ids."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim or len(ids) != x.shape[0]:
+            raise ValueError(f"need [B, {self.dim}] vectors and B ids, got {x.shape} and {len(ids)}")
+        if not np.isfinite(x).all():
+            raise ValueError("index vectors contain NaN/Inf")
+        self.index.add(x)
+        self.ids.extend(str(i) for i in ids)
+        self._search_index = None
+
+    def _searcher(self) -> Any:
+        if self.device == "cpu":
+            return self.index
+        if self._search_index is None:
+            faiss = _faiss()
+            if self.kind != "flat" or not hasattr(faiss, "StandardGpuResources"):
+                raise ImportError("device='gpu' needs faiss-gpu and kind='flat' (pip install faiss-gpu)")
+            self._gpu_res = faiss.StandardGpuResources()
+            self._search_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+        return self._search_index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-``k`` by inner product.
+
+        Args:
+            queries: ``[B, dim]`` (or ``[dim]``).
+            k: Results per query (clipped to the index size).
+
+        Returns:
+            ``(scores [B, k] float32, ids)`` with ``ids[b]`` the k episode ids of query b.
+        """
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query width {q.shape[1]} != index width {self.dim}")
+        if not len(self):
+            raise ValueError("the index is empty")
+        k = min(int(k), len(self))
+        scores, rows = self._searcher().search(q, k)
+        return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write ``<kind>.faiss`` and ``<kind>.json`` into ``folder`` (atomically renamed)."""
+        faiss = _faiss()
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.join(folder, self.kind)
+        faiss.write_index(self.index, base + ".faiss.tmp")
+        with open(base + ".json.tmp", "w") as f:
+            json.dump({"kind": self.kind, "dim": self.dim, "params": self.params, "meta": self.meta, "ids": self.ids}, f)
+        os.replace(base + ".faiss.tmp", base + ".faiss")
+        os.replace(base + ".json.tmp", base + ".json")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, kind: str = "flat", *, device: str = "cpu") -> "InfluenceIndex":
+        """Read an index written by :meth:`save`."""
+        faiss = _faiss()
+        base = os.path.join(folder, kind)
+        with open(base + ".json") as f:
+            info = json.load(f)
+        out = cls(info["dim"], kind=info["kind"], device=device, **info["params"])
+        out.index = faiss.read_index(base + ".faiss")
+        if out.index.ntotal != len(info["ids"]) or out.index.d != out.dim:
+            raise ValueError(f"{base}.faiss does not match its JSON ({out.index.ntotal} rows, {len(info['ids'])} ids)")
+        if kind == "hnsw":
+            out.index.hnsw.efSearch = int(info["params"]["ef_search"])
+        out.ids = list(info["ids"])
+        out.meta = dict(info["meta"])
+        return out
+
+
+def recall_at_k(approx: Sequence[Sequence[str]], exact: Sequence[Sequence[str]]) -> float:
+    """Mean over queries of |approx ∩ exact| / |exact|."""
+    if len(approx) != len(exact) or not exact:
+        raise ValueError("need the same non-zero number of approximate and exact result lists")
+    return float(np.mean([len(set(a) & set(e)) / max(len(e), 1) for a, e in zip(approx, exact)]))

@@ -1,0 +1,284 @@
+"""Building the per-run index and answering single-rollout queries (DESIGN §5).
+
+:func:`open_index` builds (or reopens) the FAISS index of a run's **training** demos:
+whitened episode sums s_ξ = L⁻¹Σφ, streamed in blocks. For a checkpoint ensemble
+(``run`` given as several run names) each checkpoint is whitened with its own
+preconditioner and the parts are concatenated scaled by 1/√C, so one inner product is
+the ensemble mean. The index is saved beside the store under
+``<store>/index/<run>/`` with a fingerprint of the run (config hash, Gram checksum and
+count, damping, indexed ids); a reopen with a different fingerprint rebuilds.
+
+:func:`top_influencers` is featurise-free: it reads the rollout's step features from
+the run, forms q = R(τ)·Σψ(z') (so for R(τ) = +1 the top demos are those whose
+upweighting most raises the rollout's likelihood), searches, and then — for the top
+demos only — computes the action influences a(z', z) = ψ(z')ᵀψ(z) to say which rollout
+steps and which demo steps carry the score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cupid_engine.index.faiss_index import InfluenceIndex
+from cupid_engine.scorers import _inputs
+from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
+
+log = logging.getLogger(__name__)
+INDEX_DIR = "index"
+_MEMORY_CACHE: dict[tuple, InfluenceIndex] = {}
+
+
+def _open_store(store: Any) -> Any:
+    if hasattr(store, "catalog") and hasattr(store, "run"):
+        return store
+    from cupid_engine.store import open_store
+
+    return open_store(store)
+
+
+def _runs(run: str | Sequence[str]) -> list[str]:
+    return [run] if isinstance(run, str) else list(run)
+
+
+def store_folder(store: Any) -> str | None:
+    """A local folder of the store where indexes can be saved (None: keep in memory)."""
+    for attr in ("path", "url"):
+        p = getattr(store, attr, None)
+        if isinstance(p, (str, os.PathLike)):
+            p = os.fspath(p)
+            if p.startswith("file://"):
+                p = p[len("file://") :]
+            if "://" not in p and os.path.isdir(p):
+                return p
+    return None
+
+
+def _ensemble(store: Any, runs: list[str], damping: float) -> list[tuple[Any, Preconditioner]]:
+    return [(store.run(n), Preconditioner.from_run(store.run(n), damping=damping)) for n in runs]
+
+
+def whiten_sums(parts: list[tuple[Any, Preconditioner]], sums: list[np.ndarray]) -> torch.Tensor:
+    """Whitened (and, for ensembles, 1/√C-concatenated) rows ``[B, ΣK]`` float64."""
+    w = [pre.whiten(s) for (_, pre), s in zip(parts, sums)]
+    return torch.cat(w, -1) / float(np.sqrt(len(w))) if len(w) > 1 else w[0]
+
+
+def fingerprint(store: Any, runs: list[str], damping: float, ids: list[str]) -> dict[str, Any]:
+    """What an index depends on; a saved index whose fingerprint differs is rebuilt."""
+    fp: dict[str, Any] = {"runs": runs, "damping": float(damping), "n": len(ids)}
+    fp["ids_sha"] = hashlib.sha256("\x00".join(ids).encode()).hexdigest()[:16]
+    for n in runs:
+        r = store.run(n)
+        cfg = getattr(r, "config", None)
+        fp[f"{n}.config_hash"] = cfg.hash() if hasattr(cfg, "hash") else None
+        fp[f"{n}.gram_count"] = int(r.gram_count)
+        fp[f"{n}.gram_sha"] = hashlib.sha256(np.ascontiguousarray(r.gram(), np.float64).tobytes()).hexdigest()[:16]
+    return fp
+
+
+def build_index(
+    store: Any, run: str | Sequence[str], *, kind: str = "flat", damping: float = DEFAULT_DAMPING, block: int = 16384,
+    **params: Any,
+) -> InfluenceIndex:
+    """Build the index of the training demos of ``run`` (one or several checkpoint runs)."""
+    store = _open_store(store)
+    runs = _runs(run)
+    parts = _ensemble(store, runs, damping)
+    ids = _inputs.ids_in_split(store.catalog(), "train")
+    if not ids:
+        raise ValueError("the store has no training-split episodes to index")
+    dim = sum(r.k for r, _ in parts)
+    index = InfluenceIndex(dim, kind=kind, **params)
+    for start in range(0, len(ids), block):
+        chunk = ids[start : start + block]
+        vec = whiten_sums(parts, [r.episode_features(chunk) for r, _ in parts])
+        index.add(vec.to(torch.float32).numpy(), chunk)
+    index.meta = fingerprint(store, runs, damping, ids)
+    return index
+
+
+def open_index(
+    store: Any, run: str | Sequence[str], *, kind: str = "flat", damping: float = DEFAULT_DAMPING,
+    rebuild: bool = False, save: bool = True, **params: Any,
+) -> InfluenceIndex:
+    """The run's index: reopened from ``<store>/index/<run>/`` when still valid, else built.
+
+    Args:
+        store: Open store or path.
+        run: Run name, or several (checkpoint ensemble).
+        kind: ``flat`` or ``hnsw``.
+        damping: Relative damping of the preconditioner.
+        rebuild: Rebuild even if a valid saved index exists.
+        save: Save a (re)built index beside the store when the store is a local folder.
+        **params: :class:`InfluenceIndex` options (``hnsw_m``, ``ef_construction``,
+            ``ef_search``, ``device``).
+
+    Returns:
+        The index (``meta`` holds its fingerprint).
+    """
+    store = _open_store(store)
+    runs = _runs(run)
+    ids = _inputs.ids_in_split(store.catalog(), "train")
+    fp = fingerprint(store, runs, damping, ids)
+    build_params = {k: v for k, v in params.items() if k in ("hnsw_m", "ef_construction")}
+    folder = store_folder(store)
+    sub = urllib.parse.quote("+".join(runs), safe="")  # run names are data: escape them
+    key = (id(store), tuple(runs), kind, float(damping), tuple(sorted(build_params.items())))
+    idx = None
+    if not rebuild:
+        cached = _MEMORY_CACHE.get(key)
+        if cached is not None and cached.meta == fp:
+            idx = cached
+        elif folder is not None and os.path.exists(os.path.join(folder, INDEX_DIR, sub, f"{kind}.json")):
+            loaded = InfluenceIndex.load(os.path.join(folder, INDEX_DIR, sub), kind, device=params.get("device", "cpu"))
+            same_build = all(loaded.params.get(k) == v for k, v in build_params.items())
+            if loaded.meta == fp and same_build:
+                idx = loaded
+            else:
+                log.info("index %s/%s is stale (run or build parameters changed): rebuilding", sub, kind)
+    if idx is None:
+        idx = build_index(store, runs, kind=kind, damping=damping, **params)
+        if save and folder is not None:
+            idx.save(os.path.join(folder, INDEX_DIR, sub))
+    if "ef_search" in params:
+        idx.ef_search = params["ef_search"]
+    _MEMORY_CACHE[key] = idx
+    return idx
+
+
+@dataclasses.dataclass
+class StepInfluence:
+    """Which steps carry the influence between the rollout and one demo.
+
+    Attributes:
+        episode_id: The demo.
+        score: sign·Σ_{z',z} a(z', z) (equals the search score up to float32 rounding).
+        rollout_steps: ``(step, Σ_z sign·a(z', z))`` of the top rollout steps.
+        demo_steps: ``(step, Σ_z' sign·a(z', z))`` of the top demo steps.
+        pairs: ``(rollout step, demo step, sign·a(z', z))`` of the largest single pairs.
+    """
+
+    episode_id: str
+    score: float
+    rollout_steps: list[tuple[int, float]]
+    demo_steps: list[tuple[int, float]]
+    pairs: list[tuple[int, int, float]]
+
+
+@dataclasses.dataclass
+class InfluenceResult:
+    """Answer of :func:`top_influencers`.
+
+    Attributes:
+        rollout: The rollout episode id.
+        sign: R(τ) used in q.
+        table: ``rank``, ``episode_id``, ``score`` (+ ``tier``/``length`` when catalogued).
+        steps: One :class:`StepInfluence` per top demo, in rank order.
+    """
+
+    rollout: str
+    sign: float
+    table: pa.Table
+    steps: list[StepInfluence]
+
+    def __str__(self) -> str:
+        lines = [f"top influencers of rollout {self.rollout} (R = {self.sign:+g})",
+                 f"{'rank':>4}  {'episode_id':<24} {'score':>12}  top rollout steps / top demo steps"]
+        for row, st in zip(self.table.to_pylist(), self.steps):
+            rs = ",".join(str(i) for i, _ in st.rollout_steps)
+            ds = ",".join(str(i) for i, _ in st.demo_steps)
+            extra = f"  [{row['tier']}]" if row.get("tier") else ""
+            lines.append(f"{row['rank']:>4}  {row['episode_id']:<24} {row['score']:>12.5g}  {rs} / {ds}{extra}")
+        return "\n".join(lines)
+
+
+def _top(values: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    n = min(n, values.numel())
+    v, i = torch.topk(values, n)
+    return [(int(a), float(b)) for a, b in zip(i, v)]
+
+
+def top_influencers(
+    store: Any,
+    run: str | Sequence[str],
+    rollout: str,
+    k: int = 10,
+    *,
+    sign: float | None = None,
+    returns: str = "pm1",
+    damping: float = DEFAULT_DAMPING,
+    kind: str = "flat",
+    steps: int = 3,
+    index: InfluenceIndex | None = None,
+    **params: Any,
+) -> InfluenceResult:
+    """The ``k`` training demos with the largest influence on one rollout.
+
+    Args:
+        store: Open store or path.
+        run: Run name, or several runs (checkpoint ensemble).
+        rollout: Episode id of the rollout (featurised into the same run).
+        k: Number of demos.
+        sign: R(τ) override; default from the catalog outcome (``returns`` mode).
+            Pass ``sign=1`` on a failed rollout to find the demos that most support
+            the failing behaviour instead of those that most oppose it.
+        returns: ``pm1``, ``01`` or ``real`` (see ``scorers._inputs.returns_of``).
+        damping: Relative damping of the preconditioner.
+        kind: ``flat`` (exact) or ``hnsw``.
+        steps: Top steps/pairs reported per demo.
+        index: A prebuilt index (else :func:`open_index`).
+        **params: Index options (``ef_search``, ``hnsw_m``, ``device``, ...).
+
+    Returns:
+        An :class:`InfluenceResult`.
+    """
+    store = _open_store(store)
+    runs = _runs(run)
+    cat = store.catalog()
+    _inputs.resolve_episodes(cat, [rollout], default="rollout")
+    if sign is None:
+        sign = float(_inputs.returns_of(cat, [rollout], returns)[0])
+    if index is None:
+        index = open_index(store, runs, kind=kind, damping=damping, **params)
+    parts = _ensemble(store, runs, damping)
+    # Whitened rollout steps [T, ΣK] (float64; 1/√C concatenation for ensembles).
+    psi_r = whiten_sums(parts, [r.step_features(rollout) for r, _ in parts])
+    q = sign * psi_r.sum(0)
+    if not torch.isfinite(q).all():
+        raise ValueError(f"rollout {rollout!r} has non-finite features")
+    _, found = index.search(q.to(torch.float32).numpy(), k)
+    ids = found[0]
+    details = []
+    for eid in ids:
+        psi_d = whiten_sums(parts, [r.step_features(eid) for r, _ in parts])
+        a = sign * (psi_r @ psi_d.T)  # [|τ|, |ξ|], only for the top demos
+        flat_top = _top(a.reshape(-1), steps)
+        details.append(
+            StepInfluence(
+                episode_id=eid,
+                score=float(a.sum()),
+                rollout_steps=_top(a.sum(1), steps),
+                demo_steps=_top(a.sum(0), steps),
+                pairs=[(i // a.shape[1], i % a.shape[1], v) for i, v in flat_top],
+            )
+        )
+    rows = _inputs.catalog_dict(cat)
+    cols: dict[str, Any] = {
+        "rank": list(range(1, len(ids) + 1)),
+        "episode_id": ids,
+        "score": [d.score for d in details],
+    }
+    for c in ("tier", "length"):
+        if c in cat.column_names:
+            cols[c] = [rows[e].get(c) for e in ids]
+    return InfluenceResult(rollout=rollout, sign=float(sign), table=pa.table(cols), steps=details)
