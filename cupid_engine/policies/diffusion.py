@@ -232,17 +232,15 @@ class ConditionalUnet1D(nn.Module):
             ]
         )
         self.up_modules = nn.ModuleList()
-        for i, (d_in, d_out) in enumerate(reversed(pairs[1:])):
-            last = i == len(pairs) - 2
+        # Every up level undoes one down-sampling (the last down level has none).
+        for d_in, d_out in reversed(pairs[1:]):
             self.up_modules.append(
                 nn.ModuleList(
                     [
                         ConditionalResidualBlock1D(2 * d_out, d_in, cond_dim, k, g, aff),
                         ConditionalResidualBlock1D(d_in, d_in, cond_dim, k, g, aff),
                         # Nearest upsampling + Conv1d instead of ConvTranspose1d: see module doc.
-                        nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(d_in, d_in, 3, padding=1))
-                        if not last
-                        else nn.Identity(),
+                        nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(d_in, d_in, 3, padding=1)),
                     ]
                 )
             )
