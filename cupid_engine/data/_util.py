@@ -15,6 +15,10 @@ from cupid_engine.data.episode import Episode
 from cupid_engine.data.schema import FormatError
 
 
+NATIVE_SPLIT_MAP = {"train": "train", "val": "holdout", "valid": "holdout", "test": "holdout", "validation": "validation"}
+"""Default translation of split names used by LeRobot (info.json) and TFDS/RLDS files."""
+
+
 def escape_id(episode_id: str) -> str:
     """Percent-encode an episode id so it can be used as one file-name component.
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cupid_engine.constants import SCHEMA_VERSION
-from cupid_engine.data._util import join_inside, map_split, selected_rows, url_to_fs
+from cupid_engine.data._util import NATIVE_SPLIT_MAP, join_inside, map_split, selected_rows, url_to_fs
 from cupid_engine.data.episode import Episode
 from cupid_engine.data.schema import (
     ACTION_COLUMN,
@@ -61,7 +61,6 @@ EPISODES_META_PATH = "meta/episodes/chunk-000/file-000.parquet"
 # efficient Parquet, small enough that memory stays bounded whatever the episode count.
 _ROW_GROUP_ROWS = 65536
 _NUMERIC_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "bool")
-DEFAULT_SPLIT_MAP = {"train": "train", "valid": "holdout", "val": "holdout", "test": "holdout", "validation": "validation"}
 
 
 # ----------------------------------------------------------------------------- writer
@@ -320,7 +319,7 @@ class LeRobotDataset:
         if self.version not in READABLE_VERSIONS:
             raise FormatError(f"{self.path}: codebase_version {self.version!r} not in {READABLE_VERSIONS}")
         self._source = source if source is not None else self._root.rstrip("/").rsplit("/", 1)[-1]
-        self._split_map = dict(DEFAULT_SPLIT_MAP if split_map is None else split_map)
+        self._split_map = dict(NATIVE_SPLIT_MAP if split_map is None else split_map)
         self._default_split = default_split
         self._parse_features()
         meta = self._read_meta_v3() if self.version == "v3.0" else self._read_meta_v2()
