@@ -48,6 +48,7 @@ class ArrayRun:
         catalog: The store catalog (``episode_id``, ``split``, ...).
         gram_splits: Splits whose steps enter the Gram (the store's default: train).
         featurizer: JSON-safe featuriser description (recorded in ``config``).
+        dtype: Feature dtype: float32 like the store, or float64 for exact tests.
     """
 
     def __init__(
@@ -58,11 +59,15 @@ class ArrayRun:
         *,
         gram_splits: Sequence[str] = ("train",),
         featurizer: Mapping[str, Any] | None = None,
+        dtype: Any = np.float32,
     ) -> None:
         if not steps:
             raise ValueError("an ArrayRun needs at least one episode")
         self.name = name
-        self._steps = {str(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in steps.items()}
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self._steps = {str(k): np.ascontiguousarray(v, dtype=self.dtype) for k, v in steps.items()}
         dims = {v.shape[1] for v in self._steps.values()}
         if len(dims) != 1:
             raise ValueError(f"step features have mixed widths {sorted(dims)}")
@@ -89,16 +94,16 @@ class ArrayRun:
         return self._gram.copy()
 
     def step_features(self, episode_id: str) -> np.ndarray:
-        """``[T, K]`` float32 step features of one episode."""
+        """``[T, K]`` step features of one episode (float32 unless built as float64)."""
         try:
             return self._steps[str(episode_id)]
         except KeyError:
             raise KeyError(f"episode {episode_id!r} is not in run {self.name!r}") from None
 
     def episode_features(self, ids: Sequence[str] | None = None) -> np.ndarray:
-        """``[E, K]`` float32 per-episode sums of step features (catalog order if ids is None)."""
+        """``[E, K]`` per-episode sums of step features (catalog order if ids is None)."""
         ids = self._order if ids is None else [str(i) for i in ids]
-        out = np.empty((len(ids), self.k), np.float32)
+        out = np.empty((len(ids), self.k), self.dtype)
         for r, eid in enumerate(ids):
             out[r] = self.step_features(eid).sum(0, dtype=np.float64)
         return out
@@ -149,6 +154,7 @@ class ArrayStore:
         metadata: Mapping[str, Mapping[str, Any]] | None = None,
         run_names: Sequence[str] | None = None,
         path: str | None = None,
+        dtype: Any = np.float32,
     ) -> "ArrayStore":
         """Build a store from step features (one mapping per run) and per-episode labels."""
         runs_steps = [steps] if isinstance(steps, Mapping) else list(steps)
@@ -169,5 +175,5 @@ class ArrayStore:
                 "metadata": [json.dumps(dict((metadata or {}).get(e, {}))) for e in ids],
             }
         )
-        runs = {n: ArrayRun(n, s, catalog) for n, s in zip(names, runs_steps)}
+        runs = {n: ArrayRun(n, s, catalog, dtype=dtype) for n, s in zip(names, runs_steps)}
         return cls(catalog, runs, path=path)
