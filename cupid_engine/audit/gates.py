@@ -19,8 +19,8 @@ Gate 2 -- cheap baselines (primary seeds). For each baseline ``b`` (length, loss
     the better deployment choice, as in the audit paper's length result) or when the
     baseline is significantly better (paired t on ``b - method``, ``p < alpha``). It
     **beats** ``b`` when ``mean(d) > 0`` and the paired t on ``d`` gives ``p < alpha``;
-    otherwise it **ties**. **Pass** iff at least one baseline was run and the method
-    loses to none.
+    otherwise it **ties**. **Pass** iff at least one baseline was run, every baseline
+    has paired seeds, and the method loses to none.
 
 Gate 3 -- held-out block. ``d = method - random`` on the held-out seeds, with nothing
     changed. **Pass** iff ``n >= 2``, ``mean(d) > 0``, more wins than losses (direction
@@ -213,11 +213,17 @@ def gate_baselines(method: str, data: AuditData, ratio: float, baselines: list[s
                    "p_method_better": st.p_t, "p_baseline_better": p_worse, "stats": st.to_dict()}
         parts.append(f"{status} {b} (mean {_pp(st.mean)}, {st.wins}/{st.n} wins, "
                      f"p(method>b)={_fmt_p(st.p_t)}, p(b>method)={_fmt_p(p_worse)})")
-    losers = [b for b, r in rows.items() if r["status"] in ("loses", "missing")]
     if not rows:
         return GateResult(2, "cheap baselines", False, "no cheap baseline was run: not evaluated", {"baselines": {}})
-    passed = not losers
-    head = "competitive with every cheap baseline: " if passed else f"loses to a trivial rule ({', '.join(losers)}): "
+    losers = [b for b, r in rows.items() if r["status"] == "loses"]
+    missing = [b for b, r in rows.items() if r["status"] == "missing"]
+    passed = not losers and not missing
+    if passed:
+        head = "competitive with every cheap baseline: "
+    elif losers:
+        head = f"loses to a trivial rule ({', '.join(losers)}): "
+    else:
+        head = f"not evaluated against {', '.join(missing)} (no paired seeds): "
     return GateResult(2, "cheap baselines", passed, head + "; ".join(parts),
                       {"baselines": rows, "margin": p.noninferiority_margin})
 

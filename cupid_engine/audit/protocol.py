@@ -19,6 +19,9 @@ stopped and never retrains a finished condition.
 The runner never sees model code: everything model-specific sits behind the small
 :class:`Learner` protocol (the synthetic learner in :mod:`cupid_engine.audit.synthetic`
 for tests, a robosuite learner in ``cupid_engine.audit.sim_learner`` for real audits).
+A learner module used by ``cupid-engine audit --learner sim`` must define
+``make_learner(config: AuditConfig) -> Learner``; it receives ``config.task``,
+``config.dataset``, ``config.policy`` and ``config.learner_options``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import tomllib
 import uuid
 from collections.abc import Mapping, Sequence
@@ -361,6 +365,11 @@ class AuditRunner:
         self.cache = AuditCache(config.cache_dir, subset)
         self.ids, self.lengths, self.tiers = episode_table(learner.episode_info())
         self.counts = {"train": 0, "score": 0, "evaluate": 0, "cached": 0}
+        self._lock = threading.Lock()
+
+    def _count(self, what: str) -> None:
+        with self._lock:  # seeds may run on several threads
+            self.counts[what] += 1
 
     # -- one cached step each
     def _trained(self, seed: int, method: str, ratio: float, kept: list[str]) -> Path:
@@ -374,7 +383,7 @@ class AuditRunner:
                     f"{ratio}) was trained on a different episode subset: the learner's scores are "
                     "not deterministic or its fingerprint missed a change; delete that entry to retrain"
                 )
-            self.counts["cached"] += 1
+            self._count("cached")
             return self.cache.train_dir(key) / "checkpoint"
         tmp = self.cache.new_tmp(key)
         (tmp / "checkpoint").mkdir()
@@ -384,7 +393,7 @@ class AuditRunner:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.counts["train"] += 1
+        self._count("train")
         meta = {"seed": seed, "method": method, "ratio": ratio, "kept_hash": kept_hash,
                 "n_kept": len(kept), "subset": self.cache.subset}
         return self.cache.commit_train(key, tmp, meta) / "checkpoint"
@@ -398,19 +407,22 @@ class AuditRunner:
         if cached is not None:
             return cached
         scores = {str(k): float(v) for k, v in self.learner.score(model_dir, method, seed).items()}
-        self.counts["score"] += 1
+        self._count("score")
         self.cache.save_scores(key, scores)
         return scores
 
-    def _evaluated(self, seed: int, method: str, ratio: float, model_dir: Path) -> float:
-        key = self.cache.key("eval", seed=seed, method=method, ratio=ratio, rollouts=self.config.rollouts)
+    def _evaluated(self, seed: int, method: str, ratio: float, model_dir: Path, kept: list[str]) -> float:
+        # The kept set is part of the key so that an evaluation never outlives the
+        # checkpoint it measured (e.g. after a stale entry was deleted and retrained).
+        key = self.cache.key("eval", seed=seed, method=method, ratio=ratio, rollouts=self.config.rollouts,
+                             kept_hash=_digest(sorted(kept)))
         cached = self.cache.load_eval(key)
         if cached is not None:
             return float(cached["success"])
         success = float(self.learner.evaluate(model_dir, seed, self.config.rollouts))
         if not 0.0 <= success <= 1.0:
             raise ValueError(f"learner.evaluate returned success rate {success}, outside [0, 1]")
-        self.counts["evaluate"] += 1
+        self._count("evaluate")
         self.cache.save_eval(key, {"success": success, "rollouts": self.config.rollouts,
                                    "seed": seed, "method": method, "ratio": ratio})
         return success
@@ -420,7 +432,7 @@ class AuditRunner:
         conds: list[Condition] = []
         scores: dict[tuple[int, str], dict[str, float]] = {}
         base = self._trained(seed, FULL, 0.0, list(self.ids))
-        conds.append(Condition(seed, block, FULL, 0.0, self._evaluated(seed, FULL, 0.0, base),
+        conds.append(Condition(seed, block, FULL, 0.0, self._evaluated(seed, FULL, 0.0, base, list(self.ids)),
                                cfg.rollouts, []))
         for rule in cfg.rules:
             scores[(seed, rule)] = self._scores(seed, rule, base)
@@ -433,7 +445,7 @@ class AuditRunner:
                 drop = set(pruned)
                 kept = [e for e in self.ids if e not in drop]
                 model = self._trained(seed, rule, ratio, kept)
-                success = self._evaluated(seed, rule, ratio, model)
+                success = self._evaluated(seed, rule, ratio, model, kept)
                 conds.append(Condition(seed, block, rule, ratio, success, cfg.rollouts, pruned))
         return conds, scores
 

@@ -179,7 +179,7 @@ def _fig_composition(result: AuditResult, ratio: float, path: Path) -> None:
     ax1.set_ylabel("pruned episodes (all seeds)")
     ax1.set_title("Tier composition of pruned sets")
     if tiers:
-        ax1.legend(fontsize=8)
+        ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax2 = fig.add_subplot(1, 2, 2)
     ax2.bar(rules, [mech[r]["mean_length_pruned"] for r in rules], color="C2")
     if rules:
@@ -360,8 +360,8 @@ def write_report(result: AuditResult, out_dir: str | os.PathLike) -> Path:
     os.replace(tmp, out / "audit.json")
     rules_text = (
         "Gate 1: mean Δ vs matched random &gt; 0, paired t and sign-flip permutation p &lt; α, bootstrap CI "
-        "above 0 (primary seeds). Gate 2: loses to no cheap baseline (a baseline loses the method the gate "
-        "when its mean success is higher by more than the margin or it is significantly better). Gate 3: on "
+        "above 0 (primary seeds). Gate 2: the method loses to no cheap baseline (it loses when the baseline's "
+        "mean success is higher by more than the margin, or the baseline is significantly better). Gate 3: on "
         "held-out seeds, mean Δ &gt; 0, more wins than losses and paired t p &lt; α. Gate 4: descriptive; "
         "flag when the pruned set is mostly explained by length. Verdict: deploy (1–3 pass), candidate "
         "signal (1 passes, 2 or 3 fails), do not claim (1 fails)."
