@@ -140,6 +140,31 @@ def test_corrupt_row_ranges_detected(tmp_path, rng):
         list(open_dataset(root).episodes())
 
 
+def test_reads_hub_v3_without_our_fields(tmp_path, rng):
+    """A v3.0 dataset as lerobot writes it: no episode_id/split/... columns, list<float> steps."""
+    eps = make_episodes(rng, 4)
+    root = write_dataset(tmp_path / "aloha_sim", eps, episodes_per_file=3)
+    meta_path = root / "meta/episodes/chunk-000/file-000.parquet"
+    meta = pq.read_table(meta_path)
+    meta = meta.drop_columns(["episode_id", "split", "source", "task", "success", "return", "tier", "metadata"])
+    meta = meta.append_column("stats/action/mean", pa.array([[0.0, 0.0, 0.0]] * 4, pa.list_(pa.float64())))
+    pq.write_table(meta, meta_path)
+    for f in (root / "data").rglob("*.parquet"):
+        t = pq.read_table(f)
+        for name in ("observation.state", "action"):
+            i = t.schema.get_field_index(name)
+            t = t.set_column(i, name, t.column(name).cast(pa.list_(pa.float32())))
+        pq.write_table(t, f)
+    ds = open_dataset(root)
+    got = list(ds.episodes())
+    assert [e.episode_id for e in got] == [f"episode_{i:06d}" for i in range(4)]
+    assert {e.split for e in got} == {"train"} and {e.source for e in got} == {"aloha_sim"}
+    assert [e.task for e in got] == [e.task for e in eps]
+    assert all(e.success is None and e.tier is None and e.metadata == {} for e in got)
+    for a, b in zip(eps, got):
+        assert_same_episode(a, b, fields=("task",))
+
+
 # ----------------------------------------------------------------------------- v2.1
 
 
