@@ -124,6 +124,26 @@ def _write_chunk_file(path: str, chunk: np.ndarray) -> None:
         os.close(fd)
 
 
+def _read_chunk_file(path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """Inverse of :func:`_write_chunk_file`; None when the chunk was never written.
+
+    Raises:
+        ValueError: wrong size or checksum mismatch.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    body_len = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(data) != body_len + 4:
+        raise ValueError(f"chunk file has {len(data)} bytes, expected {body_len + 4} (truncated or foreign)")
+    body = memoryview(data)[:body_len]
+    if np.uint32(crc32c.crc32c(body)).tobytes() != data[body_len:]:
+        raise ValueError("stored and computed crc32c checksum do not match")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     """A float32 C-contiguous numpy view/copy of a numpy array or CPU torch tensor."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
@@ -488,8 +508,12 @@ class Run:
     def _check_written(self, positions: np.ndarray) -> None:
         idx = self.store._index()
         shards = np.unique(idx.shard[positions])
-        done = self._done_flags()
-        missing = [int(s) for s in shards if s >= len(done) or not done[s]]
+        n = self.num_shards
+        if len(shards) <= 8:  # one tiny chunk per shard: read only those
+            missing = [int(s) for s in shards if s >= n or not self._array("done")[int(s)]]
+        else:
+            done = self._done_flags()
+            missing = [int(s) for s in shards if s >= len(done) or not done[s]]
         if missing:
             eids = [idx.ids[p] for p in positions if idx.shard[p] in set(missing)]
             raise RuntimeError(f"run {self.name!r}: episode(s) {eids[:10]} are in unwritten shard(s) {missing[:10]}")
@@ -513,12 +537,75 @@ class Run:
         self._check_written(pos)
         idx = self.store._index()
         r0 = int(idx.row_offset[pos[0]])
-        r1 = r0 + int(idx.length[pos[0]])
-        data = self._read(self._array("steps"), slice(r0, r1), "steps", [episode_id])
-        scales = None
-        if self.dtype == "int8":
-            scales = self._read(self._array("scales"), slice(r0, r1), "scales", [episode_id])
+        return self._read_steps(r0, r0 + int(idx.length[pos[0]]))
+
+    def _read_steps(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of ``steps`` as ``[r1 - r0, K]`` float32, checksums verified."""
+        data = self._read_rows("steps", r0, r1)
+        scales = self._read_rows("scales", r0, r1) if self.dtype == "int8" else None
         return quant.decode(data, self.dtype, scales)
+
+    def _read_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of a row-chunked array in its storage dtype.
+
+        Local uncompressed arrays are read chunk file by chunk file (checksum checked
+        here, chunks in parallel); others go through zarr. A bad chunk raises
+        :class:`CorruptChunkError` naming the episodes whose rows it holds.
+        """
+        array = self._array(name)
+        direct = _direct_dir(array)
+        if direct is None:
+            try:
+                return array[r0:r1]
+            except ValueError as exc:
+                raise self._corrupt(name, r0, r1, exc) from exc
+        cr = array.chunks[0]
+        tail = tuple(array.shape[1:])
+        out = np.empty((r1 - r0,) + tail, np.dtype(array.dtype))
+
+        def one(c: int) -> None:
+            a, b = max(r0, c * cr), min(r1, (c + 1) * cr)
+            key = array.metadata.encode_chunk_key((c,) + (0,) * len(tail))
+            try:
+                chunk = _read_chunk_file(os.path.join(direct, key), (cr,) + tail, out.dtype)
+            except ValueError as exc:
+                raise self._corrupt(name, c * cr, (c + 1) * cr, exc) from exc
+            if chunk is None:  # never written: zarr's fill value
+                out[a - r0 : b - r0] = 0
+            else:
+                out[a - r0 : b - r0] = chunk[a - c * cr : b - c * cr]
+
+        chunks = range(r0 // cr, -(-r1 // cr)) if r1 > r0 else range(0)
+        if len(chunks) <= 1:
+            for c in chunks:
+                one(c)
+        else:
+            futures = [_pool().submit(one, c) for c in chunks]
+            wait(futures)
+            for fut in futures:
+                fut.result()
+        return out
+
+    def _corrupt(self, name: str, r0: int, r1: int, exc: Exception) -> CorruptChunkError:
+        eids = self.store._index().episodes_in_rows(r0, r1)
+        return CorruptChunkError(f"run {self.name!r} array {name!r}: corrupt chunk covering episode(s) {eids[:10]}: {exc}")
+
+    def iter_shard_steps(self, shards: Sequence[int] | None = None) -> Iterator[tuple[int, list[str], np.ndarray, np.ndarray]]:
+        """Stream step features shard by shard (the read-side mirror of :meth:`write_shard`).
+
+        Args:
+            shards: shard ids to read (default: every shard of the catalog, in order).
+
+        Yields:
+            ``(shard_id, episode_ids [n], lengths [n], features [rows, K] float32)``.
+        """
+        idx = self.store._index()
+        for s in range(idx.num_shards) if shards is None else shards:
+            a, b = idx.shard_range(int(s))
+            self._check_written(np.arange(a, b))
+            r0 = int(idx.row_offset[a])
+            r1 = int(idx.row_offset[b - 1] + idx.length[b - 1])
+            yield int(s), idx.ids[a:b], idx.length[a:b].copy(), self._read_steps(r0, r1)
 
     def episode_features(self, ids: Sequence[str] | None = None) -> np.ndarray:
         """``[E, K]`` float32 per-episode sums; catalog order when ``ids`` is None."""
