@@ -40,6 +40,7 @@ import crc32c
 import numpy as np
 import pyarrow as pa
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from cupid_engine.data._util import NATIVE_SPLIT_MAP, filter_stream, map_split, url_to_fs
 from cupid_engine.data.episode import Episode
@@ -639,7 +640,7 @@ class RLDSDataset:
             where = f"{self.path}/{unit}: record {i}"
             try:
                 feats = parse_example(data)
-            except Exception as exc:  # protobuf raises DecodeError; any failure is a corrupt record
+            except DecodeError as exc:
                 raise TFRecordError(f"{where}: not a tf.train.Example ({exc})") from None
             yield self._episode(feats, unit, i, where, arrays=arrays)
 

@@ -273,3 +273,14 @@ def test_not_a_dataset(tmp_path):
     (tmp_path / "meta/info.json").write_text(json.dumps({"codebase_version": "v1.6"}))
     with pytest.raises(FormatError, match="v1.6"):
         open_dataset(tmp_path)
+
+
+def test_reader_streams_file_by_file(tmp_path, rng):
+    """Episodes of earlier files arrive before a later, broken file is even opened."""
+    eps = make_episodes(rng, 5)
+    root = write_dataset(tmp_path / "ds", eps, episodes_per_file=2)
+    (root / "data/chunk-000/file-002.parquet").write_bytes(b"not parquet")
+    stream = open_dataset(root).episodes()
+    assert [next(stream).episode_id for _ in range(4)] == [e.episode_id for e in eps[:4]]
+    with pytest.raises(FormatError, match="file-002.parquet"):
+        next(stream)

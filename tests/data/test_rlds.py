@@ -9,7 +9,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from cupid_engine.data import EpisodeError
+from cupid_engine.data import EpisodeError, FormatError
 from cupid_engine.data.rlds import (
     Example,
     RLDSDataset,
@@ -252,8 +252,6 @@ def test_writer_rejects_bad_episodes_and_unknown_splits(tmp_path, rng):
     assert not any(p.name.endswith(("-of-00001",)) or ".part-" in p.name for p in (tmp_path / "x").iterdir())
     root = write_rlds(tmp_path / "y", make_episodes(rng, 1, splits=("train",)))
     (root / "dataset-train.tfrecord-00000-of-00001").rename(root / "dataset-dev.tfrecord-00000-of-00001")
-    from cupid_engine.data import FormatError
-
     with pytest.raises(FormatError, match="'dev'.*split_map"):
         RLDSDataset(root)
     assert len(list(RLDSDataset(root, split_map={"dev": "validation"}).episodes(split="validation"))) == 1
@@ -267,3 +265,19 @@ def test_features_json_spec_shapes(rng):
     ep = make_episodes(rng, 1, action_dim=4)[0]
     with pytest.raises(ValueError, match="widths sum to 3, actions have 4"):
         encode_episode_example(ep, action_keys={"a": 2, "b": 1})
+
+
+def test_bad_records_named(tmp_path, rng):
+    root = write_rlds(tmp_path / "x", make_episodes(rng, 2, splits=("train",)))
+    shard = root / "dataset-train.tfrecord-00000-of-00001"
+    good = list(iter_tfrecord(shard))
+    write_tfrecord(shard, [good[0], b"\xff\xff\xff"])
+    with pytest.raises(TFRecordError, match="record 1: not a tf.train.Example"):
+        list(RLDSDataset(root).episodes())
+    # A well-formed Example whose action does not fill [T, A].
+    ex = Example()
+    ex.ParseFromString(good[1])
+    del ex.features.feature["steps/action"].float_list.value[-1]
+    write_tfrecord(shard, [good[0], ex.SerializeToString()])
+    with pytest.raises(FormatError, match=r"record 1 \(episode 'ep_001'\): feature 'steps/action' has \d+ values"):
+        list(RLDSDataset(root).episodes())
