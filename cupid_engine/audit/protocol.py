@@ -263,7 +263,9 @@ class AuditCache:
 
     Layout under ``root``: ``train/<key>/{meta.json, checkpoint/}``,
     ``scores/<key>.parquet`` and ``evals/<key>.json``. An entry exists only once it is
-    complete: each is built under a ``.tmp-*`` sibling and renamed into place.
+    complete: each is built under a ``.tmp-*`` sibling and renamed into place. A process
+    killed by a signal can leave such a sibling behind; it is never read (only final
+    names are) and may be deleted at any time.
     """
 
     def __init__(self, root: str | os.PathLike, subset: Mapping[str, Any]):
