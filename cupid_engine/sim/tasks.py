@@ -199,6 +199,9 @@ class SimEnv:
             ignore_done=True,
             hard_reset=False,
             initialization_noise="default",
+            # Model construction draws too (the Lift cube's size): a fixed seed makes every
+            # SimEnv of a task identical; per-episode randomness comes from reset(seed).
+            seed=0,
         )
         self.knobs: dict[str, float] = {}
         self._obs: dict[str, np.ndarray] = {}
