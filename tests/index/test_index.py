@@ -1,0 +1,102 @@
+"""Index: exact top-k equals a full sort, HNSW recall measured, top_influencers semantics."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cupid_engine.index import InfluenceIndex, open_index, recall_at_k, top_influencers
+from cupid_engine.scorers import score
+from cupid_engine.scorers.arrays import ArrayRun, ArrayStore
+from cupid_engine.scorers.preconditioner import Preconditioner, concat_checkpoints
+
+
+def make_store(rng, *, k=8, n_train=40, path=None, runs=1):
+    ids = [f"train_{i:03d}" for i in range(n_train)] + ["hold_0", "roll_ok", "roll_bad"]
+    splits = {e: "train" for e in ids[:n_train]} | {"hold_0": "holdout", "roll_ok": "rollout", "roll_bad": "rollout"}
+    lengths = {e: 1 + (i * 7) % 11 for i, e in enumerate(ids)}
+    steps = [{e: rng.standard_normal((lengths[e], k)) for e in ids} for _ in range(runs)]
+    success = {"roll_ok": True, "roll_bad": False}
+    return ArrayStore.from_episodes(steps, splits, success=success, path=path, dtype=np.float64)
+
+
+def test_flat_top_k_equals_full_sort(rng):
+    x = rng.standard_normal((500, 16)).astype(np.float32)
+    q = rng.standard_normal((5, 16)).astype(np.float32)
+    idx = InfluenceIndex(16)
+    idx.add(x, [f"e{i}" for i in range(500)])
+    scores, ids = idx.search(q, 10)
+    for b in range(5):
+        full = x @ q[b]
+        order = np.argsort(-full, kind="stable")[:10]
+        assert ids[b] == [f"e{i}" for i in order]
+        np.testing.assert_allclose(scores[b], full[order], rtol=1e-5)
+
+
+def test_hnsw_recall_is_measured(rng):
+    x = rng.standard_normal((2000, 16)).astype(np.float32)
+    q = rng.standard_normal((50, 16)).astype(np.float32)
+    ids = [f"e{i}" for i in range(2000)]
+    exact, hnsw = InfluenceIndex(16), InfluenceIndex(16, kind="hnsw", ef_search=128)
+    exact.add(x, ids)
+    hnsw.add(x, ids)
+    recall = recall_at_k(hnsw.search(q, 10)[1], exact.search(q, 10)[1])
+    assert recall >= 0.95, recall
+
+
+def test_top_influencers_match_cupid_and_breakdown(rng):
+    st = make_store(rng)
+    run = st.run("base")
+    for rollout, sign in (("roll_ok", 1.0), ("roll_bad", -1.0)):
+        res = top_influencers(st, "base", rollout, k=5)
+        assert res.sign == sign
+        # Single-rollout CUPID (m = 1) is the exhaustive answer.
+        table = score("cupid", store=st, run="base", rollouts=rollout)
+        full = dict(zip(table["episode_id"].to_pylist(), table["score"].to_numpy()))
+        best = sorted(full, key=lambda e: -full[e])[:5]
+        assert res.table["episode_id"].to_pylist() == best
+        np.testing.assert_allclose(res.table["score"].to_numpy(), [full[e] for e in best], rtol=1e-9)
+        pre = Preconditioner.from_run(run)
+        for st_inf in res.steps:
+            a = sign * (pre.whiten(run.step_features(rollout)) @ pre.whiten(run.step_features(st_inf.episode_id)).T)
+            assert st_inf.rollout_steps[0][1] == pytest.approx(float(a.sum(1).max()))
+            assert st_inf.demo_steps[0][1] == pytest.approx(float(a.sum(0).max()))
+            assert st_inf.pairs[0][2] == pytest.approx(float(a.max()))
+    assert "hold_0" not in open_index(st, "base").ids  # only training demos are indexed
+    assert "roll_ok" in str(res) or "roll_bad" in str(res)
+
+
+def test_index_saved_beside_store_and_rebuilt_when_run_changes(rng, tmp_path):
+    st = make_store(rng, path=str(tmp_path))
+    idx = open_index(st, "base")
+    folder = tmp_path / "index" / "base"
+    meta = json.loads((folder / "flat.json").read_text())
+    assert meta["ids"] == idx.ids and meta["meta"]["base.config_hash"] == st.run("base").config.hash()
+    # A fresh store object over the same data reopens the saved index.
+    st2 = ArrayStore(st.catalog(), {"base": st.run("base")}, path=str(tmp_path))
+    mtime = os.path.getmtime(folder / "flat.faiss")
+    assert open_index(st2, "base").ids == idx.ids and os.path.getmtime(folder / "flat.faiss") == mtime
+    # Changed features -> different Gram -> the saved index is stale and rebuilt.
+    steps = {e: st.run("base").step_features(e) * 2.0 for e in st.catalog()["episode_id"].to_pylist()}
+    st3 = ArrayStore(st.catalog(), {"base": ArrayRun("base", steps, st.catalog(), dtype=np.float64)}, path=str(tmp_path))
+    new = open_index(st3, "base")
+    assert new.meta != idx.meta
+    assert json.loads((folder / "flat.json").read_text())["meta"] == new.meta
+
+
+def test_hnsw_query_and_checkpoint_ensemble(rng, tmp_path):
+    st = make_store(rng, runs=2)
+    exact = top_influencers(st, ["ckpt0", "ckpt1"], "roll_ok", k=5)
+    # The ensemble score is the mean of the per-checkpoint CUPID scores.
+    per = [score("cupid", store=st, run=r, rollouts="roll_ok") for r in ("ckpt0", "ckpt1")]
+    mean = {e: np.mean([dict(zip(t["episode_id"].to_pylist(), t["score"].to_numpy()))[e] for t in per]) for e in
+            per[0]["episode_id"].to_pylist()}
+    np.testing.assert_allclose(exact.table["score"].to_numpy(), [mean[e] for e in exact.table["episode_id"].to_pylist()],
+                               rtol=1e-9)
+    assert exact.table["episode_id"].to_pylist() == sorted(mean, key=lambda e: -mean[e])[:5]
+    approx = top_influencers(st, ["ckpt0", "ckpt1"], "roll_ok", k=5, kind="hnsw", ef_search=64)
+    assert recall_at_k([approx.table["episode_id"].to_pylist()], [exact.table["episode_id"].to_pylist()]) >= 0.8
+    assert concat_checkpoints([np.ones((1, 2)), np.ones((1, 2))]).shape == (1, 4)
