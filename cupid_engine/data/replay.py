@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -207,13 +208,14 @@ def write_replay_buffer(
         The group path.
     """
     path = pathlib.Path(path)
-    if path.exists():
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        shutil.rmtree(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and swapped in at the end: a failed overwrite loses nothing.
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     check = EpisodeValidator()
     try:
-        root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
         data, meta = root.require_group("data"), root.require_group("meta")
         arrays: dict[str, Any] = {}
         ends: list[int] = []
@@ -233,7 +235,14 @@ def write_replay_buffer(
         if not ends:
             raise ValueError("write_replay_buffer got no episodes")
         meta.create_array("episode_ends", shape=(len(ends),), chunks=(max(len(ends), 1),), dtype="int64")[:] = np.asarray(ends, np.int64)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path

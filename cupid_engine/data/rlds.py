@@ -413,8 +413,6 @@ def write_rlds(
     if episodes_per_shard <= 0:
         raise ValueError("episodes_per_shard must be positive")
     path.mkdir(parents=True, exist_ok=True)
-    for old in path.glob("*.tfrecord-*"):
-        old.unlink()
     check = EpisodeValidator()
     written: dict[str, list[pathlib.Path]] = {}
     counts: dict[str, int] = {}
@@ -445,6 +443,9 @@ def write_rlds(
         h.close()
     if check.obs_dims is None:
         raise ValueError("write_rlds got no episodes")
+    # Old shards go only once the new ones are complete, so a failed overwrite loses nothing.
+    for old in path.glob("*.tfrecord-*"):
+        old.unlink()
     for split, tmps in written.items():
         for i, t in enumerate(tmps):
             os.replace(t, path / f"{name}-{split}.tfrecord-{i:05d}-of-{len(tmps):05d}")

@@ -89,3 +89,16 @@ def test_writer_rejects_bad_episodes(tmp_path, rng):
     with pytest.raises(EpisodeError, match=r"'ep_002'.*'observation.gripper'"):
         write_replay_buffer(tmp_path / "x.zarr", eps)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_failed_overwrite_keeps_old(tmp_path, rng):
+    path = write_replay_buffer(tmp_path / "x.zarr", make_episodes(rng, 2))
+    with pytest.raises(FileExistsError):
+        write_replay_buffer(path, make_episodes(rng, 1))
+    bad = make_episodes(rng, 3)
+    bad[1].actions[0, 0] = np.nan
+    with pytest.raises(EpisodeError):
+        write_replay_buffer(path, bad, overwrite=True)
+    assert len(ReplayBufferDataset(path)) == 2 and [p.name for p in tmp_path.iterdir()] == ["x.zarr"]
+    write_replay_buffer(path, make_episodes(rng, 3), overwrite=True)
+    assert len(ReplayBufferDataset(path)) == 3

@@ -281,3 +281,17 @@ def test_bad_records_named(tmp_path, rng):
     write_tfrecord(shard, [good[0], ex.SerializeToString()])
     with pytest.raises(FormatError, match=r"record 1 \(episode 'ep_001'\): feature 'steps/action' has \d+ values"):
         list(RLDSDataset(root).episodes())
+
+
+def test_failed_overwrite_keeps_old(tmp_path, rng):
+    root = write_rlds(tmp_path / "x", make_episodes(rng, 2, splits=("train",)))
+    with pytest.raises(FileExistsError):
+        write_rlds(root, make_episodes(rng, 1))
+    bad = make_episodes(rng, 3, splits=("train",))
+    bad[2].actions[0, 0] = np.nan
+    with pytest.raises(EpisodeError):
+        write_rlds(root, bad, overwrite=True)
+    assert len(list(RLDSDataset(root).episodes())) == 2
+    assert sorted(p.name for p in root.iterdir()) == ["dataset-train.tfrecord-00000-of-00001", "features.json"]
+    write_rlds(root, make_episodes(rng, 3, splits=("train",)), overwrite=True)
+    assert len(list(RLDSDataset(root).episodes())) == 3
