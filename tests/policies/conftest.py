@@ -41,3 +41,9 @@ def _one_thread():
 @pytest.fixture
 def episodes() -> list[Episode]:
     return make_episodes()
+
+
+@pytest.fixture
+def episode_factory():
+    """``make_episodes`` itself, for tests that need other sizes."""
+    return make_episodes
