@@ -50,6 +50,7 @@ from cupid_engine.data.schema import (
     fixed_list,
     parse_metadata,
     step_schema,
+    validate_episode,
 )
 
 CODEBASE_VERSION = "v3.0"
@@ -539,7 +540,7 @@ class LeRobotDataset:
                 act = column_to_numpy(part.column(ACTION_COLUMN), self._action_dim)
             except FormatError as exc:
                 raise FormatError(f"{self.path}: {unit!r}, episode {eid!r}: {exc}") from None
-            yield Episode(
+            ep = Episode(
                 episode_id=eid,
                 observations=obs,
                 actions=act,
@@ -551,6 +552,8 @@ class LeRobotDataset:
                 tier=cat["tier"][r].as_py(),
                 metadata=parse_metadata(cat["metadata"][r].as_py(), eid),
             )
+            validate_episode(ep, obs_dims=self._obs_dims, action_dim=self._action_dim)
+            yield ep
 
 
 def _feature_width(spec: Any, name: str, where: str) -> int:

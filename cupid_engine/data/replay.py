@@ -31,7 +31,7 @@ import zarr
 
 from cupid_engine.data._util import check_split, selected_rows
 from cupid_engine.data.episode import Episode
-from cupid_engine.data.schema import EPISODE_SCHEMA, EpisodeValidator, FormatError
+from cupid_engine.data.schema import EPISODE_SCHEMA, EpisodeValidator, FormatError, validate_episode
 
 ACTION_KEY = "action"
 
@@ -172,7 +172,7 @@ class ReplayBufferDataset:
             arr = np.asarray(self._arrays[key][s:e], dtype=np.float32)
             return arr.reshape(e - s, -1)
 
-        return Episode(
+        ep = Episode(
             episode_id=self._id(i),
             observations={k: rows(k) for k in self._obs_keys},
             actions=rows(self._action_key),
@@ -180,6 +180,8 @@ class ReplayBufferDataset:
             source=self._source,
             task=self._task,
         )
+        validate_episode(ep, obs_dims=self.obs_dims, action_dim=self.action_dim)
+        return ep
 
 
 def _row_width(arr: Any) -> int:

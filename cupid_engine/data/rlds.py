@@ -44,7 +44,15 @@ from google.protobuf.message import DecodeError
 
 from cupid_engine.data._util import NATIVE_SPLIT_MAP, filter_stream, map_split, url_to_fs
 from cupid_engine.data.episode import Episode
-from cupid_engine.data.schema import EPISODE_SCHEMA, EpisodeValidator, FormatError, episode_row, metadata_json, parse_metadata
+from cupid_engine.data.schema import (
+    EPISODE_SCHEMA,
+    EpisodeValidator,
+    FormatError,
+    episode_row,
+    metadata_json,
+    parse_metadata,
+    validate_episode,
+)
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 30
 SUCCESS_MODES = ("terminal", "reward", "none")
@@ -708,7 +716,7 @@ class RLDSDataset:
                     elif kind in ("float", "int64") and len(v) == 1:
                         metadata[k[17:]] = v[0].item()
         source = self._default_source if self._source_override else (text("episode_metadata/source") or self._default_source)
-        return Episode(
+        ep = Episode(
             episode_id=eid,
             observations=obs,
             actions=actions,
@@ -720,6 +728,9 @@ class RLDSDataset:
             tier=text("episode_metadata/tier"),
             metadata=metadata,
         )
+        if arrays:
+            validate_episode(ep, obs_dims=obs_dims, action_dim=action_dim)
+        return ep
 
 
 def open_rlds(path: str | os.PathLike, **options: Any) -> RLDSDataset:

@@ -35,7 +35,14 @@ import pyarrow as pa
 from cupid_engine.constants import SPLITS, TIERS
 from cupid_engine.data._util import selected_rows
 from cupid_engine.data.episode import Episode
-from cupid_engine.data.schema import EPISODE_SCHEMA, EpisodeValidator, FormatError, metadata_json, parse_metadata
+from cupid_engine.data.schema import (
+    EPISODE_SCHEMA,
+    EpisodeValidator,
+    FormatError,
+    metadata_json,
+    parse_metadata,
+    validate_episode,
+)
 
 DEFAULT_SPLIT_MAP = {"train": "train", "valid": "holdout"}
 SUCCESS_MODES = ("done", "reward", "none")
@@ -254,7 +261,7 @@ class RobomimicDataset:
             if arr.shape[0] != T or arr.ndim > 2:
                 raise FormatError(f"{self.path}:{name}: obs/{k} has shape {arr.shape}, expected [{T}, d]")
             obs[k] = np.asarray(arr[()], dtype=np.float32).reshape(T, -1)
-        return Episode(
+        ep = Episode(
             episode_id=row["episode_id"],
             observations=obs,
             actions=np.asarray(g["actions"][()], dtype=np.float32).reshape(T, -1),
@@ -266,6 +273,8 @@ class RobomimicDataset:
             tier=row["tier"],
             metadata=parse_metadata(row["metadata"], row["episode_id"]),
         )
+        validate_episode(ep, obs_dims=self._obs_dims, action_dim=self._action_dim)
+        return ep
 
 
 def open_robomimic(path: str | os.PathLike, **options: Any) -> RobomimicDataset:

@@ -102,3 +102,12 @@ def test_failed_overwrite_keeps_old(tmp_path, rng):
     assert len(ReplayBufferDataset(path)) == 2 and [p.name for p in tmp_path.iterdir()] == ["x.zarr"]
     write_replay_buffer(path, make_episodes(rng, 3), overwrite=True)
     assert len(ReplayBufferDataset(path)) == 3
+
+
+def test_reader_names_bad_episode(tmp_path, rng):
+    path = write_replay_buffer(tmp_path / "x.zarr", make_episodes(rng, 3))
+    arr = zarr.open_array(str(path / "data" / "action"), mode="r+")
+    ends = zarr.open_array(str(path / "meta" / "episode_ends"), mode="r")[:]
+    arr[int(ends[0]), 1] = np.inf  # first step of episode 1
+    with pytest.raises(EpisodeError, match=r"'episode_000001'.*'action'.*step 0, column 1"):
+        list(ReplayBufferDataset(path).episodes())

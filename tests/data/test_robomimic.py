@@ -138,3 +138,19 @@ def test_writer_rejects_bad_episodes(tmp_path, rng):
         write_robomimic(tmp_path / "x.hdf5", [make_episodes(rng, 1)[0].__class__("e", {}, np.zeros((0, 2)))])
     with pytest.raises(KeyError, match="nope"):
         write_robomimic(tmp_path / "x.hdf5", make_episodes(rng, 2), masks={"train": ["nope"]})
+
+
+def test_reader_names_bad_demo(tmp_path, rng):
+    path = tmp_path / "nan.hdf5"
+    _write_mh(path, rng, n=3)
+    with h5py.File(path, "r+") as f:
+        f["data/demo_1/obs/robot0_eef_pos"][2, 1] = np.nan
+    stream = RobomimicDataset(path).episodes()
+    assert next(stream).episode_id == "demo_0"
+    with pytest.raises(EpisodeError, match=r"episode 'demo_1': field 'observation.robot0_eef_pos': non-finite .* step 2, column 1"):
+        next(stream)
+    with h5py.File(path, "r+") as f:
+        del f["data/demo_2/actions"]
+        f["data/demo_2"].create_dataset("actions", data=np.zeros((f["data/demo_2"].attrs["num_samples"], 6)))
+    with pytest.raises(EpisodeError, match=r"'demo_2'.*'action'.*width 6, expected 7"):
+        list(RobomimicDataset(path).episodes(ids=["demo_2"]))
