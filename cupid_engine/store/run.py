@@ -63,6 +63,7 @@ def _codecs(compressor: str) -> list:
     return head + [zarr.codecs.Crc32cCodec()]
 
 
+_THREADS = min(4, os.cpu_count() or 1)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -72,7 +73,7 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cupid-store")
+            _POOL = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="cupid-store")
         return _POOL
 
 
@@ -175,7 +176,8 @@ class Run:
                 f"run {name!r} has schema version {attrs.get('schema_version')}, expected {SCHEMA_VERSION}"
             )
         self.config: RunConfig = RunConfig.from_dict(attrs["config"])
-        self._arrays: dict[str, zarr.Array] = {}
+        # Open every array once (one listing) so the first write/read pays no metadata I/O.
+        self._arrays: dict[str, zarr.Array] = dict(group.arrays())
 
     # ------------------------------------------------------------------ basics
     @property
@@ -338,29 +340,28 @@ class Run:
             raise ValueError(f"shard {shard_id}: step_features has shape {x.shape}, expected [{rows}, {self.k}] (k={self.k})")
         if x.shape[0] != rows:
             raise ValueError(f"shard {shard_id}: step_features has {x.shape[0]} rows, lengths sum to {rows}")
-        finite_rows = np.isfinite(x).all(axis=1)
-        if not finite_rows.all():
-            r = int(np.argmin(finite_rows))
-            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-            e = int(np.searchsorted(starts, r, side="right") - 1)
-            col = int(np.argmin(np.isfinite(x[r])))
-            raise ValueError(
-                f"shard {shard_id}: episode {ids[e]!r} step {r - int(starts[e])} has a non-finite feature "
-                f"({x[r, col]} at column {col}); nothing of the shard was written"
-            )
         if shard_id >= self.num_shards or int(idx.row_offset[b - 1] + idx.length[b - 1]) > self._array("steps").shape[0]:
             raise RuntimeError(
                 f"shard {shard_id} lies beyond run {self.name!r}'s arrays (episodes added after the run "
                 f"was created): call run.sync() on the driver first"
             )
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        sums64 = self._episode_sums(x, starts, lens)
+        # An fp64 sum of fp32 values cannot overflow, so a column sum is finite exactly
+        # when every value in it is: the sums double as the NaN/Inf check (no extra pass).
+        finite = np.isfinite(sums64).all(axis=1)
+        if not finite.all():
+            e = int(np.argmin(finite))
+            block = x[starts[e] : starts[e] + lens[e]]
+            step = int(np.argmin(np.isfinite(block).all(axis=1)))
+            col = int(np.argmin(np.isfinite(block[step])))
+            raise ValueError(
+                f"shard {shard_id}: episode {ids[e]!r} step {step} has a non-finite feature "
+                f"({block[step, col]} at column {col}); nothing of the shard was written"
+            )
+        sums = sums64.astype(np.float32)
 
         # --- everything validated: compute, then write (marker last) ---
-        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        # fp64 accumulation over rows, one episode at a time: deterministic, and far
-        # faster than np.add.reduceat with a dtype (which walks the array strided).
-        sums = np.empty((len(ids), self.k), np.float32)
-        for i, (s0, n) in enumerate(zip(starts, lens)):
-            sums[i] = x[s0 : s0 + n].sum(axis=0, dtype=np.float64)
         gram_mask = np.repeat(np.isin(idx.split[a:b], list(self.config.gram_splits)), lens)
         gram_count = int(gram_mask.sum())
 
@@ -377,6 +378,31 @@ class Run:
         # A shard with no Gram rows keeps the fill value (zeros) and writes nothing there.
         self._array("gram_count_parts")[shard_id] = gram_count
         done[shard_id] = 1
+
+    @staticmethod
+    def _episode_sums(x: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """``[n, K]`` float64 per-episode sums of ``x`` ``[rows, K]``, episodes in parallel.
+
+        Each episode is reduced on its own, in row order, so the result does not depend
+        on how episodes are spread over threads.
+        """
+        out = np.empty((len(lens), x.shape[1]), np.float64)
+
+        def part(i0: int, i1: int) -> None:
+            for i in range(i0, i1):
+                x[starts[i] : starts[i] + lens[i]].sum(axis=0, dtype=np.float64, out=out[i])
+
+        n = len(lens)
+        groups = min(n, _THREADS)
+        bounds = [n * g // groups for g in range(groups + 1)]
+        if groups <= 1 or x.shape[0] * x.shape[1] < (1 << 20):
+            part(0, n)
+        else:
+            futures = [_pool().submit(part, bounds[g], bounds[g + 1]) for g in range(groups)]
+            wait(futures)
+            for fut in futures:
+                fut.result()
+        return out
 
     def _write_steps(self, row0: int, x: np.ndarray) -> None:
         """Encode ``x`` ``[R, K]`` fp32 chunk by chunk and write ``steps`` (+ ``scales``).
