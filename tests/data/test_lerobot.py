@@ -284,3 +284,26 @@ def test_reader_streams_file_by_file(tmp_path, rng):
     assert [next(stream).episode_id for _ in range(4)] == [e.episode_id for e in eps[:4]]
     with pytest.raises(FormatError, match="file-002.parquet"):
         next(stream)
+
+
+def test_writer_does_not_keep_episodes(tmp_path, rng):
+    """The writer copies steps into Arrow buffers and drops the Episode objects."""
+    import gc
+    import weakref
+
+    refs = []
+    alive_when_late = []
+
+    def gen():
+        for i in range(12):
+            ep = make_episodes(rng, 1, prefix=f"g{i:02d}")[0]
+            refs.append(weakref.ref(ep))
+            if i == 11:
+                gc.collect()
+                alive_when_late.append(sum(r() is not None for r in refs[:10]))
+            yield ep
+            del ep
+
+    write_dataset(tmp_path / "ds", gen(), episodes_per_file=4)
+    assert alive_when_late == [0]
+    assert len(open_dataset(tmp_path / "ds")) == 12
