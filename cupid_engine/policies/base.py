@@ -112,6 +112,11 @@ class Policy(nn.Module):
 
         return get_output(output)(self, batch, seed=seed, draws=draws)
 
+    def make_batch(self, samples: Any, indices: Any = None) -> dict[str, torch.Tensor]:
+        """Normalised batch of ``samples`` (a :class:`~cupid_engine.policies.samples.SampleSet`)
+        at ``indices`` (all when None), on the policy's device."""
+        return self.normalizer.normalize_batch(samples.batch(indices))
+
     def check_batch(self, batch: dict[str, torch.Tensor], *, need_action: bool = True) -> None:
         """Raise a ValueError naming the field whose shape does not fit the config."""
         c = self.config

@@ -12,7 +12,9 @@ convention so every step of every episode yields exactly one sample:
 Samples carry ``episode_key`` (a 31-bit hash of the episode id, stable across processes
 and machines because it uses hashlib, never Python's salted ``hash``) and ``step``: the
 pair identifies a sample independently of batch order, which is what the seeded noise of
-the ``square`` output function is derived from.
+the ``square`` output function is derived from. Keys are 31 bits, so in a dataset of ~1e5+
+episodes two ids may share a key; the only effect is that their samples at equal steps
+draw the same (ε, t), a correlation too weak to matter for an expectation estimate.
 """
 
 from __future__ import annotations

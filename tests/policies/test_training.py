@@ -74,6 +74,9 @@ def test_weights_change_training_and_ema_runs(episodes):
     weighted = train_policy(MLPPolicyConfig.tiny(), episodes, cfg, sample_weights=w, progress=False)
     assert not torch.equal(plain.mean_head.weight, weighted.mean_head.weight)
     assert weighted.train_info["train_config"]["ema_decay"] == 0.9
+    # The returned weights are the EMA, not the last iterate.
+    no_ema = train_policy(MLPPolicyConfig.tiny(), episodes, cfg.replace(ema_decay=None), progress=False)
+    assert not torch.equal(plain.mean_head.weight, no_ema.mean_head.weight)
 
 
 def test_sample_weight_vector_and_errors(episodes):
