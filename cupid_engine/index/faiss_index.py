@@ -6,6 +6,13 @@ recall measured against exact by :func:`recall_at_k` rather than assumed. An ind
 saved as ``<kind>.faiss`` plus ``<kind>.json`` holding the episode ids (FAISS stores
 only row numbers) and a fingerprint of what it was built from, so a reopen against a
 changed run is detected and rebuilt instead of answering with stale rows.
+
+Exact single queries on the CPU do not go through ``IndexFlatIP.search``: FAISS answers
+fewer than ~20 queries with one thread per query, which on a many-core machine reads
+the vectors at a fraction of the memory bandwidth. A matrix-vector product over the
+*same* stored vectors (a zero-copy view of the FAISS buffer) uses every core and is
+bandwidth-bound; both are exact scans, so the results are the same up to float32
+summation order (``torch.topk`` and FAISS may order exact ties differently).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 KINDS = ("flat", "hnsw")
+SMALL_BATCH = 16  # queries answered by a threaded matrix-vector scan instead of FAISS
 
 
 def _faiss():
@@ -58,6 +67,17 @@ class InfluenceIndex:
         self.ids: list[str] = []
         self.meta: dict[str, Any] = {}
         self._search_index = None
+        self._view: torch.Tensor | None = None
+
+    def vectors(self) -> torch.Tensor:
+        """``[N, dim]`` float32 zero-copy view of a flat index's stored vectors."""
+        if self.kind != "flat":
+            raise ValueError("only a flat index stores its vectors verbatim")
+        if self._view is None:
+            n = self.index.ntotal
+            buf = _faiss().rev_swig_ptr(self.index.get_xb(), n * self.dim)
+            self._view = torch.from_numpy(np.asarray(buf).reshape(n, self.dim))
+        return self._view
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,6 +102,7 @@ class InfluenceIndex:
         self.index.add(x)
         self.ids.extend(str(i) for i in ids)
         self._search_index = None
+        self._view = None  # the FAISS buffer may have moved
 
     def _searcher(self) -> Any:
         if self.device == "cpu":
@@ -110,7 +131,11 @@ class InfluenceIndex:
         if not len(self):
             raise ValueError("the index is empty")
         k = min(int(k), len(self))
-        scores, rows = self._searcher().search(q, k)
+        if self.kind == "flat" and self.device == "cpu" and q.shape[0] <= SMALL_BATCH:
+            vals, idx = torch.topk(self.vectors() @ torch.from_numpy(q).T, k, dim=0)  # [k, B]
+            scores, rows = vals.T.contiguous().numpy(), idx.T.numpy()
+        else:
+            scores, rows = self._searcher().search(q, k)
         return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
 
     def save(self, folder: str | os.PathLike) -> None:

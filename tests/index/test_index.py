@@ -23,13 +23,16 @@ def make_store(rng, *, k=8, n_train=40, path=None, runs=1):
     return ArrayStore.from_episodes(steps, splits, success=success, path=path, dtype=np.float64)
 
 
-def test_flat_top_k_equals_full_sort(rng):
+@pytest.mark.parametrize("nq", [1, 5, 40], ids=["one", "small-batch", "faiss-batch"])
+def test_flat_top_k_equals_full_sort(rng, nq):
     x = rng.standard_normal((500, 16)).astype(np.float32)
-    q = rng.standard_normal((5, 16)).astype(np.float32)
+    q = rng.standard_normal((nq, 16)).astype(np.float32)
     idx = InfluenceIndex(16)
-    idx.add(x, [f"e{i}" for i in range(500)])
+    idx.add(x[:200], [f"e{i}" for i in range(200)])
+    idx.search(q, 3)  # a search before a later add must not keep a stale view
+    idx.add(x[200:], [f"e{i}" for i in range(200, 500)])
     scores, ids = idx.search(q, 10)
-    for b in range(5):
+    for b in range(nq):
         full = x @ q[b]
         order = np.argsort(-full, kind="stable")[:10]
         assert ids[b] == [f"e{i}" for i in order]
