@@ -74,7 +74,8 @@ def seeded_diffusion_noise(
         ε_2m+1 = sqrt(-2 ln u_2m) sin(2π u_2m+1)
 
     and ε is reshaped row-major to ``[H, A]``. Uniforms keep 24 bits so they are exact in
-    float32; the transform runs in float64.
+    float32; the transform runs in float64 and is cast to float32, so draws agree across
+    devices up to float64 rounding of ``log``/``cos`` (the integer part is bit-exact).
 
     Args:
         episode_key: ``[B]`` int64 31-bit episode keys.

@@ -53,7 +53,7 @@ def tracked_modules(
 
     Args:
         policy: The policy (any ``nn.Module``).
-        track: ``"all"``, ``"head"`` or module names.
+        track: ``"all"``, ``"head"``, a list of module names, or one module name as a string.
         hook_compatible: Require every returned module to be a Linear or plain Conv1d.
 
     Returns:
