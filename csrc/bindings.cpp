@@ -7,6 +7,9 @@
 
 #include "cupid/kernels.h"
 #include "cupid/quality.h"
+#ifdef CUPID_WITH_CUDA
+#include "cupid/cuda_kernels.h"
+#endif
 
 namespace py = pybind11;
 
@@ -32,4 +35,16 @@ PYBIND11_MODULE(_C, m) {
         "CUPID-Quality: maxmin/minmax[m, n] over (rollout, demo) segment pairs, never storing A.");
 
   // --- cuda (csrc/cuda/*.cu) ---
+#ifdef CUPID_WITH_CUDA
+  m.def("project_cuda", &cupid::project_cuda, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x_ptr"), py::arg("out_ptr"), py::arg("batch"), py::arg("dim"), py::arg("x_stride"),
+        py::arg("k"), py::arg("method"), py::arg("dtype"), py::arg("seed"), py::arg("s"), py::arg("device"),
+        py::arg("stream"),
+        "GPU: out[B, k] (zero-filled by the caller) = P x for x[B, dim], launched on `stream` of `device`.");
+  m.def("countsketch_pair_cuda", &cupid::countsketch_pair_cuda, py::call_guard<py::gil_scoped_release>(),
+        py::arg("delta_ptr"), py::arg("x_ptr"), py::arg("cs_delta_ptr"), py::arg("cs_x_ptr"), py::arg("rows"),
+        py::arg("out_dim"), py::arg("in_dim"), py::arg("k"), py::arg("dtype"), py::arg("seed"), py::arg("device"),
+        py::arg("stream"),
+        "GPU tensorsketch stage 1: CountSketch of delta[rows, O] and x[rows, I] into [rows, k] each.");
+#endif
 }

@@ -1,0 +1,434 @@
+// CUDA projection kernels: dense (Rademacher), sparse (CountSketch, s non-zeros),
+// signshift, and the CountSketch stage of tensorsketch. Same math and hash as
+// cupid_engine/ops/reference.py (the spec) and csrc/cpu/projection.cpp.
+//
+// Determinism.
+// * dense, signshift: the coordinate axis is cut into splits that depend only on (P, k)
+//   (never on the batch, the device or the SM count). A thread owns output elements and
+//   sums its split's coordinates in order into a per-split partial; partials are reduced
+//   in split order. No atomics: bit-reproducible across runs and batch splits.
+//   signshift gathers instead of scattering: bucket j of chunk c reads coordinate
+//   c*k + ((j - shift_c) mod k), so reads stay contiguous.
+// * countsketch (tensorsketch stage 1): a block owns a tile of buckets for a few rows;
+//   for each tile of input coordinates it compacts, in coordinate order (warp ballots),
+//   the coordinates whose bucket falls in its tile, then each thread sums its bucket's
+//   hits. No atomics: bit-reproducible, and summed in coordinate order like the CPU.
+// * sparse: a thread hashes one coordinate for a few rows and scatters with atomicAdd.
+//   Float atomics commit in hardware order, so results may differ run to run in the last
+//   bits (well inside the float32 tolerance); buckets and signs are exact.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cupid/cuda_kernels.h"
+#include "cupid/hash.h"
+#include "cupid/kernels.h"
+
+namespace cupid {
+namespace {
+
+// Stream ids: must match cupid_engine/constants.py.
+constexpr uint32_t kStreamDense = 1;
+constexpr uint32_t kStreamSparse = 2;
+constexpr uint32_t kStreamSignShiftSign = 1001;
+constexpr uint32_t kStreamSignShiftShift = 1002;
+constexpr uint32_t kStreamTsOut = 2001;
+constexpr uint32_t kStreamTsIn = 2002;
+constexpr int kMaxSparseS = 64;  // constants.MAX_SPARSE_S
+
+constexpr int64_t kMaxSplits = 32;
+constexpr int64_t kMinSplit = 1 << 16;
+constexpr int64_t kSplitAlign = 256;
+
+// dense tiles
+constexpr int kDenseThreads = 128;  // one output column per thread
+constexpr int kDenseRows = 8;
+constexpr int kDenseTileP = 32;
+constexpr int kDenseWords = kDenseThreads / 32;
+// signshift
+constexpr int kShiftThreads = 256;
+constexpr int kShiftRows = 4;
+// sparse
+constexpr int kSparseThreads = 256;
+constexpr int kSparseRows = 4;
+// countsketch
+constexpr int kCsThreads = 128;  // buckets per block, and coordinates per tile
+constexpr int kCsRows = 8;
+
+struct SparseKeys {
+  uint32_t key[kMaxSparseS];
+};
+
+__device__ __forceinline__ float load(const float* p) { return *p; }
+__device__ __forceinline__ double load(const double* p) { return *p; }
+__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+template <typename In>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("cupid._C (cuda): ") + what + ": " + cudaGetErrorString(e));
+}
+
+void check_call(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("cupid._C (cuda): ") + what + ": " + cudaGetErrorString(e));
+}
+
+CUPID_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+CUPID_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Coordinates per split: a function of P (and the alignment) only.
+int64_t split_size(int64_t P, int64_t align) {
+  const int64_t size = std::max(kMinSplit, cdiv(P, kMaxSplits));
+  return cdiv(size, align) * align;
+}
+
+// ---------------------------------------------------------------------------- dense
+
+// Block (column tile of 128, row tile of 8, split). Sign (p, j) is bit (j & 31) of
+// hash32(hash32(key, p), j >> 5): the block hashes one word per 32 columns per coordinate.
+template <typename In, typename Acc>
+__global__ void dense_kernel(const In* __restrict__ x, Acc* __restrict__ part, int64_t B, int64_t P, int64_t k,
+                             int64_t ld, int64_t split, uint32_t key, Acc scale) {
+  __shared__ Acc xs[kDenseRows][kDenseTileP];
+  __shared__ uint32_t words[kDenseTileP][kDenseWords];
+  const int tid = threadIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kDenseThreads + tid;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kDenseRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.z) * split;
+  const int64_t c1 = imin(P, c0 + split);
+  const int64_t n_words = (k + 31) / 32;
+  Acc acc[kDenseRows];
+#pragma unroll
+  for (int r = 0; r < kDenseRows; ++r) acc[r] = Acc(0);
+  for (int64_t t0 = c0; t0 < c1; t0 += kDenseTileP) {
+    for (int idx = tid; idx < kDenseRows * kDenseTileP; idx += kDenseThreads) {
+      const int r = idx / kDenseTileP, i = idx % kDenseTileP;
+      const int64_t p = t0 + i, b = b0 + r;
+      xs[r][i] = (b < B && p < c1) ? static_cast<Acc>(load(x + b * ld + p)) : Acc(0);
+    }
+    for (int idx = tid; idx < kDenseTileP * kDenseWords; idx += kDenseThreads) {
+      const int i = idx / kDenseWords, w = idx % kDenseWords;
+      const int64_t gw = static_cast<int64_t>(blockIdx.x) * kDenseWords + w;
+      const int64_t p = t0 + i;
+      words[i][w] = (gw < n_words && p < c1)
+                        ? hash32(hash32(key, static_cast<uint32_t>(p)), static_cast<uint32_t>(gw))
+                        : 0u;
+    }
+    __syncthreads();
+    const int wl = tid >> 5, bit = tid & 31;
+#pragma unroll 4
+    for (int i = 0; i < kDenseTileP; ++i) {
+      const bool neg = (words[i][wl] >> bit) & 1u;
+#pragma unroll
+      for (int r = 0; r < kDenseRows; ++r) acc[r] += neg ? -xs[r][i] : xs[r][i];
+    }
+    __syncthreads();
+  }
+  if (j < k) {
+    Acc* out = part + static_cast<int64_t>(blockIdx.z) * B * k;
+#pragma unroll
+    for (int r = 0; r < kDenseRows; ++r)
+      if (b0 + r < B) out[(b0 + r) * k + j] = acc[r] * scale;
+  }
+}
+
+// ---------------------------------------------------------------------------- signshift
+
+template <typename In, typename Acc>
+__global__ void signshift_kernel(const In* __restrict__ x, Acc* __restrict__ part, int64_t B, int64_t P, int64_t k,
+                                 int64_t ld, int64_t chunks_per_split, uint32_t key_sign, uint32_t key_shift) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kShiftThreads + threadIdx.x;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kShiftRows;
+  if (j >= k) return;
+  const int64_t n_chunks = cdiv(P, k);
+  const int64_t ch0 = static_cast<int64_t>(blockIdx.z) * chunks_per_split;
+  const int64_t ch1 = imin(ch0 + chunks_per_split, n_chunks);
+  Acc acc[kShiftRows];
+#pragma unroll
+  for (int r = 0; r < kShiftRows; ++r) acc[r] = Acc(0);
+  for (int64_t c = ch0; c < ch1; ++c) {
+    const int64_t shift = fastrange(hash32(key_shift, static_cast<uint32_t>(c)), static_cast<uint32_t>(k));
+    int64_t m = j - shift;
+    if (m < 0) m += k;
+    const int64_t i = c * k + m;  // the coordinate of chunk c that lands in bucket j
+    if (i >= P) continue;
+    const bool neg = (hash32(key_sign, static_cast<uint32_t>(i >> 5)) >> (i & 31)) & 1u;
+#pragma unroll
+    for (int r = 0; r < kShiftRows; ++r) {
+      if (b0 + r < B) {
+        const Acc v = static_cast<Acc>(load(x + (b0 + r) * ld + i));
+        acc[r] += neg ? -v : v;
+      }
+    }
+  }
+  Acc* out = part + static_cast<int64_t>(blockIdx.z) * B * k;
+#pragma unroll
+  for (int r = 0; r < kShiftRows; ++r)
+    if (b0 + r < B) out[(b0 + r) * k + j] = acc[r];
+}
+
+// ---------------------------------------------------------------------------- sparse
+
+template <typename In, typename Acc>
+__global__ void sparse_kernel(const In* __restrict__ x, Acc* __restrict__ out, int64_t B, int64_t P, int64_t k,
+                              int64_t ld, int s, SparseKeys keys) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * kSparseThreads + threadIdx.x;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kSparseRows;
+  if (p >= P) return;
+  Acc v[kSparseRows];
+#pragma unroll
+  for (int r = 0; r < kSparseRows; ++r) v[r] = (b0 + r < B) ? static_cast<Acc>(load(x + (b0 + r) * ld + p)) : Acc(0);
+  const uint32_t block = static_cast<uint32_t>(k / s);
+  for (int t = 0; t < s; ++t) {
+    const uint32_t h = hash32(keys.key[t], static_cast<uint32_t>(p));
+    const int64_t bucket = static_cast<int64_t>(t) * block + fastrange(h, block);
+    const bool neg = h & 1u;
+#pragma unroll
+    for (int r = 0; r < kSparseRows; ++r)
+      if (b0 + r < B) atomicAdd(out + (b0 + r) * k + bucket, neg ? -v[r] : v[r]);
+  }
+}
+
+// ---------------------------------------------------------------------------- countsketch
+
+// Block (bucket tile of 128, row tile of 8). For each tile of 128 coordinates the block
+// lists, in coordinate order, those whose bucket is in its tile; thread j then adds the
+// listed coordinates of bucket j. Every bucket sums its coordinates in increasing order.
+template <typename In, typename Acc>
+__global__ void countsketch_kernel(const In* __restrict__ x, Acc* __restrict__ out, int64_t R, int64_t D, int64_t k,
+                                   uint32_t key) {
+  __shared__ int hit_bucket[kCsThreads];
+  __shared__ Acc hit_val[kCsRows][kCsThreads];
+  __shared__ int warp_count[kCsThreads / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kCsThreads;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kCsRows;
+  Acc acc[kCsRows];
+#pragma unroll
+  for (int r = 0; r < kCsRows; ++r) acc[r] = Acc(0);
+  for (int64_t d0 = 0; d0 < D; d0 += kCsThreads) {
+    const int64_t d = d0 + tid;
+    bool hit = false;
+    int64_t local = 0;
+    Acc sign = Acc(1);
+    if (d < D) {
+      const uint32_t h = hash32(key, static_cast<uint32_t>(d));
+      local = static_cast<int64_t>(fastrange(h, static_cast<uint32_t>(k))) - j0;
+      hit = local >= 0 && local < kCsThreads;
+      sign = (h & 1u) ? Acc(-1) : Acc(1);
+    }
+    const unsigned ballot = __ballot_sync(0xFFFFFFFFu, hit);
+    if (lane == 0) warp_count[warp] = __popc(ballot);
+    __syncthreads();
+    int base = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < kCsThreads / 32; ++w) {
+      base += (w < warp) ? warp_count[w] : 0;
+      total += warp_count[w];
+    }
+    if (hit) {
+      const int slot = base + __popc(ballot & ((1u << lane) - 1u));
+      hit_bucket[slot] = static_cast<int>(local);
+#pragma unroll
+      for (int r = 0; r < kCsRows; ++r)
+        hit_val[r][slot] = (r0 + r < R) ? sign * static_cast<Acc>(load(x + (r0 + r) * D + d)) : Acc(0);
+    }
+    __syncthreads();
+    for (int e = 0; e < total; ++e) {
+      if (hit_bucket[e] == tid) {
+#pragma unroll
+        for (int r = 0; r < kCsRows; ++r) acc[r] += hit_val[r][e];
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t j = j0 + tid;
+  if (j < k) {
+#pragma unroll
+    for (int r = 0; r < kCsRows; ++r)
+      if (r0 + r < R) out[(r0 + r) * k + j] = acc[r];
+  }
+}
+
+// ---------------------------------------------------------------------------- reduce / scale
+
+template <typename Acc>
+__global__ void reduce_splits_kernel(const Acc* __restrict__ part, Acc* __restrict__ out, int64_t n, int64_t n_split) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= n) return;
+  Acc a = Acc(0);
+  for (int64_t sidx = 0; sidx < n_split; ++sidx) a += part[sidx * n + e];  // split order
+  out[e] = a;
+}
+
+template <typename Acc>
+__global__ void scale_kernel(Acc* __restrict__ out, int64_t n, Acc scale) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < n) out[e] *= scale;
+}
+
+// ---------------------------------------------------------------------------- host
+
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int device) {
+    check_call(cudaGetDevice(&prev), "cudaGetDevice");
+    if (prev != device) check_call(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+
+// Partials of `n_split` splits: written straight into `out` when there is one split.
+template <typename Acc, typename Launch>
+void with_partials(Acc* out, int64_t n, int64_t n_split, cudaStream_t stream, Launch launch) {
+  if (n_split == 1) {
+    launch(out);
+    check_launch("projection kernel");
+    return;
+  }
+  void* part = nullptr;
+  check_call(cudaMallocAsync(&part, sizeof(Acc) * n * n_split, stream), "cudaMallocAsync (split partials)");
+  launch(static_cast<Acc*>(part));
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) {
+    reduce_splits_kernel<Acc><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream>>>(static_cast<Acc*>(part), out, n, n_split);
+    err = cudaGetLastError();
+  }
+  cudaFreeAsync(part, stream);
+  check_call(err, "projection kernel");
+}
+
+template <typename In>
+void project_typed(const In* x, typename AccOf<In>::type* out, int64_t B, int64_t P, int64_t ld, int64_t k, Method m,
+                   uint64_t seed, int64_t s, cudaStream_t stream) {
+  using Acc = typename AccOf<In>::type;
+  const int64_t n = B * k;
+  switch (m) {
+    case Method::kDense: {
+      const int64_t split = split_size(P, kSplitAlign);
+      const int64_t n_split = cdiv(P, split);
+      const dim3 grid(static_cast<unsigned>(cdiv(k, kDenseThreads)), static_cast<unsigned>(cdiv(B, kDenseRows)),
+                      static_cast<unsigned>(n_split));
+      const uint32_t key = stream_key(seed, kStreamDense);
+      const Acc scale = Acc(1) / std::sqrt(static_cast<Acc>(k));
+      with_partials<Acc>(out, n, n_split, stream, [&](Acc* part) {
+        dense_kernel<In, Acc><<<grid, kDenseThreads, 0, stream>>>(x, part, B, P, k, ld, split, key, scale);
+      });
+      break;
+    }
+    case Method::kSignShift: {
+      const int64_t n_chunks = cdiv(P, k);
+      const int64_t per_split = cdiv(split_size(P, k), k);
+      const int64_t n_split = cdiv(n_chunks, per_split);
+      const dim3 grid(static_cast<unsigned>(cdiv(k, kShiftThreads)), static_cast<unsigned>(cdiv(B, kShiftRows)),
+                      static_cast<unsigned>(n_split));
+      const uint32_t key_sign = stream_key(seed, kStreamSignShiftSign);
+      const uint32_t key_shift = stream_key(seed, kStreamSignShiftShift);
+      with_partials<Acc>(out, n, n_split, stream, [&](Acc* part) {
+        signshift_kernel<In, Acc>
+            <<<grid, kShiftThreads, 0, stream>>>(x, part, B, P, k, ld, per_split, key_sign, key_shift);
+      });
+      break;
+    }
+    case Method::kSparse: {
+      SparseKeys keys{};
+      for (int64_t t = 0; t < s; ++t) keys.key[t] = stream_key(seed, kStreamSparse + static_cast<uint32_t>(t));
+      const dim3 grid(static_cast<unsigned>(cdiv(P, kSparseThreads)), static_cast<unsigned>(cdiv(B, kSparseRows)));
+      sparse_kernel<In, Acc><<<grid, kSparseThreads, 0, stream>>>(x, out, B, P, k, ld, static_cast<int>(s), keys);
+      check_launch("sparse kernel");
+      if (s > 1) {
+        scale_kernel<Acc><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream>>>(
+            out, n, Acc(1) / std::sqrt(static_cast<Acc>(s)));
+        check_launch("sparse scale kernel");
+      }
+      break;
+    }
+  }
+}
+
+template <typename In>
+void countsketch_one(const In* x, typename AccOf<In>::type* out, int64_t R, int64_t D, int64_t k, uint32_t key,
+                     cudaStream_t stream) {
+  using Acc = typename AccOf<In>::type;
+  const dim3 grid(static_cast<unsigned>(cdiv(k, kCsThreads)), static_cast<unsigned>(cdiv(R, kCsRows)));
+  countsketch_kernel<In, Acc><<<grid, kCsThreads, 0, stream>>>(x, out, R, D, k, key);
+  check_launch("countsketch kernel");
+}
+
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::kFloat32: f(static_cast<const float*>(nullptr)); break;
+    case DType::kFloat64: f(static_cast<const double*>(nullptr)); break;
+    case DType::kFloat16: f(static_cast<const __half*>(nullptr)); break;
+    case DType::kBFloat16: f(static_cast<const __nv_bfloat16*>(nullptr)); break;
+    default: throw std::invalid_argument("cupid._C (cuda): unsupported dtype " + std::to_string(dtype));
+  }
+}
+
+void check_shapes(int64_t batch, int64_t dim, int64_t k) {
+  if (batch < 0 || dim <= 0 || k <= 0) throw std::invalid_argument("cupid._C (cuda): batch >= 0, dim > 0 and k > 0 required");
+  if (dim > 0xFFFFFFFFll) throw std::invalid_argument("cupid._C (cuda): dim must be < 2^32");
+  if (k >= (1ll << 31)) throw std::invalid_argument("cupid._C (cuda): k must be < 2^31");
+}
+
+}  // namespace
+
+void project_cuda(uintptr_t x_ptr, uintptr_t out_ptr, int64_t batch, int64_t dim, int64_t x_stride, int64_t k,
+                  int method, int dtype, uint64_t seed, int64_t s, int device, uintptr_t stream_ptr) {
+  check_shapes(batch, dim, k);
+  if (method < 0 || method > 2) throw std::invalid_argument("cupid._C (cuda): unknown projection method " + std::to_string(method));
+  const Method m = static_cast<Method>(method);
+  if (m == Method::kSparse && (s <= 0 || s > kMaxSparseS || k % s != 0))
+    throw std::invalid_argument("cupid._C (cuda): sparse needs 0 < s <= 64 dividing k");
+  if (x_stride < dim) throw std::invalid_argument("cupid._C (cuda): x_stride < dim");
+  if ((batch + kSparseRows - 1) / kSparseRows > 65535) throw std::invalid_argument("cupid._C (cuda): batch too large (> 262140 rows)");
+  if (batch == 0) return;
+  DeviceGuard guard(device);
+  auto stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    using Acc = typename AccOf<In>::type;
+    project_typed<In>(reinterpret_cast<const In*>(x_ptr), reinterpret_cast<Acc*>(out_ptr), batch, dim, x_stride, k, m,
+                      seed, s, stream);
+  });
+}
+
+void countsketch_pair_cuda(uintptr_t delta_ptr, uintptr_t x_ptr, uintptr_t cs_delta_ptr, uintptr_t cs_x_ptr,
+                           int64_t rows, int64_t out_dim, int64_t in_dim, int64_t k, int dtype, uint64_t seed,
+                           int device, uintptr_t stream_ptr) {
+  check_shapes(rows, std::max(out_dim, in_dim), k);
+  if (out_dim <= 0 || in_dim <= 0) throw std::invalid_argument("cupid._C (cuda): out_dim and in_dim must be > 0");
+  if ((rows + kCsRows - 1) / kCsRows > 65535) throw std::invalid_argument("cupid._C (cuda): too many rows (> 524280)");
+  if (rows == 0) return;
+  DeviceGuard guard(device);
+  auto stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    using Acc = typename AccOf<In>::type;
+    countsketch_one<In>(reinterpret_cast<const In*>(delta_ptr), reinterpret_cast<Acc*>(cs_delta_ptr), rows, out_dim, k,
+                        stream_key(seed, kStreamTsOut), stream);
+    countsketch_one<In>(reinterpret_cast<const In*>(x_ptr), reinterpret_cast<Acc*>(cs_x_ptr), rows, in_dim, k,
+                        stream_key(seed, kStreamTsIn), stream);
+  });
+}
+
+}  // namespace cupid
