@@ -321,6 +321,8 @@ class GradientStore:
     def shard_episodes(self, shard_id: int) -> tuple[list[str], np.ndarray]:
         """``(episode_ids, lengths [n])`` of one shard, as ``Run.write_shard`` expects them."""
         idx = self._index()
+        if shard_id >= idx.num_shards:  # the driver may have appended since we read it
+            idx = self._index(refresh=True)
         if not 0 <= shard_id < idx.num_shards:
             raise KeyError(f"shard {shard_id} is not in the shard plan (0..{idx.num_shards - 1})")
         a, b = idx.shard_range(shard_id)

@@ -16,6 +16,12 @@ Every shard owns whole chunks of every array (the catalog aligns shard regions t
 boundaries) and a shard is always written as complete chunks, so concurrent writers of
 disjoint shards never share a chunk, and rewriting a shard never reads (possibly torn)
 old data. A shard without its marker is simply written again: that is the resume story.
+
+Fast path: for local stores without a compressor, a zarr chunk file is exactly the
+chunk's C-order bytes followed by their crc32c, so chunks are encoded, checksummed and
+written (and read back) by a small thread pool directly, byte-identical to what zarr
+writes; zarr's own decoder reads them (``verify`` uses it). Other stores and compressed
+runs go through zarr's codec pipeline.
 """
 
 from __future__ import annotations
@@ -107,11 +113,21 @@ def _direct_dir(array: zarr.Array) -> str | None:
     return os.path.join(str(store.root), array.store_path.path)
 
 
-def _write_chunk_file(path: str, chunk: np.ndarray) -> None:
-    """One zarr chunk file: raw bytes then their crc32c, as zarr's crc32c codec lays them out."""
+def _write_chunk_file(path: str, chunk: np.ndarray, *, atomic: bool = False) -> None:
+    """One zarr chunk file: raw bytes then their crc32c, as zarr's crc32c codec lays them out.
+
+    ``atomic`` writes a temporary file and renames it (used for completion markers).
+    """
     view = memoryview(np.ascontiguousarray(chunk)).cast("B")
     checksum = np.uint32(crc32c.crc32c(view)).tobytes()
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if atomic:
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(view)
+            f.write(checksum)
+        os.replace(tmp, path)
+        return
     # Overwrite in place rather than O_TRUNC: a rewrite of an uncompressed chunk has the
     # same size, and reusing the cached pages is ~10x cheaper than freeing them.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -264,13 +280,13 @@ class Run:
 
     # ------------------------------------------------------------------ state
     def _done_flags(self) -> np.ndarray:
-        return np.asarray(self._read(self._array("done"), slice(None), "done", None), dtype=bool)
+        return self._read_rows("done", 0, self.num_shards).astype(bool)
 
     def shard_done(self, shard_id: int) -> bool:
         """Whether the shard's completion marker exists."""
         if not 0 <= shard_id < self.num_shards:
             return False
-        return bool(self._array("done")[shard_id])
+        return bool(self._read_rows("done", shard_id, shard_id + 1)[0])
 
     def pending_shards(self) -> list[int]:
         """Catalog shards without a completion marker (including ones not yet synced)."""
@@ -340,7 +356,11 @@ class Run:
             raise ValueError(f"shard {shard_id}: step_features has shape {x.shape}, expected [{rows}, {self.k}] (k={self.k})")
         if x.shape[0] != rows:
             raise ValueError(f"shard {shard_id}: step_features has {x.shape[0]} rows, lengths sum to {rows}")
-        if shard_id >= self.num_shards or int(idx.row_offset[b - 1] + idx.length[b - 1]) > self._array("steps").shape[0]:
+        end_row = int(idx.row_offset[b - 1] + idx.length[b - 1])
+        if shard_id >= self.num_shards or end_row > self._array("steps").shape[0]:
+            # The driver may have synced since this handle opened the arrays: look again.
+            self._arrays = dict(self._group.arrays())
+        if shard_id >= self.num_shards or end_row > self._array("steps").shape[0]:
             raise RuntimeError(
                 f"shard {shard_id} lies beyond run {self.name!r}'s arrays (episodes added after the run "
                 f"was created): call run.sync() on the driver first"
@@ -365,19 +385,19 @@ class Run:
         gram_mask = np.repeat(np.isin(idx.split[a:b], list(self.config.gram_splits)), lens)
         gram_count = int(gram_mask.sum())
 
-        done = self._array("done")
-        if done[shard_id]:
+        if self.shard_done(shard_id):
             # Clear the marker first: a crash during a rewrite must not leave it standing.
-            done[shard_id] = 0
+            self._put("done", shard_id, [0], atomic=True)
         self._write_steps(int(idx.row_offset[a]), x)
-        self._write_aligned(self._array("episodes"), int(idx.slot[a]), sums)
+        self._put("episodes", int(idx.slot[a]), sums)
         if gram_count:
             xs = x if gram_count == rows else x[gram_mask]
             x64 = xs.astype(np.float64)
-            self._array("gram_parts")[shard_id] = x64.T @ x64
+            self._put("gram_parts", shard_id, (x64.T @ x64)[None])
         # A shard with no Gram rows keeps the fill value (zeros) and writes nothing there.
-        self._array("gram_count_parts")[shard_id] = gram_count
-        done[shard_id] = 1
+        self._put("gram_count_parts", shard_id, [gram_count])
+        # Marker last, and atomically (rename), so it is either absent or valid.
+        self._put("done", shard_id, [1], atomic=True)
 
     @staticmethod
     def _episode_sums(x: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -419,22 +439,9 @@ class Run:
 
         def one(c0: int) -> None:
             data, sc = quant.encode(x[c0 : c0 + cr], self.dtype)
-            start = row0 + c0
-            if direct is not None:
-                if data.shape[0] < cr:  # zarr stores every chunk, edge ones too, at full shape
-                    data = np.concatenate([data, np.zeros((cr - data.shape[0],) + data.shape[1:], data.dtype)])
-                key = steps.metadata.encode_chunk_key((start // cr, 0))
-                _write_chunk_file(os.path.join(direct, key), data)
-            else:
-                self._write_aligned(steps, start, data)
+            self._write_rows(steps, row0 + c0, data, direct)
             if scales is not None:
-                if direct_scales is not None:
-                    if sc.shape[0] < cr:
-                        sc = np.concatenate([sc, np.zeros(cr - sc.shape[0], sc.dtype)])
-                    key = scales.metadata.encode_chunk_key((start // cr,))
-                    _write_chunk_file(os.path.join(direct_scales, key), sc)
-                else:
-                    self._write_aligned(scales, start, sc)
+                self._write_rows(scales, row0 + c0, sc, direct_scales)
 
         starts = range(0, n, cr)
         if len(starts) == 1:
@@ -446,14 +453,26 @@ class Run:
                 fut.result()
 
     @staticmethod
-    def _write_aligned(array: zarr.Array, start: int, values: np.ndarray) -> None:
-        """Write ``values`` at ``start`` (a chunk boundary) as whole chunks only.
+    def _write_rows(array: zarr.Array, start: int, values: np.ndarray, direct: str | None, *, atomic: bool = False) -> None:
+        """Write ``values`` at row ``start`` (a chunk boundary) as whole chunks only.
 
-        The tail is zero-padded to the chunk (or array) end so zarr never has to read
-        the old chunk, which may be torn by a killed writer.
+        The tail is zero-padded (zero is every array's fill value) so zarr never reads
+        the old chunk, which a killed writer may have left torn. ``direct`` is
+        :func:`_direct_dir` of the array (None: let zarr encode).
         """
         chunk = array.chunks[0]
         n = values.shape[0]
+        if direct is not None:
+            zeros = (0,) * (array.ndim - 1)
+            for c0 in range(0, n, chunk):
+                part = values[c0 : c0 + chunk]
+                if part.shape[0] < chunk:  # zarr stores every chunk, edge ones too, at full shape
+                    pad = np.zeros((chunk,) + part.shape[1:], part.dtype)
+                    pad[: part.shape[0]] = part
+                    part = pad
+                key = array.metadata.encode_chunk_key(((start + c0) // chunk,) + zeros)
+                _write_chunk_file(os.path.join(direct, key), part, atomic=atomic)
+            return
         body = (n // chunk) * chunk
         if body:
             array[start : start + body] = values[:body]
@@ -462,6 +481,10 @@ class Run:
             tail = np.zeros((end - start - body,) + values.shape[1:], dtype=values.dtype)
             tail[: n - body] = values[body:]
             array[start + body : end] = tail
+
+    def _put(self, name: str, start: int, values: np.ndarray, *, atomic: bool = False) -> None:
+        array = self._array(name)
+        self._write_rows(array, start, np.asarray(values, dtype=array.dtype), _direct_dir(array), atomic=atomic)
 
     # ------------------------------------------------------------------ finalize
     def finalize(self, *, allow_partial: bool = False) -> np.ndarray:
@@ -536,7 +559,7 @@ class Run:
         shards = np.unique(idx.shard[positions])
         n = self.num_shards
         if len(shards) <= 8:  # one tiny chunk per shard: read only those
-            missing = [int(s) for s in shards if s >= n or not self._array("done")[int(s)]]
+            missing = [int(s) for s in shards if s >= n or not self.shard_done(int(s))]
         else:
             done = self._done_flags()
             missing = [int(s) for s in shards if s >= len(done) or not done[s]]
