@@ -17,7 +17,9 @@ generator=None) -> [n_action_steps, A]`` (unnormalised actions) and, optionally,
   worker;
 * a policy object (in-process only).
 
-The generator handed to ``predict_action`` is a ``torch.Generator`` for torch modules, the
+Policies without ``config.obs_keys`` get the task's keys in sorted order (the
+``Episode.obs_vector`` default they were trained with); the window is padded at the start
+by repeating the first observation. The generator handed to ``predict_action`` is a ``torch.Generator`` for torch modules, the
 result of ``policy.make_generator(seed)`` where defined, else a
 ``numpy.random.Generator``.
 """
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from cupid_engine.data.episode import Episode
-from cupid_engine.sim.tasks import ACTION_DIM, CONTROL_FREQ, SimEnv, Variation, canonical_task
+from cupid_engine.sim.tasks import ACTION_DIM, CONTROL_FREQ, OBS_KEYS, SimEnv, Variation, canonical_task
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +106,20 @@ class RolloutWorker:
         cfg = getattr(self.policy, "config", None)
         self.n_obs_steps = int(getattr(cfg, "n_obs_steps", 1) or 1)
         keys = getattr(cfg, "obs_keys", None)
-        self.obs_keys = tuple(keys) if keys else self.env.obs_keys
+        # A policy without explicit keys was trained on Episode.obs_vector's default:
+        # the sorted observation keys.
+        self.obs_keys = tuple(keys) if keys else tuple(sorted(self.env.obs_keys))
         missing = [k for k in self.obs_keys if k not in self.env.obs_keys]
         if missing:
             raise ValueError(
                 f"policy obs_keys {missing} are not in task {self.task!r}'s observation "
                 f"vector {self.env.obs_keys}"
+            )
+        dim = sum(d for k, d in OBS_KEYS[self.task] if k in self.obs_keys)
+        want = int(getattr(cfg, "obs_dim", 0) or 0)
+        if want and want != dim:
+            raise ValueError(
+                f"policy expects obs_dim {want} but keys {self.obs_keys} give {dim} on task {self.task!r}"
             )
         self.source = source or f"rollout:{self.task}"
 

@@ -223,6 +223,7 @@ class SimEnv:
             tuple(self._obj_sampler.y_range),
         )
         if self.variation.size_scale != (1.0, 1.0) and not self._primitive:
+            self.env.close()
             raise ValueError(
                 f"task {self.task!r}: size_scale variation needs primitive object geoms "
                 "(the object is a mesh); use size_scale=(1.0, 1.0)"

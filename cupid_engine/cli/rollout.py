@@ -1,0 +1,72 @@
+"""``cupid-engine rollout``: roll a trained policy out in robosuite, with success labels.
+
+Owns argument parsing and progress output only; the work is done by
+:func:`cupid_engine.sim.rollout.run_rollouts` (on Ray actors when ``--workers`` > 1) and
+the result is written by :func:`cupid_engine.data.lerobot.write_dataset` as split
+``rollout``. Heavy imports happen inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``rollout`` command to the CLI dispatcher."""
+    p = subparsers.add_parser(
+        "rollout",
+        help="roll a policy out in simulation and store the episodes",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--policy", required=True, help="policy checkpoint folder (cupid-engine train --out)")
+    p.add_argument("--task", required=True, help="lift, can (PickPlaceCan) or square (NutAssemblySquare)")
+    p.add_argument("--episodes", type=int, required=True, help="number of rollouts")
+    p.add_argument("--workers", type=int, default=1, help="parallel Ray actors (1 = in-process)")
+    p.add_argument("--out", required=True, help="output dataset folder (LeRobot v3 layout)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; rollout i depends only on (seed, i)")
+    p.add_argument("--horizon", type=int, default=None, help="step limit per episode (default per task)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local instance")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.set_defaults(handler=_rollout)
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cupid_engine.data.lerobot import write_dataset
+    from cupid_engine.sim.rollout import run_rollouts
+    from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task
+
+    if args.episodes < 1:
+        raise SystemExit("rollout: --episodes must be >= 1")
+    task = canonical_task(args.task)
+    bar = tqdm(total=args.episodes, desc=f"rollout {task}", unit="ep")
+    n_success = 0
+
+    def tick(ep) -> None:
+        nonlocal n_success
+        n_success += bool(ep.success)
+        bar.update(1)
+        bar.set_postfix(success=f"{n_success}/{bar.n}")
+
+    try:
+        episodes = run_rollouts(
+            args.policy,
+            task,
+            episodes=args.episodes,
+            seed=args.seed,
+            workers=args.workers,
+            horizon=args.horizon,
+            address=args.ray_address,
+            progress=tick,
+        )
+    finally:
+        bar.close()
+    out = write_dataset(args.out, episodes, fps=CONTROL_FREQ, overwrite=args.overwrite)
+    rate = n_success / max(len(episodes), 1)
+    print(f"{len(episodes)} rollouts, success rate {rate:.3f} ({n_success}/{len(episodes)}) -> {out}")
+    return 0
