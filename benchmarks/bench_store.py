@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # [row_offset, rows] per shard: the memmap uses the store's exact layout.
         plan = [[int(offsets[first[s]]), int(lengths[first[s] : first[s + 1]].sum())] for s in range(num_shards)]
         max_rows = max(n for _, n in plan)
-        total_rows = int(bench_run._array("steps").shape[0])
+        total_rows = int(offsets[-1] + lengths[-1])  # rows spanned by the shard plan
 
         mm_path = os.path.join(root, "grads.npy")
         mm_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}[args.dtype]
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         read_t: dict[str, list[float]] = {"store": [], "memmap": []}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            for _s, _ids, _lengths, _x in bench_run.iter_shard_steps():
+            for _shard in bench_run.iter_shard_steps():
                 pass
             read_t["store"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()

@@ -12,6 +12,10 @@ Layout of ``runs/<name>/`` (every array carries the crc32c checksum codec):
 - ``done``             ``[S]`` uint8, one chunk per shard: the completion marker, written last
 - ``gram``             ``[K, K]`` float64, written by :meth:`Run.finalize`
 
+Cost note: a Gram partial is ``K * K * 8`` bytes per shard (128 MiB at K=4096), so
+large-K runs want large shards; shards with no Gram rows (e.g. only rollouts) store
+nothing there.
+
 Every shard owns whole chunks of every array (the catalog aligns shard regions to chunk
 boundaries) and a shard is always written as complete chunks, so concurrent writers of
 disjoint shards never share a chunk, and rewriting a shard never reads (possibly torn)
