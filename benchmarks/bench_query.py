@@ -1,0 +1,317 @@
+"""Benchmark: single-rollout top-10 query latency and the CUPID-Quality fused kernel.
+
+Query (DESIGN §7): synthetic whitened episode sums, N ∈ {10⁴, 10⁵, 10⁶} (``--sizes``),
+k = 1024, drawn as low-rank structure plus noise (x = z·B + 0.5·ε with z ∈ R³², the
+shape of real episode sums, which share a few dominant gradient directions). For each N:
+
+- exact: :class:`cupid_engine.index.InfluenceIndex` ``flat`` (the engine's query path),
+  one query at a time, median/p10/p90 latency over ``--queries`` queries after a warm-up;
+- floor: bytes of the index / the read bandwidth measured in this run by a large
+  float32 ``torch.sum`` (every core), i.e. the time any exact scan must take;
+- hnsw (N ≤ ``--hnsw-max``): ``IndexHNSWFlat`` (M, efConstruction) build time, then for
+  each efSearch the median latency and recall@10 against the exact answers.
+
+Quality kernel: ``--rollout-steps`` × ``--demo-steps`` (default 20k × 45k, k = 1024)
+whitened step features cut into ragged episodes; the fused kernel (``cpu`` backend,
+C++), the blockwise torch reference and the naive per-pair path (materialise A for every
+(rollout, demo) pair with torch matmul) are each timed and their extra peak resident
+memory measured (peak RSS reset via /proc/self/clear_refs before each method).
+``--naive-pairs`` times the naive path on a subset of pairs and extrapolates linearly
+in pair count when the full run would take too long (reported as such).
+
+Usage::
+
+    python benchmarks/bench_query.py --quick --json out.json
+    python benchmarks/bench_query.py --json out.json          # full sizes (heavy)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="episodes indexed")
+    p.add_argument("--k", type=int, default=1024, help="feature dimension")
+    p.add_argument("--queries", type=int, default=20, help="single queries timed per size")
+    p.add_argument("--top", type=int, default=10, help="results per query")
+    p.add_argument("--hnsw-max", type=int, default=100_000, help="largest N for which HNSW is built")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW M")
+    p.add_argument("--ef-construction", type=int, default=200, help="HNSW efConstruction")
+    p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128, 256], help="HNSW efSearch values")
+    p.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the bandwidth probe")
+    p.add_argument("--rollout-steps", type=int, default=20_000, help="quality: all rollout steps")
+    p.add_argument("--demo-steps", type=int, default=45_000, help="quality: all demo steps")
+    p.add_argument("--quality-k", type=int, default=1024, help="quality: feature dimension")
+    p.add_argument("--episode-len", type=int, default=150, help="quality: mean episode length (uniform ±50%%)")
+    p.add_argument("--naive-pairs", type=int, default=2000, help="quality: pairs timed on the naive path (0 = all)")
+    p.add_argument("--skip-quality", action="store_true", help="only the query benchmark")
+    p.add_argument("--skip-query", action="store_true", help="only the quality benchmark")
+    p.add_argument("--quick", action="store_true", help="small sizes: N ∈ {10⁴, 3·10⁴}, k = 256, 2k × 4.5k steps")
+    p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _apply_quick(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.sizes, args.k, args.queries, args.hnsw_max = [10_000, 30_000], 256, 20, 30_000
+        args.bandwidth_mib, args.rollout_steps, args.demo_steps, args.quality_k = 512, 2000, 4500, 256
+        args.naive_pairs = 0
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs)
+    return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)), "p90": float(np.percentile(a, 90)),
+            "min": float(a.min()), "max": float(a.max()), "n": int(len(a))}
+
+
+def measure_bandwidth(mib: int, repeats: int = 7) -> dict[str, float]:
+    """Read bandwidth (GB/s) of a float32 ``torch.sum`` over ``mib`` MiB, every core."""
+    x = torch.ones(mib * (1 << 20) // 4, dtype=torch.float32)
+    x.sum()  # warm-up (page faults)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t)
+    gbps = [x.numel() * 4 / t / 1e9 for t in ts]
+    return {"median_GBps": float(np.median(gbps)), "max_GBps": float(max(gbps)), "bytes": x.numel() * 4}
+
+
+def _episode_sums(n: int, k: int, gen: torch.Generator, basis: torch.Tensor, block: int = 65536):
+    for start in range(0, n, block):
+        b = min(block, n - start)
+        z = torch.randn(b, basis.shape[0], generator=gen)
+        yield (z @ basis + 0.5 * torch.randn(b, k, generator=gen)).numpy()
+
+
+def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[dict[str, Any]]:
+    from cupid_engine.index import InfluenceIndex, recall_at_k
+
+    results = []
+    for n in args.sizes:
+        gen = torch.Generator().manual_seed(args.seed)
+        basis = torch.randn(32, args.k, generator=gen)
+        exact = InfluenceIndex(args.k)
+        hnsw = None
+        if n <= args.hnsw_max:
+            hnsw = InfluenceIndex(args.k, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+        t_build, t_hnsw = 0.0, 0.0
+        row = 0
+        for block in _episode_sums(n, args.k, gen, basis):
+            ids = range(row, row + len(block))
+            t = time.perf_counter()
+            exact.add(block, ids)
+            t_build += time.perf_counter() - t
+            if hnsw is not None:
+                t = time.perf_counter()
+                hnsw.add(block, ids)
+                t_hnsw += time.perf_counter() - t
+            row += len(block)
+        q = next(_episode_sums(args.queries + 1, args.k, gen, basis))
+        exact.search(q[:1], args.top)  # warm-up
+        lat, exact_ids = [], []
+        for i in range(args.queries):
+            t = time.perf_counter()
+            _, ids = exact.search(q[i : i + 1], args.top)
+            lat.append(time.perf_counter() - t)
+            exact_ids.append(ids[0])
+        nbytes = n * args.k * 4
+        floor = nbytes / (bandwidth["median_GBps"] * 1e9)
+        res = {"kind": "exact", "n": n, "k": args.k, "latency_ms": _stats([x * 1e3 for x in lat]),
+               "index_bytes": nbytes, "floor_ms": floor * 1e3, "ratio_to_floor": float(np.median(lat)) / floor,
+               "build_s": t_build}
+        results.append(res)
+        print(f"exact  N={n:>8} k={args.k}: median {res['latency_ms']['median']:.2f} ms "
+              f"(p90 {res['latency_ms']['p90']:.2f}), floor {res['floor_ms']:.2f} ms, ratio {res['ratio_to_floor']:.2f}",
+              flush=True)
+        if hnsw is not None:
+            print(f"hnsw   N={n:>8}: built in {t_hnsw:.1f} s", flush=True)
+            for ef in args.ef_search:
+                hnsw.ef_search = ef
+                hnsw.search(q[:1], args.top)
+                lat, got = [], []
+                for i in range(args.queries):
+                    t = time.perf_counter()
+                    _, ids = hnsw.search(q[i : i + 1], args.top)
+                    lat.append(time.perf_counter() - t)
+                    got.append(ids[0])
+                r = {"kind": "hnsw", "n": n, "k": args.k, "ef_search": ef, "hnsw_m": args.hnsw_m,
+                     "ef_construction": args.ef_construction, "build_s": t_hnsw,
+                     "latency_ms": _stats([x * 1e3 for x in lat]), "recall_at_10": recall_at_k(got, exact_ids)}
+                results.append(r)
+                print(f"hnsw   N={n:>8} ef={ef:>4}: median {r['latency_ms']['median']:.3f} ms, "
+                      f"recall@10 {r['recall_at_10']:.3f}", flush=True)
+        del exact, hnsw
+    return results
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _ragged(total: int, mean: int, rng: np.random.Generator) -> np.ndarray:
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(min(rng.integers(max(1, mean // 2), mean + mean // 2 + 1), total - sum(lens))))
+    return np.r_[0, np.cumsum(lens)].astype(np.int64)
+
+
+def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from cupid_engine.scorers.quality import (
+        cpu_available,
+        quality_minmax,
+        quality_minmax_naive,
+        quality_minmax_reference,
+    )
+
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    r = torch.randn(args.rollout_steps, args.quality_k, generator=gen)
+    d = torch.randn(args.demo_steps, args.quality_k, generator=gen)
+    ro, do = _ragged(args.rollout_steps, args.episode_len, rng), _ragged(args.demo_steps, args.episode_len, rng)
+    m, n = len(ro) - 1, len(do) - 1
+    flops = 2.0 * args.rollout_steps * args.demo_steps * args.quality_k
+    input_bytes = (r.numel() + d.numel()) * 4
+    out_bytes = 2 * m * n * 4
+    print(f"quality: {args.rollout_steps} rollout steps ({m} rollouts) x {args.demo_steps} demo steps ({n} demos), "
+          f"k={args.quality_k}; A would be {args.rollout_steps * args.demo_steps * 4 / 2**30:.1f} GiB", flush=True)
+    methods = []
+    if cpu_available():
+        methods.append(("fused-cpu", lambda: quality_minmax(r, ro, d, do, backend="cpu"), m * n))
+    methods.append(("torch-blockwise", lambda: quality_minmax_reference(r, ro, d, do), m * n))
+    # Naive: per-pair matmul; optionally on the first rollouts only, extrapolated by pair count.
+    m_naive = m if args.naive_pairs <= 0 else max(1, min(m, args.naive_pairs // n))
+    ro_n = ro[: m_naive + 1]
+    r_n = r[: int(ro_n[-1])]
+    methods.append(("naive-per-pair", lambda: quality_minmax_naive(r_n, ro_n, d, do), m_naive * n))
+    reference = None
+    results = []
+    for name, fn, pairs in methods:
+        rss0 = _rss_kib("VmRSS")
+        ok = _reset_peak()
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+        peak = _rss_kib("VmHWM")
+        extra = (peak - rss0) * 1024 if ok and peak is not None and rss0 is not None else None
+        scale = (m * n) / pairs
+        res = {"method": name, "seconds": dt * scale, "measured_seconds": dt, "pairs_timed": pairs,
+               "extrapolated": scale != 1.0, "GFLOPs": flops / (dt * scale) / 1e9,
+               "peak_extra_bytes": extra, "output_bytes": out_bytes, "input_bytes": input_bytes}
+        if reference is None:
+            reference = out
+        else:
+            k_rows = out[0].shape[0]
+            res["max_abs_diff_vs_first"] = float(max((a - b[:k_rows]).abs().max() for a, b in zip(out, reference)))
+        results.append(res)
+        xt = " (extrapolated from %d pairs)" % pairs if res["extrapolated"] else ""
+        mem = "n/a" if extra is None else f"{extra / 2**20:.1f} MiB"
+        print(f"  {name:<16} {res['seconds']:8.2f} s{xt}, {res['GFLOPs']:.1f} GFLOP/s, peak extra {mem}", flush=True)
+        del out
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"results": [...], "acceptance": {...}, ...}``."""
+    _apply_quick(args)
+    torch.manual_seed(args.seed)
+    out: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "results": []}
+    acceptance: dict[str, Any] = {}
+    if not args.skip_query:
+        bw = measure_bandwidth(args.bandwidth_mib)
+        print(f"read bandwidth (torch.sum, {torch.get_num_threads()} threads): {bw['median_GBps']:.2f} GB/s", flush=True)
+        out["bandwidth"] = bw
+        q = bench_query(args, bw)
+        out["results"] += q
+        largest = max(args.sizes)
+        ex = [r for r in q if r["kind"] == "exact" and r["n"] == largest][0]
+        acceptance["exact_within_2x_floor"] = {"n": largest, "value": ex["ratio_to_floor"], "target": 2.0,
+                                               "pass": bool(ex["ratio_to_floor"] <= 2.0),
+                                               "at_1e6": largest >= 1_000_000}
+        hn = [r for r in q if r["kind"] == "hnsw"]
+        if hn:
+            nmax = max(r["n"] for r in hn)
+            good = [r for r in hn if r["n"] == nmax and r["recall_at_10"] >= 0.99]
+            best = min(good, key=lambda r: r["latency_ms"]["median"]) if good else max(
+                (r for r in hn if r["n"] == nmax), key=lambda r: r["recall_at_10"])
+            acceptance["hnsw_recall_0.99_at_10ms"] = {
+                "n": nmax, "ef_search": best["ef_search"], "recall_at_10": best["recall_at_10"],
+                "latency_ms": best["latency_ms"]["median"],
+                "pass": bool(best["recall_at_10"] >= 0.99 and best["latency_ms"]["median"] <= 10.0)}
+    if not args.skip_quality:
+        qr = bench_quality(args)
+        out["results"] += [dict(r, kind="quality") for r in qr]
+        by = {r["method"]: r for r in qr}
+        if "fused-cpu" in by:
+            f, nv = by["fused-cpu"], by["naive-per-pair"]
+            speed = nv["seconds"] / f["seconds"]
+            acceptance["quality_fused_vs_naive"] = {"speedup": speed, "target": 2.0, "pass": bool(speed >= 2.0),
+                                                    "naive_extrapolated": nv["extrapolated"]}
+            acceptance["quality_fused_peak_extra_bytes"] = {
+                "value": f["peak_extra_bytes"], "output_bytes": f["output_bytes"],
+                "A_bytes": args.rollout_steps * args.demo_steps * 4,
+                "pass": bool(f["peak_extra_bytes"] is not None
+                             and f["peak_extra_bytes"] <= f["output_bytes"] + 64 * 2**20)}
+    out["acceptance"] = acceptance
+    out["hardware"] = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                       "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out["commit"] = _git_commit()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = run(args)
+    print(json.dumps(out["acceptance"], indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
