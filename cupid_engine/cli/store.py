@@ -12,7 +12,11 @@ import json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``store`` command family to the CLI dispatcher."""
-    p = subparsers.add_parser("store", help="inspect or verify a gradient store", description=__doc__)
+    p = subparsers.add_parser(
+        "store",
+        help="inspect or verify a gradient store",
+        description="Inspect a gradient store (episodes, runs) or verify every chunk checksum.",
+    )
     sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
 
     info = sub.add_parser("info", help="episodes per split, runs with k/dtype/completion/size")
