@@ -96,8 +96,12 @@ class CupidConfig(Config):
     rollouts: str = field("rollout", help="rollouts τ: a split name or comma-separated episode ids")
     episodes: str = field("train", help="episodes to score: split(s) joined by '+' or comma-separated ids")
     block: int = field(8192, help="demo episodes whitened per block (memory bound)")
+    checkpoints: tuple[str, ...] = field(
+        (), help="runs of a checkpoint/seed ensemble (each with its own H); () = the given run only"
+    )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         check(self.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
         check(self.returns in _inputs.RETURN_MODES, f"returns must be one of {_inputs.RETURN_MODES}")
         check(self.damping >= 0, "damping must be >= 0")
@@ -122,7 +126,15 @@ class CupidScorer(Scorer):
     config_cls = CupidConfig
 
     def raw_scores(self, store: Any, run: str) -> tuple[list[str], np.ndarray]:
-        """``(ids, [N] Ψ_π)`` for the configured episodes."""
+        """``(ids, [N] Ψ_π)`` for the configured episodes.
+
+        With ``checkpoints``, the mean over runs of the per-run scores, each run whitened
+        by its own preconditioner (equal to the 1/√C-concatenated inner product).
+        """
+        if self.config.checkpoints:
+            single = dataclasses.replace(self.config, checkpoints=())
+            parts = [CupidScorer(single).raw_scores(store, name) for name in self.config.checkpoints]
+            return parts[0][0], np.mean([p[1] for p in parts], axis=0)
         cfg = self.config
         r = store.run(run)
         cat = store.catalog()

@@ -40,7 +40,7 @@ import torch
 from cupid_engine.config import Config, check, field
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
-from cupid_engine.scorers.cupid import CupidConfig, CupidScorer
+from cupid_engine.scorers.cupid import CupidConfig, CupidScorer, episode_lengths
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 from cupid_engine.scorers.table import make_table
 
@@ -279,13 +279,15 @@ class CupidQualityScorer(Scorer):
         rollouts = _inputs.resolve_episodes(cat, cfg.rollouts, default="rollout")
         demos = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
         rs, r_off = whitened_steps(r, pre, rollouts, dtype)
+        lengths = episode_lengths(cat, demos, r)
         maxmin = np.empty((len(rollouts), len(demos)), np.float64)
         minmax = np.empty_like(maxmin)
         start = 0
         while start < len(demos):
+            # Whole demos per block, about block_steps steps: memory stays O(block).
             stop, steps = start, 0
-            while stop < len(demos) and (stop == start or steps + r.step_features(demos[stop]).shape[0] <= cfg.block_steps):
-                steps += r.step_features(demos[stop]).shape[0]
+            while stop < len(demos) and (stop == start or steps + lengths[stop] <= cfg.block_steps):
+                steps += lengths[stop]
                 stop += 1
             ds, d_off = whitened_steps(r, pre, demos[start:stop], dtype)
             mm, xm = quality_minmax(rs, r_off, ds, d_off, backend=cfg.backend)

@@ -110,3 +110,15 @@ def test_ridge_regression_influence_is_exact_and_survives_projection():
     px = x @ proj.T
     projected = engine(g @ proj.T, gr @ proj.T, px.T @ px, n, lam)
     assert spearmanr(projected, closed).statistic >= 0.95
+
+
+def test_checkpoint_ensemble_is_mean_of_runs(rng):
+    from cupid_engine.scorers.arrays import ArrayStore
+
+    ids = [f"d{i}" for i in range(6)] + ["r0", "r1"]
+    splits = {e: "rollout" if e.startswith("r") else "train" for e in ids}
+    runs = [{e: rng.standard_normal((2 + i % 3, 4)) for i, e in enumerate(ids)} for _ in range(2)]
+    st = ArrayStore.from_episodes(runs, splits, success={"r0": True, "r1": False}, dtype=np.float64)
+    a, b = (score("cupid", store=st, run=n)["score"].to_numpy() for n in ("ckpt0", "ckpt1"))
+    ens = score("cupid", store=st, run="ckpt0", checkpoints=["ckpt0", "ckpt1"])
+    np.testing.assert_allclose(ens["score"].to_numpy(), (a + b) / 2, rtol=1e-12)
