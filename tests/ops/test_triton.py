@@ -287,5 +287,99 @@ def test_gpu_tensorsketch_matches_reference(dtype):
     assert T.max_rel_err(out, ref) <= T.rtol(dt)
 
 
-if __name__ == "__main__":  # the interpreter subprocess of the `interp` fixture
-    print("CASES " + json.dumps(_run_cases()))
+# --------------------------------------------------------------------------- compiled (no GPU)
+
+
+def _compile_all(cc: int) -> dict[str, str]:
+    """Executed in a subprocess without the interpreter: compile every kernel to a cubin.
+
+    ``triton.compile`` runs the whole NVIDIA pipeline (TTIR -> PTX -> ptxas) with no GPU,
+    so this catches what the interpreter lets through (non-constexpr globals, dot shape or
+    dtype rules, unsupported casts) on machines without a GPU.
+    """
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cupid_engine.ops.triton import projection as TP
+
+    TS = sys.modules["cupid_engine.ops.triton.tensorsketch"]  # the package attribute is the function
+    target = GPUTarget("cuda", cc, 32)
+    res = {}
+    for dt, acc, dot, bp in [
+        ("fp32", tl.float32, tl.float32, 32),
+        ("fp64", tl.float64, tl.float64, 32),
+        ("fp16", tl.float32, tl.float16, 64),
+        ("bf16", tl.float32, tl.bfloat16, 64),
+    ]:
+        acc_s = "*fp64" if acc == tl.float64 else "*fp32"
+        # Keys >= 2**31 arrive as i64; ints equal to 1 (B, k, s) are specialised to constexprs.
+        variants = ["i32", "i64", "ones"] if dt == "fp32" else ["i32"]
+        for variant in variants:
+            key_t = "i64" if variant == "i64" else "i32"
+            jobs = {
+                "dense": (
+                    TP._dense_kernel,
+                    dict(x_ptr="*" + dt, part_ptr=acc_s, B="i32", P="i32", K="i32", stride_xb="i32", split_size="i32",
+                         key=key_t, scale="fp32"),
+                    dict(BLOCK_B=32, BLOCK_K=128, BLOCK_P=bp, DOT_DTYPE=dot, ACC_DTYPE=acc, PRECISION="ieee"),
+                ),
+                "signshift": (
+                    TP._signshift_kernel,
+                    dict(x_ptr="*" + dt, part_ptr=acc_s, B="i32", P="i64", K="i32", stride_xb="i64",
+                         chunks_per_split="i32", key_sign=key_t, key_shift=key_t),
+                    dict(BLOCK_B=8, BLOCK_J=512, ACC_DTYPE=acc),
+                ),
+                "sparse": (
+                    TP._sparse_kernel,
+                    dict(x_ptr="*" + dt, out_ptr=acc_s, B="i32", P="i64", K="i32", S="i32", stride_xb="i64",
+                         seed_key=key_t, stream0="i32"),
+                    dict(BLOCK_B=4, BLOCK_P=1024, ACC_DTYPE=acc),
+                ),
+                "countsketch": (
+                    TS._countsketch_kernel,
+                    dict(x_ptr="*" + dt, out_ptr=acc_s, R="i32", D="i32", K="i32", key=key_t),
+                    dict(BLOCK_R=32, BLOCK_K=128, BLOCK_D=bp, DOT_DTYPE=dot, ACC_DTYPE=acc),
+                ),
+            }
+            for name, (fn, sig, const) in jobs.items():
+                if variant == "ones":
+                    const = dict(const, **{a: 1 for a in ("B", "K", "S", "R") if a in sig})
+                sig = dict(sig, **{c: "constexpr" for c in const})
+                try:
+                    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target,
+                                   options={"num_warps": 4})
+                    res[f"{name}-{dt}-{variant}"] = "ok"
+                except Exception as e:  # noqa: BLE001 - reported by the test
+                    res[f"{name}-{dt}-{variant}"] = f"{type(e).__name__}: {str(e)[-1500:]}"
+    return res
+
+
+def test_kernels_compile_for_gpu():
+    pytest.importorskip("triton")
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("triton has no NVIDIA backend installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--compile", "90"], env=env, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("COMPILED ")]
+    assert line, proc.stdout[-4000:]
+    res = json.loads(line[-1][len("COMPILED ") :])
+    failed = {k: v for k, v in res.items() if v != "ok"}
+    assert not failed, "\n".join(f"{k}: {v}" for k, v in failed.items())
+    assert len(res) == 24
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--compile"]:  # subprocess of test_kernels_compile_for_gpu
+        print("COMPILED " + json.dumps(_compile_all(int(sys.argv[2]))))
+    else:  # the interpreter subprocess of the `interp` fixture
+        print("CASES " + json.dumps(_run_cases()))

@@ -11,9 +11,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-GOLDEN = 0x9E3779B9
-MIX_M1 = 0x7FEB352D
-MIX_M2 = 0x846CA68B
+# tl.constexpr: compiled kernels may only read globals that are constexpr (the
+# interpreter does not enforce this).
+GOLDEN = tl.constexpr(0x9E3779B9)
+MIX_M1 = tl.constexpr(0x7FEB352D)
+MIX_M2 = tl.constexpr(0x846CA68B)
 
 
 @triton.jit
