@@ -17,6 +17,7 @@ steps and which demo steps carry the score.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -35,7 +36,9 @@ from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 
 log = logging.getLogger(__name__)
 INDEX_DIR = "index"
-_MEMORY_CACHE: dict[tuple, InfluenceIndex] = {}
+_CACHE_SIZE = 2  # indexes can be GBs: keep only the most recent few in memory
+_MEMORY_CACHE: collections.OrderedDict[tuple, tuple[Any, InfluenceIndex]] = collections.OrderedDict()
+_PRECOND_CACHE: collections.OrderedDict[tuple, tuple[Any, Preconditioner]] = collections.OrderedDict()
 
 
 def _open_store(store: Any) -> Any:
@@ -63,8 +66,41 @@ def store_folder(store: Any) -> str | None:
     return None
 
 
+def _run_key(store: Any, name: str) -> tuple:
+    """A cheap identity of a run's state: config hash and Gram count (no array reads)."""
+    r = store.run(name)
+    cfg = getattr(r, "config", None)
+    return (id(store), name, cfg.hash() if hasattr(cfg, "hash") else None, int(r.gram_count))
+
+
+def _lru_get(cache: collections.OrderedDict, key: tuple) -> Any:
+    hit = cache.get(key)
+    if hit is None:
+        return None
+    cache.move_to_end(key)
+    return hit[1]
+
+
+def _lru_put(cache: collections.OrderedDict, key: tuple, store: Any, value: Any, limit: int) -> None:
+    # The store is kept alive with its entry so that its id() in the key cannot be reused.
+    cache[key] = (store, value)
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
+
+
 def _ensemble(store: Any, runs: list[str], damping: float) -> list[tuple[Any, Preconditioner]]:
-    return [(store.run(n), Preconditioner.from_run(store.run(n), damping=damping)) for n in runs]
+    """(run, preconditioner) per run; the Cholesky factor is cached per run state, so
+    repeated queries do not refactorise H."""
+    out = []
+    for n in runs:
+        key = _run_key(store, n) + (float(damping),)
+        pre = _lru_get(_PRECOND_CACHE, key)
+        if pre is None:
+            pre = Preconditioner.from_run(store.run(n), damping=damping)
+            _lru_put(_PRECOND_CACHE, key, store, pre, 4 * _CACHE_SIZE)
+        out.append((store.run(n), pre))
+    return out
 
 
 def whiten_sums(parts: list[tuple[Any, Preconditioner]], sums: list[np.ndarray]) -> torch.Tensor:
@@ -129,30 +165,31 @@ def open_index(
     store = _open_store(store)
     runs = _runs(run)
     ids = _inputs.ids_in_split(store.catalog(), "train")
-    fp = fingerprint(store, runs, damping, ids)
     build_params = {k: v for k, v in params.items() if k in ("hnsw_m", "ef_construction")}
     folder = store_folder(store)
     sub = urllib.parse.quote("+".join(runs), safe="")  # run names are data: escape them
-    key = (id(store), tuple(runs), kind, float(damping), tuple(sorted(build_params.items())))
-    idx = None
-    if not rebuild:
-        cached = _MEMORY_CACHE.get(key)
-        if cached is not None and cached.meta == fp:
-            idx = cached
-        elif folder is not None and os.path.exists(os.path.join(folder, INDEX_DIR, sub, f"{kind}.json")):
+    # In memory, the same store object with unchanged run configs/Gram counts and the same
+    # training ids reuses its index without re-reading the Gram; from disk, the full
+    # fingerprint (Gram checksum included) decides.
+    key = (tuple(_run_key(store, n) for n in runs), kind, float(damping), tuple(sorted(build_params.items())),
+           len(ids), hashlib.sha256("\x00".join(ids).encode()).hexdigest()[:16])
+    idx = None if rebuild else _lru_get(_MEMORY_CACHE, key)
+    if idx is None:
+        fp = fingerprint(store, runs, damping, ids)
+        if not rebuild and folder is not None and os.path.exists(os.path.join(folder, INDEX_DIR, sub, f"{kind}.json")):
             loaded = InfluenceIndex.load(os.path.join(folder, INDEX_DIR, sub), kind, device=params.get("device", "cpu"))
             same_build = all(loaded.params.get(k) == v for k, v in build_params.items())
             if loaded.meta == fp and same_build:
                 idx = loaded
             else:
                 log.info("index %s/%s is stale (run or build parameters changed): rebuilding", sub, kind)
-    if idx is None:
-        idx = build_index(store, runs, kind=kind, damping=damping, **params)
-        if save and folder is not None:
-            idx.save(os.path.join(folder, INDEX_DIR, sub))
+        if idx is None:
+            idx = build_index(store, runs, kind=kind, damping=damping, **params)
+            if save and folder is not None:
+                idx.save(os.path.join(folder, INDEX_DIR, sub))
     if "ef_search" in params:
         idx.ef_search = params["ef_search"]
-    _MEMORY_CACHE[key] = idx
+    _lru_put(_MEMORY_CACHE, key, store, idx, _CACHE_SIZE)
     return idx
 
 
