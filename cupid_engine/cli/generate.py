@@ -31,6 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output dataset folder (LeRobot v3 layout)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the whole dataset")
     p.add_argument("--keep-failures", action="store_true", help="keep failed attempts (success=False)")
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KNOB=LO:HI",
+        help="per-episode environment variation, repeatable: mass_scale, friction_scale, "
+        "size_scale (lift only), placement_scale; e.g. --vary mass_scale=0.5:2",
+    )
     p.add_argument("--horizon", type=int, default=None, help="step limit per episode (default per task)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(handler=_generate)
@@ -41,7 +49,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from cupid_engine.data.lerobot import write_dataset
     from cupid_engine.sim.generate import generate_episodes
-    from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task
+    from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task, parse_variation
 
     tiers = tuple(t.strip() for t in args.tiers.split(",") if t.strip())
     if not tiers:
@@ -54,7 +62,11 @@ def _generate(args: argparse.Namespace) -> int:
         base, extra = divmod(args.demos, len(tiers))
         # The remainder goes to the first tiers, so exactly --demos episodes are written.
         per_tier = {t: base + (i < extra) for i, t in enumerate(tiers)}
-    task = canonical_task(args.task)
+    try:
+        task = canonical_task(args.task)
+        variation = parse_variation(args.vary)
+    except ValueError as e:
+        raise SystemExit(f"generate: {e}") from None
     total = sum(per_tier.values())
     bar = tqdm(total=total, desc=f"generate {task}", unit="demo")
     n_success = 0
@@ -68,6 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             keep_failures=args.keep_failures,
             horizon=args.horizon,
+            variation=variation,
         ):
             n_success += bool(ep.success)
             bar.update(1)

@@ -28,6 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel Ray actors (1 = in-process)")
     p.add_argument("--out", required=True, help="output dataset folder (LeRobot v3 layout)")
     p.add_argument("--seed", type=int, default=0, help="base seed; rollout i depends only on (seed, i)")
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KNOB=LO:HI",
+        help="per-episode environment variation, repeatable: mass_scale, friction_scale, "
+        "size_scale (lift only), placement_scale; e.g. --vary mass_scale=0.5:2",
+    )
     p.add_argument("--horizon", type=int, default=None, help="step limit per episode (default per task)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local instance")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
@@ -39,11 +47,15 @@ def _rollout(args: argparse.Namespace) -> int:
 
     from cupid_engine.data.lerobot import write_dataset
     from cupid_engine.sim.rollout import run_rollouts
-    from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task
+    from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task, parse_variation
 
     if args.episodes < 1:
         raise SystemExit("rollout: --episodes must be >= 1")
-    task = canonical_task(args.task)
+    try:
+        task = canonical_task(args.task)
+        variation = parse_variation(args.vary)
+    except ValueError as e:
+        raise SystemExit(f"rollout: {e}") from None
     bar = tqdm(total=args.episodes, desc=f"rollout {task}", unit="ep")
     n_success = 0
 
@@ -62,6 +74,7 @@ def _rollout(args: argparse.Namespace) -> int:
             workers=args.workers,
             horizon=args.horizon,
             address=args.ray_address,
+            variation=variation,
             progress=tick,
         )
     finally:

@@ -43,6 +43,7 @@ from cupid_engine.sim.tasks import (
     obs_dim,
     obs_keys,
     obs_vector,
+    parse_variation,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "obs_dim",
     "obs_keys",
     "obs_vector",
+    "parse_variation",
     "resolve_policy",
     "run_demo",
     "run_rollouts",

@@ -162,6 +162,7 @@ class ScriptedDemonstrator:
         psi = rng.uniform(0, 2 * math.pi)
         self._miss_offset = 0.035 * np.array([math.cos(psi), math.sin(psi), 0.0])
         self._start_eef: np.ndarray | None = None
+        self._retreat: np.ndarray | None = None
         self.info: dict[str, Any] = {
             "detour": [float(v) for v in self._detour],
             "approach_offset": [float(v) for v in self._approach],
@@ -287,10 +288,36 @@ class ScriptedDemonstrator:
         elif ph == "release":
             self._gripper = -1.0
             if self._t_phase >= 8:
-                self._next("retreat")
+                self._next("press_above" if self.task == "square" else "retreat")
+        elif ph in ("press_above", "press"):
+            # A nut hung from its handle tilts and can jam on the peg, handle side low;
+            # pushing the far side of its ring down with the closed fingers levels it so it
+            # drops onto the table.
+            far = self._nut_far_side(obs)
+            # Close the fingers only once clear of the handle, or they would regrasp it.
+            self._gripper = 1.0 if ph == "press" or eef[2] > far[2] + 0.03 else -1.0
+            if ph == "press_above":
+                if eef[2] < far[2] + 0.03:
+                    far = np.array([eef[0], eef[1], far[2]])  # rise first, then move over
+                act, done = self._goto(obs, far + np.array([0.0, 0.0, 0.05]), 0.01)
+                if done or self._t_phase > 40:
+                    self._next("press")
+            else:
+                act, done = self._goto(obs, far + np.array([0.0, 0.0, -0.04]), 0.005)
+                if self._t_phase > 20:
+                    self._gripper = -1.0
+                    self._next("retreat")
         elif ph == "retreat":
-            act, _ = self._goto(obs, np.array([eef[0], eef[1], eef[2] + 0.1]), 0.01)
+            if self._retreat is None:  # fixed once, or the arm would climb forever
+                self._retreat = eef + np.array([0.0, 0.0, 0.1])
+            act, _ = self._goto(obs, self._retreat, 0.01)
         return self._finish(act, noise=True)
+
+    def _nut_far_side(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """World position of the nut ring's side opposite the handle (nut local x = -0.033)."""
+        x, y, z, w = (float(v) for v in obs["SquareNut_quat"])
+        axis = np.array([1 - 2 * (y * y + z * z), 2 * (x * y + z * w), 2 * (x * z - y * w)])
+        return self._object_pos(obs) - 0.033 * axis
 
     def _object_pos(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(obs[f"{self._obj}_pos"], np.float64)

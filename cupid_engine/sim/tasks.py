@@ -141,6 +141,27 @@ class Variation(Config):
         }
 
 
+def parse_variation(specs: list[str] | tuple[str, ...] | None) -> Variation | None:
+    """Parse CLI knob specs ``KNOB=LO:HI`` or ``KNOB=VALUE`` into a :class:`Variation`.
+
+    Example: ``["mass_scale=0.5:2", "placement_scale=1.5"]``. None/empty -> None.
+    """
+    if not specs:
+        return None
+    names = {f.name for f in dataclasses.fields(Variation)}
+    kwargs: dict[str, tuple[float, float]] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or name not in names:
+            raise ValueError(f"bad variation {spec!r}: expected KNOB=LO:HI with KNOB in {sorted(names)}")
+        lo, _, hi = value.partition(":")
+        try:
+            kwargs[name] = (float(lo), float(hi or lo))
+        except ValueError:
+            raise ValueError(f"bad variation {spec!r}: LO and HI must be numbers") from None
+    return Variation(**kwargs)
+
+
 def _load_robosuite():
     # robosuite prints macro warnings on import and numba caches compiled code; neither
     # matters to us, but headless rendering must be off before mujoco is imported.

@@ -27,3 +27,4 @@ def sim_env():
     for env in _ENVS.values():
         env.close()
     _ENVS.clear()
+

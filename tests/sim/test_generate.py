@@ -45,11 +45,15 @@ def test_keep_failures_and_variation_recorded():
 
 def test_generate_cli_writes_dataset(tmp_path):
     lerobot = pytest.importorskip("cupid_engine.data.lerobot")
-    from cupid_engine.cli import main
+    from .helpers import run_cli
 
     out = tmp_path / "lift_mh"
-    assert main(["generate", "--task", "lift", "--demos", "2", "--tiers", "better,okay", "--out", str(out), "--seed", "3"]) == 0
+    argv = ["generate", "--task", "lift", "--demos", "2", "--tiers", "better,okay", "--out", str(out), "--seed", "3"]
+    assert run_cli("generate", argv + ["--vary", "mass_scale=0.8:1.2"]) == 0
     eps = list(lerobot.open_dataset(out).episodes())
     assert sorted(e.episode_id for e in eps) == ["lift_better_0000", "lift_okay_0000"]
     assert {e.tier for e in eps} == {"better", "okay"} and all(e.success for e in eps)
     assert all(e.split == "train" for e in eps)
+    assert all(0.8 <= e.metadata["env_knobs"]["mass_scale"] <= 1.2 for e in eps)
+    with pytest.raises(SystemExit):
+        run_cli("generate", argv + ["--vary", "weight=2"])

@@ -15,6 +15,7 @@ from cupid_engine.sim.tasks import (
     obs_dim,
     obs_keys,
     obs_vector,
+    parse_variation,
 )
 
 pytestmark = pytest.mark.sim
@@ -89,3 +90,14 @@ def test_variation_knobs_applied_and_recorded():
     with pytest.raises(ValueError):
         Variation(mass_scale=(2.0, 1.0))
     assert Variation.from_dict(var.to_dict()) == var
+
+
+def test_parse_variation():
+    var = parse_variation(["mass_scale=0.5:2", "placement_scale=1.5"])
+    assert var.mass_scale == (0.5, 2.0) and var.placement_scale == (1.5, 1.5)
+    assert var.friction_scale == (1.0, 1.0)
+    assert parse_variation([]) is None
+    with pytest.raises(ValueError, match="KNOB"):
+        parse_variation(["weight=2"])
+    with pytest.raises(ValueError, match="numbers"):
+        parse_variation(["mass_scale=a:b"])
