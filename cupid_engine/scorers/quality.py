@@ -21,8 +21,8 @@ A is never stored, neither per pair nor for all steps. Backends:
 - ``triton``: ``cupid_engine/ops/triton/quality.py``, one program per (rollout, demo)
   pair, tiled over steps and k (GPU; runs under ``TRITON_INTERPRET=1`` in tests).
 
-``backend="auto"`` picks ``cpu`` when the extension is built (else ``torch``) and logs the
-choice once; an explicit backend that is missing raises. All backends agree to float
+``backend="auto"`` picks ``triton`` for CUDA tensors and ``cpu`` for CPU tensors when the
+extension is built (else ``torch``) and logs the choice once; an explicit backend that is missing raises. All backends agree to float
 rounding; in float64 they agree with the brute-force double loop.
 """
 
@@ -161,6 +161,14 @@ def quality_minmax_cpu(r: torch.Tensor, r_off: Any, d: torch.Tensor, d_off: Any)
     return maxmin, minmax
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _log_auto_choice(choice: str) -> None:
     log.info("cupid-quality: backend='auto' uses %r", choice)
@@ -184,7 +192,10 @@ def quality_minmax(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "cpu" if (torch.as_tensor(r).device.type == "cpu" and cpu_available()) else "torch"
+        if torch.as_tensor(r).device.type == "cuda":
+            backend = "triton" if _triton_importable() else "torch"
+        else:
+            backend = "cpu" if cpu_available() else "torch"
         _log_auto_choice(backend)
     if backend == "torch":
         return quality_minmax_reference(r, r_off, d, d_off)
