@@ -1,0 +1,218 @@
+"""Target metrics M(π) a datamodel predicts.
+
+* :class:`ProxyMetric`: DataMIL's rollout-free, differentiable proxy (Eq. 4 / App. C.1)
+  ``M̂ = −(1/|T|) Σ_{z∈T} w(z)·ℓ(z)`` over target demonstrations T, with optional
+  per-step weights ``w`` (e.g. 2 on pre-grasp steps). It evaluates on a fitted policy
+  (``__call__``, for the regression estimator) and as a function of a parameter dict
+  (``functional``, for the metagradient estimator). With ``per_episode=True`` it returns
+  one value per target demonstration (one *target* each, for LDS).
+* :class:`RolloutMetric`: any ``metric(policy) -> float``, e.g. a success rate from
+  simulated rollouts (:func:`sim_success_metric` wraps ``cupid_engine.sim.run_rollouts``,
+  imported only when called, so the datamodel code never depends on the simulator).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cupid_engine.data.episode import Episode
+from cupid_engine.policies.base import Policy
+from cupid_engine.policies.outputs import functional_output
+from cupid_engine.policies.samples import SampleSet, build_samples
+
+StepWeightFn = Callable[[str, int], float]
+
+
+class ProxyMetric:
+    """Negative weighted mean BC loss on target demonstrations.
+
+    Args:
+        target: Target episodes, or a SampleSet already cut with the policy's window
+            sizes. Episodes are cut lazily with the evaluated policy's config.
+        step_weights: None (all 1), a ``[N_target]`` array aligned with the target
+            samples (episode order, then step), or a callable ``(episode_id, step) ->
+            weight``.
+        per_episode: Return one value per target episode (``[n_targets]``) instead of
+            the pooled mean over all target samples.
+        draws: Noise draws per sample for diffusion policies (the ``loss`` output with
+            per-sample seeded draws, so the metric does not depend on batch layout).
+        seed: Seed of those draws.
+    """
+
+    def __init__(
+        self,
+        target: Sequence[Episode] | SampleSet,
+        *,
+        step_weights: np.ndarray | Sequence[float] | StepWeightFn | None = None,
+        per_episode: bool = False,
+        draws: int = 16,
+        seed: int = 0,
+    ) -> None:
+        self.target = target if isinstance(target, SampleSet) else list(target)
+        if not isinstance(self.target, SampleSet) and not self.target:
+            raise ValueError("ProxyMetric needs at least one target episode")
+        self.step_weights = step_weights
+        self.per_episode = bool(per_episode)
+        self.draws = int(draws)
+        self.seed = int(seed)
+        self._cache: dict[tuple, tuple[SampleSet, torch.Tensor]] = {}
+
+    # -- data -------------------------------------------------------------------------
+    def samples_for(self, policy: Policy) -> tuple[SampleSet, torch.Tensor]:
+        """Target samples cut for ``policy`` and their ``[N_target]`` float64 weights."""
+        c = policy.config
+        key = (c.n_obs_steps, c.horizon, tuple(c.obs_keys) if c.obs_keys else None)
+        if key not in self._cache:
+            if isinstance(self.target, SampleSet):
+                samples = self.target
+            else:
+                samples = build_samples(self.target, n_obs_steps=c.n_obs_steps, horizon=c.horizon,
+                                        obs_keys=c.obs_keys)
+            self._cache[key] = (samples, self._weights(samples))
+        return self._cache[key]
+
+    def _weights(self, samples: SampleSet) -> torch.Tensor:
+        n = len(samples)
+        sw = self.step_weights
+        if sw is None:
+            w = np.ones(n)
+        elif callable(sw):
+            w = np.array([float(sw(samples.episode_ids[int(e)], int(s)))
+                          for e, s in zip(samples.episode_index, samples.step)])
+        else:
+            w = np.asarray(sw, dtype=np.float64)
+            if w.shape != (n,):
+                raise ValueError(f"step_weights must be [N_target={n}], got {w.shape}")
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError("step_weights must be finite and >= 0")
+        return torch.from_numpy(w.astype(np.float64))
+
+    @property
+    def num_targets(self) -> int:
+        """Values returned per evaluation: target episodes (per_episode) or 1."""
+        if not self.per_episode:
+            return 1
+        if isinstance(self.target, SampleSet):
+            return len(torch.unique(self.target.episode_index))
+        return len(self.target)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the target data and options (part of subset-cache keys)."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"per_episode": self.per_episode, "draws": self.draws, "seed": self.seed,
+                             "weights": "fn" if callable(self.step_weights) else None}).encode())
+        if isinstance(self.target, SampleSet):
+            h.update(self.target.obs.numpy().tobytes())
+            h.update(self.target.action.numpy().tobytes())
+        else:
+            for ep in self.target:
+                h.update(ep.episode_id.encode())
+                for k in sorted(ep.observations):
+                    h.update(np.ascontiguousarray(ep.observations[k]).tobytes())
+                h.update(np.ascontiguousarray(ep.actions).tobytes())
+        if self.step_weights is not None and not callable(self.step_weights):
+            h.update(np.asarray(self.step_weights, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
+
+    # -- evaluation -------------------------------------------------------------------
+    def functional(self, policy: Policy, params: dict[str, torch.Tensor], *, batch: dict | None = None) -> torch.Tensor:
+        """M̂ as a differentiable function of ``params``.
+
+        Args:
+            policy: The policy module (fitted normaliser; its buffers are used).
+            params: Parameter dict (as ``named_parameters``), possibly requiring grad.
+            batch: Pre-built normalised target batch (from :meth:`prepare`), else built.
+
+        Returns:
+            Scalar, or ``[n_targets]`` when ``per_episode``.
+        """
+        if batch is None:
+            batch = self.prepare(policy)
+        w = batch["__weight"]
+        b = {k: v for k, v in batch.items() if not k.startswith("__")}
+        losses = functional_output(policy, params, b, "loss", seed=self.seed, draws=self.draws)
+        wl = w.to(losses.dtype) * losses
+        if not self.per_episode:
+            return -wl.mean()
+        group = batch["__group"]
+        n_groups = int(batch["__num_groups"])
+        sums = wl.new_zeros(n_groups).index_add(0, group, wl)
+        counts = torch.bincount(group, minlength=n_groups).to(wl.dtype)
+        return -sums / counts
+
+    def prepare(self, policy: Policy) -> dict[str, torch.Tensor]:
+        """The normalised target batch on the policy's device and dtype, with weights."""
+        samples, w = self.samples_for(policy)
+        ref = next(policy.parameters())
+        batch = policy.make_batch(samples)
+        batch = {k: (v.to(ref.device, ref.dtype) if v.is_floating_point() else v.to(ref.device))
+                 for k, v in batch.items()}
+        _, group = torch.unique(samples.episode_index, return_inverse=True)
+        batch["__weight"] = w.to(ref.device, ref.dtype)
+        batch["__group"] = group.to(ref.device)
+        batch["__num_groups"] = torch.tensor(int(group.max()) + 1)
+        return batch
+
+    @torch.no_grad()
+    def __call__(self, policy: Policy) -> float | np.ndarray:
+        """Evaluate on a trained policy: a float, or ``[n_targets]`` when per_episode."""
+        params = dict(policy.named_parameters())
+        value = self.functional(policy, params)
+        if self.per_episode:
+            return value.double().cpu().numpy()
+        return float(value)
+
+
+class RolloutMetric:
+    """A pluggable true metric: ``fn(policy) -> float`` (e.g. rollout success rate).
+
+    Args:
+        fn: Picklable callable evaluating a trained policy.
+        name: A stable name for cache keys (two different metrics must not share it).
+    """
+
+    per_episode = False
+    num_targets = 1
+
+    def __init__(self, fn: Callable[[Policy], float], *, name: str) -> None:
+        self.fn = fn
+        self.name = name
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"rollout:{self.name}".encode()).hexdigest()[:16]
+
+    def __call__(self, policy: Policy) -> float:
+        return float(self.fn(policy))
+
+
+class _SimSuccess:
+    """Picklable success-rate evaluator over ``cupid_engine.sim.run_rollouts``."""
+
+    def __init__(self, task: str, episodes: int, seed: int, workers: int) -> None:
+        self.task, self.episodes, self.seed, self.workers = task, episodes, seed, workers
+
+    def __call__(self, policy: Policy) -> float:
+        from cupid_engine.sim import run_rollouts  # the simulator only when asked for
+
+        rollouts = run_rollouts(policy, self.task, episodes=self.episodes, seed=self.seed, workers=1)
+        return float(np.mean([bool(ep.success) for ep in rollouts]))
+
+
+def sim_success_metric(task: str, *, episodes: int = 50, seed: int = 0) -> RolloutMetric:
+    """Rollout success rate of a policy on a simulated task (robosuite via ``cupid_engine.sim``).
+
+    Rollouts run in the calling process (one per subset training actor), since models
+    are never pickled to rollout workers.
+    """
+    return RolloutMetric(_SimSuccess(task, episodes, seed, 1), name=f"sim:{task}:{episodes}:{seed}")
+
+
+def metric_values(metric: Callable[[Policy], Any], policy: Policy) -> np.ndarray:
+    """Evaluate any metric and return ``[n_targets]`` float64."""
+    return np.atleast_1d(np.asarray(metric(policy), dtype=np.float64)).reshape(-1)
