@@ -95,7 +95,8 @@ def generate_episodes(
         horizon: Step limit per episode (default :data:`DEFAULT_HORIZON`).
         max_attempts_factor: Without ``keep_failures``, give up on a tier after
             ``factor · n + 10`` attempts.
-        env: An existing environment of the same task to reuse (else one is built).
+        env: An existing environment of the same task to reuse (else one is built); it
+            carries its own variation.
 
     Yields:
         Episodes with ids ``{task}_{tier}_{index:04d}``, split ``train``, source
@@ -119,6 +120,8 @@ def generate_episodes(
         env = SimEnv(task, variation=variation, horizon=horizon)
     elif env.task != task:
         raise ValueError(f"env is for task {env.task!r}, not {task!r}")
+    elif variation is not None:
+        raise ValueError("pass variation to the SimEnv given as env, not to generate_episodes")
     for tier in tiers:
         n = counts[tier]
         kept, attempt = 0, 0

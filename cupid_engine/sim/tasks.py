@@ -127,6 +127,9 @@ class Variation(Config):
     placement_scale: tuple[float, float] = field(
         (1.0, 1.0), help="multiplier of the initial object placement x/y range (about its centre)"
     )
+    # size_scale rescales the collision geoms in place; robosuite still places the object
+    # with its stock bottom offset, so a scaled cube starts up to a few mm into or above
+    # the table and settles in the first steps.
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -259,6 +262,11 @@ class SimEnv:
         raise RuntimeError(f"task {self.task!r}: no placement sampler holds object {name!r}")
 
     @property
+    def observation(self) -> dict[str, np.ndarray]:
+        """The latest observation (restricted to :attr:`obs_keys`)."""
+        return dict(self._obs)
+
+    @property
     def obs_keys(self) -> tuple[str, ...]:
         """Ordered keys of the fixed observation vector."""
         return obs_keys(self.task)
@@ -348,8 +356,8 @@ class SimEnv:
 
 def make_env(
     task: str, *, seed: int, variation: Variation | None = None, horizon: int = 1000
-) -> tuple[SimEnv, dict[str, np.ndarray]]:
-    """Build a reusable headless environment and reset it to episode ``seed``.
+) -> SimEnv:
+    """Build a reusable headless environment, already reset to episode ``seed``.
 
     Args:
         task: ``lift``, ``can``, ``square`` or a robosuite name (``PickPlaceCan`` ...).
@@ -358,7 +366,8 @@ def make_env(
         horizon: Upper bound on episode length.
 
     Returns:
-        ``(env, first_obs)``.
+        The environment; its first observation is ``env.observation``.
     """
     env = SimEnv(task, variation=variation, horizon=horizon)
-    return env, env.reset(seed)
+    env.reset(seed)
+    return env

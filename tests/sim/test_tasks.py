@@ -101,3 +101,15 @@ def test_parse_variation():
         parse_variation(["weight=2"])
     with pytest.raises(ValueError, match="numbers"):
         parse_variation(["mass_scale=a:b"])
+
+
+def test_make_env_returns_reset_env():
+    from cupid_engine.sim.tasks import make_env
+
+    env = make_env("PickPlaceCan", seed=5)
+    try:
+        assert env.task == "can"
+        first = env.observation
+        np.testing.assert_array_equal(env.reset(5)["Can_pos"], first["Can_pos"])
+    finally:
+        env.close()
