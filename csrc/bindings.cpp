@@ -17,6 +17,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cupid_engine native kernels (C++ CPU, optional CUDA)";
   m.def("has_cuda", &cupid::has_cuda, "Whether CUDA kernels were compiled into this build.");
   m.def("num_threads", &cupid::num_threads, "OpenMP threads the CPU kernels use.");
+  m.def("set_num_threads", &cupid::set_num_threads, py::arg("n"), "Set the OpenMP threads of the CPU kernels.");
 
   // --- projection (csrc/cpu/projection.cpp) ---
   m.def("project_cpu", &cupid::project_cpu, py::call_guard<py::gil_scoped_release>(),
@@ -24,8 +25,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k"), py::arg("method"), py::arg("dtype"), py::arg("seed"), py::arg("s"),
         "out[B, k] (fp32, zero-filled by the caller) += P x for x[B, dim] (row stride x_stride).");
   m.def("countsketch_pair_cpu", &cupid::countsketch_pair_cpu, py::call_guard<py::gil_scoped_release>(),
-        py::arg("delta_ptr"), py::arg("x_ptr"), py::arg("cs_delta_ptr"), py::arg("cs_x_ptr"), py::arg("rows"),
-        py::arg("out_dim"), py::arg("in_dim"), py::arg("k"), py::arg("dtype"), py::arg("seed"),
+        py::arg("delta_ptr"), py::arg("x_ptr"), py::arg("b1_ptr"), py::arg("s1_ptr"), py::arg("b2_ptr"),
+        py::arg("s2_ptr"), py::arg("cs_delta_ptr"), py::arg("cs_x_ptr"), py::arg("rows"), py::arg("out_dim"),
+        py::arg("in_dim"), py::arg("k"), py::arg("dtype"),
         "Tensorsketch stage 1: CountSketch of delta[rows, O] and x[rows, I] into [rows, k] each.");
 
   // --- scorers (csrc/cpu/quality.cpp) ---
@@ -42,8 +44,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"),
         "GPU: out[B, k] (zero-filled by the caller) = P x for x[B, dim], launched on `stream` of `device`.");
   m.def("countsketch_pair_cuda", &cupid::countsketch_pair_cuda, py::call_guard<py::gil_scoped_release>(),
-        py::arg("delta_ptr"), py::arg("x_ptr"), py::arg("cs_delta_ptr"), py::arg("cs_x_ptr"), py::arg("rows"),
-        py::arg("out_dim"), py::arg("in_dim"), py::arg("k"), py::arg("dtype"), py::arg("seed"), py::arg("device"),
+        py::arg("delta_ptr"), py::arg("x_ptr"), py::arg("b1_ptr"), py::arg("s1_ptr"), py::arg("b2_ptr"),
+        py::arg("s2_ptr"), py::arg("cs_delta_ptr"), py::arg("cs_x_ptr"), py::arg("rows"), py::arg("out_dim"),
+        py::arg("in_dim"), py::arg("k"), py::arg("dtype"), py::arg("device"),
         py::arg("stream"),
         "GPU tensorsketch stage 1: CountSketch of delta[rows, O] and x[rows, I] into [rows, k] each.");
 #endif

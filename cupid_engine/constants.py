@@ -11,6 +11,7 @@ STREAM_SIGNSHIFT_SIGN = 1001
 STREAM_SIGNSHIFT_SHIFT = 1002
 STREAM_TS_OUT = 2001  # tensorsketch hash h1/s1 over output rows (delta)
 STREAM_TS_IN = 2002  # tensorsketch hash h2/s2 over input columns (x)
+STREAM_TS_SIGN_OFFSET = 100  # sign stream of a tensorsketch factor = its bucket stream + this
 STREAM_LAYER = 3001  # per-layer seed derivation in the featuriser
 STREAM_DIFFUSION_NOISE = 4001  # (eps, t) draws of the `square` output function
 MAX_SPARSE_S = 64

@@ -28,8 +28,6 @@ constexpr uint32_t kStreamDense = 1;
 constexpr uint32_t kStreamSparse = 2;
 constexpr uint32_t kStreamSignShiftSign = 1001;
 constexpr uint32_t kStreamSignShiftShift = 1002;
-constexpr uint32_t kStreamTsOut = 2001;
-constexpr uint32_t kStreamTsIn = 2002;
 
 constexpr int64_t kRowGroup = 32;      // rows sharing one set of hashed tiles
 constexpr int64_t kMaxSuperblocks = 16;  // fixed partition of the coordinate axis
@@ -236,31 +234,22 @@ void project_typed(const In* x, AccOf<In>* out, int64_t B, const Plan& p) {
 }
 
 template <typename In>
-void countsketch_typed(const In* delta, const In* x, AccOf<In>* cs_d, AccOf<In>* cs_x, int64_t rows, int64_t O,
-                       int64_t I, int64_t k, uint64_t seed) {
+void countsketch_typed(const In* delta, const In* x, const int64_t* b1, const int64_t* s1, const int64_t* b2,
+                       const int64_t* s2, AccOf<In>* cs_d, AccOf<In>* cs_x, int64_t rows, int64_t O, int64_t I,
+                       int64_t k) {
   using Acc = AccOf<In>;
-  auto hashes = [&](uint32_t stream, int64_t n, std::vector<uint32_t>& bk, std::vector<Acc>& sg) {
-    const uint32_t key = stream_key(seed, stream);
-    bk.resize(n);
-    sg.resize(n);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t h = hash32(key, static_cast<uint32_t>(i));
-      bk[i] = fastrange(h, static_cast<uint32_t>(k));
-      sg[i] = (h & 1u) ? Acc(-1) : Acc(1);
-    }
-  };
-  std::vector<uint32_t> b1, b2;
-  std::vector<Acc> s1, s2;
-  hashes(kStreamTsOut, O, b1, s1);
-  hashes(kStreamTsIn, I, b2, s2);
+  // Signs as floating point once, shared by every row.
+  std::vector<Acc> f1(O), f2(I);
+  for (int64_t i = 0; i < O; ++i) f1[i] = static_cast<Acc>(s1[i]);
+  for (int64_t i = 0; i < I; ++i) f2[i] = static_cast<Acc>(s2[i]);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const In* dr = delta + r * O;
     Acc* od = cs_d + r * k;
-    for (int64_t i = 0; i < O; ++i) od[b1[i]] += s1[i] * static_cast<Acc>(load(dr + i));
+    for (int64_t i = 0; i < O; ++i) od[b1[i]] += f1[i] * static_cast<Acc>(load(dr + i));
     const In* xr = x + r * I;
     Acc* ox = cs_x + r * k;
-    for (int64_t i = 0; i < I; ++i) ox[b2[i]] += s2[i] * static_cast<Acc>(load(xr + i));
+    for (int64_t i = 0; i < I; ++i) ox[b2[i]] += f2[i] * static_cast<Acc>(load(xr + i));
   }
 }
 
@@ -280,6 +269,11 @@ bool has_cuda() {
 }
 
 int num_threads() { return omp_get_max_threads(); }
+
+void set_num_threads(int n) {
+  if (n <= 0) throw std::invalid_argument("cupid._C: set_num_threads needs n > 0");
+  omp_set_num_threads(n);
+}
 
 void project_cpu(uintptr_t x_ptr, uintptr_t out_ptr, int64_t batch, int64_t dim, int64_t x_stride, int64_t k,
                  int method, int dtype, uint64_t seed, int64_t s) {
@@ -307,34 +301,30 @@ void project_cpu(uintptr_t x_ptr, uintptr_t out_ptr, int64_t batch, int64_t dim,
   }
 }
 
-void countsketch_pair_cpu(uintptr_t delta_ptr, uintptr_t x_ptr, uintptr_t cs_delta_ptr, uintptr_t cs_x_ptr,
-                          int64_t rows, int64_t out_dim, int64_t in_dim, int64_t k, int dtype, uint64_t seed) {
+void countsketch_pair_cpu(uintptr_t delta_ptr, uintptr_t x_ptr, uintptr_t b1_ptr, uintptr_t s1_ptr, uintptr_t b2_ptr,
+                          uintptr_t s2_ptr, uintptr_t cs_delta_ptr, uintptr_t cs_x_ptr, int64_t rows, int64_t out_dim,
+                          int64_t in_dim, int64_t k, int dtype) {
   check_common(rows, std::max(out_dim, in_dim), k);
   if (out_dim <= 0 || in_dim <= 0) throw std::invalid_argument("cupid._C: out_dim and in_dim must be > 0");
+  const auto* b1 = reinterpret_cast<const int64_t*>(b1_ptr);
+  const auto* s1 = reinterpret_cast<const int64_t*>(s1_ptr);
+  const auto* b2 = reinterpret_cast<const int64_t*>(b2_ptr);
+  const auto* s2 = reinterpret_cast<const int64_t*>(s2_ptr);
+  for (int64_t i = 0; i < out_dim; ++i)
+    if (b1[i] < 0 || b1[i] >= k) throw std::invalid_argument("cupid._C: bucket table out of range");
+  for (int64_t i = 0; i < in_dim; ++i)
+    if (b2[i] < 0 || b2[i] >= k) throw std::invalid_argument("cupid._C: bucket table out of range");
+#define CUPID_CS(IN, ACC)                                                                                       \
+  countsketch_typed(reinterpret_cast<const IN*>(delta_ptr), reinterpret_cast<const IN*>(x_ptr), b1, s1, b2, s2, \
+                    reinterpret_cast<ACC*>(cs_delta_ptr), reinterpret_cast<ACC*>(cs_x_ptr), rows, out_dim, in_dim, k)
   switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32:
-      countsketch_typed(reinterpret_cast<const float*>(delta_ptr), reinterpret_cast<const float*>(x_ptr),
-                        reinterpret_cast<float*>(cs_delta_ptr), reinterpret_cast<float*>(cs_x_ptr), rows, out_dim,
-                        in_dim, k, seed);
-      break;
-    case DType::kFloat64:
-      countsketch_typed(reinterpret_cast<const double*>(delta_ptr), reinterpret_cast<const double*>(x_ptr),
-                        reinterpret_cast<double*>(cs_delta_ptr), reinterpret_cast<double*>(cs_x_ptr), rows, out_dim,
-                        in_dim, k, seed);
-      break;
-    case DType::kFloat16:
-      countsketch_typed(reinterpret_cast<const Half*>(delta_ptr), reinterpret_cast<const Half*>(x_ptr),
-                        reinterpret_cast<float*>(cs_delta_ptr), reinterpret_cast<float*>(cs_x_ptr), rows, out_dim,
-                        in_dim, k, seed);
-      break;
-    case DType::kBFloat16:
-      countsketch_typed(reinterpret_cast<const BF16*>(delta_ptr), reinterpret_cast<const BF16*>(x_ptr),
-                        reinterpret_cast<float*>(cs_delta_ptr), reinterpret_cast<float*>(cs_x_ptr), rows, out_dim,
-                        in_dim, k, seed);
-      break;
-    default:
-      throw std::invalid_argument("cupid._C: unsupported dtype " + std::to_string(dtype));
+    case DType::kFloat32: CUPID_CS(float, float); break;
+    case DType::kFloat64: CUPID_CS(double, double); break;
+    case DType::kFloat16: CUPID_CS(Half, float); break;
+    case DType::kBFloat16: CUPID_CS(BF16, float); break;
+    default: throw std::invalid_argument("cupid._C: unsupported dtype " + std::to_string(dtype));
   }
+#undef CUPID_CS
 }
 
 }  // namespace cupid

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from cupid_engine import constants as C
 from cupid_engine.ops import reference
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -63,9 +64,12 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) ->
     acc = _out_dtype(delta.dtype)
     cs1 = torch.zeros(B, T, k, dtype=acc)
     cs2 = torch.zeros(B, T, k, dtype=acc)
+    b1, s1 = reference.countsketch_buckets(seed, C.STREAM_TS_OUT, O, k)
+    b2, s2 = reference.countsketch_buckets(seed, C.STREAM_TS_IN, I, k)
     if B * T:
         _C().countsketch_pair_cpu(
-            delta.data_ptr(), x.data_ptr(), cs1.data_ptr(), cs2.data_ptr(), B * T, O, I, k, _DTYPES[delta.dtype], seed
+            delta.data_ptr(), x.data_ptr(), b1.data_ptr(), s1.data_ptr(), b2.data_ptr(), s2.data_ptr(),
+            cs1.data_ptr(), cs2.data_ptr(), B * T, O, I, k, _DTYPES[delta.dtype],
         )
     return cs1, cs2
 

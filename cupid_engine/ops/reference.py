@@ -21,15 +21,22 @@ Methods (``k`` output buckets, input coordinate ``i`` in ``[0, P)``):
   gradient is a signed cyclic shift, so the kernel streams contiguous memory.
 * ``tensorsketch``: for ``delta [B, T, O]`` and ``x [B, T, I]`` the CountSketch of
   ``vec(sum_t delta_t x_t^T)`` with bucket ``(h1(o) + h2(i)) mod k`` and sign
-  ``s1(o) s2(i)``, where ``h1/s1`` come from ``hash32(key_out, o)`` and ``h2/s2`` from
-  ``hash32(key_in, i)`` (bucket ``fastrange``, sign bit ``& 1``). Computed as
-  ``sum_t IFFT(FFT(CS1(delta_t)) * FFT(CS2(x_t)))``.
+  ``s1(o) s2(i)``, computed as ``sum_t IFFT(FFT(CS1(delta_t)) * FFT(CS2(x_t)))``.
+  Each factor hash ``h`` over ``n`` indices is a random *injection* into ``[0, k)`` when
+  ``n <= k``: the first ``n`` entries of the permutation that sorts
+  ``hash32(key, j), j < k`` (ties by ``j``); otherwise ``fastrange(hash32(key, i), k)``.
+  Injectivity matters: with a plain hash, entries of one gradient row (or column)
+  collide with each other, and for correlated samples those errors add coherently
+  (measured 1.3-1.45x the error of a dense Gaussian JL on correlated layer gradients,
+  against 0.9-1.0x with injections). Signs ``s`` are bit 0 of ``hash32(key_sign, i)``
+  with ``key_sign = stream_key(seed, stream + STREAM_TS_SIGN_OFFSET)``.
 
 All methods satisfy ``E<Px, Py> = <x, y>`` over the random seed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -75,10 +82,28 @@ def signshift_buckets(seed: int, coords: torch.Tensor, k: int) -> tuple[torch.Te
     return (coords % k + shift) % k, 1 - 2 * sign_bits
 
 
+@functools.lru_cache(maxsize=256)
+def _countsketch_tables(seed: int, stream: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = H.stream_key(seed, stream)
+    if n <= k:
+        j = torch.arange(k, dtype=torch.int64)
+        # Sort by (hash, index): a seeded random permutation, identical on every machine.
+        buckets = torch.argsort(H.hash32(key, j) * k + j)[:n]
+    else:
+        buckets = H.fastrange(H.hash32(key, torch.arange(n, dtype=torch.int64)), k)
+    key_sign = H.stream_key(seed, stream + C.STREAM_TS_SIGN_OFFSET)
+    signs = 1 - 2 * (H.hash32(key_sign, torch.arange(n, dtype=torch.int64)) & 1)
+    return buckets, signs
+
+
 def countsketch_buckets(seed: int, stream: int, n: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buckets and signs ``[n]`` of one tensorsketch factor (stream TS_OUT or TS_IN)."""
-    h = H.hash32(H.stream_key(seed, stream), torch.arange(n, dtype=torch.int64, device=device))
-    return H.fastrange(h, k), 1 - 2 * (h & 1)
+    """Buckets (int64) and signs (±1 int64) ``[n]`` of one tensorsketch factor (stream TS_OUT or TS_IN).
+
+    Host-computed once per ``(seed, stream, n, k)`` and cached; every backend consumes
+    these tables, so the factor hashes are identical everywhere by construction.
+    """
+    buckets, signs = _countsketch_tables(seed, stream, n, k)
+    return buckets.to(device), signs.to(device)
 
 
 def project(x: torch.Tensor, *, k: int, method: str, seed: int, s: int = 1, block: int = 1 << 16) -> torch.Tensor:

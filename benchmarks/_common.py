@@ -1,0 +1,88 @@
+"""Shared benchmark plumbing: timing, the hardware limit, machine info and JSON output."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def timeit(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median/min/max wall seconds of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth in GB/s: a torch float32 sum over a ``gib`` GiB buffer, all threads."""
+    n = int(gib * (1 << 30)) // 4
+    buf = torch.ones(n, dtype=torch.float32)
+    t = timeit(lambda: buf.sum(), repeats=repeats, warmup=1)
+    del buf
+    return n * 4 / t["min"] / 1e9
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(payload, indent=2, default=float))
+    print(f"wrote {p}")
+
+
+def criterion(value: float, target: float, *, higher_is_better: bool = True) -> dict[str, Any]:
+    ok = value >= target if higher_is_better else value <= target
+    return {"value": float(value), "target": float(target), "pass": bool(ok)}
+
+
+def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
