@@ -44,10 +44,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"),
         "GPU: out[B, k] (zero-filled by the caller) = P x for x[B, dim], launched on `stream` of `device`.");
   m.def("countsketch_pair_cuda", &cupid::countsketch_pair_cuda, py::call_guard<py::gil_scoped_release>(),
-        py::arg("delta_ptr"), py::arg("x_ptr"), py::arg("b1_ptr"), py::arg("s1_ptr"), py::arg("b2_ptr"),
-        py::arg("s2_ptr"), py::arg("cs_delta_ptr"), py::arg("cs_x_ptr"), py::arg("rows"), py::arg("out_dim"),
-        py::arg("in_dim"), py::arg("k"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"),
-        "GPU tensorsketch stage 1: CountSketch of delta[rows, O] and x[rows, I] into [rows, k] each.");
+        py::arg("delta_ptr"), py::arg("x_ptr"), py::arg("order1_ptr"), py::arg("sign1_ptr"), py::arg("offsets1_ptr"),
+        py::arg("order2_ptr"), py::arg("sign2_ptr"), py::arg("offsets2_ptr"), py::arg("cs_delta_ptr"),
+        py::arg("cs_x_ptr"), py::arg("rows"), py::arg("out_dim"), py::arg("in_dim"), py::arg("k"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"),
+        "GPU tensorsketch stage 1: CountSketch of delta[rows, O] and x[rows, I] into [rows, k] each, from\n"
+        "bucket-grouped (CSR) int32 tables of reference.countsketch_buckets.");
 #endif
 }

@@ -9,10 +9,10 @@
 //   in split order. No atomics: bit-reproducible across runs and batch splits.
 //   signshift gathers instead of scattering: bucket j of chunk c reads coordinate
 //   c*k + ((j - shift_c) mod k), so reads stay contiguous.
-// * countsketch (tensorsketch stage 1): a block owns a tile of buckets for a few rows;
-//   for each tile of input coordinates it compacts, in coordinate order (warp ballots),
-//   the coordinates whose bucket falls in its tile, then each thread sums its bucket's
-//   hits. No atomics: bit-reproducible, and summed in coordinate order like the CPU.
+// * countsketch (tensorsketch stage 1): the factor hashes are host tables
+//   (reference.countsketch_buckets) passed grouped by bucket (CSR, coordinates
+//   increasing). A thread owns a bucket for a few rows and gathers its coordinates: no
+//   atomics, and the same order of additions as the CPU kernel (bit-identical float32).
 // * sparse: a thread hashes one coordinate for a few rows and scatters with atomicAdd.
 //   Float atomics commit in hardware order, so results may differ run to run in the last
 //   bits (well inside the float32 tolerance); buckets and signs are exact.
@@ -38,8 +38,6 @@ constexpr uint32_t kStreamDense = 1;
 constexpr uint32_t kStreamSparse = 2;
 constexpr uint32_t kStreamSignShiftSign = 1001;
 constexpr uint32_t kStreamSignShiftShift = 1002;
-constexpr uint32_t kStreamTsOut = 2001;
-constexpr uint32_t kStreamTsIn = 2002;
 constexpr int kMaxSparseS = 64;  // constants.MAX_SPARSE_S
 
 constexpr int64_t kMaxSplits = 32;
@@ -58,7 +56,7 @@ constexpr int kShiftRows = 4;
 constexpr int kSparseThreads = 256;
 constexpr int kSparseRows = 4;
 // countsketch
-constexpr int kCsThreads = 128;  // buckets per block, and coordinates per tile
+constexpr int kCsThreads = 128;  // buckets per block
 constexpr int kCsRows = 8;
 
 struct SparseKeys {
@@ -206,63 +204,34 @@ __global__ void sparse_kernel(const In* __restrict__ x, Acc* __restrict__ out, i
 
 // ---------------------------------------------------------------------------- countsketch
 
-// Block (bucket tile of 128, row tile of 8). For each tile of 128 coordinates the block
-// lists, in coordinate order, those whose bucket is in its tile; thread j then adds the
-// listed coordinates of bucket j. Every bucket sums its coordinates in increasing order.
+// Block (row tile of 8, bucket tile of 128): thread j gathers the coordinates of bucket j
+// from the CSR tables (order/sign grouped by bucket, coordinates increasing) and adds
+// sign * x in that order, like the CPU kernel's sequential scatter.
 template <typename In, typename Acc>
-__global__ void countsketch_kernel(const In* __restrict__ x, Acc* __restrict__ out, int64_t R, int64_t D, int64_t k,
-                                   uint32_t key) {
-  __shared__ int hit_bucket[kCsThreads];
-  __shared__ Acc hit_val[kCsRows][kCsThreads];
-  __shared__ int warp_count[kCsThreads / 32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kCsThreads;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kCsRows;
+__global__ void countsketch_kernel(const In* __restrict__ x, const int32_t* __restrict__ order,
+                                   const int32_t* __restrict__ sign, const int32_t* __restrict__ offsets,
+                                   Acc* __restrict__ out, int64_t R, int64_t D, int64_t k) {
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kCsRows;  // rows (B * T) may exceed 65535 tiles
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * kCsThreads + threadIdx.x;
+  if (j >= k) return;
   Acc acc[kCsRows];
 #pragma unroll
   for (int r = 0; r < kCsRows; ++r) acc[r] = Acc(0);
-  for (int64_t d0 = 0; d0 < D; d0 += kCsThreads) {
-    const int64_t d = d0 + tid;
-    bool hit = false;
-    int64_t local = 0;
-    Acc sign = Acc(1);
-    if (d < D) {
-      const uint32_t h = hash32(key, static_cast<uint32_t>(d));
-      local = static_cast<int64_t>(fastrange(h, static_cast<uint32_t>(k))) - j0;
-      hit = local >= 0 && local < kCsThreads;
-      sign = (h & 1u) ? Acc(-1) : Acc(1);
-    }
-    const unsigned ballot = __ballot_sync(0xFFFFFFFFu, hit);
-    if (lane == 0) warp_count[warp] = __popc(ballot);
-    __syncthreads();
-    int base = 0, total = 0;
+  const int32_t e1 = offsets[j + 1];
+  for (int32_t e = offsets[j]; e < e1; ++e) {
+    const int64_t d = order[e];
+    const bool neg = sign[e] < 0;
 #pragma unroll
-    for (int w = 0; w < kCsThreads / 32; ++w) {
-      base += (w < warp) ? warp_count[w] : 0;
-      total += warp_count[w];
-    }
-    if (hit) {
-      const int slot = base + __popc(ballot & ((1u << lane) - 1u));
-      hit_bucket[slot] = static_cast<int>(local);
-#pragma unroll
-      for (int r = 0; r < kCsRows; ++r)
-        hit_val[r][slot] = (r0 + r < R) ? sign * static_cast<Acc>(load(x + (r0 + r) * D + d)) : Acc(0);
-    }
-    __syncthreads();
-    for (int e = 0; e < total; ++e) {
-      if (hit_bucket[e] == tid) {
-#pragma unroll
-        for (int r = 0; r < kCsRows; ++r) acc[r] += hit_val[r][e];
+    for (int r = 0; r < kCsRows; ++r) {
+      if (r0 + r < R) {
+        const Acc v = static_cast<Acc>(load(x + (r0 + r) * D + d));
+        acc[r] += neg ? -v : v;
       }
     }
-    __syncthreads();
   }
-  const int64_t j = j0 + tid;
-  if (j < k) {
 #pragma unroll
-    for (int r = 0; r < kCsRows; ++r)
-      if (r0 + r < R) out[(r0 + r) * k + j] = acc[r];
-  }
+  for (int r = 0; r < kCsRows; ++r)
+    if (r0 + r < R) out[(r0 + r) * k + j] = acc[r];
 }
 
 // ---------------------------------------------------------------------------- reduce / scale
@@ -365,11 +334,11 @@ void project_typed(const In* x, typename AccOf<In>::type* out, int64_t B, int64_
 }
 
 template <typename In>
-void countsketch_one(const In* x, typename AccOf<In>::type* out, int64_t R, int64_t D, int64_t k, uint32_t key,
-                     cudaStream_t stream) {
+void countsketch_one(const In* x, const int32_t* order, const int32_t* sign, const int32_t* offsets,
+                     typename AccOf<In>::type* out, int64_t R, int64_t D, int64_t k, cudaStream_t stream) {
   using Acc = typename AccOf<In>::type;
-  const dim3 grid(static_cast<unsigned>(cdiv(k, kCsThreads)), static_cast<unsigned>(cdiv(R, kCsRows)));
-  countsketch_kernel<In, Acc><<<grid, kCsThreads, 0, stream>>>(x, out, R, D, k, key);
+  const dim3 grid(static_cast<unsigned>(cdiv(R, kCsRows)), static_cast<unsigned>(cdiv(k, kCsThreads)));
+  countsketch_kernel<In, Acc><<<grid, kCsThreads, 0, stream>>>(x, order, sign, offsets, out, R, D, k);
   check_launch("countsketch kernel");
 }
 
@@ -400,7 +369,9 @@ void project_cuda(uintptr_t x_ptr, uintptr_t out_ptr, int64_t batch, int64_t dim
   if (m == Method::kSparse && (s <= 0 || s > kMaxSparseS || k % s != 0))
     throw std::invalid_argument("cupid._C (cuda): sparse needs 0 < s <= 64 dividing k");
   if (x_stride < dim) throw std::invalid_argument("cupid._C (cuda): x_stride < dim");
-  if ((batch + kSparseRows - 1) / kSparseRows > 65535) throw std::invalid_argument("cupid._C (cuda): batch too large (> 262140 rows)");
+  if ((batch + kSparseRows - 1) / kSparseRows > 65535 || (k + kDenseThreads - 1) / kDenseThreads > 65535 ||
+      (dim + kSparseThreads - 1) / kSparseThreads > 0x7FFFFFFF)
+    throw std::invalid_argument("cupid._C (cuda): batch > 262140 rows or k too large for one launch; split the batch");
   if (batch == 0) return;
   DeviceGuard guard(device);
   auto stream = reinterpret_cast<cudaStream_t>(stream_ptr);
@@ -412,22 +383,25 @@ void project_cuda(uintptr_t x_ptr, uintptr_t out_ptr, int64_t batch, int64_t dim
   });
 }
 
-void countsketch_pair_cuda(uintptr_t delta_ptr, uintptr_t x_ptr, uintptr_t cs_delta_ptr, uintptr_t cs_x_ptr,
-                           int64_t rows, int64_t out_dim, int64_t in_dim, int64_t k, int dtype, uint64_t seed,
-                           int device, uintptr_t stream_ptr) {
+void countsketch_pair_cuda(uintptr_t delta_ptr, uintptr_t x_ptr, uintptr_t order1_ptr, uintptr_t sign1_ptr,
+                           uintptr_t offsets1_ptr, uintptr_t order2_ptr, uintptr_t sign2_ptr, uintptr_t offsets2_ptr,
+                           uintptr_t cs_delta_ptr, uintptr_t cs_x_ptr, int64_t rows, int64_t out_dim, int64_t in_dim,
+                           int64_t k, int dtype, int device, uintptr_t stream_ptr) {
   check_shapes(rows, std::max(out_dim, in_dim), k);
   if (out_dim <= 0 || in_dim <= 0) throw std::invalid_argument("cupid._C (cuda): out_dim and in_dim must be > 0");
-  if ((rows + kCsRows - 1) / kCsRows > 65535) throw std::invalid_argument("cupid._C (cuda): too many rows (> 524280)");
+  if (out_dim >= (1ll << 31) || in_dim >= (1ll << 31)) throw std::invalid_argument("cupid._C (cuda): out_dim and in_dim must be < 2^31");
+  if ((k + kCsThreads - 1) / kCsThreads > 65535) throw std::invalid_argument("cupid._C (cuda): k too large for countsketch");
   if (rows == 0) return;
   DeviceGuard guard(device);
   auto stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  auto i32 = [](uintptr_t p) { return reinterpret_cast<const int32_t*>(p); };
   dispatch_dtype(dtype, [&](auto tag) {
     using In = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     using Acc = typename AccOf<In>::type;
-    countsketch_one<In>(reinterpret_cast<const In*>(delta_ptr), reinterpret_cast<Acc*>(cs_delta_ptr), rows, out_dim, k,
-                        stream_key(seed, kStreamTsOut), stream);
-    countsketch_one<In>(reinterpret_cast<const In*>(x_ptr), reinterpret_cast<Acc*>(cs_x_ptr), rows, in_dim, k,
-                        stream_key(seed, kStreamTsIn), stream);
+    countsketch_one<In>(reinterpret_cast<const In*>(delta_ptr), i32(order1_ptr), i32(sign1_ptr), i32(offsets1_ptr),
+                        reinterpret_cast<Acc*>(cs_delta_ptr), rows, out_dim, k, stream);
+    countsketch_one<In>(reinterpret_cast<const In*>(x_ptr), i32(order2_ptr), i32(sign2_ptr), i32(offsets2_ptr),
+                        reinterpret_cast<Acc*>(cs_x_ptr), rows, in_dim, k, stream);
   });
 }
 

@@ -8,13 +8,17 @@ kernel fuses the hashing scatter of the CountSketch stage.
 
 Determinism: dense, signshift and the CountSketch stage use no atomics and sum in an
 order fixed by the shapes (bit-reproducible); sparse scatters with float atomics (see
-``csrc/cuda/projection.cu``).
+``csrc/cuda/projection.cu``). The CountSketch stage consumes the host tables of
+``reference.countsketch_buckets`` (see :func:`countsketch_csr`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from cupid_engine import constants as C
 from cupid_engine.ops import reference
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -51,6 +55,31 @@ def _check(t: torch.Tensor, name: str, device: torch.device | None = None) -> No
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=128)
+def countsketch_csr(seed: int, stream: int, n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The factor tables of ``reference.countsketch_buckets`` grouped by bucket (CSR), on ``device``.
+
+    Shared by the GPU backends (``cuda`` and ``triton``), whose CountSketch kernels gather
+    instead of scattering: bucket ``j`` sums ``sign[e] * x[order[e]]`` for ``e`` in
+    ``[offsets[j], offsets[j + 1])``, coordinates in increasing order (a stable sort), so
+    no atomics are needed and the order of additions is that of the CPU kernel.
+
+    Returns:
+        ``order`` int32 ``[n]`` (coordinates sorted by bucket), ``sign`` int32 ``[n]`` (±1,
+        in the same order), ``offsets`` int32 ``[k + 1]`` and the longest bucket.
+    """
+    if n >= 2**31 or k >= 2**31:
+        raise ValueError(f"countsketch tables need n, k < 2**31, got n={n}, k={k}")
+    buckets, signs = reference.countsketch_buckets(seed, stream, n, k)
+    buckets, signs = buckets.cpu(), signs.cpu()
+    order = torch.argsort(buckets, stable=True)
+    counts = torch.bincount(buckets, minlength=k)
+    offsets = torch.zeros(k + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    as_i32 = lambda t: t.to(torch.int32).to(device)  # noqa: E731
+    return as_i32(order), as_i32(signs[order]), as_i32(offsets), int(counts.max())
 
 
 def _stream(device: torch.device) -> int:
@@ -100,10 +129,18 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) ->
     acc = _out_dtype(delta.dtype)
     cs1 = torch.empty(B, T, k, dtype=acc, device=delta.device)
     cs2 = torch.empty(B, T, k, dtype=acc, device=delta.device)
+    o1, s1, f1, _ = countsketch_csr(seed, C.STREAM_TS_OUT, O, k, str(delta.device))
+    o2, s2, f2, _ = countsketch_csr(seed, C.STREAM_TS_IN, I, k, str(delta.device))
     if B * T:
         _C().countsketch_pair_cuda(
             delta.data_ptr(),
             x.data_ptr(),
+            o1.data_ptr(),
+            s1.data_ptr(),
+            f1.data_ptr(),
+            o2.data_ptr(),
+            s2.data_ptr(),
+            f2.data_ptr(),
             cs1.data_ptr(),
             cs2.data_ptr(),
             B * T,
@@ -111,7 +148,6 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) ->
             I,
             k,
             _DTYPES[delta.dtype],
-            seed,
             delta.device.index,
             _stream(delta.device),
         )

@@ -100,14 +100,24 @@ def _run_cases() -> dict[str, dict]:
         want = torch.zeros(P, kk, dtype=torch.float64)
         want[coords, b] = sg.double()
         res[f"exact-signshift-k{kk}"] = {"ok": bool(torch.equal(got, want))}
-    for stream, n in ((2001, 19), (2002, 23)):
+    for stream, n in ((2001, 19), (2002, 23), (2001, 50), (2002, 61)):  # injective (n <= k) and hashed
         key_in = torch.eye(n, dtype=torch.float64)
         cs1, cs2 = TB.countsketch_pair(key_in[None], key_in[None], 37, SEED)
         b, sg = R.countsketch_buckets(SEED, stream, n, 37)
         want = torch.zeros(n, 37, dtype=torch.float64)
         want[torch.arange(n), b] = sg.double()
         got = cs1[0] if stream == 2001 else cs2[0]
-        res[f"exact-countsketch-{stream}"] = {"ok": bool(torch.equal(got, want))}
+        res[f"exact-countsketch-{stream}-n{n}"] = {"ok": bool(torch.equal(got, want))}
+    # Same order of additions as the C++ CPU kernel: bit-identical float32 CountSketches.
+    try:
+        from cupid_engine.ops import cpu_backend
+
+        d32, x32 = randn(2, 3, 90, dtype=torch.float32), randn(2, 3, 20, dtype=torch.float32)
+        c1, c2 = cpu_backend.countsketch_pair(d32, x32, 29, SEED)
+        t1, t2 = TB.countsketch_pair(d32, x32, 29, SEED)
+        res["countsketch-equals-cpu"] = {"ok": bool(torch.equal(c1, t1) and torch.equal(c2, t2))}
+    except ImportError as e:
+        res["countsketch-equals-cpu"] = {"skip": f"cupid_engine._C is not built: {e}"}
 
     # Several coordinate splits (partials reduced in order): shrink the split size.
     saved = TP._MIN_SPLIT
@@ -198,10 +208,18 @@ def test_project_matches_reference(interp, method, dtype, shape):
 @pytest.mark.parametrize(
     "name",
     ["exact-dense", "exact-sparse-s1", "exact-sparse-s4", "exact-signshift-k40", "exact-signshift-k7",
-     "exact-signshift-k64", "exact-countsketch-2001", "exact-countsketch-2002"],
+     "exact-signshift-k64", "exact-countsketch-2001-n19", "exact-countsketch-2002-n23", "exact-countsketch-2001-n50",
+     "exact-countsketch-2002-n61"],
 )
 def test_signs_and_buckets_are_bit_exact(interp, name):
     assert interp[name]["ok"], f"{name}: the projection of the identity is not the reference matrix"
+
+
+def test_countsketch_bit_identical_to_cpu_kernel(interp):
+    r = interp["countsketch-equals-cpu"]
+    if "skip" in r:
+        pytest.skip(r["skip"])
+    assert r["ok"], "the float32 CountSketch differs from the C++ CPU kernel's"
 
 
 @pytest.mark.parametrize("method", ["dense", "sparse", "signshift"])
@@ -339,13 +357,14 @@ def _compile_all(cc: int) -> dict[str, str]:
                 ),
                 "countsketch": (
                     TS._countsketch_kernel,
-                    dict(x_ptr="*" + dt, out_ptr=acc_s, R="i32", D="i32", K="i32", key=key_t),
-                    dict(BLOCK_R=32, BLOCK_K=128, BLOCK_D=bp, DOT_DTYPE=dot, ACC_DTYPE=acc),
+                    dict(x_ptr="*" + dt, order_ptr="*i32", sign_ptr="*i32", offsets_ptr="*i32", out_ptr=acc_s,
+                         R="i32", D="i32", K="i32", MAX_BUCKET="i32"),
+                    dict(BLOCK_R=8, BLOCK_K=256, ACC_DTYPE=acc),
                 ),
             }
             for name, (fn, sig, const) in jobs.items():
                 if variant == "ones":
-                    const = dict(const, **{a: 1 for a in ("B", "K", "S", "R") if a in sig})
+                    const = dict(const, **{a: 1 for a in ("B", "K", "S", "R", "MAX_BUCKET") if a in sig})
                 sig = dict(sig, **{c: "constexpr" for c in const})
                 try:
                     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target,

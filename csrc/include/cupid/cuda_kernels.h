@@ -19,10 +19,13 @@ void project_cuda(uintptr_t x_ptr, uintptr_t out_ptr, int64_t batch, int64_t dim
                   int method, int dtype, uint64_t seed, int64_t s, int device, uintptr_t stream);
 
 // Tensorsketch stage 1 on the GPU: cs_delta[rows, k] = CS1(delta[rows, O]),
-// cs_x[rows, k] = CS2(x[rows, I]). Inputs contiguous; outputs contiguous, float32
-// (float64 for float64 inputs); every output element is written.
-void countsketch_pair_cuda(uintptr_t delta_ptr, uintptr_t x_ptr, uintptr_t cs_delta_ptr, uintptr_t cs_x_ptr,
-                           int64_t rows, int64_t out_dim, int64_t in_dim, int64_t k, int dtype, uint64_t seed,
-                           int device, uintptr_t stream);
+// cs_x[rows, k] = CS2(x[rows, I]). Each factor's hash tables come grouped by bucket
+// (CSR, int32 on the device): order[n] (coordinates sorted by bucket, increasing within
+// a bucket), sign[n] (±1, same order), offsets[k + 1]. Inputs contiguous; outputs
+// contiguous, float32 (float64 for float64 inputs); every output element is written.
+void countsketch_pair_cuda(uintptr_t delta_ptr, uintptr_t x_ptr, uintptr_t order1_ptr, uintptr_t sign1_ptr,
+                           uintptr_t offsets1_ptr, uintptr_t order2_ptr, uintptr_t sign2_ptr, uintptr_t offsets2_ptr,
+                           uintptr_t cs_delta_ptr, uintptr_t cs_x_ptr, int64_t rows, int64_t out_dim, int64_t in_dim,
+                           int64_t k, int dtype, int device, uintptr_t stream);
 
 }  // namespace cupid

@@ -22,7 +22,8 @@ Kernels and their determinism:
 
 The coordinate axis is cut into a fixed number of splits, a pure function of ``(P, k)``
 (never of the batch, the device or the SM count), each written into its own partial;
-partials are summed in split order by ``torch.sum`` (a deterministic reduction). Launch
+partials are summed in split order by ``_reduce_splits_kernel``, over blocks of rows that
+bound the partials' memory. Launch
 configurations are chosen by the ``_*_config`` functions from the dtype and shapes, not
 by timing-based autotuning: a timed pick can differ between processes, and a different
 tile shape can change the rounding of ``tl.dot``.
@@ -45,6 +46,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_SPLITS = 32  # most partials per output; more adds a reduction pass for little gain
 _MIN_SPLIT = 1 << 16  # fewest coordinates per split
 _SPLIT_ALIGN = 256  # split boundaries are multiples of every BLOCK_P used below
+_PARTIAL_BYTES = 256 << 20  # bound on the split partials of one launch
 
 
 def _interpret() -> bool:
@@ -217,8 +219,8 @@ def _sparse_kernel(
     BLOCK_P: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    pid_p = tl.program_id(0)  # coordinates on axis 0: the only axis allowed > 65535 programs
+    pid_b = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     row_ok = rows < B
@@ -237,65 +239,102 @@ def _sparse_kernel(
         tl.atomic_add(out_row + bucket[None, :], tl.where(neg[None, :], -xv, xv), mask=mask, sem="relaxed")
 
 
-def _reduce(part: torch.Tensor) -> torch.Tensor:
-    """Sum the per-split partials ``[S, B, k]`` in split order."""
-    return part[0] if part.shape[0] == 1 else part.sum(dim=0)
+@triton.jit
+def _reduce_splits_kernel(part_ptr, out_ptr, N, N_SPLIT, BLOCK: tl.constexpr):
+    """``out[e] = sum_s part[s, e]``, summed in split order (a fixed order, unlike a tree)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for sidx in range(1, N_SPLIT):
+        acc += tl.load(part_ptr + tl.cast(sidx, tl.int64) * N + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+def _by_row_blocks(x: torch.Tensor, k: int, n_split: int, launch) -> torch.Tensor:
+    """Run ``launch(x_rows, part)`` over blocks of rows and reduce the partials in split order.
+
+    ``part`` is ``[n_split, rows, k]``; rows are blocked so that it stays under
+    ``_PARTIAL_BYTES`` (a row's result never depends on its block). With one split the
+    kernel writes straight into the output.
+    """
+    B = x.shape[0]
+    acc = _acc_dtype(x.dtype)
+    out = torch.empty(B, k, dtype=acc, device=x.device)
+    if n_split == 1:
+        launch(x, out.view(1, B, k))
+        return out
+    item = torch.finfo(acc).bits // 8
+    rows = max(1, min(B, _PARTIAL_BYTES // (n_split * k * item)))
+    for r0 in range(0, B, rows):
+        xr = x[r0 : r0 + rows]
+        part = torch.empty(n_split, xr.shape[0], k, dtype=acc, device=x.device)
+        launch(xr, part)
+        o = out[r0 : r0 + rows]
+        n = o.numel()
+        block = 1024
+        _reduce_splits_kernel[(triton.cdiv(n, block),)](part, o, n, n_split, BLOCK=block)
+    return out
 
 
 def _dense(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     B, P = x.shape
-    acc = _acc_dtype(x.dtype)
     cfg = _dense_config(x.dtype, B, k)
     split = _split_size(P, _SPLIT_ALIGN)
     n_split = triton.cdiv(P, split)
-    part = torch.empty(n_split, B, k, dtype=acc, device=x.device)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(k, cfg["BLOCK_K"]), n_split)
-    _dense_kernel[grid](
-        x,
-        part,
-        B,
-        P,
-        k,
-        x.stride(0),
-        split,
-        H.stream_key(seed, C.STREAM_DENSE),
-        1.0 / math.sqrt(k),
-        BLOCK_B=cfg["BLOCK_B"],
-        BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_P=cfg["BLOCK_P"],
-        DOT_DTYPE=_dot_dtype(x.dtype),
-        ACC_DTYPE=_tl_dtype(acc),
-        PRECISION="ieee",
-        num_warps=cfg["num_warps"],
-    )
-    return _reduce(part)
+    key = H.stream_key(seed, C.STREAM_DENSE)
+
+    def launch(xr: torch.Tensor, part: torch.Tensor) -> None:
+        grid = (triton.cdiv(xr.shape[0], cfg["BLOCK_B"]), triton.cdiv(k, cfg["BLOCK_K"]), n_split)
+        _dense_kernel[grid](
+            xr,
+            part,
+            xr.shape[0],
+            P,
+            k,
+            xr.stride(0),
+            split,
+            key,
+            1.0 / math.sqrt(k),
+            BLOCK_B=cfg["BLOCK_B"],
+            BLOCK_K=cfg["BLOCK_K"],
+            BLOCK_P=cfg["BLOCK_P"],
+            DOT_DTYPE=_dot_dtype(x.dtype),
+            ACC_DTYPE=_tl_dtype(_acc_dtype(x.dtype)),
+            PRECISION="ieee",
+            num_warps=cfg["num_warps"],
+        )
+
+    return _by_row_blocks(x, k, n_split, launch)
 
 
 def _signshift(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     B, P = x.shape
-    acc = _acc_dtype(x.dtype)
     cfg = _signshift_config(x.dtype, B, k)
     n_chunks = triton.cdiv(P, k)
     per_split = triton.cdiv(_split_size(P, k), k)
     n_split = triton.cdiv(n_chunks, per_split)
-    part = torch.empty(n_split, B, k, dtype=acc, device=x.device)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(k, cfg["BLOCK_J"]), n_split)
-    _signshift_kernel[grid](
-        x,
-        part,
-        B,
-        P,
-        k,
-        x.stride(0),
-        per_split,
-        H.stream_key(seed, C.STREAM_SIGNSHIFT_SIGN),
-        H.stream_key(seed, C.STREAM_SIGNSHIFT_SHIFT),
-        BLOCK_B=cfg["BLOCK_B"],
-        BLOCK_J=cfg["BLOCK_J"],
-        ACC_DTYPE=_tl_dtype(acc),
-        num_warps=cfg["num_warps"],
-    )
-    return _reduce(part)
+    key_sign = H.stream_key(seed, C.STREAM_SIGNSHIFT_SIGN)
+    key_shift = H.stream_key(seed, C.STREAM_SIGNSHIFT_SHIFT)
+
+    def launch(xr: torch.Tensor, part: torch.Tensor) -> None:
+        grid = (triton.cdiv(xr.shape[0], cfg["BLOCK_B"]), triton.cdiv(k, cfg["BLOCK_J"]), n_split)
+        _signshift_kernel[grid](
+            xr,
+            part,
+            xr.shape[0],
+            P,
+            k,
+            xr.stride(0),
+            per_split,
+            key_sign,
+            key_shift,
+            BLOCK_B=cfg["BLOCK_B"],
+            BLOCK_J=cfg["BLOCK_J"],
+            ACC_DTYPE=_tl_dtype(_acc_dtype(x.dtype)),
+            num_warps=cfg["num_warps"],
+        )
+
+    return _by_row_blocks(x, k, n_split, launch)
 
 
 def _sparse(x: torch.Tensor, k: int, seed: int, s: int) -> torch.Tensor:
@@ -304,7 +343,7 @@ def _sparse(x: torch.Tensor, k: int, seed: int, s: int) -> torch.Tensor:
     cfg = _sparse_config(x.dtype, B, P)
     out = torch.zeros(B, k, dtype=acc, device=x.device)
     lo, hi = seed & H.MASK32, (seed >> 32) & H.MASK32
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(P, cfg["BLOCK_P"]))
+    grid = (triton.cdiv(P, cfg["BLOCK_P"]), triton.cdiv(B, cfg["BLOCK_B"]))
     _sparse_kernel[grid](
         x,
         out,
