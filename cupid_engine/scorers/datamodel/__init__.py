@@ -1,0 +1,50 @@
+"""Datamodels (DataMIL, Dass et al. 2025): which clusters of demonstrations raise a target metric.
+
+A linear datamodel predicts the target metric of a policy trained on a subset of the
+training clusters as the sum of per-cluster scores. Modules:
+
+* ``clusters``: trajectories or sub-trajectories of ``h`` steps as the scored units.
+* ``metrics``: the differentiable proxy ``M̂ = −weighted mean BC loss on target demos``
+  and pluggable true metrics (rollout success rate).
+* ``functional``: functional SGD/Adam and exact reverse-mode metagradients with segment
+  checkpointing (the reference ``unroll`` mode beside it).
+* ``metagradient``: the metagradient estimator for policies (``dM̂/dw`` at ``w = 1``,
+  optionally only through the last K updates on an injected batch).
+* ``regression``: the regression estimator: Bernoulli subset masks, one training per
+  mask (in process or on Ray actors, cached on disk and resumable), least squares with
+  optional ridge / lasso.
+* ``selection``: top-x% cluster selection and co-training with target sampled w.p. α.
+* ``lds``: the linear datamodeling score (Spearman of predicted vs measured metrics on
+  random subsets) and its end-to-end runner.
+"""
+
+from cupid_engine.scorers.datamodel.clusters import CLUSTER_MODES, ClusterConfig, Clusters, make_clusters
+from cupid_engine.scorers.datamodel.functional import (
+    FunctionalAdam,
+    FunctionalOptimizer,
+    FunctionalSGD,
+    functional_train,
+    make_optimizer,
+    reverse_metagradient,
+)
+from cupid_engine.scorers.datamodel.metagradient import MetagradientConfig, MetagradientResult, metagradient_scores
+from cupid_engine.scorers.datamodel.metrics import ProxyMetric, RolloutMetric, sim_success_metric
+
+__all__ = [
+    "CLUSTER_MODES",
+    "ClusterConfig",
+    "Clusters",
+    "FunctionalAdam",
+    "FunctionalOptimizer",
+    "FunctionalSGD",
+    "MetagradientConfig",
+    "MetagradientResult",
+    "ProxyMetric",
+    "RolloutMetric",
+    "functional_train",
+    "make_clusters",
+    "make_optimizer",
+    "metagradient_scores",
+    "reverse_metagradient",
+    "sim_success_metric",
+]
