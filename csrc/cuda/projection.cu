@@ -6,7 +6,8 @@
 // * dense, signshift: the coordinate axis is cut into splits that depend only on (P, k)
 //   (never on the batch, the device or the SM count). A thread owns output elements and
 //   sums its split's coordinates in order into a per-split partial; partials are reduced
-//   in split order. No atomics: bit-reproducible across runs and batch splits.
+//   in split order (over blocks of rows that bound the partials' memory). No atomics:
+//   bit-reproducible across runs and batch splits.
 //   signshift gathers instead of scattering: bucket j of chunk c reads coordinate
 //   c*k + ((j - shift_c) mod k), so reads stay contiguous.
 // * countsketch (tensorsketch stage 1): the factor hashes are host tables
@@ -43,6 +44,7 @@ constexpr int kMaxSparseS = 64;  // constants.MAX_SPARSE_S
 constexpr int64_t kMaxSplits = 32;
 constexpr int64_t kMinSplit = 1 << 16;
 constexpr int64_t kSplitAlign = 256;
+constexpr int64_t kPartialBytes = int64_t{256} << 20;  // bound on the split partials of one launch
 
 // dense tiles
 constexpr int kDenseThreads = 128;  // one output column per thread
@@ -265,20 +267,28 @@ struct DeviceGuard {
   }
 };
 
-// Partials of `n_split` splits: written straight into `out` when there is one split.
+// Runs launch(r0, rows, part) over blocks of rows; part is [n_split, rows, k] (row
+// stride k), reduced into out in split order. Rows are blocked so the partials stay under
+// kPartialBytes (a row's result never depends on its block); with one split the kernel
+// writes straight into `out`.
 template <typename Acc, typename Launch>
-void with_partials(Acc* out, int64_t n, int64_t n_split, cudaStream_t stream, Launch launch) {
+void with_partials(Acc* out, int64_t B, int64_t k, int64_t n_split, cudaStream_t stream, Launch launch) {
   if (n_split == 1) {
-    launch(out);
+    launch(int64_t{0}, B, out);
     check_launch("projection kernel");
     return;
   }
+  const int64_t rows_per = std::max<int64_t>(1, std::min<int64_t>(B, kPartialBytes / (n_split * k * int64_t(sizeof(Acc)))));
   void* part = nullptr;
-  check_call(cudaMallocAsync(&part, sizeof(Acc) * n * n_split, stream), "cudaMallocAsync (split partials)");
-  launch(static_cast<Acc*>(part));
-  cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) {
-    reduce_splits_kernel<Acc><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream>>>(static_cast<Acc*>(part), out, n, n_split);
+  check_call(cudaMallocAsync(&part, sizeof(Acc) * rows_per * k * n_split, stream), "cudaMallocAsync (split partials)");
+  cudaError_t err = cudaSuccess;
+  for (int64_t r0 = 0; r0 < B && err == cudaSuccess; r0 += rows_per) {
+    const int64_t rows = std::min(rows_per, B - r0), n = rows * k;
+    launch(r0, rows, static_cast<Acc*>(part));
+    err = cudaGetLastError();
+    if (err != cudaSuccess) break;
+    reduce_splits_kernel<Acc><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream>>>(static_cast<Acc*>(part),
+                                                                                      out + r0 * k, n, n_split);
     err = cudaGetLastError();
   }
   cudaFreeAsync(part, stream);
@@ -294,12 +304,12 @@ void project_typed(const In* x, typename AccOf<In>::type* out, int64_t B, int64_
     case Method::kDense: {
       const int64_t split = split_size(P, kSplitAlign);
       const int64_t n_split = cdiv(P, split);
-      const dim3 grid(static_cast<unsigned>(cdiv(k, kDenseThreads)), static_cast<unsigned>(cdiv(B, kDenseRows)),
-                      static_cast<unsigned>(n_split));
       const uint32_t key = stream_key(seed, kStreamDense);
       const Acc scale = Acc(1) / std::sqrt(static_cast<Acc>(k));
-      with_partials<Acc>(out, n, n_split, stream, [&](Acc* part) {
-        dense_kernel<In, Acc><<<grid, kDenseThreads, 0, stream>>>(x, part, B, P, k, ld, split, key, scale);
+      with_partials<Acc>(out, B, k, n_split, stream, [&](int64_t r0, int64_t rows, Acc* part) {
+        const dim3 grid(static_cast<unsigned>(cdiv(k, kDenseThreads)), static_cast<unsigned>(cdiv(rows, kDenseRows)),
+                        static_cast<unsigned>(n_split));
+        dense_kernel<In, Acc><<<grid, kDenseThreads, 0, stream>>>(x + r0 * ld, part, rows, P, k, ld, split, key, scale);
       });
       break;
     }
@@ -307,13 +317,13 @@ void project_typed(const In* x, typename AccOf<In>::type* out, int64_t B, int64_
       const int64_t n_chunks = cdiv(P, k);
       const int64_t per_split = cdiv(split_size(P, k), k);
       const int64_t n_split = cdiv(n_chunks, per_split);
-      const dim3 grid(static_cast<unsigned>(cdiv(k, kShiftThreads)), static_cast<unsigned>(cdiv(B, kShiftRows)),
-                      static_cast<unsigned>(n_split));
       const uint32_t key_sign = stream_key(seed, kStreamSignShiftSign);
       const uint32_t key_shift = stream_key(seed, kStreamSignShiftShift);
-      with_partials<Acc>(out, n, n_split, stream, [&](Acc* part) {
+      with_partials<Acc>(out, B, k, n_split, stream, [&](int64_t r0, int64_t rows, Acc* part) {
+        const dim3 grid(static_cast<unsigned>(cdiv(k, kShiftThreads)), static_cast<unsigned>(cdiv(rows, kShiftRows)),
+                        static_cast<unsigned>(n_split));
         signshift_kernel<In, Acc>
-            <<<grid, kShiftThreads, 0, stream>>>(x, part, B, P, k, ld, per_split, key_sign, key_shift);
+            <<<grid, kShiftThreads, 0, stream>>>(x + r0 * ld, part, rows, P, k, ld, per_split, key_sign, key_shift);
       });
       break;
     }

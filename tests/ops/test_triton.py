@@ -372,6 +372,14 @@ def _compile_all(cc: int) -> dict[str, str]:
                     res[f"{name}-{dt}-{variant}"] = "ok"
                 except Exception as e:  # noqa: BLE001 - reported by the test
                     res[f"{name}-{dt}-{variant}"] = f"{type(e).__name__}: {str(e)[-1500:]}"
+    for dt in ("fp32", "fp64"):
+        sig = dict(part_ptr="*" + dt, out_ptr="*" + dt, N="i32", N_SPLIT="i32", BLOCK="constexpr")
+        try:
+            triton.compile(ASTSource(fn=TP._reduce_splits_kernel, signature=sig, constexprs=dict(BLOCK=1024)),
+                           target=target, options={"num_warps": 4})
+            res[f"reduce-{dt}"] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            res[f"reduce-{dt}"] = f"{type(e).__name__}: {str(e)[-1500:]}"
     return res
 
 
@@ -394,7 +402,7 @@ def test_kernels_compile_for_gpu():
     res = json.loads(line[-1][len("COMPILED ") :])
     failed = {k: v for k, v in res.items() if v != "ok"}
     assert not failed, "\n".join(f"{k}: {v}" for k, v in failed.items())
-    assert len(res) == 24
+    assert len(res) == 26
 
 
 if __name__ == "__main__":
