@@ -1,0 +1,123 @@
+"""Subset trainings on Ray actors (the regression datamodel estimator and LDS).
+
+Each actor receives the subset function once (a picklable
+:class:`~cupid_engine.scorers.datamodel.regression.SubsetTrainer`: configs, samples,
+clusters and the metric; trained models never cross processes) and evaluates masks one
+at a time, whichever actor is free taking the next mask. A training depends only on its
+mask and the (seeded) configs, so the schedule never changes the numbers: results equal
+the in-process ones and are reported by mask index.
+
+A local Ray instance is started (and shut down afterwards) unless one is already running
+or ``address`` names a cluster to join. Ray is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class _SubsetActor:
+    """Ray actor body: holds the subset function, evaluates one mask per call."""
+
+    def __init__(self, fn: Any, threads: int) -> None:
+        import torch
+
+        # Several actors share the machine's cores: one intra-op pool each avoids
+        # oversubscription (tiny models slow down badly with contended threads).
+        torch.set_num_threads(int(threads))
+        self.fn = fn
+
+    def run(self, index: int, mask: np.ndarray) -> tuple[int, np.ndarray]:
+        value = np.atleast_1d(np.asarray(self.fn(mask), dtype=np.float64)).reshape(-1)
+        return index, value
+
+
+def _ensure_ray(address: str | None, workers: int) -> bool:
+    """Initialise Ray if needed; returns whether this call started it."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Actors must import cupid_engine even from a source checkout that is only on the
+    # driver's sys.path.
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled"}}
+    if address is None:
+        ray.init(num_cpus=max(int(workers), 1), include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=False)
+    else:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    return True
+
+
+def train_subsets(
+    fn: Any,
+    masks: Sequence[np.ndarray],
+    *,
+    workers: int,
+    address: str | None = None,
+    threads_per_worker: int = 1,
+    on_result: Callable[[int, np.ndarray], None] | None = None,
+) -> list[np.ndarray]:
+    """Evaluate ``fn(mask)`` for every mask on ``workers`` Ray actors.
+
+    Args:
+        fn: Picklable subset function ``mask [C] -> value(s)``.
+        masks: ``S`` bool masks.
+        workers: Number of actors W (one CPU each).
+        address: Ray cluster address; None starts/uses a local instance.
+        threads_per_worker: torch intra-op threads in each actor.
+        on_result: Called in the driver with ``(index, value [n_targets])`` as each
+            training finishes (completion order): the caller caches it at once, so a
+            killed run keeps every finished training.
+
+    Returns:
+        ``S`` float64 arrays ``[n_targets]``, ordered as ``masks``.
+    """
+    if not masks:
+        return []
+    started = _ensure_ray(address, workers)
+    import ray
+
+    try:
+        actor_cls = ray.remote(num_cpus=1)(_SubsetActor)
+        fn_ref = ray.put(fn)
+        n_actors = min(int(workers), len(masks))
+        actors = [actor_cls.remote(fn_ref, threads_per_worker) for _ in range(n_actors)]
+        results: list[np.ndarray | None] = [None] * len(masks)
+        pending: dict[Any, Any] = {}
+        next_index = 0
+
+        def submit(actor: Any) -> None:
+            nonlocal next_index
+            pending[actor.run.remote(next_index, np.asarray(masks[next_index], dtype=bool))] = actor
+            next_index += 1
+
+        for actor in actors:
+            if next_index < len(masks):
+                submit(actor)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(done[0])
+            index, value = ray.get(done[0])
+            results[index] = value
+            if on_result is not None:
+                on_result(index, value)
+            if next_index < len(masks):
+                submit(actor)
+        for actor in actors:
+            ray.kill(actor)
+        return [r for r in results if r is not None]
+    finally:
+        if started:
+            ray.shutdown()
