@@ -3,13 +3,14 @@
 // Work split: demos are grouped into tiles of whole demos (~kTileCols steps); OpenMP
 // threads take tiles dynamically, so each output column is written by exactly one
 // thread (no atomics) and the result does not depend on the thread count. Within a
-// tile the demo rows are packed transposed in column panels of kPanel, so the inner
-// loop is an axpy over contiguous panel columns that the compiler vectorises without
-// reassociating any sum (dot products are accumulated in k order, deterministic).
-// Rollout rows are processed kRowBlock at a time with kMicro rows sharing each panel
-// load; the epilogue folds each dot product into per-(row, demo) running min/max, then
-// folds rows into their rollout segment. Extra memory per thread: one packed tile plus
-// kRowBlock x (demos in tile) minima/maxima, independent of the rollout count.
+// tile the demo rows are packed transposed in column panels of two 512-bit vectors, so
+// the micro-kernel is an outer-product update of an 8-row x 2-vector accumulator block
+// held in registers (GCC/Clang vector extensions: AVX-512, AVX2 or SSE as -march
+// allows); every dot product is accumulated in k order, deterministic. Rollout rows are
+// processed kRowBlock at a time; the epilogue folds each dot product into per-(row,
+// demo) running min/max, then folds rows into their rollout segment. Extra memory per
+// thread: one packed tile plus kRowBlock x (demos in tile) minima/maxima, independent
+// of the rollout count.
 #include "cupid/quality.h"
 
 #include <omp.h>
@@ -24,12 +25,43 @@ namespace cupid {
 namespace {
 
 constexpr int64_t kTileCols = 256;  // demo steps per tile (whole demos; a longer demo is its own tile)
-constexpr int64_t kRowBlock = 64;   // rollout rows per block
-constexpr int kMicro = 4;           // rollout rows sharing one panel load
+constexpr int64_t kRowBlock = 64;   // rollout rows per block (a multiple of kMicro)
+constexpr int kMicro = 8;           // rollout rows sharing one panel load
+constexpr int kVecBytes = 64;       // one 512-bit vector (two 256-bit halves without AVX-512)
+constexpr int kPanelVecs = 2;       // vectors per panel row: 8 x 2 accumulators stay in registers
+
+// GCC/Clang vector extensions: the micro-kernel is written once for float and double and
+// the compiler emits AVX-512, AVX2 or SSE code, whichever -march allows.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr int lanes = kVecBytes / sizeof(T);
+};
 
 template <typename T>
 constexpr int panel_width() {
-  return sizeof(T) == 4 ? 32 : 16;  // 4 x panel accumulators fit the vector register file
+  return Vec<T>::lanes * kPanelVecs;
+}
+
+// acc[a][j] = sum_kk rows[a][kk] * pan[kk][j] for kMicro rows and one panel of P columns.
+// Sums run in kk order, so results do not depend on tiling or thread count.
+template <typename T>
+inline void micro_kernel(const T* const* rows, const T* pan, int64_t k, T* acc) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V c[kMicro][kPanelVecs];
+  for (int a = 0; a < kMicro; ++a)
+    for (int v = 0; v < kPanelVecs; ++v) c[a][v] = V{};
+  for (int64_t kk = 0; kk < k; ++kk) {
+    V p[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) std::memcpy(&p[v], pan + (kk * kPanelVecs + v) * L, sizeof(V));
+    for (int a = 0; a < kMicro; ++a) {
+      const T x = rows[a][kk];
+      for (int v = 0; v < kPanelVecs; ++v) c[a][v] += x * p[v];
+    }
+  }
+  for (int a = 0; a < kMicro; ++a)
+    for (int v = 0; v < kPanelVecs; ++v) std::memcpy(acc + (a * kPanelVecs + v) * L, &c[a][v], sizeof(V));
 }
 
 template <typename T>
@@ -92,20 +124,10 @@ void run_quality(const T* r, const int64_t* r_off, int64_t m, const T* d, const 
           for (int64_t ii = 0; ii < ib; ii += kMicro) {
             const int mr = static_cast<int>(std::min<int64_t>(kMicro, ib - ii));
             T acc[kMicro][P];
-            std::memset(acc, 0, sizeof(acc));
             const T* rows[kMicro];
+            // A partial block repeats its last row: computed, never folded in.
             for (int a = 0; a < kMicro; ++a) rows[a] = r + (i0 + ii + std::min(a, mr - 1)) * k;
-            for (int64_t kk = 0; kk < k; ++kk) {
-              const T* pv = pan + kk * P;
-              const T x0 = rows[0][kk], x1 = rows[1][kk], x2 = rows[2][kk], x3 = rows[3][kk];
-#pragma omp simd
-              for (int j = 0; j < P; ++j) {
-                acc[0][j] += x0 * pv[j];
-                acc[1][j] += x1 * pv[j];
-                acc[2][j] += x2 * pv[j];
-                acc[3][j] += x3 * pv[j];
-              }
-            }
+            micro_kernel<T>(rows, pan, k, &acc[0][0]);
             for (int a = 0; a < mr; ++a) {
               T* mn = rmin.data() + (ii + a) * nd;
               T* mx = rmax.data() + (ii + a) * nd;
