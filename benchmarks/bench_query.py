@@ -255,7 +255,7 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"results": [...], "acceptance": {...}, ...}``."""
+    """Run the benchmark, print it, write ``--json``; returns ``{"results", "acceptance", ...}``."""
     _apply_quick(args)
     torch.manual_seed(args.seed)
     out: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "results": []}
@@ -300,16 +300,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
     out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     out["commit"] = _git_commit()
+    # Printed and written here (not in main) so `cupid-engine bench query` gets both too.
+    print("acceptance:", json.dumps(out["acceptance"], indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out = run(args)
-    print(json.dumps(out["acceptance"], indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    run(build_parser().parse_args(argv))
     return 0
 
 
