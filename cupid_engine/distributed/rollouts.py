@@ -97,6 +97,7 @@ def run_rollouts_ray(
     started = _ensure_ray(address, workers)
     import ray
 
+    actors: list[Any] = []
     try:
         actor_cls = ray.remote(num_cpus=1)(_RolloutActor)
         n_actors = min(int(workers), len(seeds))
@@ -124,9 +125,10 @@ def run_rollouts_ray(
                 progress(episode)
             if next_index < len(seeds):
                 submit(actor)
-        for actor in actors:
-            ray.kill(actor)
         return [ep for ep in results if ep is not None]
     finally:
+        # Actors hold a simulator each: never leave them behind, even on an error.
+        for actor in actors:
+            ray.kill(actor)
         if started:
             ray.shutdown()
