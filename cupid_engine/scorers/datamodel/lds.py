@@ -1,0 +1,205 @@
+"""Linear datamodeling score (LDS; Park et al. 2023, TRAK §2): does a score predict retraining?
+
+Draw ``S`` random subsets holding a fixed fraction of the training demonstrations; for
+each, the *predicted* metric is the sum of the scores of the demonstrations in it, and
+the *measured* metric comes from actually training on it. LDS is the Spearman rank
+correlation between the two across subsets, per target (e.g. per target demonstration)
+and averaged over targets, with a percentile bootstrap confidence interval over subsets.
+
+:func:`linear_datamodeling_score` is the statistic on given masks and measurements;
+:func:`run_lds` trains the subsets with the regression estimator's machinery
+(:class:`~cupid_engine.scorers.datamodel.regression.SubsetTrainer`, the on-disk cache,
+in process or on Ray actors) and then computes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from scipy import stats
+
+from cupid_engine.data.episode import Episode
+from cupid_engine.policies.base import PolicyConfig
+from cupid_engine.policies.samples import build_samples
+from cupid_engine.policies.training import TrainConfig
+from cupid_engine.scorers.datamodel.clusters import make_clusters
+from cupid_engine.scorers.datamodel.metrics import ProxyMetric
+from cupid_engine.scorers.datamodel.regression import SubsetTrainer, evaluate_subsets, fraction_masks
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LDSResult:
+    """LDS of one score vector.
+
+    Attributes:
+        per_target: ``[T]`` Spearman correlations (NaN where a side is constant).
+        mean: Mean of ``per_target`` over targets (NaNs ignored).
+        ci_low: Lower bound of the bootstrap confidence interval of ``mean``.
+        ci_high: Upper bound.
+        confidence: Confidence level of the interval.
+        predicted: ``[S, T]`` predicted metrics (sums of scores in each subset).
+        measured: ``[S, T]`` measured metrics.
+        masks: ``[S, E]`` the subsets.
+        info: Extra details (trainings, cache hits, ids).
+    """
+
+    per_target: np.ndarray
+    mean: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    predicted: np.ndarray
+    measured: np.ndarray
+    masks: np.ndarray
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (no per-subset arrays)."""
+        return {"lds": self.mean, "ci": [self.ci_low, self.ci_high], "confidence": self.confidence,
+                "per_target": [None if np.isnan(v) else float(v) for v in self.per_target],
+                "num_subsets": int(self.masks.shape[0]), **self.info}
+
+
+def _score_vector(scores: Any, ids: Sequence[str] | None, num_items: int) -> np.ndarray:
+    """Scores aligned with the mask columns: ``[E]`` or ``[E, T]`` float64."""
+    if isinstance(scores, pa.Table):
+        if ids is None:
+            raise ValueError("a score table needs ids= (the episode id of each mask column)")
+        scores = dict(zip(scores.column("episode_id").to_pylist(), scores.column("score").to_pylist()))
+    if isinstance(scores, Mapping):
+        if ids is None:
+            raise ValueError("a score mapping needs ids= (the episode id of each mask column)")
+        missing = [i for i in ids if i not in scores]
+        if missing:
+            raise ValueError(f"no score for {len(missing)} episode(s), e.g. {missing[:3]}")
+        return np.array([float(scores[i]) for i in ids], dtype=np.float64)
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.shape[0] != num_items:
+        raise ValueError(f"{arr.shape[0]} scores for {num_items} mask columns")
+    return arr
+
+
+def _spearman_columns(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
+    out = np.full(meas.shape[1], np.nan)
+    for t in range(meas.shape[1]):
+        p, m = pred[:, t], meas[:, t]
+        if np.ptp(p) > 0 and np.ptp(m) > 0:
+            out[t] = stats.spearmanr(p, m).statistic
+    return out
+
+
+def linear_datamodeling_score(
+    scores: pa.Table | Mapping[str, float] | np.ndarray,
+    subset_masks: np.ndarray,
+    measured: np.ndarray,
+    *,
+    ids: Sequence[str] | None = None,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> LDSResult:
+    """Spearman correlation of predicted vs measured metrics over random subsets.
+
+    Args:
+        scores: A score table (``episode_id``, ``score``), a mapping id -> score, or an
+            array ``[E]`` (one score vector for every target) or ``[E, T]`` (per target).
+        subset_masks: ``[S, E]`` bool: which items each subset trained on.
+        measured: ``[S]`` or ``[S, T]`` metrics measured after training on each subset.
+        ids: ``E`` ids of the mask columns (needed for tables and mappings).
+        bootstrap: Bootstrap resamples of the subsets for the interval (0: none).
+        confidence: Interval level.
+        seed: Bootstrap seed.
+
+    Returns:
+        The :class:`LDSResult`.
+    """
+    masks = np.asarray(subset_masks, dtype=bool)
+    meas = np.asarray(measured, dtype=np.float64)
+    meas = meas[:, None] if meas.ndim == 1 else meas
+    if masks.ndim != 2 or meas.shape[0] != masks.shape[0]:
+        raise ValueError(f"masks [S, E] and measured [S(, T)] disagree: {masks.shape} vs {meas.shape}")
+    s = _score_vector(scores, ids, masks.shape[1])
+    pred = masks.astype(np.float64) @ s
+    pred = np.repeat(pred[:, None], meas.shape[1], 1) if pred.ndim == 1 else pred
+    if pred.shape != meas.shape:
+        raise ValueError(f"per-target scores give {pred.shape[1]} targets, measured has {meas.shape[1]}")
+    per_target = _spearman_columns(pred, meas)
+    mean = float(np.nanmean(per_target)) if np.isfinite(per_target).any() else float("nan")
+    lo = hi = float("nan")
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        boots = []
+        for _ in range(bootstrap):
+            idx = rng.integers(0, masks.shape[0], masks.shape[0])
+            r = _spearman_columns(pred[idx], meas[idx])
+            if np.isfinite(r).any():
+                boots.append(np.nanmean(r))
+        if boots:
+            a = (1 - confidence) / 2
+            lo, hi = (float(v) for v in np.quantile(boots, [a, 1 - a]))
+    return LDSResult(per_target=per_target, mean=mean, ci_low=lo, ci_high=hi, confidence=confidence,
+                     predicted=pred, measured=meas, masks=masks)
+
+
+def run_lds(
+    scores: pa.Table | Mapping[str, float] | np.ndarray,
+    policy_config: PolicyConfig,
+    train_episodes: Sequence[Episode],
+    target_episodes: Sequence[Episode],
+    train_config: TrainConfig,
+    *,
+    num_subsets: int = 64,
+    fraction: float = 0.5,
+    seed: int = 0,
+    metric: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 1,
+    address: str | None = None,
+    bootstrap: int = 1000,
+    progress: bool = False,
+) -> LDSResult:
+    """End to end: train on random fractions of the training demos, measure, correlate.
+
+    Args:
+        scores: Episode scores (table, mapping, or ``[E]`` in ``train_episodes`` order).
+        policy_config: Policy trained on every subset.
+        train_episodes: The ``E`` training demonstrations the scores rank.
+        target_episodes: Target demonstrations; the default metric is the proxy M̂ per
+            target demonstration (one LDS target each).
+        train_config: Identical training budget for every subset.
+        num_subsets: S.
+        fraction: Fraction of the training demos in each subset.
+        seed: Seed of the subsets (and the bootstrap).
+        metric: Override of the metric (``metric(policy) -> float | [T]`` with a
+            ``fingerprint()``), e.g. a rollout success rate.
+        cache_dir: Subset-training cache (shared with the regression estimator).
+        workers: 1 = in process, W > 1 = Ray actors.
+        address: Ray cluster address.
+        bootstrap: Bootstrap resamples.
+        progress: tqdm bar.
+
+    Returns:
+        The :class:`LDSResult` (``info`` holds the training/cache counts).
+    """
+    samples = build_samples(train_episodes, n_obs_steps=policy_config.n_obs_steps, horizon=policy_config.horizon,
+                            obs_keys=policy_config.obs_keys)
+    clusters = make_clusters(samples)  # one cluster per training demonstration, in order
+    metric = metric if metric is not None else ProxyMetric(target_episodes, per_episode=True)
+    trainer = SubsetTrainer(policy_config, samples, clusters, train_config, metric)
+    masks = fraction_masks(clusters.num_clusters, num_subsets, fraction=fraction, seed=seed)
+    measured, info = evaluate_subsets(trainer, masks, cache_dir=cache_dir, workers=workers, address=address,
+                                      progress=progress)
+    result = linear_datamodeling_score(scores, masks, measured, ids=clusters.names, bootstrap=bootstrap, seed=seed)
+    per_demo = isinstance(metric, ProxyMetric) and metric.per_episode
+    result.info.update(info, fraction=fraction, num_train=clusters.num_clusters,
+                       targets=[e.episode_id for e in target_episodes] if per_demo else None)
+    log.info("LDS %.4f [%.4f, %.4f] over %d subsets", result.mean, result.ci_low, result.ci_high, num_subsets)
+    return result
