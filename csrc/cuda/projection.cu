@@ -17,9 +17,11 @@
 // * sparse: a thread hashes one coordinate for a few rows and scatters with atomicAdd.
 //   Float atomics commit in hardware order, so results may differ run to run in the last
 //   bits (well inside the float32 tolerance); buckets and signs are exact.
+#ifndef CUPID_CUDA_EMULATE
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +32,20 @@
 #include "cupid/cuda_kernels.h"
 #include "cupid/hash.h"
 #include "cupid/kernels.h"
+
+// Every launch goes through CUPID_LAUNCH so that tests/ops/test_cuda_build.py can compile
+// this file as plain C++ against a host emulation of the CUDA runtime (threads and a
+// barrier per block) and check the kernels against the reference without a GPU.
+#ifndef CUPID_LAUNCH
+#define CUPID_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+// Split sizes can be shrunk at compile time for the emulated tests.
+#ifndef CUPID_CUDA_MIN_SPLIT
+#define CUPID_CUDA_MIN_SPLIT (1 << 16)
+#endif
+#ifndef CUPID_CUDA_PARTIAL_BYTES
+#define CUPID_CUDA_PARTIAL_BYTES (int64_t{256} << 20)
+#endif
 
 namespace cupid {
 namespace {
@@ -42,9 +58,9 @@ constexpr uint32_t kStreamSignShiftShift = 1002;
 constexpr int kMaxSparseS = 64;  // constants.MAX_SPARSE_S
 
 constexpr int64_t kMaxSplits = 32;
-constexpr int64_t kMinSplit = 1 << 16;
+constexpr int64_t kMinSplit = CUPID_CUDA_MIN_SPLIT;
 constexpr int64_t kSplitAlign = 256;
-constexpr int64_t kPartialBytes = int64_t{256} << 20;  // bound on the split partials of one launch
+constexpr int64_t kPartialBytes = CUPID_CUDA_PARTIAL_BYTES;  // bound on the split partials of one launch
 
 // dense tiles
 constexpr int kDenseThreads = 128;  // one output column per thread
@@ -287,8 +303,9 @@ void with_partials(Acc* out, int64_t B, int64_t k, int64_t n_split, cudaStream_t
     launch(r0, rows, static_cast<Acc*>(part));
     err = cudaGetLastError();
     if (err != cudaSuccess) break;
-    reduce_splits_kernel<Acc><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream>>>(static_cast<Acc*>(part),
-                                                                                      out + r0 * k, n, n_split);
+    auto* kernel = &reduce_splits_kernel<Acc>;
+    CUPID_LAUNCH(kernel, static_cast<unsigned>(cdiv(n, 256)), 256, stream, static_cast<const Acc*>(part), out + r0 * k,
+                 n, n_split);
     err = cudaGetLastError();
   }
   cudaFreeAsync(part, stream);
@@ -309,7 +326,8 @@ void project_typed(const In* x, typename AccOf<In>::type* out, int64_t B, int64_
       with_partials<Acc>(out, B, k, n_split, stream, [&](int64_t r0, int64_t rows, Acc* part) {
         const dim3 grid(static_cast<unsigned>(cdiv(k, kDenseThreads)), static_cast<unsigned>(cdiv(rows, kDenseRows)),
                         static_cast<unsigned>(n_split));
-        dense_kernel<In, Acc><<<grid, kDenseThreads, 0, stream>>>(x + r0 * ld, part, rows, P, k, ld, split, key, scale);
+        auto* kernel = &dense_kernel<In, Acc>;
+        CUPID_LAUNCH(kernel, grid, kDenseThreads, stream, x + r0 * ld, part, rows, P, k, ld, split, key, scale);
       });
       break;
     }
@@ -322,8 +340,9 @@ void project_typed(const In* x, typename AccOf<In>::type* out, int64_t B, int64_
       with_partials<Acc>(out, B, k, n_split, stream, [&](int64_t r0, int64_t rows, Acc* part) {
         const dim3 grid(static_cast<unsigned>(cdiv(k, kShiftThreads)), static_cast<unsigned>(cdiv(rows, kShiftRows)),
                         static_cast<unsigned>(n_split));
-        signshift_kernel<In, Acc>
-            <<<grid, kShiftThreads, 0, stream>>>(x + r0 * ld, part, rows, P, k, ld, per_split, key_sign, key_shift);
+        auto* kernel = &signshift_kernel<In, Acc>;
+        CUPID_LAUNCH(kernel, grid, kShiftThreads, stream, x + r0 * ld, part, rows, P, k, ld, per_split, key_sign,
+                     key_shift);
       });
       break;
     }
@@ -331,11 +350,13 @@ void project_typed(const In* x, typename AccOf<In>::type* out, int64_t B, int64_
       SparseKeys keys{};
       for (int64_t t = 0; t < s; ++t) keys.key[t] = stream_key(seed, kStreamSparse + static_cast<uint32_t>(t));
       const dim3 grid(static_cast<unsigned>(cdiv(P, kSparseThreads)), static_cast<unsigned>(cdiv(B, kSparseRows)));
-      sparse_kernel<In, Acc><<<grid, kSparseThreads, 0, stream>>>(x, out, B, P, k, ld, static_cast<int>(s), keys);
+      auto* kernel = &sparse_kernel<In, Acc>;
+      CUPID_LAUNCH(kernel, grid, kSparseThreads, stream, x, out, B, P, k, ld, static_cast<int>(s), keys);
       check_launch("sparse kernel");
       if (s > 1) {
-        scale_kernel<Acc><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream>>>(
-            out, n, Acc(1) / std::sqrt(static_cast<Acc>(s)));
+        auto* scale = &scale_kernel<Acc>;
+        CUPID_LAUNCH(scale, static_cast<unsigned>(cdiv(n, 256)), 256, stream, out, n,
+                     Acc(1) / std::sqrt(static_cast<Acc>(s)));
         check_launch("sparse scale kernel");
       }
       break;
@@ -348,7 +369,8 @@ void countsketch_one(const In* x, const int32_t* order, const int32_t* sign, con
                      typename AccOf<In>::type* out, int64_t R, int64_t D, int64_t k, cudaStream_t stream) {
   using Acc = typename AccOf<In>::type;
   const dim3 grid(static_cast<unsigned>(cdiv(R, kCsRows)), static_cast<unsigned>(cdiv(k, kCsThreads)));
-  countsketch_kernel<In, Acc><<<grid, kCsThreads, 0, stream>>>(x, order, sign, offsets, out, R, D, k);
+  auto* kernel = &countsketch_kernel<In, Acc>;
+  CUPID_LAUNCH(kernel, grid, kCsThreads, stream, x, order, sign, offsets, out, R, D, k);
   check_launch("countsketch kernel");
 }
 
