@@ -1,0 +1,76 @@
+"""The datamodel scorer on a store catalog + dataset, and ``cupid-engine eval lds``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dm_helpers import make_episodes
+
+from cupid_engine.cli import main
+from cupid_engine.data import write_dataset
+from cupid_engine.scorers.datamodel.scorer import DatamodelScorer, add_arguments, config_from_args
+from cupid_engine.scorers.table import read_table, write_table
+from cupid_engine.store import create_store, open_store
+
+
+@pytest.fixture
+def setup(tmp_path):
+    train = make_episodes(n=5, length=6)
+    target = [dataclasses.replace(e, split="target") for e in make_episodes(n=2, length=6, seed=4, prefix="tg")]
+    write_dataset(tmp_path / "ds", train + target)
+    st = create_store(str(tmp_path / "s.zarr"))
+    st.add_episodes(pa.table({"episode_id": [e.episode_id for e in train + target],
+                              "split": [e.split for e in train + target],
+                              "length": [e.length for e in train + target]}))
+    return tmp_path, [e.episode_id for e in train]
+
+
+@pytest.mark.parametrize("estimator", ["regression", "metagradient"])
+def test_datamodel_scorer_reads_catalog_and_dataset(setup, estimator):
+    tmp_path, train_ids = setup
+    from cupid_engine.scorers import get_scorer
+
+    assert get_scorer("datamodel") is DatamodelScorer
+    scorer = DatamodelScorer(data=str(tmp_path / "ds"), estimator=estimator, steps=6, batch_size=8,
+                             num_subsets=6, cluster="subtrajectory", window=3)
+    table = scorer.score(open_store(str(tmp_path / "s.zarr")), "base")
+    assert table["episode_id"].to_pylist() == train_ids
+    assert set(table["split"].to_pylist()) == {"train"}
+    assert table["num_clusters"].to_pylist() == [2] * 5
+    assert np.isfinite(table["score"].to_numpy()).all() and np.abs(table["score"].to_numpy()).max() > 0
+
+
+def test_cli_hooks_build_config(setup):
+    tmp_path, _ = setup
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target")
+    add_arguments(parser)
+    args = parser.parse_args(["--estimator", "metagradient", "--data", "d", "--steps", "7", "--last-k", "2",
+                              "--target", "tg000,tg001"])
+    cfg = config_from_args(args, {"lr": 0.01})
+    assert (cfg.estimator, cfg.steps, cfg.last_k, cfg.target, cfg.lr) == ("metagradient", 7, 2, "tg000,tg001", 0.01)
+
+
+def test_eval_lds_command(setup, capsys):
+    tmp_path, train_ids = setup
+    scores = tmp_path / "scores.parquet"
+    from cupid_engine.scorers.table import make_table
+
+    write_table(make_table(train_ids, np.arange(5.0), method="length"), scores)
+    argv = ["eval", "lds", "--store", str(tmp_path / "s.zarr"), "--run", "base", "--scores", str(scores),
+            "--subsets", "4", "--fraction", "0.6", "--data", str(tmp_path / "ds"), "--steps", "5",
+            "--batch-size", "8", "--cache", str(tmp_path / "cache"), "--bootstrap", "10", "--no-progress",
+            "--out", str(tmp_path / "lds.json")]
+    assert main(argv) == 0
+    out = json.loads((tmp_path / "lds.json").read_text())
+    assert out["num_subsets"] == 4 and out["trained"] == 4 and len(out["per_target"]) == 2
+    assert out["targets"] == ["tg000", "tg001"] and out["method"] == "length"
+    assert main(argv) == 0  # the rerun reuses every training
+    assert json.loads((tmp_path / "lds.json").read_text())["cached"] == 4
+    assert read_table(scores).num_rows == 5
