@@ -1,0 +1,35 @@
+"""The featuriser: policy samples -> projected per-sample gradients in a gradient store.
+
+* ``config``: :class:`ProjectionConfig` and :class:`FeaturizeConfig` (frozen, validated,
+  recorded in every run).
+* ``hooks``: the hook path, tensorsketch of per-layer captures (Linear, Conv1d unfolded
+  over time), fused over layers in the frequency domain; per-sample gradients are never
+  formed, so memory is independent of the number of tracked parameters.
+* ``vmap``: the torch.func path, explicit per-sample gradients + ``ops.project``
+  (dense/sparse/signshift); also the reference the hook path is tested against.
+* ``featurizer``: :class:`Featurizer`, one object for both paths, with ``describe()``.
+* ``pipeline``: :func:`featurize` (register -> run -> stream shards -> finalize, resumable)
+  and :func:`featurize_shard`, the unit of work of the Ray workers.
+* ``synthetic``: :class:`SyntheticSource`, deterministic episodes generated on the fly
+  (benchmarks, tests).
+
+Ray is imported only by ``cupid_engine.distributed`` (``workers > 1``).
+"""
+
+from cupid_engine.featurize.config import FeaturizeConfig, ProjectionConfig, path_for_method
+from cupid_engine.featurize.featurizer import Featurizer
+from cupid_engine.featurize.hooks import fused_tensorsketch, layer_seed
+from cupid_engine.featurize.pipeline import featurize, featurize_shard
+from cupid_engine.featurize.synthetic import SyntheticSource
+
+__all__ = [
+    "FeaturizeConfig",
+    "Featurizer",
+    "ProjectionConfig",
+    "SyntheticSource",
+    "featurize",
+    "featurize_shard",
+    "fused_tensorsketch",
+    "layer_seed",
+    "path_for_method",
+]

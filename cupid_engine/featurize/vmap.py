@@ -1,0 +1,64 @@
+"""torch.func per-sample gradients: the explicit path for dense/sparse/signshift projections.
+
+``vmap(grad(f))`` over single-sample batches gives every sample's full gradient over the
+tracked parameters; the gradients are flattened in a fixed, documented order and
+projected with ``ops.project``. This path exists because the flat projections need the
+flat gradient, and because it is the readable definition that the hook path is tested
+against. Its memory is ``B * P`` floats per chunk, so batches are split into chunks of at
+most :data:`MAX_CHUNK_BYTES`.
+
+Flattening order (the coordinate order ``ops.project`` sees): tracked parameters in
+``policies.tracked_parameters`` order, i.e. modules in ``named_modules`` order and, inside
+a module, its parameters in ``named_parameters`` order (``weight`` then ``bias``); each
+parameter's per-sample gradient flattened row-major.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from cupid_engine.policies.base import Policy
+
+__all__ = ["MAX_CHUNK_BYTES", "per_sample_grads", "flatten_grads"]
+
+MAX_CHUNK_BYTES = 256 << 20
+"""Largest ``[B_chunk, P]`` gradient block materialised at once."""
+
+
+def per_sample_grads(
+    policy: Policy,
+    params: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    output: str,
+    *,
+    seed: int = 0,
+    draws: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of ``output`` w.r.t. ``params``.
+
+    Args:
+        policy: The policy (parameters not in ``params`` and buffers are taken from it).
+        params: Name -> tracked parameter (``policies.tracked_parameters``).
+        batch: Normalised batch of B samples.
+        output: Output function name.
+        seed: Noise seed of the diffusion draws.
+        draws: Draws per sample.
+
+    Returns:
+        Name -> ``[B, *param.shape]`` gradients.
+    """
+    detached = {n: p.detach() for n, p in params.items()}
+
+    def f(p: dict[str, torch.Tensor], sample: dict[str, torch.Tensor]) -> torch.Tensor:
+        one = {key: v.unsqueeze(0) for key, v in sample.items()}  # vmap strips the batch dim
+        return functional_call(policy, p, (one,), {"output": output, "seed": seed, "draws": draws}).sum()
+
+    return vmap(grad(f), in_dims=(None, 0))(detached, dict(batch))
+
+
+def flatten_grads(grads: Mapping[str, torch.Tensor], order: list[str]) -> torch.Tensor:
+    """``[B, P]``: the gradients of ``order`` flattened and concatenated (see module doc)."""
+    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in order], dim=1)
