@@ -1,8 +1,9 @@
-"""``cupid-engine bench NAME``: runs ``benchmarks/bench_NAME.py`` from the source checkout.
+"""``cupid-engine bench NAME [ARGS]``: runs ``benchmarks/bench_NAME.py`` from the source checkout.
 
 Benchmarks live beside the package (not inside it) so they can import peers (traker,
-dattri) that the engine itself never needs. Every benchmark exposes
-``add_arguments(parser)`` and ``run(args) -> dict`` and accepts ``--json PATH``.
+dattri) that the engine itself never needs. Each exposes ``run(args) -> dict`` and either
+``build_parser()`` or ``add_arguments(parser)``; every one accepts ``--json PATH``. The
+module is imported only when its benchmark runs, so ``--help`` stays instant.
 """
 
 from __future__ import annotations
@@ -29,17 +30,24 @@ def _load(name: str):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="run a benchmark (this engine vs peers vs the hardware limit)")
-    sub = p.add_subparsers(dest="bench_name", required=True, metavar="NAME")
-    for name in NAMES:
-        sp = sub.add_parser(name, help=f"benchmarks/bench_{name}.py")
-        if (_bench_dir() / f"bench_{name}.py").exists():
-            _load(name).add_arguments(sp)
-        else:
-            sp.add_argument("--json", default=None)
-        sp.set_defaults(handler=_handler)
+    p = subparsers.add_parser(
+        "bench",
+        help="run a benchmark (this engine vs peers vs the hardware limit)",
+        description="Run benchmarks/bench_NAME.py; arguments after NAME go to the benchmark "
+        "(try `cupid-engine bench projection --help`).",
+    )
+    p.add_argument("bench_name", choices=NAMES, metavar="NAME", help=" | ".join(NAMES))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="benchmark arguments (e.g. --quick --json out.json)")
+    p.set_defaults(handler=_handler)
 
 
 def _handler(args: argparse.Namespace) -> int:
-    _load(args.bench_name).run(args)
+    module = _load(args.bench_name)
+    if hasattr(module, "build_parser"):
+        parser = module.build_parser()
+    else:
+        parser = argparse.ArgumentParser(prog=f"cupid-engine bench {args.bench_name}")
+        module.add_arguments(parser)
+    parser.prog = f"cupid-engine bench {args.bench_name}"
+    module.run(parser.parse_args(args.bench_args))
     return 0
