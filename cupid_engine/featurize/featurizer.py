@@ -168,6 +168,7 @@ class Featurizer:
             out = self._hooks(batch)
         else:
             out = self._vmap(batch)
+        out = out.detach()
         if check_finite:
             bad = ~torch.isfinite(out).all(dim=1)
             if bool(bad.any()):

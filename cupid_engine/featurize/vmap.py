@@ -56,7 +56,10 @@ def per_sample_grads(
         one = {key: v.unsqueeze(0) for key, v in sample.items()}  # vmap strips the batch dim
         return functional_call(policy, p, (one,), {"output": output, "seed": seed, "draws": draws}).sum()
 
-    return vmap(grad(f), in_dims=(None, 0))(detached, dict(batch))
+    # grad() ignores an outer no_grad (it is a function transform), while no_grad stops the
+    # result from being tied, through untracked parameters, into a useless outer graph.
+    with torch.no_grad():
+        return vmap(grad(f), in_dims=(None, 0))(detached, dict(batch))
 
 
 def flatten_grads(grads: Mapping[str, torch.Tensor], order: list[str]) -> torch.Tensor:
