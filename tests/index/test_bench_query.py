@@ -1,0 +1,28 @@
+"""Smoke test of benchmarks/bench_query.py at tiny sizes (the numbers are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_query.py"
+
+
+def test_bench_query_runs_and_writes_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_query_smoke", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out_path = tmp_path / "q.json"
+    args = mod.build_parser().parse_args([
+        "--sizes", "300", "--k", "16", "--queries", "3", "--hnsw-max", "300", "--ef-search", "16",
+        "--bandwidth-mib", "8", "--rollout-steps", "60", "--demo-steps", "90", "--quality-k", "16",
+        "--episode-len", "10", "--naive-pairs", "0", "--json", str(out_path),
+    ])
+    out = mod.run(args)
+    saved = json.loads(out_path.read_text())
+    assert saved["acceptance"].keys() == out["acceptance"].keys()
+    kinds = {r["kind"] for r in saved["results"]}
+    assert {"exact", "hnsw", "quality"} <= kinds
+    quality = [r for r in saved["results"] if r["kind"] == "quality"]
+    assert all(r.get("max_abs_diff_vs_first", 0.0) < 1e-3 for r in quality)
