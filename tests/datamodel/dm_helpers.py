@@ -21,3 +21,25 @@ def make_episodes(n: int = 6, length: int = 12, obs_dim: int = 3, action_dim: in
         out.append(Episode(episode_id=f"{prefix}{i:03d}", observations={"pos": pos.astype(np.float32)},
                            actions=act.astype(np.float32)))
     return out
+
+
+class SlowPlanted:
+    """Synthetic subset function (picklable, importable by a subprocess): metric = Σ effects
+    of kept clusters; sleeps per call so a test can kill a run midway; appends one line per
+    call to ``log_path`` so trainings can be counted across processes."""
+
+    def __init__(self, effects, log_path, delay: float = 0.0) -> None:
+        self.effects = np.asarray(effects, dtype=np.float64)
+        self.log_path = str(log_path)
+        self.delay = delay
+
+    def fingerprint(self) -> str:
+        return "slow-planted-" + str(len(self.effects))
+
+    def __call__(self, mask):
+        import time
+
+        time.sleep(self.delay)
+        with open(self.log_path, "a") as f:
+            f.write("1\n")
+        return float(np.asarray(mask, dtype=np.float64) @ self.effects)

@@ -126,3 +126,39 @@ def test_ray_equals_in_process(tmp_path):
     np.testing.assert_array_equal(remote, local)
     # Equal masks share one entry (C = 4 clusters repeat masks).
     assert len(SubsetCache(tmp_path, _tiny_trainer().fingerprint())) == len(np.unique(masks, axis=0))
+
+
+def test_sigkilled_process_resumes(tmp_path):
+    """A run killed with SIGKILL mid-way (no cleanup at all) resumes from its cache."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dm_helpers import SlowPlanted
+
+    effects = np.linspace(-1, 1, 8)
+    np.save(tmp_path / "effects.npy", effects)
+    script = (
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from dm_helpers import SlowPlanted\n"
+        "from cupid_engine.scorers.datamodel.regression import evaluate_subsets, sample_masks\n"
+        f"fn = SlowPlanted(np.load({str(tmp_path / 'effects.npy')!r}), {str(tmp_path / 'calls1')!r}, delay=0.3)\n"
+        f"evaluate_subsets(fn, sample_masks(8, 40, seed=0), cache_dir={str(tmp_path / 'cache')!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    cache_dir = tmp_path / "cache" / SlowPlanted(effects, "").fingerprint()
+    deadline = time.time() + 60
+    while time.time() < deadline and (not cache_dir.exists() or len(list(cache_dir.glob("*.json"))) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    masks = sample_masks(8, 40, seed=0)
+    finished = len(list(cache_dir.glob("[!.]*.json")))
+    assert 3 <= finished < len(np.unique(masks, axis=0))
+    fn = SlowPlanted(effects, tmp_path / "calls2")
+    values, info = evaluate_subsets(fn, masks, cache_dir=tmp_path / "cache")
+    calls = len((tmp_path / "calls2").read_text().splitlines())
+    assert info["trained"] == calls and calls == 40 - info["cached"] and info["cached"] >= finished
+    np.testing.assert_allclose(values[:, 0], masks @ effects, atol=1e-12)

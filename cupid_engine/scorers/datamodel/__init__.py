@@ -16,6 +16,11 @@ training clusters as the sum of per-cluster scores. Modules:
 * ``selection``: top-x% cluster selection and co-training with target sampled w.p. α.
 * ``lds``: the linear datamodeling score (Spearman of predicted vs measured metrics on
   random subsets) and its end-to-end runner.
+* ``scorer``: the ``datamodel`` scorer (registry), :func:`datamodel_scores` and the
+  ``score datamodel`` CLI hooks.
+
+Subset trainings on Ray live in :mod:`cupid_engine.distributed.training` (the only
+place Ray is imported, lazily).
 """
 
 from cupid_engine.scorers.datamodel.clusters import CLUSTER_MODES, ClusterConfig, Clusters, make_clusters
@@ -28,23 +33,73 @@ from cupid_engine.scorers.datamodel.functional import (
     reverse_metagradient,
 )
 from cupid_engine.scorers.datamodel.metagradient import MetagradientConfig, MetagradientResult, metagradient_scores
+from cupid_engine.scorers.datamodel.lds import LDSResult, linear_datamodeling_score, run_lds
 from cupid_engine.scorers.datamodel.metrics import ProxyMetric, RolloutMetric, sim_success_metric
+from cupid_engine.scorers.datamodel.regression import (
+    LinearDatamodel,
+    RegressionConfig,
+    RegressionResult,
+    SubsetCache,
+    SubsetTrainer,
+    evaluate_subsets,
+    fit_linear_datamodel,
+    fraction_masks,
+    regression_scores,
+    sample_masks,
+)
+from cupid_engine.scorers.datamodel.scorer import (
+    DatamodelConfig,
+    DatamodelScorer,
+    add_arguments,
+    cli_score,
+    datamodel_scores,
+)
+from cupid_engine.scorers.datamodel.selection import (
+    CoTrainSampler,
+    concat_samples,
+    cotrain_policy,
+    select_top,
+    selected_samples,
+)
 
 __all__ = [
     "CLUSTER_MODES",
     "ClusterConfig",
     "Clusters",
+    "CoTrainSampler",
+    "DatamodelConfig",
+    "DatamodelScorer",
     "FunctionalAdam",
     "FunctionalOptimizer",
     "FunctionalSGD",
+    "LDSResult",
+    "LinearDatamodel",
     "MetagradientConfig",
     "MetagradientResult",
     "ProxyMetric",
+    "RegressionConfig",
+    "RegressionResult",
     "RolloutMetric",
+    "SubsetCache",
+    "SubsetTrainer",
+    "add_arguments",
+    "cli_score",
+    "concat_samples",
+    "cotrain_policy",
+    "datamodel_scores",
+    "evaluate_subsets",
+    "fit_linear_datamodel",
+    "fraction_masks",
     "functional_train",
+    "linear_datamodeling_score",
     "make_clusters",
     "make_optimizer",
     "metagradient_scores",
+    "regression_scores",
     "reverse_metagradient",
+    "run_lds",
+    "sample_masks",
+    "select_top",
+    "selected_samples",
     "sim_success_metric",
 ]
