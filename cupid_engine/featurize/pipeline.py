@@ -373,6 +373,8 @@ def featurize(
             run_name, len(left), left[:10],
         )
         return run
+    if not pending and run._group.attrs.get("finalized") and not run._group.attrs["finalized"].get("partial"):
+        return run  # resumed a finished run: nothing was written, the Gram is current
     run.finalize()
     return run
 
