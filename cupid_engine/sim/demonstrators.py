@@ -2,8 +2,10 @@
 
 A demonstrator is a proportional waypoint controller over the BASIC (delta OSC pose)
 action space: it moves the end effector through task phases (detour → hover → descend →
-close → lift → transport → lower → release → retreat), each phase a target expressed
-relative to the object or the goal, with ``action = clip(gain · error, ±speed)``.
+close → lift → transport → lower → release → [press, square only] → retreat), each phase a
+target expressed relative to the object or the goal, with
+``action = clip(gain · error, ±speed)``. Like a human operator, the demonstrator sees the
+true scene (bin target, peg, nut handle site), not just the policy's observation vector.
 
 Quality comes from :class:`DemoParams`, the knobs a human operator's skill changes:
 action noise, hesitation pauses, detours, the approach height and angle, a deliberately
@@ -12,9 +14,23 @@ mimic robomimic MH: ``better`` is fast and clean; ``worse`` is slower, noisier, 
 and retries more. A grasp that does not hold the object (slip or miss) is retried from the
 hover point, as an operator would, at most ``max_retries`` times.
 
-Measured success rates (:data:`EXPECTED_SUCCESS`, default :class:`~.tasks.Variation`,
-seeds 0..N-1 of :func:`cupid_engine.sim.generate.generate_episodes`) are checked by
-``tests/sim/test_demonstrators.py`` with a tolerance.
+Measured success rates (:data:`EXPECTED_SUCCESS`; stock :class:`~.tasks.Variation`,
+attempts 0..N-1 of :func:`cupid_engine.sim.generate.generate_episodes` with seed 0 and the
+default horizons lift 400 / can 800 / square 800 steps), checked by
+``tests/sim/test_demonstrators.py`` with a tolerance:
+
+======  =====================  =====================  =====================
+task    better                 okay                   worse
+======  =====================  =====================  =====================
+lift    1.00 (N=20, 49 steps)  1.00 (N=20, 90)        1.00 (N=20, 185)
+can     1.00 (N=10, 150)       1.00 (N=10, 248)       0.95 (N=20, 467)
+square  1.00 (N=10, 204)       0.90 (N=20, 343)       0.80 (N=20, 550)
+======  =====================  =====================  =====================
+
+(mean episode length of all attempts in brackets). Failures are time-outs after
+slipped grasps (can, square) or a nut jammed tilted on the peg (square). On Lift the rates
+hold under variation too: 8/8 for better and worse with mass ×0.5–2, friction ×0.5–1.5,
+size ×0.8–1.2 and placement range ×0.5–2.
 """
 
 from __future__ import annotations
@@ -99,8 +115,8 @@ assert tuple(TIERS) == TIER_NAMES
 
 EXPECTED_SUCCESS: dict[str, dict[str, float]] = {
     "lift": {"better": 1.0, "okay": 1.0, "worse": 1.0},
-    "can": {"better": 1.0, "okay": 1.0, "worse": 0.9},
-    "square": {"better": 1.0, "okay": 0.9, "worse": 0.7},
+    "can": {"better": 1.0, "okay": 1.0, "worse": 0.95},
+    "square": {"better": 1.0, "okay": 0.9, "worse": 0.8},
 }
 """Measured success rate per task and tier (see the module docstring)."""
 
@@ -181,7 +197,8 @@ class ScriptedDemonstrator:
         return np.asarray(obs[f"{self._obj}_pos"], np.float64) + _GRASP_OFFSET[self.task]
 
     def _held(self, obs: dict[str, np.ndarray]) -> bool:
-        """Whether the object is between the closed fingers and off its support."""
+        """Whether the fingers still hold the object: the grasp point stays between them and
+        they have not closed on nothing (fully shut fingers mean a miss or a slip)."""
         eef = np.asarray(obs["robot0_eef_pos"], np.float64)
         grip = self._grasp_point(obs)
         width = float(obs["robot0_gripper_qpos"][0] - obs["robot0_gripper_qpos"][1])
