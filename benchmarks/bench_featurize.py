@@ -1,0 +1,220 @@
+"""Featuriser throughput and memory: hooks + tensorsketch vs torch.func + sparse vs traker.
+
+One run prints, for each model, samples/s and peak extra memory of
+
+* ``hooks+tensorsketch``: this engine's hook path (one batched forward/backward, fused
+  layer sketches; per-sample gradients never formed),
+* ``vmap+sparse``: this engine's torch.func path (per-sample gradients, C++ CountSketch),
+* ``traker``: traker's own pipeline on the same model, output and k:
+  ``trak.gradient_computers.FunctionalGradientComputer`` (torch.func per-sample
+  gradients, through a small ``AbstractModelOutput`` that evaluates our output function)
+  + ``trak.utils.vectorize`` + ``trak.projectors.BasicProjector`` (Rademacher, CPU).
+  BasicProjector's cost is linear in P and its time is dominated by generating the
+  projection blocks, so at P ~ 1M it is measured on a slice of the coordinates and
+  scaled to P (marked ``est``), as in ``bench_projection.py``.
+
+Models: the MLP (``MLPPolicyConfig()``, ~0.55M params; ``.large()``, ~8.5M) with output
+``loss``, and the diffusion UNet (``DiffusionPolicyConfig()``, ~1.2M params) with output
+``square`` at 64 draws per sample (so one sample is 64 network rows). k = 4096.
+
+Peak memory: the process's peak RSS (``VmHWM``) is reset through ``/proc/self/clear_refs``
+before each measurement and read after it; the value reported is the peak minus the RSS
+before, i.e. what the featuriser allocated on top of the model (Linux only; ``nan``
+where the reset is refused).
+
+Usage: ``python benchmarks/bench_featurize.py [--quick] [--json out.json]`` or
+``cupid-engine bench featurize``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import criterion, machine, table, timeit, write_json  # noqa: E402
+
+from cupid_engine.featurize import Featurizer, ProjectionConfig  # noqa: E402
+from cupid_engine.policies import DiffusionPolicy, DiffusionPolicyConfig, MLPPolicy, MLPPolicyConfig  # noqa: E402
+
+OBS_DIM, ACTION_DIM = 40, 7
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn, *, repeats: int) -> tuple[dict, float]:
+    """``(timeit stats, peak extra MiB)`` of ``fn``."""
+    fn()  # warm up (allocator, kernels, caches)
+    ok = _reset_peak()
+    base = _status_kb("VmRSS")
+    t = timeit(fn, repeats=repeats, warmup=0)
+    peak = (_status_kb("VmHWM") - base) / 1024 if ok else float("nan")
+    return t, peak
+
+
+def _models(quick: bool) -> list[tuple[str, torch.nn.Module, str]]:
+    out = [("mlp-0.5M", MLPPolicy(MLPPolicyConfig(obs_dim=OBS_DIM, action_dim=ACTION_DIM)), "loss")]
+    if not quick:
+        out.append(("mlp-8.5M", MLPPolicy(MLPPolicyConfig.large(obs_dim=OBS_DIM, action_dim=ACTION_DIM)), "loss"))
+    out.append(("unet-1.2M", DiffusionPolicy(DiffusionPolicyConfig(obs_dim=OBS_DIM, action_dim=ACTION_DIM)), "square"))
+    return out
+
+
+def _batch(policy, B: int) -> dict[str, torch.Tensor]:
+    c = policy.config
+    g = torch.Generator().manual_seed(0)
+    return {
+        "obs": torch.randn(B, c.n_obs_steps, c.obs_dim, generator=g),
+        "action": torch.randn(B, c.horizon, c.action_dim, generator=g),
+        "episode_key": torch.arange(B, dtype=torch.int64) * 7919,
+        "step": torch.arange(B, dtype=torch.int64),
+    }
+
+
+def _traker(policy, output: str, batch: dict, k: int, draws: int, slice_p: int) -> tuple[float, float, bool]:
+    """traker's per-sample gradients + BasicProjector: ``(samples/s, peak MiB, estimated)``."""
+    from trak.gradient_computers import FunctionalGradientComputer
+    from trak.modelout_functions import AbstractModelOutput
+    from trak.projectors import BasicProjector, ProjectionType
+    from trak.utils import vectorize
+
+    class PolicyOutput(AbstractModelOutput):
+        """Our output function as a traker model output (one sample per vmap lane)."""
+
+        def __init__(self) -> None:  # traker declares __init__ abstract
+            pass
+
+        @staticmethod
+        def get_output(model, weights, buffers, obs, action, episode_key, step):
+            one = {"obs": obs[None], "action": action[None], "episode_key": episode_key[None], "step": step[None]}
+            kwargs = {"output": output, "seed": 0, "draws": draws}
+            return torch.func.functional_call(model, (weights, buffers), (one,), kwargs).sum()
+
+        def get_out_to_loss_grad(self, model, weights, buffers, batch):  # unused by featurize
+            raise NotImplementedError
+
+    P = sum(p.numel() for p in policy.parameters())
+    gc = FunctionalGradientComputer(policy, PolicyOutput(), grad_dim=P, dtype=torch.float32, device=torch.device("cpu"))
+    p_meas = min(P, slice_p)
+    proj = BasicProjector(grad_dim=p_meas, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher,
+                          device=torch.device("cpu"), dtype=torch.float32)
+    args = [batch["obs"], batch["action"], batch["episode_key"], batch["step"]]
+    B = batch["obs"].shape[0]
+
+    def grads():
+        return vectorize(gc.compute_per_sample_grad(args), device=torch.device("cpu"))
+
+    t_grad, peak_grad = measure(grads, repeats=1)
+    g = grads()[:, :p_meas].contiguous()
+    t_proj, peak_proj = measure(lambda: proj.project(g, model_id=0), repeats=1)
+    seconds = t_grad["median"] + t_proj["median"] * P / p_meas
+    return B / seconds, max(peak_grad, peak_proj), p_meas < P
+
+
+def run(args: argparse.Namespace) -> dict:
+    info = machine()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"machine: {info['cpu']} | {info['cores']} cores | torch threads {args.threads} | commit {info['commit']} "
+          f"| {info['date']} | load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+    k = args.k
+    rows = []
+    results = {}
+    for name, policy, output in _models(args.quick):
+        policy.eval()
+        P = policy.num_parameters()
+        is_unet = output == "square"
+        draws = args.draws
+        B = args.unet_batch if is_unet else args.batch
+        batch = _batch(policy, B)
+        reps = 1 if args.quick else 3
+        # hooks + tensorsketch
+        f = Featurizer(policy, output, ProjectionConfig(k=k), draws=draws, policy_hash="bench")
+        t, peak = measure(lambda: f(batch), repeats=reps)
+        sps = B / t["median"]
+        rows.append({"model": name, "P": P, "path": "hooks+tensorsketch", "B": B, "samples/s": sps,
+                     "spread": f"{B / t['max']:.0f}-{B / t['min']:.0f}", "peak MiB": peak})
+        results[(name, "hooks")] = sps
+        # forward+backward alone (the floor the hook path cannot beat)
+        def fwd_bwd():
+            policy.zero_grad(set_to_none=True)
+            policy(batch, output=output, draws=draws).sum().backward()
+        t, peak = measure(fwd_bwd, repeats=reps)
+        rows.append({"model": name, "P": P, "path": "forward+backward only", "B": B, "samples/s": B / t["median"],
+                     "spread": f"{B / t['max']:.0f}-{B / t['min']:.0f}", "peak MiB": peak})
+        policy.zero_grad(set_to_none=True)
+        # vmap + sparse (smaller batch: B * P floats of per-sample gradients)
+        Bv = min(B, args.vmap_batch if not is_unet else max(1, args.vmap_batch // 8))
+        bv = {key: v[:Bv] for key, v in batch.items()}
+        fv = Featurizer(policy, output, ProjectionConfig(method="sparse", k=k), path="vmap", draws=draws, policy_hash="b")
+        t, peak = measure(lambda: fv(bv), repeats=1)
+        rows.append({"model": name, "P": P, "path": "vmap+sparse", "B": Bv, "samples/s": Bv / t["median"],
+                     "spread": "", "peak MiB": peak})
+        results[(name, "vmap")] = Bv / t["median"]
+        # traker
+        if not args.no_traker:
+            Bt = min(Bv, args.traker_batch)
+            bt = {key: v[:Bt] for key, v in batch.items()}
+            sps_t, peak_t, est = _traker(policy, output, bt, k, draws, args.traker_slice)
+            rows.append({"model": name, "P": P, "path": "traker (FunctionalGC+BasicProjector)" + (" est" if est else ""),
+                         "B": Bt, "samples/s": sps_t, "spread": "", "peak MiB": peak_t})
+            results[(name, "traker")] = sps_t
+        print(table(rows[-4:], ["model", "P", "path", "B", "samples/s", "spread", "peak MiB"]), flush=True)
+        print()
+        del policy
+    acceptance = {"hooks_tensorsketch_mlp_samples_per_s": criterion(results[("mlp-0.5M", "hooks")], 10000)}
+    if ("mlp-0.5M", "traker") in results:
+        acceptance["vs_traker_ratio"] = criterion(results[("mlp-0.5M", "hooks")] / results[("mlp-0.5M", "traker")], 1000)
+    if ("mlp-8.5M", "hooks") in results:
+        # Memory of the hook path must not grow with P beyond the model and activations.
+        pk = {r["model"]: r["peak MiB"] for r in rows if r["path"] == "hooks+tensorsketch"}
+        acceptance["hooks_peak_mib_large_over_small"] = {
+            "value": pk["mlp-8.5M"] / max(pk["mlp-0.5M"], 1e-9), "target": None, "pass": None,
+            "note": "informational: activations of the 2048-wide layers are 4x larger",
+        }
+    print("acceptance:")
+    for key, v in acceptance.items():
+        print(f"  {key}: {v['value']:.4g} (target {v['target']}) {'PASS' if v['pass'] else ('FAIL' if v['pass'] is False else '')}")
+    payload = {"machine": info, "load_average": load, "k": k, "results": rows, "acceptance": acceptance}
+    write_json(args.json, payload)
+    return payload
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="skip the 8.5M MLP, one repeat")
+    p.add_argument("--k", type=int, default=4096, help="feature dimension")
+    p.add_argument("--batch", type=int, default=1024, help="samples per batch for the MLP hook path")
+    p.add_argument("--unet-batch", type=int, default=64, help="samples per batch for the UNet (each = --draws rows)")
+    p.add_argument("--draws", type=int, default=64, help="(eps, t) draws per UNet sample")
+    p.add_argument("--vmap-batch", type=int, default=128, help="samples per batch for the torch.func path")
+    p.add_argument("--traker-batch", type=int, default=16, help="samples per batch for traker")
+    p.add_argument("--traker-slice", type=int, default=1 << 16, help="coordinates BasicProjector is timed on")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--no-traker", action="store_true", help="skip the traker peer")
+    p.add_argument("--json", default=None, help="write results + acceptance to this path")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args())
