@@ -77,21 +77,24 @@ class ProxyMetric:
             self._cache[key] = (samples, self._weights(samples))
         return self._cache[key]
 
-    def _weights(self, samples: SampleSet) -> torch.Tensor:
-        n = len(samples)
+    def _weight_values(self, ids: list[str], index: np.ndarray, step: np.ndarray) -> np.ndarray:
+        n = len(step)
         sw = self.step_weights
         if sw is None:
             w = np.ones(n)
         elif callable(sw):
-            w = np.array([float(sw(samples.episode_ids[int(e)], int(s)))
-                          for e, s in zip(samples.episode_index, samples.step)])
+            w = np.array([float(sw(ids[int(e)], int(s))) for e, s in zip(index, step)], dtype=np.float64)
         else:
             w = np.asarray(sw, dtype=np.float64)
             if w.shape != (n,):
                 raise ValueError(f"step_weights must be [N_target={n}], got {w.shape}")
         if not np.isfinite(w).all() or (w < 0).any():
             raise ValueError("step_weights must be finite and >= 0")
-        return torch.from_numpy(w.astype(np.float64))
+        return w
+
+    def _weights(self, samples: SampleSet) -> torch.Tensor:
+        w = self._weight_values(list(samples.episode_ids), samples.episode_index.numpy(), samples.step.numpy())
+        return torch.from_numpy(w)
 
     @property
     def num_targets(self) -> int:
@@ -102,11 +105,21 @@ class ProxyMetric:
             return len(torch.unique(self.target.episode_index))
         return len(self.target)
 
+    def _step_index(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(episode ids, ``[N]`` episode index, ``[N]`` step) of every target sample; one
+        sample per step whatever the window sizes, so this needs no policy."""
+        if isinstance(self.target, SampleSet):
+            return (list(self.target.episode_ids), self.target.episode_index.numpy(), self.target.step.numpy())
+        ids = [ep.episode_id for ep in self.target]
+        index = np.concatenate([np.full(ep.length, i) for i, ep in enumerate(self.target)])
+        step = np.concatenate([np.arange(ep.length) for ep in self.target])
+        return ids, index, step
+
     def fingerprint(self) -> str:
-        """Stable hash of the target data and options (part of subset-cache keys)."""
+        """Stable hash of the target data, the evaluated step weights and the options
+        (part of subset-cache keys: a different metric never reuses a cached training)."""
         h = hashlib.sha256()
-        h.update(json.dumps({"per_episode": self.per_episode, "draws": self.draws, "seed": self.seed,
-                             "weights": "fn" if callable(self.step_weights) else None}).encode())
+        h.update(json.dumps({"per_episode": self.per_episode, "draws": self.draws, "seed": self.seed}).encode())
         if isinstance(self.target, SampleSet):
             h.update(self.target.obs.numpy().tobytes())
             h.update(self.target.action.numpy().tobytes())
@@ -114,10 +127,13 @@ class ProxyMetric:
             for ep in self.target:
                 h.update(ep.episode_id.encode())
                 for k in sorted(ep.observations):
+                    h.update(k.encode())
                     h.update(np.ascontiguousarray(ep.observations[k]).tobytes())
                 h.update(np.ascontiguousarray(ep.actions).tobytes())
-        if self.step_weights is not None and not callable(self.step_weights):
-            h.update(np.asarray(self.step_weights, dtype=np.float64).tobytes())
+        if self.step_weights is not None:
+            # Callables are hashed by their values on every target step, not by identity.
+            ids, index, step = self._step_index()
+            h.update(self._weight_values(ids, index, step).tobytes())
         return h.hexdigest()[:16]
 
     # -- evaluation -------------------------------------------------------------------

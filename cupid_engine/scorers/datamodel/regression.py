@@ -247,19 +247,31 @@ def evaluate_subsets(
         progress: tqdm bar.
 
     Returns:
-        ``values [S, n_targets]`` float64 and ``info`` (``trained``, ``cached`` counts).
+        ``values [S, n_targets]`` float64 and ``info``: ``trained`` (trainings run now)
+        and ``cached`` (distinct masks found in the cache); equal masks are trained once.
     """
     masks = np.asarray(masks, dtype=bool)
     cache = SubsetCache(cache_dir, fn.fingerprint()) if cache_dir is not None else None
     results: list[np.ndarray | None] = [None] * len(masks)
-    todo = []
+    # Equal masks are one training (Bernoulli masks over few clusters repeat).
+    first: dict[str, int] = {}
+    copies: dict[int, list[int]] = {}
     for j, m in enumerate(masks):
-        hit = cache.get(m) if cache is not None else None
+        k = SubsetCache.key(m)
+        if k in first:
+            copies[first[k]].append(j)
+        else:
+            first[k] = j
+            copies[j] = [j]
+    todo = []
+    for j in copies:
+        hit = cache.get(masks[j]) if cache is not None else None
         if hit is not None:
-            results[j] = hit
+            for i in copies[j]:
+                results[i] = hit
         else:
             todo.append(j)
-    cached = len(masks) - len(todo)
+    cached = len(copies) - len(todo)
 
     from tqdm.auto import tqdm
 
@@ -267,7 +279,8 @@ def evaluate_subsets(
 
     def done(j: int, value: Any) -> None:
         v = np.atleast_1d(np.asarray(value, dtype=np.float64)).reshape(-1)
-        results[j] = v
+        for i in copies[j]:
+            results[i] = v
         if cache is not None:
             cache.put(masks[j], v)  # as soon as it exists: a kill loses at most running trainings
         bar.update(1)
