@@ -89,6 +89,7 @@ def train_subsets(
     started = _ensure_ray(address, workers)
     import ray
 
+    actors: list[Any] = []
     try:
         actor_cls = ray.remote(num_cpus=1)(_SubsetActor)
         fn_ref = ray.put(fn)
@@ -109,15 +110,16 @@ def train_subsets(
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(done[0])
-            index, value = ray.get(done[0])
+            index, value = ray.get(done[0])  # a failed training raises here, naming its error
             results[index] = value
             if on_result is not None:
                 on_result(index, value)
             if next_index < len(masks):
                 submit(actor)
-        for actor in actors:
-            ray.kill(actor)
         return [r for r in results if r is not None]
     finally:
+        # Also on failure: actors on a shared (already running) Ray must not linger.
+        for actor in actors:
+            ray.kill(actor)
         if started:
             ray.shutdown()

@@ -77,3 +77,35 @@ def test_eval_lds_command(setup, capsys):
     assert main(argv) == 0  # the rerun reuses every training
     assert json.loads((tmp_path / "lds.json").read_text())["cached"] == distinct
     assert read_table(scores).num_rows == 5
+
+
+def test_score_command_reaches_the_registered_scorer(setup):
+    # `cupid-engine score datamodel --set ...` works through the score command's generic
+    # path once cupid_engine.scorers.datamodel.scorer is imported (registration).
+    tmp_path, train_ids = setup
+    out = tmp_path / "dm.parquet"
+    argv = ["score", "datamodel", "--store", str(tmp_path / "s.zarr"), "--run", "base", "--out", str(out),
+            "--target", "target", "--set", f"data={tmp_path / 'ds'}", "--set", "estimator=metagradient",
+            "--set", "steps=4", "--set", "batch_size=8"]
+    assert main(argv) == 0
+    table = read_table(out)
+    assert table["episode_id"].to_pylist() == train_ids and table["method"][0].as_py() == "datamodel"
+
+
+def test_cli_score_with_datamodel_flags(setup):
+    tmp_path, train_ids = setup
+    parser = argparse.ArgumentParser()  # what the score command has, plus add_arguments
+    for flag in ("--store", "--run", "--out", "--target", "--episodes", "--rollouts"):
+        parser.add_argument(flag)
+    parser.add_argument("--set", dest="options", action="append", default=[])
+    add_arguments(parser)
+    out = tmp_path / "dm.parquet"
+    args = parser.parse_args(["--store", str(tmp_path / "s.zarr"), "--run", "base", "--out", str(out),
+                              "--estimator", "regression", "--data", str(tmp_path / "ds"), "--steps", "4",
+                              "--batch-size", "8", "--subsets", "4", "--cache", str(tmp_path / "c"),
+                              "--set", "ridge=0.1"])
+    from cupid_engine.scorers.datamodel.scorer import cli_score
+
+    assert cli_score(args) == 0
+    table = read_table(out)
+    assert table.num_rows == 5 and table["estimator"][0].as_py() == "regression"

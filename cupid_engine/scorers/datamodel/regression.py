@@ -117,7 +117,8 @@ class SubsetTrainer:
         policy_config: Policy to train.
         samples: All training samples ``[N]``.
         clusters: Cluster of each sample.
-        train_config: Training settings shared by every subset.
+        train_config: Training settings shared by every subset; ``steps`` must be set
+            (with ``epochs`` a smaller subset would get fewer updates).
         metric: ``metric(policy) -> float | [n_targets]`` with a ``fingerprint()``
             (:class:`~cupid_engine.scorers.datamodel.metrics.ProxyMetric`, RolloutMetric).
     """
@@ -126,6 +127,9 @@ class SubsetTrainer:
                  train_config: TrainConfig, metric: Callable[[Any], Any]) -> None:
         if len(clusters.ids) != len(samples):
             raise ValueError(f"clusters cover {len(clusters.ids)} samples, the SampleSet has {len(samples)}")
+        if train_config.steps is None:
+            # With epochs, a smaller subset would get fewer updates: budgets would differ.
+            raise ValueError("set TrainConfig.steps: every subset must get the same number of updates")
         self.policy_config = policy_config
         self.samples = samples
         self.clusters = clusters
