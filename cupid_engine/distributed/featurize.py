@@ -1,0 +1,255 @@
+"""Featurisation on Ray actors: whole store shards per task, resumable, fault tolerant.
+
+Why actors: a worker loads the policy once (from a checkpoint *path*; models are never
+pickled) and keeps its store handle and featuriser across many shards. Each task is one
+shard of the store's plan (aligned to the source's natural units by
+``featurize.pipeline.register_episodes``), written by exactly one worker into disjoint
+chunk-aligned regions, completion marker last (DESIGN §4), so:
+
+* **Scheduling never changes the numbers.** A shard's features depend only on its
+  episodes, and the Gram is reduced in shard order by ``Run.finalize``: any number of
+  workers gives the same store as one.
+* **Failures are retried.** Actors are created with ``max_restarts`` and
+  ``max_task_retries``: when a worker process dies (OOM, SIGKILL, lost node), Ray restarts
+  it and re-runs its unfinished tasks; a half-written shard has no marker and is simply
+  written again, whole.
+* **Re-submission skips finished work.** The driver asks the run for pending shards, and a
+  worker re-checks a shard's marker before doing anything.
+
+The driver holds no features: only the list of pending shard ids, one unit name per
+shard, and per-task statistics (rows, seconds, the worker's peak RSS from
+``/proc/self/status`` ``VmHWM``), so its memory does not grow with the episode count
+beyond the store catalog itself.
+
+``FeaturizeWorker`` follows the Ray callable-class convention (``__init__(config)``,
+``__call__(batch: dict[str, ndarray])``), so it also works with ``ray.data.map_batches``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FeaturizeWorker", "featurize_distributed", "peak_rss_kb"]
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident set size (``VmHWM``) in KiB (-1 when unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+class FeaturizeWorker:
+    """Featurise whole store shards (one Ray actor, or in-process for tests).
+
+    Args:
+        config: ``{"policy_path": str, "featurize": FeaturizeConfig.to_dict(),
+            "store": store URL, "run": run name, "source": dataset path (when ``source``
+            is None), "threads": torch intra-op threads (default 1)}``.
+        source: The ``EpisodeSource`` object itself (e.g. a ``ray.put`` reference resolved
+            by Ray), overriding ``config["source"]``.
+    """
+
+    def __init__(self, config: dict[str, Any], source: Any = None) -> None:
+        import torch
+
+        from cupid_engine.featurize.config import FeaturizeConfig
+        from cupid_engine.featurize.featurizer import Featurizer
+        from cupid_engine.policies import load_policy, policy_hash
+        from cupid_engine.store import GradientStore
+
+        torch.set_num_threads(int(config.get("threads", 1)))
+        self.config = FeaturizeConfig.from_dict(config["featurize"])
+        path = config["policy_path"]
+        self.featurizer = Featurizer.from_config(load_policy(path), self.config, policy_hash=policy_hash(path))
+        self.store = GradientStore.open(config["store"], mode="r+")
+        self.run_name = config["run"]
+        if source is None:
+            source = config["source"]
+        if isinstance(source, (str, os.PathLike)):
+            from cupid_engine.data import open_source
+
+            source = open_source(source)
+        self.source = source
+
+    def info(self) -> dict[str, Any]:
+        """``{"pid", "peak_rss_kb", "host"}`` of this worker process."""
+        return {"pid": os.getpid(), "peak_rss_kb": peak_rss_kb(), "host": os.uname().nodename}
+
+    def featurize_shard(self, shard_id: int, unit: str | None = None) -> dict[str, Any]:
+        """Featurise and write one shard (skipped when its marker exists).
+
+        Returns:
+            ``featurize_shard`` statistics plus ``pid`` and ``peak_rss_kb``.
+        """
+        from cupid_engine.featurize.pipeline import featurize_shard
+
+        stats = featurize_shard(
+            self.store, self.run_name, int(shard_id), self.source, self.featurizer,
+            unit=unit, batch_size=self.config.batch_size,
+        )
+        stats.update(pid=os.getpid(), peak_rss_kb=peak_rss_kb())
+        return stats
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data style: ``{"shard": [n] int, "unit": [n] str (optional)}`` -> per-shard stats."""
+        units = batch.get("unit")
+        out = [
+            self.featurize_shard(int(s), None if units is None or not units[i] else str(units[i]))
+            for i, s in enumerate(batch["shard"])
+        ]
+        keys = ("shard", "episodes", "rows", "seconds", "skipped", "pid", "peak_rss_kb")
+        return {key: np.asarray([o[key] for o in out]) for key in keys}
+
+
+def _ensure_ray(address: str | None, workers: int) -> bool:
+    """Start a local Ray instance (``workers`` CPUs) or join ``address``; True if started here."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Workers must import cupid_engine even from a source checkout on the driver's path.
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled"}}
+    if address is None:
+        ray.init(num_cpus=max(1, int(workers)), include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=False)
+    else:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    return True
+
+
+def featurize_distributed(
+    source: Any,
+    store: Any,
+    run_name: str,
+    *,
+    policy_path: str,
+    config: Any,
+    shards: Sequence[int] | None = None,
+    workers: int = 2,
+    address: str | None = None,
+    progress: bool = True,
+    threads_per_worker: int = 1,
+    max_restarts: int = 3,
+    max_task_retries: int = 3,
+    in_flight: int = 2,
+    on_workers: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Featurise pending shards of an existing run on ``workers`` Ray actors.
+
+    The run must already exist with its episodes registered (``featurize.pipeline.
+    prepare_run``; :func:`cupid_engine.featurize.featurize` does both and calls this).
+
+    Args:
+        source: ``EpisodeSource`` (sent to each actor once) or dataset path.
+        store: :class:`GradientStore` or its URL (must be reachable by every worker).
+        run_name: The run.
+        policy_path: Checkpoint directory every worker loads.
+        config: The :class:`FeaturizeConfig` the run was created with.
+        shards: Shards to do (default: the run's pending shards).
+        workers: Number of actors.
+        address: Ray cluster address (None: start a local instance with ``workers`` CPUs,
+            shut down afterwards).
+        progress: tqdm bar over episodes.
+        threads_per_worker: torch intra-op threads per actor.
+        max_restarts: Actor restarts after a worker process dies.
+        max_task_retries: Retries of a task whose actor died.
+        in_flight: Tasks queued per actor (keeps workers busy between tasks).
+        on_workers: Called with every actor's ``info()`` (pid, peak RSS, host) once they
+            have started, before work is dispatched (monitoring, fault-injection tests).
+
+    Returns:
+        ``{"shards", "episodes", "rows", "skipped", "seconds", "workers": {pid: peak_rss_kb},
+        "driver_peak_rss_kb"}``.
+    """
+    import ray
+
+    from cupid_engine.featurize.pipeline import shard_units
+    from cupid_engine.store import GradientStore
+
+    if not isinstance(store, GradientStore):
+        store = GradientStore.open(store, mode="r+")
+    run = store.run(run_name)
+    todo = list(run.pending_shards() if shards is None else shards)
+    started = _ensure_ray(address, workers)
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"shards": 0, "episodes": 0, "rows": 0, "skipped": 0, "workers": {}}
+    try:
+        if not todo:
+            return summary
+        units = shard_units(source, store, todo)
+        is_path = isinstance(source, (str, os.PathLike))
+        worker_config = {
+            "policy_path": str(policy_path), "featurize": config.to_dict(), "store": store.url, "run": run_name,
+            "source": str(source) if is_path else None, "threads": int(threads_per_worker),
+        }
+        # The source object is serialised once into the object store, not once per actor
+        # (and again on every restart).
+        source_ref = None if is_path else ray.put(source)
+        Actor = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=max_task_retries)(FeaturizeWorker)
+        actors = [Actor.remote(worker_config, source_ref) for _ in range(max(1, int(workers)))]
+        infos = ray.get([a.info.remote() for a in actors])
+        if on_workers is not None:
+            on_workers(infos)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(store.shard_episodes(s)[0]) for s in todo), unit="ep",
+                       desc=f"featurize {run_name} ({len(actors)} workers)")
+        queue = list(reversed(todo))
+        running: dict[Any, tuple[int, int]] = {}  # ref -> (actor index, shard)
+
+        def submit(i: int) -> None:
+            s = queue.pop()
+            running[actors[i].featurize_shard.remote(s, units.get(s))] = (i, s)
+
+        for _ in range(max(1, in_flight)):
+            for i in range(len(actors)):
+                if queue:
+                    submit(i)
+        try:
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1)
+                for ref in ready:
+                    i, s = running.pop(ref)
+                    stats = ray.get(ref)  # re-raises a task error after Ray's retries
+                    summary["shards"] += 1
+                    summary["episodes"] += stats["episodes"]
+                    summary["rows"] += stats["rows"]
+                    summary["skipped"] += int(stats["skipped"])
+                    summary["workers"][stats["pid"]] = stats["peak_rss_kb"]
+                    if bar is not None:
+                        bar.update(stats["episodes"])
+                    if queue:
+                        submit(i)
+        finally:
+            if bar is not None:
+                bar.close()
+        for info in ray.get([a.info.remote() for a in actors]):
+            summary["workers"][info["pid"]] = info["peak_rss_kb"]
+        for a in actors:
+            ray.kill(a)
+    finally:
+        summary["seconds"] = time.perf_counter() - t0
+        summary["driver_peak_rss_kb"] = peak_rss_kb()
+        if started:
+            ray.shutdown()
+    return summary
