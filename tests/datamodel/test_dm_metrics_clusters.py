@@ -61,3 +61,20 @@ def test_rollout_metric_is_pluggable():
     metric = RolloutMetric(lambda policy: calls.append(policy) or 0.75, name="fake-success")
     assert metric("policy") == 0.75 and calls == ["policy"]
     assert metric.fingerprint() != RolloutMetric(lambda p: 0.0, name="other").fingerprint()
+
+
+@pytest.mark.parametrize("head", ["deterministic", "gaussian"])
+def test_reference_action_scale_changes_units_exactly(head):
+    train = make_episodes(n=3, length=5)
+    target = make_episodes(n=1, length=5, seed=2, prefix="tg")
+    policy = train_policy(MLPPolicyConfig(hidden_sizes=(8,), head=head), train, TrainConfig(steps=3, batch_size=8),
+                          progress=False)
+    own = policy.normalizer.action_scale.double()
+    base = ProxyMetric(target)(policy)
+    assert ProxyMetric(target, action_scale=own)(policy) == pytest.approx(base, rel=1e-6)
+    half = ProxyMetric(target).with_action_scale(own / 2)(policy)
+    if head == "deterministic":  # MSE in units half as large: 4x
+        assert half == pytest.approx(4 * base, rel=1e-5)
+    else:  # NLL gains log 2 per element
+        assert half == pytest.approx(base - np.log(2), rel=1e-5)
+    assert ProxyMetric(target, action_scale=own).fingerprint() != ProxyMetric(target).fingerprint()

@@ -6,6 +6,14 @@
   (``__call__``, for the regression estimator) and as a function of a parameter dict
   (``functional``, for the metagradient estimator). With ``per_episode=True`` it returns
   one value per target demonstration (one *target* each, for LDS).
+
+  Units. A policy's loss lives in *its own* normalised action space, and a policy trained
+  on a subset fits its normaliser on that subset, so raw losses of two subset policies
+  are in different units. With ``action_scale`` (a fixed per-dimension scale, e.g. the
+  full training set's), the MLP losses are re-expressed in that fixed space exactly:
+  MSE elements are multiplied by ``(s_policy / s_ref)²`` and Gaussian NLL elements get
+  ``+ log(s_policy / s_ref)`` (the change-of-variables term). The diffusion ε-loss is a
+  noise-prediction error with no action units, so it is used as is.
 * :class:`RolloutMetric`: any ``metric(policy) -> float``, e.g. a success rate from
   simulated rollouts (:func:`sim_success_metric` wraps ``cupid_engine.sim.run_rollouts``,
   imported only when called, so the datamodel code never depends on the simulator).
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +32,7 @@ import torch
 
 from cupid_engine.data.episode import Episode
 from cupid_engine.policies.base import Policy
+from cupid_engine.policies.mlp import MLPPolicy
 from cupid_engine.policies.outputs import functional_output
 from cupid_engine.policies.samples import SampleSet, build_samples
 
@@ -43,6 +53,8 @@ class ProxyMetric:
         draws: Noise draws per sample for diffusion policies (the ``loss`` output with
             per-sample seeded draws, so the metric does not depend on batch layout).
         seed: Seed of those draws.
+        action_scale: ``[A]`` fixed action scale to measure MLP losses in (see Units);
+            None: each policy's own normalised space.
     """
 
     def __init__(
@@ -53,6 +65,7 @@ class ProxyMetric:
         per_episode: bool = False,
         draws: int = 16,
         seed: int = 0,
+        action_scale: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         self.target = target if isinstance(target, SampleSet) else list(target)
         if not isinstance(self.target, SampleSet) and not self.target:
@@ -61,6 +74,10 @@ class ProxyMetric:
         self.per_episode = bool(per_episode)
         self.draws = int(draws)
         self.seed = int(seed)
+        self.action_scale = None if action_scale is None else torch.as_tensor(
+            np.asarray(action_scale, dtype=np.float64))
+        if self.action_scale is not None and (self.action_scale.dim() != 1 or (self.action_scale <= 0).any()):
+            raise ValueError("action_scale must be a positive [A] vector")
         self._cache: dict[tuple, tuple[SampleSet, torch.Tensor]] = {}
 
     # -- data -------------------------------------------------------------------------
@@ -105,6 +122,11 @@ class ProxyMetric:
             return len(torch.unique(self.target.episode_index))
         return len(self.target)
 
+    def with_action_scale(self, action_scale: torch.Tensor | np.ndarray) -> ProxyMetric:
+        """A copy measuring MLP losses in units of a fixed ``[A]`` action scale."""
+        return ProxyMetric(self.target, step_weights=self.step_weights, per_episode=self.per_episode,
+                           draws=self.draws, seed=self.seed, action_scale=action_scale)
+
     def _step_index(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(episode ids, ``[N]`` episode index, ``[N]`` step) of every target sample; one
         sample per step whatever the window sizes, so this needs no policy."""
@@ -130,6 +152,8 @@ class ProxyMetric:
                     h.update(k.encode())
                     h.update(np.ascontiguousarray(ep.observations[k]).tobytes())
                 h.update(np.ascontiguousarray(ep.actions).tobytes())
+        if self.action_scale is not None:
+            h.update(b"scale" + self.action_scale.numpy().tobytes())
         if self.step_weights is not None:
             # Callables are hashed by their values on every target step, not by identity.
             ids, index, step = self._step_index()
@@ -152,7 +176,11 @@ class ProxyMetric:
             batch = self.prepare(policy)
         w = batch["__weight"]
         b = {k: v for k, v in batch.items() if not k.startswith("__")}
-        losses = functional_output(policy, params, b, "loss", seed=self.seed, draws=self.draws)
+        if self.action_scale is not None and isinstance(policy, MLPPolicy):
+            losses = torch.func.functional_call(_ReferenceLoss(policy), {f"policy.{k}": v for k, v in params.items()},
+                                                (b, self.action_scale))
+        else:
+            losses = functional_output(policy, params, b, "loss", seed=self.seed, draws=self.draws)
         wl = w.to(losses.dtype) * losses
         if not self.per_episode:
             return -wl.mean()
@@ -183,6 +211,26 @@ class ProxyMetric:
         if self.per_episode:
             return value.double().cpu().numpy()
         return float(value)
+
+
+class _ReferenceLoss(torch.nn.Module):
+    """Per-sample MLP loss in the units of a fixed action scale (a module, so that
+    ``functional_call`` can swap the wrapped policy's parameters)."""
+
+    def __init__(self, policy: MLPPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict[str, torch.Tensor], ref_scale: torch.Tensor) -> torch.Tensor:
+        p = self.policy
+        mean, log_std = p.distribution_params(batch["obs"])
+        # [A] -> broadcast over [B, H, A]: ratio of the policy's scale to the reference one.
+        ratio = (p.normalizer.action_scale.to(mean.dtype) / ref_scale.to(mean.device, mean.dtype))
+        if log_std is None:
+            return ((mean - batch["action"]) * ratio).square().flatten(1).mean(1)
+        z = (batch["action"] - mean) * torch.exp(-log_std)
+        nll = 0.5 * z.square() + log_std + 0.5 * math.log(2 * math.pi) + torch.log(ratio)
+        return nll.flatten(1).mean(1)
 
 
 class RolloutMetric:

@@ -33,10 +33,11 @@ import torch
 
 from cupid_engine.config import Config, check, field
 from cupid_engine.policies.base import PolicyConfig
+from cupid_engine.policies.normalizer import Normalizer
 from cupid_engine.policies.samples import SampleSet
 from cupid_engine.policies.training import TrainConfig, train_policy
 from cupid_engine.scorers.datamodel.clusters import Clusters
-from cupid_engine.scorers.datamodel.metrics import metric_values
+from cupid_engine.scorers.datamodel.metrics import ProxyMetric, metric_values
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,15 @@ class SubsetTrainer:
             (with ``epochs`` a smaller subset would get fewer updates).
         metric: ``metric(policy) -> float | [n_targets]`` with a ``fingerprint()``
             (:class:`~cupid_engine.scorers.datamodel.metrics.ProxyMetric`, RolloutMetric).
+            A ProxyMetric without ``action_scale`` is bound to the action scale of the
+            normaliser fitted on *all* training samples, so every subset policy (each
+            with its own normaliser) is measured in the same units.
+        reference_units: Bind that fixed scale (default True); False measures each
+            policy in its own normalised space.
     """
 
     def __init__(self, policy_config: PolicyConfig, samples: SampleSet, clusters: Clusters,
-                 train_config: TrainConfig, metric: Callable[[Any], Any]) -> None:
+                 train_config: TrainConfig, metric: Callable[[Any], Any], *, reference_units: bool = True) -> None:
         if len(clusters.ids) != len(samples):
             raise ValueError(f"clusters cover {len(clusters.ids)} samples, the SampleSet has {len(samples)}")
         if train_config.steps is None:
@@ -134,6 +140,11 @@ class SubsetTrainer:
         self.samples = samples
         self.clusters = clusters
         self.train_config = train_config
+        if reference_units and isinstance(metric, ProxyMetric) and metric.action_scale is None:
+            ref = Normalizer(samples.obs_dim, samples.action_dim,
+                             mode=policy_config.normalizer_mode, min_spread=policy_config.normalizer_min_spread)
+            ref.fit(samples.obs, samples.action)
+            metric = metric.with_action_scale(ref.action_scale.double())
         self.metric = metric
         self._fingerprint: str | None = None
 
