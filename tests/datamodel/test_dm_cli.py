@@ -109,3 +109,21 @@ def test_cli_score_with_datamodel_flags(setup):
     assert cli_score(args) == 0
     table = read_table(out)
     assert table.num_rows == 5 and table["estimator"][0].as_py() == "regression"
+
+
+@pytest.mark.parametrize("estimator", ["regression", "metagradient"])
+def test_target_half_in_training(estimator):
+    from cupid_engine.policies import MLPPolicyConfig, TrainConfig
+    from cupid_engine.scorers.datamodel.regression import RegressionConfig
+    from cupid_engine.scorers.datamodel.scorer import datamodel_scores
+
+    train = make_episodes(n=4, length=5)
+    target = make_episodes(n=4, length=5, seed=6, prefix="tg")
+    table = datamodel_scores(train, target, MLPPolicyConfig(hidden_sizes=(8,)), TrainConfig(steps=5, batch_size=8),
+                             estimator=estimator, regression=RegressionConfig(num_subsets=5),
+                             target_in_training=True)
+    assert table["episode_id"].to_pylist() == [e.episode_id for e in train]
+    assert np.isfinite(table["score"].to_numpy()).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        datamodel_scores(train, target[:1], MLPPolicyConfig(hidden_sizes=(8,)), TrainConfig(steps=5),
+                         estimator=estimator, target_in_training=True)

@@ -23,7 +23,13 @@ Subset trainings on Ray live in :mod:`cupid_engine.distributed.training` (the on
 place Ray is imported, lazily).
 """
 
-from cupid_engine.scorers.datamodel.clusters import CLUSTER_MODES, ClusterConfig, Clusters, make_clusters
+from cupid_engine.scorers.datamodel.clusters import (
+    CLUSTER_MODES,
+    ClusterConfig,
+    Clusters,
+    make_clusters,
+    with_fixed_cluster,
+)
 from cupid_engine.scorers.datamodel.functional import (
     FunctionalAdam,
     FunctionalOptimizer,
@@ -102,4 +108,5 @@ __all__ = [
     "select_top",
     "selected_samples",
     "sim_success_metric",
+    "with_fixed_cluster",
 ]

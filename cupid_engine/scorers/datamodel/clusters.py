@@ -80,6 +80,23 @@ class Clusters:
         return out
 
 
+def with_fixed_cluster(clusters: Clusters, num_extra_samples: int, name: str = "<fixed>") -> Clusters:
+    """``clusters`` plus one trailing cluster holding ``num_extra_samples`` samples appended
+    after the original ones (e.g. target demonstrations mixed into every training run).
+
+    The extra cluster's ``episode`` entry is -1: it belongs to no scored episode (use
+    :meth:`Clusters.episode_scores` on the original clusters).
+    """
+    if num_extra_samples < 1:
+        raise ValueError("the fixed cluster needs at least one sample")
+    c = clusters.num_clusters
+    return Clusters(
+        ids=np.concatenate([clusters.ids, np.full(num_extra_samples, c, np.int64)]),
+        names=list(clusters.names) + [name], episode=np.concatenate([clusters.episode, [-1]]).astype(np.int64),
+        episode_ids=list(clusters.episode_ids),
+    )
+
+
 def make_clusters(samples: SampleSet, config: ClusterConfig | None = None) -> Clusters:
     """Assign every sample to a cluster.
 

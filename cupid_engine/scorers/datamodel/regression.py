@@ -127,10 +127,14 @@ class SubsetTrainer:
             with its own normaliser) is measured in the same units.
         reference_units: Bind that fixed scale (default True); False measures each
             policy in its own normalised space.
+        fixed_clusters: Trailing cluster ids that every subset includes (not scored):
+            e.g. half of the target demonstrations mixed into training (DataMIL §4.2).
+            Masks then cover only the first ``C - len(fixed_clusters)`` clusters.
     """
 
     def __init__(self, policy_config: PolicyConfig, samples: SampleSet, clusters: Clusters,
-                 train_config: TrainConfig, metric: Callable[[Any], Any], *, reference_units: bool = True) -> None:
+                 train_config: TrainConfig, metric: Callable[[Any], Any], *, reference_units: bool = True,
+                 fixed_clusters: int = 0) -> None:
         if len(clusters.ids) != len(samples):
             raise ValueError(f"clusters cover {len(clusters.ids)} samples, the SampleSet has {len(samples)}")
         if train_config.steps is None:
@@ -146,11 +150,15 @@ class SubsetTrainer:
             ref.fit(samples.obs, samples.action)
             metric = metric.with_action_scale(ref.action_scale.double())
         self.metric = metric
+        if not 0 <= fixed_clusters < clusters.num_clusters:
+            raise ValueError(f"fixed_clusters must be in [0, {clusters.num_clusters}), got {fixed_clusters}")
+        self.fixed_clusters = int(fixed_clusters)
         self._fingerprint: str | None = None
 
     @property
     def num_clusters(self) -> int:
-        return self.clusters.num_clusters
+        """Clusters a mask covers (the scored ones; fixed clusters are always in)."""
+        return self.clusters.num_clusters - self.fixed_clusters
 
     def fingerprint(self) -> str:
         """sha256 over configs, training data, clusters and metric (the cache namespace)."""
@@ -161,6 +169,7 @@ class SubsetTrainer:
             for t in (self.samples.obs, self.samples.action, self.samples.episode_key, self.samples.step):
                 _tensor_digest(h, t)
             _tensor_digest(h, self.clusters.ids)
+            h.update(f"fixed:{self.fixed_clusters}".encode())
             fp = getattr(self.metric, "fingerprint", None)
             if fp is None:
                 raise TypeError("the metric needs a fingerprint() for the subset cache")
@@ -174,8 +183,9 @@ class SubsetTrainer:
             raise ValueError(f"mask must be [C={self.num_clusters}], got {mask.shape}")
         if not mask.any():
             raise ValueError("an empty subset: no cluster to train on")
+        weights = np.concatenate([mask.astype(np.float64), np.ones(self.fixed_clusters)])
         policy = train_policy(self.policy_config, self.samples, self.train_config,
-                              cluster_weights=mask.astype(np.float64), clusters=self.clusters.ids, progress=False)
+                              cluster_weights=weights, clusters=self.clusters.ids, progress=False)
         return metric_values(self.metric, policy)
 
     def __getstate__(self) -> dict:

@@ -28,10 +28,11 @@ from cupid_engine.policies.base import PolicyConfig
 from cupid_engine.policies.samples import build_samples
 from cupid_engine.policies.training import OPTIMIZERS, TrainConfig
 from cupid_engine.scorers.base import Scorer, register
-from cupid_engine.scorers.datamodel.clusters import CLUSTER_MODES, ClusterConfig, make_clusters
+from cupid_engine.scorers.datamodel.clusters import CLUSTER_MODES, ClusterConfig, make_clusters, with_fixed_cluster
 from cupid_engine.scorers.datamodel.metagradient import DTYPES, MetagradientConfig, metagradient_scores
 from cupid_engine.scorers.datamodel.metrics import ProxyMetric
 from cupid_engine.scorers.datamodel.regression import RegressionConfig, SubsetTrainer, regression_scores
+from cupid_engine.scorers.datamodel.selection import concat_samples
 from cupid_engine.scorers.table import make_table
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class DatamodelConfig(Config):
     last_k: int | None = field(None, help="metagradient: differentiate only the last K updates (injected batch)")
     momentum: float = field(0.0, help="metagradient: SGD momentum")
     dtype: str = field("float32", help="metagradient: float32 or float64")
+    target_in_training: bool = field(False, help="train on half the target demos, measure on the other half")
 
     def __post_init__(self) -> None:
         check(self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
@@ -127,6 +129,7 @@ def datamodel_scores(
     step_weights: Any = None,
     splits: Sequence[str] | str = "train",
     config: Config | None = None,
+    target_in_training: bool = False,
     progress: bool = False,
 ) -> pa.Table:
     """DataMIL scores of training episodes as a score table.
@@ -146,6 +149,10 @@ def datamodel_scores(
             ``(episode_id, step) -> w``).
         splits: Split of every row, or one per episode.
         config: Recorded in the table (hash and JSON).
+        target_in_training: DataMIL's distribution-shift fix (§4.2): the first half of
+            the target demonstrations joins every training run (unscored, always in),
+            the second half defines the proxy metric. Needs >= 2 target demos; an
+            array of ``step_weights`` then covers the second half's samples only.
         progress: tqdm bars.
 
     Returns:
@@ -154,18 +161,30 @@ def datamodel_scores(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    samples = build_samples(train_episodes, n_obs_steps=policy_config.n_obs_steps, horizon=policy_config.horizon,
-                            obs_keys=policy_config.obs_keys)
+    window = {"n_obs_steps": policy_config.n_obs_steps, "horizon": policy_config.horizon,
+              "obs_keys": policy_config.obs_keys}
+    samples = build_samples(train_episodes, **window)
     cl = make_clusters(samples, clusters)
+    target_episodes = list(target_episodes)
+    train_samples, train_clusters, fixed = samples, cl, 0
+    if target_in_training:
+        if len(target_episodes) < 2:
+            raise ValueError("target_in_training needs at least 2 target demonstrations (half to train on)")
+        half = len(target_episodes) // 2
+        mixed = build_samples(target_episodes[:half], **{**window, "obs_keys": samples.obs_keys})
+        train_samples = concat_samples(samples, mixed)
+        train_clusters = with_fixed_cluster(cl, len(mixed), name="<target-train-half>")
+        target_episodes, fixed = target_episodes[half:], 1
     proxy = ProxyMetric(target_episodes, step_weights=step_weights)
     if estimator == "regression":
-        trainer = SubsetTrainer(policy_config, samples, cl, train_config, metric if metric is not None else proxy)
+        trainer = SubsetTrainer(policy_config, train_samples, train_clusters, train_config,
+                                metric if metric is not None else proxy, fixed_clusters=fixed)
         cluster_scores = regression_scores(trainer, cl.num_clusters, regression, progress=progress).scores
     else:
         if metric is not None:
             raise ValueError("the metagradient estimator needs the differentiable proxy metric")
-        cluster_scores = metagradient_scores(policy_config, samples, cl, proxy, train_config, metagradient,
-                                             progress=progress).scores
+        cluster_scores = metagradient_scores(policy_config, train_samples, train_clusters, proxy, train_config,
+                                             metagradient, progress=progress).scores[: cl.num_clusters]
     per_episode = cl.episode_scores(cluster_scores)
     counts = np.bincount(cl.episode, minlength=len(cl.episode_ids))
     return make_table(cl.episode_ids, per_episode, method=METHOD, splits=splits, config=config,
@@ -209,6 +228,7 @@ class DatamodelScorer(Scorer):
             estimator=cfg.estimator, clusters=cfg.cluster_config(), regression=cfg.regression_config(),
             metagradient=cfg.metagradient_config(), metric=inputs.get("metric"),
             step_weights=inputs.get("step_weights"), splits=splits, config=cfg,
+            target_in_training=cfg.target_in_training,
         )
 
 
