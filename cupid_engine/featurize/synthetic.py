@@ -35,7 +35,9 @@ class SyntheticSource:
         action_dim: Action width.
         seed: Dataset seed.
         episodes_per_unit: Episodes per natural unit (``shards()``).
-        holdout_every: Every n-th episode is in split ``holdout`` (0: all ``train``).
+        holdout_every: Every n-th episode is in split ``holdout`` (0: none).
+        rollout_every: Every n-th episode is a ``rollout`` with a deterministic success
+            label (0: none); takes precedence over ``holdout_every``.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class SyntheticSource:
         seed: int = 0,
         episodes_per_unit: int = 1000,
         holdout_every: int = 10,
+        rollout_every: int = 0,
     ) -> None:
         if num_episodes < 1 or episodes_per_unit < 1 or obs_dim < 1 or action_dim < 1:
             raise ValueError("num_episodes, episodes_per_unit, obs_dim and action_dim must be >= 1")
@@ -61,6 +64,7 @@ class SyntheticSource:
         self.seed = int(seed)
         self.episodes_per_unit = int(episodes_per_unit)
         self.holdout_every = int(holdout_every)
+        self.rollout_every = int(rollout_every)
         self._catalog: pa.Table | None = None
         # The state -> action map is shared by all episodes: drawn once from (seed, 2**31).
         self._w = np.random.default_rng((self.seed, 2**31)).standard_normal(
@@ -89,9 +93,17 @@ class SyntheticSource:
 
     def _split(self, i: np.ndarray) -> np.ndarray:
         i = np.asarray(i)
-        if self.holdout_every <= 0:
-            return np.full(i.shape, "train", object)
-        return np.where(i % self.holdout_every == self.holdout_every - 1, "holdout", "train").astype(object)
+        out = np.full(i.shape, "train", object)
+        if self.holdout_every > 0:
+            out[i % self.holdout_every == self.holdout_every - 1] = "holdout"
+        if self.rollout_every > 0:
+            out[i % self.rollout_every == self.rollout_every - 1] = "rollout"
+        return out
+
+    def _success(self, i: np.ndarray, split: np.ndarray) -> list:
+        # Rollouts succeed for about half of the indices (a fixed bit of a hash of i).
+        h = (np.asarray(i, np.uint64) * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(self.seed)) >> np.uint64(40)
+        return [bool(b & 1) if s == "rollout" else None for b, s in zip(h.tolist(), split.tolist())]
 
     # -- EpisodeSource -----------------------------------------------------------------
     @property
@@ -131,14 +143,15 @@ class SyntheticSource:
 
     def _rows(self, idx: np.ndarray) -> pa.Table:
         n = len(idx)
+        split = self._split(idx)
         return pa.Table.from_pydict(
             {
                 "episode_id": [self.episode_id(int(i)) for i in idx],
-                "split": self._split(idx).tolist(),
+                "split": split.tolist(),
                 "source": ["synthetic"] * n,
                 "task": ["synthetic"] * n,
                 "length": self._length(idx),
-                "success": [None] * n,
+                "success": self._success(idx, split),
                 "return": [None] * n,
                 "tier": [None] * n,
                 "metadata": ["{}"] * n,
@@ -155,6 +168,7 @@ class SyntheticSource:
     def episode(self, i: int) -> Episode:
         """Episode ``i``: a smooth random walk, actions a fixed nonlinear map of the state."""
         rng = np.random.default_rng((self.seed, int(i)))
+        split = self._split(np.asarray([i]))
         T = int(self._length(np.asarray([i]))[0])
         state = np.cumsum(rng.standard_normal((T, self.obs_dim), dtype=np.float32) * 0.1, axis=0)
         state += rng.standard_normal(self.obs_dim, dtype=np.float32)
@@ -163,9 +177,10 @@ class SyntheticSource:
             episode_id=self.episode_id(int(i)),
             observations={"state": state},
             actions=act.astype(np.float32),
-            split=str(self._split(np.asarray([i]))[0]),
+            split=str(split[0]),
             source="synthetic",
             task="synthetic",
+            success=self._success(np.asarray([i]), split)[0],
         )
 
     def iter_shard(self, unit: str) -> Iterator[Episode]:
