@@ -17,11 +17,12 @@ the same noise): each sample's (ε, t) comes from the policies' counter-based ha
 (per-update seed, episode key, step).
 
 ``last_k``: DataMIL's recipe for large policies (after Engstrom et al.'s metagradient
-descent): train ``T - K`` updates normally, then run ``K`` more updates on an *injected
-batch* holding ``inject_per_cluster`` samples of every cluster (drawn with a seeded
-generator), weighted by ``w``, and differentiate through those ``K`` updates only. Costs
-K second-order steps instead of T; the scores are the effect of the clusters on the
-end of training.
+descent): of the ``T`` updates, the first ``T - K`` are ordinary (no graph) and the last
+``K`` use one *injected batch* holding ``inject_per_cluster`` samples of every cluster
+(drawn with a seeded generator) weighted by ``w``; only those ``K`` updates are
+differentiated. Costs K second-order steps instead of T, and every cluster gets a
+gradient signal even when T is far below an epoch; the scores are the clusters' effect
+at the end of training.
 
 Not supported (raise): EMA (the returned policy would be an average of iterates) and
 gradient clipping (non-smooth in w).
