@@ -38,6 +38,8 @@ selected backend's ``countsketch_pair`` (the C++ kernel on CPU), the same stage
 
 from __future__ import annotations
 
+import functools
+import math
 import zlib
 from collections.abc import Sequence
 
@@ -49,7 +51,8 @@ from cupid_engine import constants as C
 from cupid_engine.ops import hashing
 from cupid_engine.ops import reference
 
-__all__ = ["layer_seed", "check_sample_independent", "HookCapture", "unfold_conv1d", "fused_tensorsketch"]
+__all__ = ["DFT_MAX_DIM", "STRATEGIES", "layer_seed", "check_sample_independent", "HookCapture", "unfold_conv1d",
+           "fused_tensorsketch"]
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -205,29 +208,122 @@ def _countsketch_impl(backend: str, device: torch.device):
     return lambda delta, x, k, seed: reference.countsketch_pair(delta, x, k=k, seed=seed)
 
 
+DFT_MAX_DIM = 64
+"""Factors at most this wide get their spectrum by a direct DFT (a ``[n, k/2+1]`` matmul)
+instead of a scatter + FFT: ``n`` hashed one-hots have a closed-form spectrum, and for
+small ``n`` the matmul is cheaper than a length-k FFT (e.g. the 7-wide action head, the
+41-wide observation layer of the MLP)."""
+
+STRATEGIES = ("auto", "fft", "dense")
+
+
+@functools.lru_cache(maxsize=512)
+def _dft_table(seed: int, stream: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary parts ``[n, k/2+1]`` of the spectra of the n hashed one-hots:
+    ``rfft(CS(e_j))[f] = s_j exp(-2 pi i h_j f / k)``."""
+    b, sg = reference.countsketch_buckets(seed, stream, n, k)
+    f = torch.arange(k // 2 + 1, dtype=torch.float64)
+    ang = (-2.0 * math.pi / k) * torch.remainder(b.to(torch.float64)[:, None] * f[None, :], k)
+    s = sg.to(torch.float64)[:, None]
+    return (s * torch.cos(ang)).to(dtype), (s * torch.sin(ang)).to(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_table(seed: int, O: int, I: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket ``[O * I]`` int64 and sign ``[O * I]`` of vec(G) (row-major), as
+    ``reference.tensorsketch_materialized`` hashes it."""
+    b1, s1 = reference.countsketch_buckets(seed, C.STREAM_TS_OUT, O, k)
+    b2, s2 = reference.countsketch_buckets(seed, C.STREAM_TS_IN, I, k)
+    return ((b1[:, None] + b2[None, :]) % k).reshape(-1), (s1[:, None] * s2[None, :]).reshape(-1)
+
+
+def _choose(strategy: str, T: int, O: int, I: int, k: int) -> str:
+    """``fft`` (sum_t of factor spectra) or ``dense`` (hash the layer's ``[O, I]`` gradient).
+
+    ``dense`` forms one layer's per-sample gradient for the batch, so it is taken only
+    when that is *smaller* than the ``[T, k]`` count sketches the FFT route would hold
+    per sample (``O * I <= T * k``: conv layers with many time steps x draws) and costs
+    fewer flops; the whole model's per-sample gradient still never exists, and memory
+    stays bounded by the largest layer, independent of how many are tracked.
+    """
+    if strategy != "auto":
+        return strategy
+    fft_flops = T * (2 * 2.5 * k * math.log2(k) + 4 * k)
+    dense_flops = 2 * T * O * I + 4 * O * I
+    return "dense" if O * I <= T * k and dense_flops < fft_flops else "fft"
+
+
+def _spectrum(v: torch.Tensor, seed: int, stream: int, k: int, acc: torch.dtype) -> torch.Tensor:
+    """``rfft(CS(v_t))`` ``[B, T, k/2+1]`` of one factor ``[B, T, n]``."""
+    n = v.shape[-1]
+    if n <= DFT_MAX_DIM:
+        re, im = _dft_table(seed, stream, n, k, acc)
+        v = v.to(acc)
+        return torch.complex(v @ re.to(v.device), v @ im.to(v.device))
+    b, sg = reference.countsketch_buckets(seed, stream, n, k, v.device)
+    cs = torch.zeros(v.shape[:-1] + (k,), dtype=acc, device=v.device).index_add_(-1, b, v.to(acc) * sg.to(acc))
+    return torch.fft.rfft(cs, n=k, dim=-1)
+
+
 def fused_tensorsketch(
-    factors: Sequence[tuple[int, torch.Tensor, torch.Tensor]], *, k: int, backend: str = "auto"
+    factors: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+    *,
+    k: int,
+    backend: str = "auto",
+    strategy: str = "auto",
 ) -> torch.Tensor:
-    """Sum over layers of ``ops.tensorsketch(delta, x, k=k, seed=seed)``, with one irfft.
+    """Sum over layers of ``ops.tensorsketch(delta, x, k=k, seed=seed)``, evaluated cheaply.
+
+    Per layer, one of two exact evaluations of the same sketch (see :func:`_choose`):
+
+    * ``fft``: ``sum_t rfft(CS1(delta_t)) * rfft(CS2(x_t))``, spectra of all such layers
+      accumulated and inverted by ONE ``irfft`` at the end (irfft is linear). Count
+      sketches come from the backend's ``countsketch_pair`` (C++ on CPU); a factor at
+      most :data:`DFT_MAX_DIM` wide gets its spectrum by a direct DFT matmul instead.
+    * ``dense``: ``G = sum_t delta_t x_t^T`` ``[B, O, I]`` by one batched matmul, hashed
+      into ``k`` buckets with the tensorsketch hashes (``(h1(o) + h2(i)) mod k``, sign
+      ``s1(o) s2(i)``), i.e. ``reference.tensorsketch_materialized``.
 
     Args:
         factors: ``[(seed, delta [B, T, O], x [B, T, I])]`` per layer (any T per layer).
         k: Sketch dimension.
         backend: ``ops`` backend for the count-sketch stage.
+        strategy: ``auto`` (per layer, by cost), or force ``fft`` / ``dense`` (tests).
 
     Returns:
         ``[B, k]`` float32 (float64 for float64 inputs).
     """
     if not factors:
         raise ValueError("no layer factors to sketch")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    delta0 = factors[0][1]
+    acc = torch.float64 if delta0.dtype == torch.float64 else torch.float32
+    B, device = delta0.shape[0], delta0.device
     spec = None
+    direct = None
     cs_pair = None
     for seed, delta, x in factors:
-        if cs_pair is None:
-            cs_pair = _countsketch_impl(backend, delta.device)
-        cs1, cs2 = cs_pair(delta, x, k, seed)  # [B, T, k] each
-        f = torch.fft.rfft(cs1, n=k, dim=-1)
-        f *= torch.fft.rfft(cs2, n=k, dim=-1)
+        T, O, I = delta.shape[1], delta.shape[2], x.shape[2]
+        if _choose(strategy, T, O, I, k) == "dense":
+            G = torch.bmm(delta.to(acc).transpose(1, 2), x.to(acc)).reshape(B, O * I)  # [B, O, I] flattened
+            bucket, sign = _dense_table(seed, O, I, k)
+            G *= sign.to(device=device, dtype=acc)
+            direct = torch.zeros(B, k, dtype=acc, device=device) if direct is None else direct
+            direct.index_add_(1, bucket.to(device), G)
+            continue
+        if O > DFT_MAX_DIM and I > DFT_MAX_DIM:
+            if cs_pair is None:
+                cs_pair = _countsketch_impl(backend, device)
+            cs1, cs2 = cs_pair(delta, x, k, seed)  # [B, T, k] each
+            f = torch.fft.rfft(cs1, n=k, dim=-1)
+            f *= torch.fft.rfft(cs2, n=k, dim=-1)
+        else:
+            f = _spectrum(delta, seed, C.STREAM_TS_OUT, k, acc)
+            f *= _spectrum(x, seed, C.STREAM_TS_IN, k, acc)
         f = f.sum(dim=1) if f.shape[1] > 1 else f[:, 0]
         spec = f if spec is None else spec.add_(f)
-    return torch.fft.irfft(spec, n=k, dim=-1)
+    out = torch.fft.irfft(spec, n=k, dim=-1) if spec is not None else None
+    if direct is not None:
+        out = direct if out is None else out.add_(direct)
+    return out

@@ -99,16 +99,30 @@ def test_hooks_equal_explicit_sketch(kind, track):
         assert any(isinstance(m, nn.Linear) for _, m in f.modules)
 
 
-def test_fused_equals_sum_of_ops_tensorsketch():
+@pytest.mark.parametrize("strategy", ["auto", "fft", "dense"])
+def test_fused_equals_sum_of_ops_tensorsketch(strategy):
     policy, output, samples = _policy("diffusion", torch.float32)
     f = Featurizer(policy, output, ProjectionConfig(k=K, seed=1), draws=2)
     batch = _batch(policy, samples, list(range(7)))
     factors = f.layer_factors(batch)
     want = sum(ops.tensorsketch(d, x, k=K, seed=layer_seed(1, n)) for n, d, x in factors)
-    got = fused_tensorsketch([(layer_seed(1, n), d, x) for n, d, x in factors], k=K)
+    got = fused_tensorsketch([(layer_seed(1, n), d, x) for n, d, x in factors], k=K, strategy=strategy)
     assert got.dtype == torch.float32
     assert _rel(got, want) < 1e-5
-    torch.testing.assert_close(f(batch), got)
+    if strategy == "auto":
+        torch.testing.assert_close(f(batch), got)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "fft", "dense"])
+def test_fused_float64_mixed_widths(strategy):
+    """Narrow factors (direct DFT), wide ones (C++ count sketch + FFT), T = 1 and T > 1."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 7, 41), (1, 100, 90), (20, 9, 30), (1, 65, 64)]
+    facs = [(17 + i, torch.randn(5, T, O, generator=g, dtype=torch.float64),
+             torch.randn(5, T, I, generator=g, dtype=torch.float64)) for i, (T, O, I) in enumerate(shapes)]
+    want = sum(ops.tensorsketch(d, x, k=256, seed=s) for s, d, x in facs)
+    got = fused_tensorsketch(facs, k=256, strategy=strategy)
+    assert got.dtype == torch.float64 and _rel(got, want) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["mlp", "diffusion"])
