@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-METHODS_HELP = "cupid, cupid-quality, qoq, trak-traj, tracin, random, length, loss, success-sim, oracle"
+METHODS_HELP = "cupid, cupid-quality, qoq, trak-traj, tracin, datamodel, random, length, loss, success-sim, oracle"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config field of the method (VALUE parsed as JSON when possible), repeatable")
     p.add_argument("--out", required=True, help="output Parquet path")
+    from cupid_engine.scorers.datamodel.scorer import add_arguments as _datamodel_arguments
+
+    _datamodel_arguments(p)
     p.set_defaults(handler=_score)
 
 
@@ -47,6 +50,10 @@ def _score(args: argparse.Namespace) -> int:
 
     from cupid_engine.scorers import get_scorer, score, write_table
 
+    if args.method == "datamodel":
+        from cupid_engine.scorers.datamodel.scorer import cli_score
+
+        return cli_score(args)
     cls = get_scorer(args.method)
     fields = {f.name for f in dataclasses.fields(cls.config_cls)}
     options = parse_options(args.options)
