@@ -21,3 +21,6 @@ SKETCH_METHODS = ("tensorsketch",) + PROJECTION_METHODS
 OUTPUT_FUNCTIONS = ("loss", "logprob", "square", "energy")
 SPLITS = ("train", "holdout", "validation", "rollout", "target")
 TIERS = ("better", "okay", "worse")
+
+DATAMODEL_ESTIMATORS = ("regression", "metagradient")
+CLUSTER_MODES = ("trajectory", "subtrajectory")

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config field of the method (VALUE parsed as JSON when possible), repeatable")
     p.add_argument("--out", required=True, help="output Parquet path")
-    from cupid_engine.scorers.datamodel.scorer import add_arguments as _datamodel_arguments
+    from cupid_engine.cli._datamodel_args import add_arguments as _datamodel_arguments
 
     _datamodel_arguments(p)
     p.set_defaults(handler=_score)

@@ -17,7 +17,7 @@ import torch
 from cupid_engine.config import Config, check, field
 from cupid_engine.policies.samples import SampleSet
 
-CLUSTER_MODES = ("trajectory", "subtrajectory")
+from cupid_engine.constants import CLUSTER_MODES  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
