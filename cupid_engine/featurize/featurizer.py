@@ -96,12 +96,10 @@ class Featurizer:
             self._seeds = {name: _hooks.layer_seed(projection.seed, name) for name, _ in self.modules}
             if len(set(self._seeds.values())) != len(self._seeds):
                 raise ValueError("two tracked layer names hash to the same seed; rename a module")
-            tracked = {id(m) for _, m in self.modules}
-            # Only the tracked modules' outputs need deltas; freezing the rest would not
-            # save work (autograd.grad asks for the output deltas only) and would mutate
-            # the caller's policy, so parameters are left as they are.
+            # Parameters are left as they are (requires_grad untouched): autograd.grad asks
+            # for the tracked outputs' deltas only, so no parameter gradient is computed,
+            # and the caller's policy is not mutated.
             self.num_tracked = sum(p.numel() for _, m in self.modules for p in m.parameters(recurse=False))
-            del tracked
         else:
             self.params = tracked_parameters(policy, self.track)
             self.order = list(self.params)

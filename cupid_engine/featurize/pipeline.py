@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from cupid_engine.featurize.config import FeaturizeConfig
@@ -158,7 +159,7 @@ def register_episodes(source: Any, store: GradientStore, *, shard_size: int, spl
     for _unit, table in unit_tables(source):
         table = _store_rows(table)
         if split is not None:
-            table = table.filter(pa.compute.equal(table.column("split"), split))
+            table = table.filter(pc.equal(table.column("split"), split))
         if have:
             ids = table.column("episode_id").to_pylist()
             keep = [e not in have for e in ids]

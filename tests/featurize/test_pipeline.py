@@ -119,3 +119,13 @@ def test_cli_featurize(setup, capsys):
     rc = main(["featurize", "--policy", str(ckpt), "--data", str(data), "--store", str(tmp / "c.zarr"), "--run",
                "v", "--k", "32", "--method", "sparse", "--no-progress"])
     assert GradientStore.open(tmp / "c.zarr").run("v").config.featurizer["path"] == "vmap"
+
+
+def test_split_registers_only_that_split(setup):
+    episodes, data, ckpt, tmp = setup
+    cfg = FeaturizeConfig.for_method(k=32, shard_size=4)
+    run = featurize(str(data), tmp / "s.zarr", "r", policy=str(ckpt), config=cfg, split="holdout", progress=False)
+    ids = run.store.episode_ids()
+    assert ids == [e.episode_id for e in episodes if e.split == "holdout"] and run.is_complete()
+    # Holdout steps are not in the Gram (training split only).
+    assert run.gram_count == 0
