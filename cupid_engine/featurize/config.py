@@ -42,7 +42,11 @@ class ProjectionConfig(Config):
     k: int = field(4096, help="feature dimension (projection output size)")
     seed: int = field(0, help="projection seed in [0, 2**63); layer seeds of tensorsketch derive from it")
     s: int = field(1, help="non-zeros per coordinate for method 'sparse' (must divide k)")
-    backend: str = field("auto", help=f"kernel backend: one of {PROJECTION_BACKENDS} (never changes the numbers)")
+    backend: str = field(
+        "auto",
+        help=f"ops.project backend of the vmap path: one of {PROJECTION_BACKENDS} (never changes the numbers; "
+        "the hook path runs torch ops on the policy's device)",
+    )
 
     def __post_init__(self) -> None:
         check(self.method in C.SKETCH_METHODS, f"method must be one of {C.SKETCH_METHODS}, got {self.method!r}")

@@ -94,6 +94,7 @@ class Featurizer:
             self.modules = tracked_modules(policy, self.track, hook_compatible=True)
             _hooks.check_sample_independent(policy)
             self._seeds = {name: _hooks.layer_seed(projection.seed, name) for name, _ in self.modules}
+            self._workspace = _hooks._Workspace()
             if len(set(self._seeds.values())) != len(self._seeds):
                 raise ValueError("two tracked layer names hash to the same seed; rename a module")
             # Parameters are left as they are (requires_grad untouched): autograd.grad asks
@@ -192,7 +193,7 @@ class Featurizer:
             dtype = torch.float64 if batch["obs"].dtype == torch.float64 else torch.float32
             return torch.zeros(n, self.k, dtype=dtype, device=batch["obs"].device)
         return _hooks.fused_tensorsketch(
-            [(self._seeds[name], d, x) for name, d, x in factors], k=self.k, backend=self.projection.backend
+            [(self._seeds[name], d, x) for name, d, x in factors], k=self.k, workspace=self._workspace
         )
 
     def _vmap(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -30,10 +30,13 @@ Sketch, fused over layers. Layer l's sketch is ``ops.tensorsketch(delta_l, x_l, 
 = ``irfft(sum_t rfft(CS1_l(delta_t)) * rfft(CS2_l(x_t)))`` with an independent seed per
 layer (:func:`layer_seed`), and the whole-gradient sketch is the sum over layers. The
 inverse FFT is linear, so we accumulate the spectra of all layers and run ONE ``irfft``
-per sample instead of one per layer: same numbers up to float rounding (tested against
-per-layer ``ops.tensorsketch``), fewer FFTs. The count sketches themselves come from the
-selected backend's ``countsketch_pair`` (the C++ kernel on CPU), the same stage
-``ops.tensorsketch`` uses.
+per sample instead of one per layer. The count sketches use the same factor hash tables
+as every ``ops`` backend (``reference.countsketch_buckets``), scattered with torch ops
+into reused workspace buffers on the tensors' device; very narrow factors take a direct
+DFT, and layers with many time steps (Conv1d x draws) hash their ``[O, I]`` gradient
+directly when that is smaller and cheaper (:func:`fused_tensorsketch`). All are exact
+evaluations of the same sketch: equal to summing ``ops.tensorsketch`` per layer up to
+float rounding (tested).
 """
 
 from __future__ import annotations
@@ -197,35 +200,48 @@ class HookCapture:
         return out
 
 
-def _countsketch_impl(backend: str, device: torch.device):
-    """``countsketch_pair(delta, x, k, seed)`` of the backend ``ops.tensorsketch`` would use."""
-    from cupid_engine import ops
-
-    chosen = ops._resolve(backend, device, "tensorsketch")
-    impl = chosen.impl()
-    if hasattr(impl, "countsketch_pair"):
-        return impl.countsketch_pair
-    return lambda delta, x, k, seed: reference.countsketch_pair(delta, x, k=k, seed=seed)
-
-
-DFT_MAX_DIM = 64
-"""Factors at most this wide get their spectrum by a direct DFT (a ``[n, k/2+1]`` matmul)
-instead of a scatter + FFT: ``n`` hashed one-hots have a closed-form spectrum, and for
-small ``n`` the matmul is cheaper than a length-k FFT (e.g. the 7-wide action head, the
-41-wide observation layer of the MLP)."""
+DFT_MAX_DIM = 16
+"""Factors at most this wide get their spectrum by a direct DFT (a ``[n, k/2+1]`` complex
+matmul) instead of a scatter + FFT: ``n`` hashed one-hots have a closed-form spectrum,
+and for small ``n`` (e.g. the 7-wide action head) the matmul is far cheaper than a
+length-k FFT."""
 
 STRATEGIES = ("auto", "fft", "dense")
 
 
 @functools.lru_cache(maxsize=512)
-def _dft_table(seed: int, stream: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts ``[n, k/2+1]`` of the spectra of the n hashed one-hots:
+def _dft_table(seed: int, stream: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Spectra ``[n, k/2+1]`` (complex ``dtype``) of the n hashed one-hots of one factor:
     ``rfft(CS(e_j))[f] = s_j exp(-2 pi i h_j f / k)``."""
     b, sg = reference.countsketch_buckets(seed, stream, n, k)
     f = torch.arange(k // 2 + 1, dtype=torch.float64)
     ang = (-2.0 * math.pi / k) * torch.remainder(b.to(torch.float64)[:, None] * f[None, :], k)
     s = sg.to(torch.float64)[:, None]
-    return (s * torch.cos(ang)).to(dtype), (s * torch.sin(ang)).to(dtype)
+    return torch.complex(s * torch.cos(ang), s * torch.sin(ang)).to(dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _factor_hash(seed: int, stream: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buckets (int64) and signs (``dtype``) ``[n]`` of one tensorsketch factor."""
+    b, sg = reference.countsketch_buckets(seed, stream, n, k)
+    return b, sg.to(dtype)
+
+
+class _Workspace:
+    """Reusable scratch tensors. Fresh multi-MiB tensors cost page faults on every call
+    (the allocator hands large blocks back to the OS); reusing them across layers and
+    batches roughly halves the FFT stage on CPU."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self._bufs.get(name)
+        numel = math.prod(shape)
+        if t is None or t.dtype != dtype or t.device != device or t.numel() < numel:
+            t = torch.empty(numel, dtype=dtype, device=device)
+            self._bufs[name] = t
+        return t[:numel].view(shape)
 
 
 @functools.lru_cache(maxsize=256)
@@ -253,33 +269,38 @@ def _choose(strategy: str, T: int, O: int, I: int, k: int) -> str:
     return "dense" if O * I <= T * k and dense_flops < fft_flops else "fft"
 
 
-def _spectrum(v: torch.Tensor, seed: int, stream: int, k: int, acc: torch.dtype) -> torch.Tensor:
-    """``rfft(CS(v_t))`` ``[B, T, k/2+1]`` of one factor ``[B, T, n]``."""
-    n = v.shape[-1]
+def _spectrum(
+    v: torch.Tensor, seed: int, stream: int, k: int, acc: torch.dtype, ws: _Workspace, name: str
+) -> torch.Tensor:
+    """``rfft(CS(v_t))`` ``[B, T, k/2+1]`` of one factor ``[B, T, n]`` (a workspace view)."""
+    B, T, n = v.shape
+    cdtype = torch.complex128 if acc == torch.float64 else torch.complex64
+    out = ws.get("spec_" + name, (B, T, k // 2 + 1), cdtype, v.device)
     if n <= DFT_MAX_DIM:
-        re, im = _dft_table(seed, stream, n, k, acc)
-        v = v.to(acc)
-        return torch.complex(v @ re.to(v.device), v @ im.to(v.device))
-    b, sg = reference.countsketch_buckets(seed, stream, n, k, v.device)
-    cs = torch.zeros(v.shape[:-1] + (k,), dtype=acc, device=v.device).index_add_(-1, b, v.to(acc) * sg.to(acc))
-    return torch.fft.rfft(cs, n=k, dim=-1)
+        table = _dft_table(seed, stream, n, k, cdtype).to(v.device)
+        return torch.matmul(v.to(cdtype), table, out=out)
+    b, sg = _factor_hash(seed, stream, n, k, acc)
+    cs = ws.get("cs_" + name, (B, T, k), acc, v.device).zero_()
+    cs.scatter_add_(-1, b.to(v.device).expand(B, T, n), v.to(acc) * sg.to(v.device))
+    return torch.fft.rfft(cs, n=k, dim=-1, out=out)
 
 
 def fused_tensorsketch(
     factors: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
     *,
     k: int,
-    backend: str = "auto",
     strategy: str = "auto",
+    workspace: _Workspace | None = None,
 ) -> torch.Tensor:
     """Sum over layers of ``ops.tensorsketch(delta, x, k=k, seed=seed)``, evaluated cheaply.
 
     Per layer, one of two exact evaluations of the same sketch (see :func:`_choose`):
 
     * ``fft``: ``sum_t rfft(CS1(delta_t)) * rfft(CS2(x_t))``, spectra of all such layers
-      accumulated and inverted by ONE ``irfft`` at the end (irfft is linear). Count
-      sketches come from the backend's ``countsketch_pair`` (C++ on CPU); a factor at
-      most :data:`DFT_MAX_DIM` wide gets its spectrum by a direct DFT matmul instead.
+      accumulated and inverted by ONE ``irfft`` at the end (irfft is linear). The count
+      sketches use the factor hashes every ``ops`` backend consumes
+      (``reference.countsketch_buckets``), scattered into reused workspace buffers; a
+      factor at most :data:`DFT_MAX_DIM` wide gets its spectrum by a direct DFT matmul.
     * ``dense``: ``G = sum_t delta_t x_t^T`` ``[B, O, I]`` by one batched matmul, hashed
       into ``k`` buckets with the tensorsketch hashes (``(h1(o) + h2(i)) mod k``, sign
       ``s1(o) s2(i)``), i.e. ``reference.tensorsketch_materialized``.
@@ -287,8 +308,9 @@ def fused_tensorsketch(
     Args:
         factors: ``[(seed, delta [B, T, O], x [B, T, I])]`` per layer (any T per layer).
         k: Sketch dimension.
-        backend: ``ops`` backend for the count-sketch stage.
         strategy: ``auto`` (per layer, by cost), or force ``fft`` / ``dense`` (tests).
+        workspace: Scratch buffers reused across calls (a :class:`Featurizer` keeps one);
+            None allocates fresh ones.
 
     Returns:
         ``[B, k]`` float32 (float64 for float64 inputs).
@@ -299,30 +321,27 @@ def fused_tensorsketch(
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     delta0 = factors[0][1]
     acc = torch.float64 if delta0.dtype == torch.float64 else torch.float32
+    cdtype = torch.complex128 if acc == torch.float64 else torch.complex64
     B, device = delta0.shape[0], delta0.device
+    ws = workspace if workspace is not None else _Workspace()
     spec = None
     direct = None
-    cs_pair = None
     for seed, delta, x in factors:
         T, O, I = delta.shape[1], delta.shape[2], x.shape[2]
         if _choose(strategy, T, O, I, k) == "dense":
             G = torch.bmm(delta.to(acc).transpose(1, 2), x.to(acc)).reshape(B, O * I)  # [B, O, I] flattened
             bucket, sign = _dense_table(seed, O, I, k)
             G *= sign.to(device=device, dtype=acc)
-            direct = torch.zeros(B, k, dtype=acc, device=device) if direct is None else direct
+            if direct is None:
+                direct = torch.zeros(B, k, dtype=acc, device=device)
             direct.index_add_(1, bucket.to(device), G)
             continue
-        if O > DFT_MAX_DIM and I > DFT_MAX_DIM:
-            if cs_pair is None:
-                cs_pair = _countsketch_impl(backend, device)
-            cs1, cs2 = cs_pair(delta, x, k, seed)  # [B, T, k] each
-            f = torch.fft.rfft(cs1, n=k, dim=-1)
-            f *= torch.fft.rfft(cs2, n=k, dim=-1)
-        else:
-            f = _spectrum(delta, seed, C.STREAM_TS_OUT, k, acc)
-            f *= _spectrum(x, seed, C.STREAM_TS_IN, k, acc)
-        f = f.sum(dim=1) if f.shape[1] > 1 else f[:, 0]
-        spec = f if spec is None else spec.add_(f)
+        f = _spectrum(delta, seed, C.STREAM_TS_OUT, k, acc, ws, "out")
+        f.mul_(_spectrum(x, seed, C.STREAM_TS_IN, k, acc, ws, "in"))
+        if spec is None:
+            spec = ws.get("acc", (B, k // 2 + 1), cdtype, device).zero_()
+        spec.add_(f[:, 0] if T == 1 else f.sum(dim=1))
+    # The result is returned to the caller, so it is a fresh tensor (not a workspace view).
     out = torch.fft.irfft(spec, n=k, dim=-1) if spec is not None else None
     if direct is not None:
         out = direct if out is None else out.add_(direct)
