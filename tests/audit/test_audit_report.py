@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -103,11 +102,3 @@ def test_cli_synthetic(tmp_path, capsys):
     assert rc == 0
     assert (tmp_path / "rep" / "index.html").is_file() and (tmp_path / "rep" / "audit.json").is_file()
     assert "index.html" in capsys.readouterr().out
-
-
-@pytest.mark.skipif(importlib.util.find_spec("cupid_engine.audit.sim_learner") is not None,
-                    reason="the sim learner exists in this checkout")
-def test_cli_sim_learner_missing_is_a_clear_error(tmp_path, capsys):
-    rc = main(["audit", "--config", str(_toml(tmp_path)), "--out", str(tmp_path / "rep"), "--learner", "sim"])
-    assert rc == 2
-    assert "sim_learner" in capsys.readouterr().err
