@@ -98,6 +98,7 @@ def child(args: argparse.Namespace) -> dict:
             summary = featurize_distributed(source, store, "bench", policy_path=ckpt, config=cfg, shards=shards,
                                             workers=args.workers, progress=False)
             out["worker_peak_rss_mib"] = sorted(v / 1024 for v in summary["workers"].values())
+            out["ray_tasks"] = summary["shards"]
         else:
             units = shard_units(source, store, shards)
             for s in shards:
@@ -130,7 +131,7 @@ def child(args: argparse.Namespace) -> dict:
         t5 = time.perf_counter()
         res = top_influencers(store, "bench", rollout, k=10, index=index)
         out["query_ms"] = (time.perf_counter() - t5) * 1e3
-        out["top1"] = getattr(res, "demo_ids", [None])[0] if hasattr(res, "demo_ids") else None
+        out["top10"] = res.table.column("episode_id").to_pylist()[:10]
 
         info = run.info()
         rows = n * args.steps
