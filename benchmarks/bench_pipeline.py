@@ -99,11 +99,13 @@ def child(args: argparse.Namespace) -> dict:
                                             workers=args.workers, progress=False)
             out["worker_peak_rss_mib"] = sorted(v / 1024 for v in summary["workers"].values())
             out["ray_tasks"] = summary["shards"]
+            out["steady_episodes_per_s"] = n / summary["dispatch_seconds"]  # Ray start-up excluded
         else:
             units = shard_units(source, store, shards)
             for s in shards:
                 featurize_shard(store, "bench", s, source, f, unit=units[s], batch_size=cfg.batch_size)
             out["worker_peak_rss_mib"] = []
+            out["steady_episodes_per_s"] = n / (time.perf_counter() - t1)
         out["featurize_s"] = time.perf_counter() - t1 + out["register_s"]
         t2 = time.perf_counter()
         run.finalize()
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"scale {n} failed (rc {proc.returncode})")
         r = json.loads(lines[-1][len("RESULT "):])
         rows.append(r)
-        print(table([r], ["episodes", "episodes_per_s", "featurize_s", "finalize_s", "score_s", "index_build_s",
+        print(table([r], ["episodes", "episodes_per_s", "steady_episodes_per_s", "featurize_s", "finalize_s", "score_s", "index_build_s",
                           "query_ms", "driver_peak_rss_mib", "store_bytes_per_step"]))
         print(f"  worker peak RSS MiB: {[round(v) for v in r['worker_peak_rss_mib']]}  load {r['load_average']}\n",
               flush=True)

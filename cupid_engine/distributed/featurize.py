@@ -176,7 +176,8 @@ def featurize_distributed(
             have started, before work is dispatched (monitoring, fault-injection tests).
 
     Returns:
-        ``{"shards", "episodes", "rows", "skipped", "seconds", "workers": {pid: peak_rss_kb},
+        ``{"shards", "episodes", "rows", "skipped", "seconds" (all, Ray start included),
+        "dispatch_seconds" (first task to last result), "workers": {pid: peak_rss_kb},
         "driver_peak_rss_kb"}``.
     """
     import ray
@@ -215,6 +216,7 @@ def featurize_distributed(
             bar = tqdm(total=sum(len(store.shard_episodes(s)[0]) for s in todo), unit="ep",
                        desc=f"featurize {run_name} ({len(actors)} workers)")
         queue = list(reversed(todo))
+        t_dispatch = time.perf_counter()
         running: dict[Any, tuple[int, int]] = {}  # ref -> (actor index, shard)
 
         def submit(i: int) -> None:
@@ -243,6 +245,7 @@ def featurize_distributed(
         finally:
             if bar is not None:
                 bar.close()
+        summary["dispatch_seconds"] = time.perf_counter() - t_dispatch
         for info in ray.get([a.info.remote() for a in actors]):
             summary["workers"][info["pid"]] = info["peak_rss_kb"]
         for a in actors:
