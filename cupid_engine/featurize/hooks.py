@@ -334,7 +334,9 @@ def fused_tensorsketch(
             G *= sign.to(device=device, dtype=acc)
             if direct is None:
                 direct = torch.zeros(B, k, dtype=acc, device=device)
-            direct.index_add_(1, bucket.to(device), G)
+            # scatter_add_ is one vectorised kernel; index_add_ along dim 1 loops over the
+            # O * I indices on CPU (measured ~40x slower here).
+            direct.scatter_add_(1, bucket.to(device).expand(B, O * I), G)
             continue
         f = _spectrum(delta, seed, C.STREAM_TS_OUT, k, acc, ws, "out")
         f.mul_(_spectrum(x, seed, C.STREAM_TS_IN, k, acc, ws, "in"))
