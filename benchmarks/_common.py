@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import cupid_engine  # noqa: F401  (sets OMP_WAIT_POLICY before torch starts OpenMP)
 import torch
 
 

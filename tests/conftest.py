@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import random
 
+# Before torch starts its OpenMP runtime (see cupid_engine/__init__.py for why).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import torch

@@ -87,15 +87,16 @@ inline double flip(double v, uint32_t bit) {
   return v;
 }
 
-// Signshift over coordinates [c0, c1) (c0 chunk aligned) for `rows` rows.
-// acc has 2k entries per row: chunk offset j of shift s lands at j + s < 2k, so the
-// inner loop never wraps; the caller folds acc[j] + acc[j + k].
+// Signshift over coordinates [c0, c1) (c0 chunk aligned) for `rows` rows into acc[rows, k].
+// Chunk offset j lands in bucket j + shift (first k - shift offsets) or j + shift - k
+// (the rest). Sign words are hashed once per superblock and shared by the row group; the
+// inner loop handles whole 32-lane sign words, and the one word per chunk that straddles
+// the wrap point goes element by element.
 template <typename In, typename Acc>
 void signshift_range(const In* x, Acc* acc, int64_t rows, const Plan& p, int64_t c0, int64_t c1) {
   const int64_t k = p.k;
   const uint32_t key_sign = stream_key(p.seed, kStreamSignShiftSign);
   const uint32_t key_shift = stream_key(p.seed, kStreamSignShiftShift);
-  // Sign bits of the whole superblock, hashed once and shared by every row of the group.
   const int64_t w0 = c0 >> 5, nw = ((c1 - 1) >> 5) - w0 + 1;
   std::vector<uint32_t> words(nw);
   for (int64_t w = 0; w < nw; ++w) words[w] = hash32(key_sign, static_cast<uint32_t>(w0 + w));
@@ -106,27 +107,31 @@ void signshift_range(const In* x, Acc* acc, int64_t rows, const Plan& p, int64_t
   const bool aligned = (k % 32) == 0;  // every chunk starts on a sign word
   for (int64_t r = 0; r < rows; ++r) {
     const In* xr = x + r * p.ld;
-    Acc* o = acc + r * 2 * k;
+    Acc* o = acc + r * k;
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t base = c0 + c * k, len = std::min(k, c1 - base);
-      Acc* o2 = o + shifts[c];
+      const int64_t shift = shifts[c], seg1 = k - shift;
       const In* xc = xr + base;
+      auto bit_of = [&](int64_t j) { return (words[((base + j) >> 5) - w0] >> ((base + j) & 31)) & 1u; };
+      auto dest = [&](int64_t j) { return j < seg1 ? o + shift + j : o + (j - seg1); };
       if (aligned) {
         const uint32_t* wd = words.data() + ((base >> 5) - w0);
         const int64_t full = len / 32;
         for (int64_t jw = 0; jw < full; ++jw) {
+          const int64_t j0 = jw * 32;
+          const In* xb = xc + j0;
+          if (j0 < seg1 && j0 + 32 > seg1) {  // the word straddling the wrap point
+            for (int64_t b = 0; b < 32; ++b) *dest(j0 + b) += flip(static_cast<Acc>(load(xb + b)), (wd[jw] >> b) & 1u);
+            continue;
+          }
           const uint32_t w = wd[jw];
-          Acc* ob = o2 + jw * 32;
-          const In* xb = xc + jw * 32;
+          Acc* ob = dest(j0);
 #pragma omp simd
           for (int64_t b = 0; b < 32; ++b) ob[b] += flip(static_cast<Acc>(load(xb + b)), (w >> b) & 1u);
         }
-        for (int64_t j = full * 32; j < len; ++j) o2[j] += flip(static_cast<Acc>(load(xc + j)), (wd[j >> 5] >> (j & 31)) & 1u);
+        for (int64_t j = full * 32; j < len; ++j) *dest(j) += flip(static_cast<Acc>(load(xc + j)), bit_of(j));
       } else {
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t i = base + j;
-          o2[j] += flip(static_cast<Acc>(load(xc + j)), (words[(i >> 5) - w0] >> (i & 31)) & 1u);
-        }
+        for (int64_t j = 0; j < len; ++j) *dest(j) += flip(static_cast<Acc>(load(xc + j)), bit_of(j));
       }
     }
   }
@@ -194,7 +199,7 @@ void project_typed(const In* x, AccOf<In>* out, int64_t B, const Plan& p) {
   using Acc = AccOf<In>;
   const int64_t k = p.k;
   const int64_t group = std::min(B, kRowGroup);
-  const int64_t width = p.method == Method::kSignShift ? 2 * k : k;  // see signshift_range
+  const int64_t width = k;
   std::vector<Acc> partial(static_cast<size_t>(p.nsb) * group * width);
   for (int64_t g0 = 0; g0 < B; g0 += kRowGroup) {
     const int64_t rows = std::min(kRowGroup, B - g0);
@@ -221,10 +226,6 @@ void project_typed(const In* x, AccOf<In>* out, int64_t B, const Plan& p) {
         const Acc* a = partial.data() + (sb * group + r) * width;
 #pragma omp simd
         for (int64_t j = 0; j < k; ++j) o[j] += a[j];
-        if (width == 2 * k) {
-#pragma omp simd
-          for (int64_t j = 0; j < k; ++j) o[j] += a[j + k];
-        }
       }
       if (scale != Acc(1)) {
         for (int64_t j = 0; j < k; ++j) o[j] *= scale;
