@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 
 import torch
@@ -280,9 +282,41 @@ def _spectrum(
         table = _dft_table(seed, stream, n, k, cdtype).to(v.device)
         return torch.matmul(v.to(cdtype), table, out=out)
     b, sg = _factor_hash(seed, stream, n, k, acc)
-    cs = ws.get("cs_" + name, (B, T, k), acc, v.device).zero_()
-    cs.scatter_add_(-1, b.to(v.device).expand(B, T, n), v.to(acc) * sg.to(v.device))
-    return torch.fft.rfft(cs, n=k, dim=-1, out=out)
+    b, sg = b.to(v.device), sg.to(v.device)
+    cs = ws.get("cs_" + name, (B, T, k), acc, v.device)
+
+    def part(a: int, e: int) -> None:
+        c = cs[a:e].zero_()
+        c.scatter_add_(-1, b.expand(e - a, T, n), v[a:e].to(acc) * sg)
+        torch.fft.rfft(c, n=k, dim=-1, out=out[a:e])
+
+    _run_split(part, B, v.device)
+    return out
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID = -1
+_MIN_SPLIT_ROWS = 128
+
+
+def _run_split(fn, rows: int, device: torch.device) -> None:
+    """Run ``fn(a, e)`` over row blocks on ``torch.get_num_threads()`` threads (CPU).
+
+    torch's CPU FFT (pocketfft) transforms a batch on one thread, so the FFT stage would
+    use one core of two; the row blocks are independent (each row is one sample), so
+    splitting them over threads gives the same numbers, faster.
+    """
+    global _POOL, _POOL_PID
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads <= 1 or rows < _MIN_SPLIT_ROWS:
+        fn(0, rows)
+        return
+    if _POOL is None or _POOL_PID != os.getpid():  # a forked child must not reuse the parent's pool
+        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cupid-fft"), os.getpid()
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    futures = [_POOL.submit(fn, bounds[i], bounds[i + 1]) for i in range(threads) if bounds[i + 1] > bounds[i]]
+    for fut in futures:
+        fut.result()
 
 
 def fused_tensorsketch(
