@@ -105,11 +105,14 @@ def _conv_padding(module: nn.Conv1d) -> tuple[int, int]:
     return pad[0], pad[0]
 
 
-def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """Unfold a Conv1d input into Linear rows: ``[R, C_in, L] -> [R, L_out, C_in * kernel]``.
+def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = False) -> torch.Tensor:
+    """Unfold a Conv1d input into Linear rows: ``[R, C_in, L] -> [R, L_out, C_in * kernel (+1)]``.
 
     Column ``c * kernel + j`` holds input channel ``c`` at tap ``j``, matching
     ``weight.reshape(C_out, C_in * kernel)``; padding, stride and dilation are honoured.
+    With ``append_one`` a last column of ones (the bias input) is written in the same
+    pass: the unfolded input is the largest tensor of the hook path, so it is built with
+    one copy (a strided window view copied into place) rather than unfold + transpose + cat.
 
     Raises:
         ValueError: grouped convolutions or non-zero padding modes.
@@ -122,13 +125,14 @@ def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     left, right = _conv_padding(module)
     if left or right:
         x = F.pad(x, (left, right))
-    cols = F.unfold(
-        x.unsqueeze(2),
-        kernel_size=(1, module.kernel_size[0]),
-        dilation=(1, module.dilation[0]),
-        stride=(1, module.stride[0]),
-    )  # [R, C_in * kernel, L_out]
-    return cols.transpose(1, 2)
+    K, d, st = module.kernel_size[0], module.dilation[0], module.stride[0]
+    win = x.unfold(2, d * (K - 1) + 1, st)[..., ::d]  # [R, C_in, L_out, K], a view
+    R, C, L = win.shape[:3]
+    out = torch.empty(R, L, C * K + int(append_one), dtype=x.dtype, device=x.device)
+    out[..., : C * K].unflatten(-1, (C, K)).copy_(win.permute(0, 2, 1, 3))
+    if append_one:
+        out[..., -1] = 1
+    return out
 
 
 class HookCapture:
@@ -183,13 +187,13 @@ class HookCapture:
             if delta is None:
                 continue
             if isinstance(module, nn.Conv1d):
-                x = unfold_conv1d(module, x)  # [R, L_out, C_in * kernel]
+                x = unfold_conv1d(module, x, append_one=module.bias is not None)  # [R, L_out, C_in*K (+1)]
                 delta = delta.transpose(1, 2)  # [R, C_out, L_out] -> [R, L_out, C_out]
             else:  # Linear: [R, *, I] -> [R, T, I]
                 x = x.reshape(x.shape[0], -1, x.shape[-1])
                 delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-            if module.bias is not None:
-                x = torch.cat((x, x.new_ones(x.shape[:-1] + (1,))), dim=-1)
+                if module.bias is not None:
+                    x = torch.cat((x, x.new_ones(x.shape[:-1] + (1,))), dim=-1)
             rows = x.shape[0]
             if rows % groups:
                 raise RuntimeError(f"module {name!r}: {rows} captured rows do not split into {groups} samples")

@@ -209,6 +209,9 @@ def test_conv1d_unfold_gives_weight_gradient(stride, dilation, padding):
     xu = unfold_conv1d(conv, x)  # [B, L_out, C_in * K]
     G = torch.einsum("blo,bli->oi", delta.transpose(1, 2), xu)
     torch.testing.assert_close(G, conv.weight.grad.reshape(4, -1))
+    xb = unfold_conv1d(conv, x, append_one=True)  # bias input appended in the same pass
+    assert torch.equal(xb[..., :-1], xu) and torch.equal(xb[..., -1], torch.ones_like(xb[..., -1]))
+    torch.testing.assert_close(torch.einsum("blo,bl->o", delta.transpose(1, 2), xb[..., -1]), conv.bias.grad)
 
 
 def test_grouped_conv_refused():
