@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("--policy", default="mlp", choices=["mlp", "diffusion"])
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--output", default="energy", choices=["energy", "loss", "logprob", "square"],
+                   help="output function of the features (see DemoConfig.output)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_handler)
 
@@ -30,6 +32,7 @@ def _handler(args: argparse.Namespace) -> int:
         policy=args.policy,
         train_steps=args.train_steps,
         k=args.k,
+        output=args.output,
         seed=args.seed,
     )
     run_demo(cfg, args.out)

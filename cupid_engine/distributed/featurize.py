@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from cupid_engine.distributed._ray import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +117,6 @@ class FeaturizeWorker:
         return {key: np.asarray([o[key] for o in out]) for key in keys}
 
 
-def _ensure_ray(address: str | None, workers: int) -> bool:
-    """Start a local Ray instance (``workers`` CPUs) or join ``address``; True if started here."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Workers must import cupid_engine even from a source checkout on the driver's path.
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled"}}
-    if address is None:
-        ray.init(num_cpus=max(1, int(workers)), include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=False)
-    else:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    return True
-
-
 def featurize_distributed(
     source: Any,
     store: Any,
@@ -189,7 +171,7 @@ def featurize_distributed(
         store = GradientStore.open(store, mode="r+")
     run = store.run(run_name)
     todo = list(run.pending_shards() if shards is None else shards)
-    started = _ensure_ray(address, workers)
+    started = ensure_ray(address, workers)
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"shards": 0, "episodes": 0, "rows": 0, "skipped": 0, "workers": {}}
     try:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cupid_engine.data.episode import Episode
+from cupid_engine.distributed._ray import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -34,30 +34,6 @@ class _RolloutActor:
 
     def run_one(self, index: int, seed: int, episode_id: str) -> tuple[int, Episode]:
         return index, self.worker.run_one(seed, episode_id)
-
-
-def _ensure_ray(address: str | None, workers: int) -> bool:
-    """Initialise Ray if needed; returns whether this call started it."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Actor processes must import cupid_engine even when it is not installed (a source
-    # checkout on sys.path of the driver only).
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "MUJOCO_GL": "disable"}}
-    if address is None:
-        ray.init(
-            num_cpus=max(int(workers), 1),
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            log_to_driver=False,
-        )
-    else:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    return True
 
 
 def run_rollouts_ray(
@@ -94,7 +70,7 @@ def run_rollouts_ray(
         policy = os.fspath(policy)
     if not seeds:
         return []
-    started = _ensure_ray(address, workers)
+    started = ensure_ray(address, workers)
     import ray
 
     actors: list[Any] = []

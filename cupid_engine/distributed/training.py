@@ -14,12 +14,12 @@ or ``address`` names a cluster to join. Ray is imported only inside these functi
 from __future__ import annotations
 
 import logging
-import os
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from cupid_engine.distributed._ray import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -38,26 +38,6 @@ class _SubsetActor:
     def run(self, index: int, mask: np.ndarray) -> tuple[int, np.ndarray]:
         value = np.atleast_1d(np.asarray(self.fn(mask), dtype=np.float64)).reshape(-1)
         return index, value
-
-
-def _ensure_ray(address: str | None, workers: int) -> bool:
-    """Initialise Ray if needed; returns whether this call started it."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Actors must import cupid_engine even from a source checkout that is only on the
-    # driver's sys.path.
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled"}}
-    if address is None:
-        ray.init(num_cpus=max(int(workers), 1), include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=False)
-    else:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    return True
 
 
 def train_subsets(
@@ -86,7 +66,7 @@ def train_subsets(
     """
     if not masks:
         return []
-    started = _ensure_ray(address, workers)
+    started = ensure_ray(address, workers)
     import ray
 
     actors: list[Any] = []

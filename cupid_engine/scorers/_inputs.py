@@ -7,6 +7,7 @@ demos" and "R(τ)" mean the same thing everywhere.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,11 @@ import numpy as np
 import pyarrow as pa
 
 from cupid_engine.constants import SPLITS
+
+log = logging.getLogger(__name__)
+
+# Rollout features this many times smaller (per step) than demo features are degenerate.
+DEGENERATE_RATIO = 1e-3
 
 RETURN_MODES = ("pm1", "01", "real")
 METADATA_COLUMNS = ("tier", "length", "source", "task", "success")
@@ -114,3 +120,35 @@ def metadata_value(row: dict[str, Any], key: str) -> Any:
         if key in meta:
             return meta[key]
     return None
+
+
+def check_rollout_scale(catalog: pa.Table, run: Any, rollouts: Sequence[str], demos: Sequence[str]) -> float:
+    """Warn when rollout features are vanishingly small next to demo features; returns the ratio.
+
+    The classic cause: the ``loss`` output of a deterministic policy, evaluated at a
+    rollout's own actions (which *are* the policy's predictions), has a zero gradient, so
+    every rollout feature is rounding noise and CUPID-style scores are meaningless. The
+    fix is a label-agnostic output (``energy``; ``square`` for diffusion) or ``logprob`` of
+    a stochastic policy's sampled actions.
+    """
+    if not rollouts or not demos:
+        return float("nan")
+    rows = catalog_dict(catalog)
+
+    def per_step(ids: Sequence[str]) -> float:
+        sums = np.asarray(run.episode_features(list(ids)), np.float64)
+        lengths = np.asarray([max(int(rows[e].get("length") or 1), 1) for e in ids], np.float64)
+        return float(np.median(np.linalg.norm(sums, axis=1) / lengths))
+
+    demo = per_step(list(demos)[:256])
+    ratio = per_step(list(rollouts)[:256]) / demo if demo > 0 else float("nan")
+    if ratio < DEGENERATE_RATIO:
+        featurizer = getattr(getattr(run, "config", None), "featurizer", {}) or {}
+        log.warning(
+            "rollout features are %.1e times the size of demo features (output %r): the rollout "
+            "gradients vanish, so influence scores are noise. A deterministic policy's BC loss has a "
+            "zero gradient at its own actions; featurise with a label-agnostic output ('energy', or "
+            "'square' for diffusion) instead.",
+            ratio, featurizer.get("output", "?"),
+        )
+    return ratio

@@ -142,6 +142,7 @@ class CupidScorer(Scorer):
         rollouts = _inputs.resolve_episodes(cat, cfg.rollouts, default="rollout")
         demos = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
         ret = _inputs.returns_of(cat, rollouts, cfg.returns)
+        _inputs.check_rollout_scale(cat, r, rollouts, demos)
         u = rollout_direction(
             pre.whiten(r.episode_features(rollouts)),
             ret,

@@ -118,3 +118,28 @@ def test_success_similarity_equals_brute_force(rng, store):
     assert t.num_rows == len(_split(store, "train"))
     with pytest.raises(ValueError, match="states="):
         score("success-sim", store=store, run="base")
+
+
+def test_vanishing_rollout_features_warn(rng, caplog):
+    """A deterministic policy's BC-loss gradient vanishes at its own rollout actions: the
+    scorer must say so instead of silently scoring rounding noise."""
+    from cupid_engine.scorers import score
+    from cupid_engine.scorers.arrays import ArrayStore
+
+    steps, splits, success = {}, {}, {}
+    for i in range(12):
+        steps[f"d{i}"], splits[f"d{i}"], success[f"d{i}"] = rng.standard_normal((5, 8)), "train", True
+    for i in range(4):
+        steps[f"r{i}"] = 1e-7 * rng.standard_normal((6, 8))
+        splits[f"r{i}"], success[f"r{i}"] = "rollout", bool(i % 2)
+    store = ArrayStore.from_episodes(steps, splits, success=success)
+    with caplog.at_level("WARNING", logger="cupid_engine.scorers._inputs"):
+        score("cupid", store=store, run="base")
+    assert any("rollout features are" in r.message and "energy" in r.message for r in caplog.records)
+    caplog.clear()
+    for i in range(4):
+        steps[f"r{i}"] = rng.standard_normal((6, 8))
+    store = ArrayStore.from_episodes(steps, splits, success=success)
+    with caplog.at_level("WARNING", logger="cupid_engine.scorers._inputs"):
+        score("cupid", store=store, run="base")
+    assert not any("rollout features are" in r.message for r in caplog.records)
