@@ -30,7 +30,10 @@ def failed_rollout_query(store_path: str, k: int = 10):
         return None
     failed = [r for r in rollouts if r.get("success") is False]
     pick = (failed or rollouts)[0]["episode_id"]
-    result = top_influencers(store, "base", pick, k=k)
+    # sign=+1 ranks demos by a(tau, xi) itself: the demos that most raise the likelihood of
+    # this (failed) rollout, i.e. "which demos made it fail". The default sign R(tau) = -1
+    # would rank the demos that most oppose the failure.
+    result = top_influencers(store, "base", pick, k=k, sign=1.0)
     print()
     print(result)
     return result
@@ -137,8 +140,9 @@ def write_report(cfg, out: Path, *, summaries: dict[str, Any], query) -> Path:
                           "top demo steps": ", ".join(f"{i}" for i, _ in st.demo_steps)})
         qcols = [c for c in ["rank", "episode_id", "score", "tier", "length", "top rollout steps", "top demo steps"]
                  if any(c in r for r in qrows)]
-        q_html = (f"<p>Rollout <b>{html.escape(query.rollout)}</b> (R = {query.sign:+g}): the training demos with the "
-                  f"largest performance influence on it, and the steps that carry it.</p>" + _html_table(qrows, qcols))
+        q_html = (f"<p>Failed rollout <b>{html.escape(query.rollout)}</b>: the training demos whose influence most "
+                  f"raises the likelihood of this rollout (ranked by a(&tau;, &xi;), sign {query.sign:+g}), and the "
+                  f"rollout and demo steps that carry it.</p>" + _html_table(qrows, qcols))
         q_json = {"rollout": query.rollout, "sign": query.sign, "top": qrows}
     ro = summaries["rollout"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cupid_engine demo report</title>
