@@ -169,7 +169,7 @@ class Featurizer:
             out = self._vmap(batch)
         out = out.detach()
         if check_finite:
-            bad = ~torch.isfinite(out).all(dim=1)
+            bad = ops.nonfinite_rows(out)
             if bool(bad.any()):
                 rows = bad.nonzero().flatten().tolist()
                 raise ValueError(f"non-finite features (NaN/Inf gradients) in batch rows {rows[:10]}")

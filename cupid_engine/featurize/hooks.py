@@ -378,9 +378,11 @@ def fused_tensorsketch(
             continue
         f = _spectrum(delta, seed, C.STREAM_TS_OUT, k, acc, ws, "out")
         f.mul_(_spectrum(x, seed, C.STREAM_TS_IN, k, acc, ws, "in"))
-        if spec is None:
-            spec = ws.get("acc", (B, k // 2 + 1), cdtype, device).zero_()
-        spec.add_(f[:, 0] if T == 1 else f.sum(dim=1))
+        layer = f[:, 0] if T == 1 else f.sum(dim=1)
+        if spec is None:  # the first layer initialises the accumulator: no zero-fill pass
+            spec = ws.get("acc", (B, k // 2 + 1), cdtype, device).copy_(layer)
+        else:
+            spec.add_(layer)
     # The result is returned to the caller, so it is a fresh tensor (not a workspace view).
     out = torch.fft.irfft(spec, n=k, dim=-1) if spec is not None else None
     if direct is not None:

@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from cupid_engine import ops
+
 from cupid_engine.featurize.config import FeaturizeConfig
 from cupid_engine.featurize.featurizer import Featurizer
 from cupid_engine.policies.base import Policy
@@ -237,7 +239,7 @@ def compute_shard_features(
     for a in range(0, n, batch_size):
         b = min(n, a + batch_size)
         phi = featurizer(policy.make_batch(samples, slice(a, b)), check_finite=False)
-        bad = ~torch.isfinite(phi).all(dim=1)
+        bad = ops.nonfinite_rows(phi)
         if bool(bad.any()):
             r = a + int(bad.nonzero()[0, 0])
             eid = samples.episode_ids[int(samples.episode_index[r])]

@@ -34,7 +34,7 @@ from cupid_engine import constants as C
 from cupid_engine.ops import registry as _registry
 from cupid_engine.ops.registry import Backend
 
-__all__ = ["project", "tensorsketch", "available_backends"]
+__all__ = ["project", "tensorsketch", "available_backends", "nonfinite_rows"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -118,8 +118,18 @@ def _check_k_seed(k: int, seed: int) -> None:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
 
 
+def nonfinite_rows(out: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: rows of ``out [B, k]`` holding a NaN/Inf.
+
+    One pass (a row sum) instead of ``isfinite(out).all(1)``'s several: a NaN or ±Inf
+    anywhere in a row makes its sum non-finite. The only false positive is a row of finite
+    values whose sum overflows (|sum| > 3e38 in float32), which is as unusable.
+    """
+    return ~torch.isfinite(out.sum(dim=1))
+
+
 def _check_finite(out: torch.Tensor, what: str) -> None:
-    bad = ~torch.isfinite(out).all(dim=1)
+    bad = nonfinite_rows(out)
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         shown = rows[:10]
