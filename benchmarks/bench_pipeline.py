@@ -74,6 +74,8 @@ def child(args: argparse.Namespace) -> dict:
     from cupid_engine.store import GradientStore
 
     n = args.child
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     root = tempfile.mkdtemp(prefix=f"cupid_bench_pipeline_{n}_", dir=args.workdir)
     try:
         source = SyntheticSource(n, steps=args.steps, obs_dim=16, action_dim=4, seed=0,
