@@ -112,6 +112,8 @@ def child(args: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         run.finalize()
         out["finalize_s"] = time.perf_counter() - t2
+        # Peak so far: featurise + finalize only (the index below is O(N k) by nature).
+        out["driver_peak_rss_featurize_mib"] = _peak_kb() / 1024
 
         t3 = time.perf_counter()
         try:
@@ -124,6 +126,7 @@ def child(args: argparse.Namespace) -> dict:
             raise
         out["score_s"] = time.perf_counter() - t3
         out["scored"] = len(ids)
+        out["driver_peak_rss_score_mib"] = _peak_kb() / 1024
 
         from cupid_engine.index import open_index, top_influencers
 
@@ -184,6 +187,10 @@ def run(args: argparse.Namespace) -> dict:
         a, b = rows[0], rows[-1]
         acceptance["driver_rss_growth"] = criterion(b["driver_peak_rss_mib"] / a["driver_peak_rss_mib"] - 1, 0.2,
                                                     higher_is_better=False)
+        acceptance["driver_rss_growth_featurize_phase"] = criterion(
+            b["driver_peak_rss_featurize_mib"] / a["driver_peak_rss_featurize_mib"] - 1, 0.2, higher_is_better=False)
+        acceptance["driver_rss_growth_through_score"] = criterion(
+            b["driver_peak_rss_score_mib"] / a["driver_peak_rss_score_mib"] - 1, 0.2, higher_is_better=False)
         if a["worker_peak_rss_mib"] and b["worker_peak_rss_mib"]:
             acceptance["worker_rss_growth"] = criterion(
                 max(b["worker_peak_rss_mib"]) / max(a["worker_peak_rss_mib"]) - 1, 0.2, higher_is_better=False)
