@@ -229,7 +229,7 @@ class InfluenceResult:
     steps: list[StepInfluence]
 
     def __str__(self) -> str:
-        lines = [f"top influencers of rollout {self.rollout} (R = {self.sign:+g})",
+        lines = [f"top influencers of rollout {self.rollout} (ranked by sign·a(τ, ξ), sign {self.sign:+g})",
                  f"{'rank':>4}  {'episode_id':<24} {'score':>12}  top rollout steps / top demo steps"]
         for row, st in zip(self.table.to_pylist(), self.steps):
             rs = ",".join(str(i) for i, _ in st.rollout_steps)
