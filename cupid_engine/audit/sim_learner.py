@@ -11,7 +11,8 @@ generated once with the scripted tiered demonstrators.
 
 * ``demos_per_tier`` (20), ``data_seed`` (0): dataset generation when it is missing;
 * ``score_rollouts`` (20): rollouts of the base policy that CUPID-style scorers use;
-* ``k`` (1024), ``method`` ("tensorsketch"), ``output`` ("loss"): the features;
+* ``k`` (1024), ``method`` ("tensorsketch"), ``output`` ("energy"): the features (label-agnostic:
+  the BC loss of a deterministic policy has a zero gradient at its own rollout actions);
 * ``size`` ("default"): the policy preset; ``rollout_workers`` (1): Ray actors for rollouts.
 """
 
@@ -144,7 +145,7 @@ class SimLearner:
         write_dataset(root / "rollouts", rollouts, overwrite=True)
         store = GradientStore.create(str(root / "store.zarr"), overwrite=True)
         fcfg = FeaturizeConfig(
-            output=self.options.get("output", "loss"),
+            output=self.options.get("output", "energy"),
             projection=ProjectionConfig(method=self.options.get("method", "tensorsketch"), k=int(self.options.get("k", 1024))),
         )
         featurize(open_dataset(self.dataset), store, "base", policy=str(policy_path), config=fcfg, split="train",
