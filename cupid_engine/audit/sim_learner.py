@@ -73,13 +73,22 @@ class SimLearner:
             "tier": [e.tier or "" for e in eps],
         }
 
+    def feature_options(self) -> dict[str, Any]:
+        """The featurisation settings with defaults resolved (part of every cache key)."""
+        return {
+            "k": int(self.options.get("k", 1024)),
+            "method": self.options.get("method", "tensorsketch"),
+            "output": self.options.get("output", "energy"),
+            "score_rollouts": int(self.options.get("score_rollouts", 20)),
+        }
+
     def fingerprint(self) -> str:
         from cupid_engine import __version__
 
         info = self.episode_info()
         payload = json.dumps(
             {"info": info, "task": self.task, "policy": self.policy_kind, "train": self.train_fields,
-             "options": self.options, "version": __version__},
+             "options": self.options, "features": self.feature_options(), "version": __version__},
             sort_keys=True, default=str,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -132,22 +141,21 @@ class SimLearner:
         from cupid_engine.sim import run_rollouts
         from cupid_engine.store import GradientStore
 
-        root = Path(model_dir) / "influence"
+        fo = self.feature_options()
+        tag = hashlib.sha256(json.dumps(fo, sort_keys=True).encode()).hexdigest()[:12]
+        root = Path(model_dir) / f"influence-{tag}"
         done = root / "done.json"
         if done.exists():
             return root / "store.zarr"
         root.mkdir(parents=True, exist_ok=True)
         policy_path = Path(model_dir) / "policy"
         rollouts = run_rollouts(
-            str(policy_path), self.task, episodes=int(self.options.get("score_rollouts", 20)),
+            str(policy_path), self.task, episodes=fo["score_rollouts"],
             seed=seed * _SEED_STRIDE + 17, workers=int(self.options.get("rollout_workers", 1)),
         )
         write_dataset(root / "rollouts", rollouts, overwrite=True)
         store = GradientStore.create(str(root / "store.zarr"), overwrite=True)
-        fcfg = FeaturizeConfig(
-            output=self.options.get("output", "energy"),
-            projection=ProjectionConfig(method=self.options.get("method", "tensorsketch"), k=int(self.options.get("k", 1024))),
-        )
+        fcfg = FeaturizeConfig(output=fo["output"], projection=ProjectionConfig(method=fo["method"], k=fo["k"]))
         featurize(open_dataset(self.dataset), store, "base", policy=str(policy_path), config=fcfg, split="train",
                   progress=False)
         featurize(open_dataset(root / "rollouts"), store, "base", policy=str(policy_path), config=fcfg, progress=False)
