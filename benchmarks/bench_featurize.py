@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import criterion, machine, table, timeit, write_json  # noqa: E402
+from _common import criterion, machine, proc_status_kb, reset_peak_rss, table, timeit, write_json  # noqa: E402
 
 from cupid_engine.featurize import Featurizer, ProjectionConfig  # noqa: E402
 from cupid_engine.policies import DiffusionPolicy, DiffusionPolicyConfig, MLPPolicy, MLPPolicyConfig  # noqa: E402
@@ -45,30 +45,13 @@ from cupid_engine.policies import DiffusionPolicy, DiffusionPolicyConfig, MLPPol
 OBS_DIM, ACTION_DIM = 40, 7
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(fn, *, repeats: int) -> tuple[dict, float]:
     """``(timeit stats, peak extra MiB)`` of ``fn``."""
     fn()  # warm up (allocator, kernels, caches)
-    ok = _reset_peak()
-    base = _status_kb("VmRSS")
+    ok = reset_peak_rss()
+    base = proc_status_kb("VmRSS")
     t = timeit(fn, repeats=repeats, warmup=0)
-    peak = (_status_kb("VmHWM") - base) / 1024 if ok else float("nan")
+    peak = (proc_status_kb("VmHWM") - base) / 1024 if ok else float("nan")
     return t, peak
 
 

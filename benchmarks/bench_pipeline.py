@@ -40,15 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import criterion, machine, table, write_json  # noqa: E402
-
-
-def _peak_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return -1
+from _common import criterion, machine, proc_status_kb, table, write_json  # noqa: E402
 
 
 def _dir_bytes(path: str) -> int:
@@ -113,7 +105,7 @@ def child(args: argparse.Namespace) -> dict:
         run.finalize()
         out["finalize_s"] = time.perf_counter() - t2
         # Peak so far: featurise + finalize only (the index below is O(N k) by nature).
-        out["driver_peak_rss_featurize_mib"] = _peak_kb() / 1024
+        out["driver_peak_rss_featurize_mib"] = proc_status_kb("VmHWM") / 1024
 
         t3 = time.perf_counter()
         try:
@@ -126,7 +118,7 @@ def child(args: argparse.Namespace) -> dict:
             raise
         out["score_s"] = time.perf_counter() - t3
         out["scored"] = len(ids)
-        out["driver_peak_rss_score_mib"] = _peak_kb() / 1024
+        out["driver_peak_rss_score_mib"] = proc_status_kb("VmHWM") / 1024
 
         from cupid_engine.index import open_index, top_influencers
 
@@ -145,7 +137,7 @@ def child(args: argparse.Namespace) -> dict:
         out["store_bytes_per_step"] = info["steps_bytes_stored"] / rows
         out["store_total_bytes_per_step"] = _dir_bytes(os.path.join(root, "store.zarr")) / rows
         out["episodes_per_s"] = n / out["featurize_s"]
-        out["driver_peak_rss_mib"] = _peak_kb() / 1024
+        out["driver_peak_rss_mib"] = proc_status_kb("VmHWM") / 1024
         out["load_average"] = os.getloadavg()
         return out
     finally:

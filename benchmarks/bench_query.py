@@ -44,6 +44,8 @@ import torch
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import proc_status_kb, reset_peak_rss  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,26 +174,6 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
     return results
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _ragged(total: int, mean: int, rng: np.random.Generator) -> np.ndarray:
     lens = []
     while sum(lens) < total:
@@ -230,12 +212,12 @@ def bench_quality(args: argparse.Namespace) -> list[dict[str, Any]]:
     reference = None
     results = []
     for name, fn, pairs in methods:
-        rss0 = _rss_kib("VmRSS")
-        ok = _reset_peak()
+        rss0 = proc_status_kb("VmRSS")
+        ok = reset_peak_rss()
         t = time.perf_counter()
         out = fn()
         dt = time.perf_counter() - t
-        peak = _rss_kib("VmHWM")
+        peak = proc_status_kb("VmHWM")
         extra = (peak - rss0) * 1024 if ok and peak is not None and rss0 is not None else None
         scale = (m * n) / pairs
         res = {"method": name, "seconds": dt * scale, "measured_seconds": dt, "pairs_timed": pairs,
