@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any, Callable
 
 # Environment of every actor process: cupid_engine importable from a source checkout
 # that is only on the driver's sys.path, no Ray auth token under $HOME, no MuJoCo
@@ -31,3 +32,48 @@ def ensure_ray(address: str | None, workers: int) -> bool:
     else:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     return True
+
+
+def run_on_actors(
+    actors: list[Any],
+    n_items: int,
+    call: Callable[[Any, int], Any],
+    *,
+    on_result: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
+    """Run items ``0 .. n_items-1`` on a pool of actors, one item per actor at a time.
+
+    Args:
+        actors: Ray actor handles.
+        n_items: Number of items.
+        call: ``call(actor, i)`` submits item ``i`` and returns an ObjectRef resolving
+            to ``(i, value)``.
+        on_result: Called with ``(i, value)`` in completion order.
+
+    Returns:
+        The values in item order (independent of scheduling). A failed item raises.
+    """
+    import ray
+
+    results: list[Any] = [None] * n_items
+    pending: dict[Any, Any] = {}
+    next_index = 0
+
+    def submit(actor: Any) -> None:
+        nonlocal next_index
+        pending[call(actor, next_index)] = actor
+        next_index += 1
+
+    for actor in actors:
+        if next_index < n_items:
+            submit(actor)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        actor = pending.pop(done[0])
+        index, value = ray.get(done[0])  # a failed item raises here, naming its error
+        results[index] = value
+        if on_result is not None:
+            on_result(index, value)
+        if next_index < n_items:
+            submit(actor)
+    return results

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cupid_engine.data.episode import Episode
-from cupid_engine.distributed._ray import ensure_ray
+from cupid_engine.distributed._ray import ensure_ray, run_on_actors
 
 logger = logging.getLogger(__name__)
 
@@ -78,29 +78,12 @@ def run_rollouts_ray(
         actor_cls = ray.remote(num_cpus=1)(_RolloutActor)
         n_actors = min(int(workers), len(seeds))
         actors = [actor_cls.remote(task, policy, int(horizon), variation) for _ in range(n_actors)]
-        results: list[Episode | None] = [None] * len(seeds)
-        pending: dict[Any, Any] = {}
-        next_index = 0
-
-        def submit(actor: Any) -> None:
-            nonlocal next_index
-            i = next_index
-            next_index += 1
-            pending[actor.run_one.remote(i, int(seeds[i]), str(episode_ids[i]))] = actor
-
-        for actor in actors:
-            if next_index < len(seeds):
-                submit(actor)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            actor = pending.pop(ref)
-            index, episode = ray.get(ref)
-            results[index] = episode
-            if progress is not None:
-                progress(episode)
-            if next_index < len(seeds):
-                submit(actor)
+        results = run_on_actors(
+            actors,
+            len(seeds),
+            lambda actor, i: actor.run_one.remote(i, int(seeds[i]), str(episode_ids[i])),
+            on_result=None if progress is None else (lambda i, episode: progress(episode)),
+        )
         return [ep for ep in results if ep is not None]
     finally:
         # Actors hold a simulator each: never leave them behind, even on an error.

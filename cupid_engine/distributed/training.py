@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cupid_engine.distributed._ray import ensure_ray
+from cupid_engine.distributed._ray import ensure_ray, run_on_actors
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +75,12 @@ def train_subsets(
         fn_ref = ray.put(fn)
         n_actors = min(int(workers), len(masks))
         actors = [actor_cls.remote(fn_ref, threads_per_worker) for _ in range(n_actors)]
-        results: list[np.ndarray | None] = [None] * len(masks)
-        pending: dict[Any, Any] = {}
-        next_index = 0
-
-        def submit(actor: Any) -> None:
-            nonlocal next_index
-            pending[actor.run.remote(next_index, np.asarray(masks[next_index], dtype=bool))] = actor
-            next_index += 1
-
-        for actor in actors:
-            if next_index < len(masks):
-                submit(actor)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(done[0])
-            index, value = ray.get(done[0])  # a failed training raises here, naming its error
-            results[index] = value
-            if on_result is not None:
-                on_result(index, value)
-            if next_index < len(masks):
-                submit(actor)
+        results = run_on_actors(
+            actors,
+            len(masks),
+            lambda actor, i: actor.run.remote(i, np.asarray(masks[i], dtype=bool)),
+            on_result=on_result,
+        )
         return [r for r in results if r is not None]
     finally:
         # Also on failure: actors on a shared (already running) Ray must not linger.
