@@ -20,7 +20,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned: an open range would pull the newest CUDA build (GBs). robosuite last
-# and without its dependencies: its pins break numpy 2 / zarr 3 (see docs/install.md).
+# and without its dependencies: its pins break numpy 2 / zarr 3 (README, "Installing by hand").
 $(STAMP): pyproject.toml | $(PY)
 	@echo "==> installing torch==2.13.0 (CPU build)"
 	$(PIP) install -q torch==2.13.0
