@@ -391,12 +391,17 @@ def fused_tensorsketch(
             spec = None
             for seed, delta, x in fft_layers:
                 f = _spectrum(delta[r0:r1], seed, C.STREAM_TS_OUT, k, acc, ws, f"out{tag}")
-                f.mul_(_spectrum(x[r0:r1], seed, C.STREAM_TS_IN, k, acc, ws, f"in{tag}"))
-                layer = f[:, 0] if f.shape[1] == 1 else f.sum(dim=1)
+                g = _spectrum(x[r0:r1], seed, C.STREAM_TS_IN, k, acc, ws, f"in{tag}")
                 if spec is None:  # the first layer initialises the accumulator: no zero fill
-                    spec = ws.get(f"acc{tag}", (r1 - r0, k // 2 + 1), cdtype, device).copy_(layer)
+                    spec = ws.get(f"acc{tag}", (r1 - r0, k // 2 + 1), cdtype, device)
+                    if f.shape[1] == 1:
+                        torch.mul(f[:, 0], g[:, 0], out=spec)
+                    else:
+                        torch.sum(f.mul_(g), dim=1, out=spec)
+                elif f.shape[1] == 1:
+                    spec.addcmul_(f[:, 0], g[:, 0])  # one pass: multiply and accumulate
                 else:
-                    spec.add_(layer)
+                    spec.add_(f.mul_(g).sum(dim=1))
             torch.fft.irfft(spec, n=k, dim=-1, out=out[r0:r1])
 
     _run_split(part, B, device)
