@@ -16,10 +16,11 @@ chunk-aligned regions, completion marker last (DESIGN §4), so:
 * **Re-submission skips finished work.** The driver asks the run for pending shards, and a
   worker re-checks a shard's marker before doing anything.
 
-The driver holds no features: only the list of pending shard ids, one unit name per
-shard, and per-task statistics (rows, seconds, the worker's peak RSS from
-``/proc/self/status`` ``VmHWM``), so its memory does not grow with the episode count
-beyond the store catalog itself.
+The driver holds no features and no per-episode catalog data: only the store's shard
+plan (O(#shards)), the list of pending shard ids, one unit name per shard, and per-task
+statistics (rows, seconds, the worker's peak RSS from ``/proc/self/status``
+``VmHWM``). A worker reads the catalog rows of the shard it writes and nothing else, so
+neither side's memory grows with the episode count.
 
 ``FeaturizeWorker`` follows the Ray callable-class convention (``__init__(config)``,
 ``__call__(batch: dict[str, ndarray])``), so it also works with ``ray.data.map_batches``.
@@ -195,7 +196,7 @@ def featurize_distributed(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(len(store.shard_episodes(s)[0]) for s in todo), unit="ep",
+            bar = tqdm(total=int(store.shard_plan().counts()[todo].sum()), unit="ep",
                        desc=f"featurize {run_name} ({len(actors)} workers)")
         queue = list(reversed(todo))
         t_dispatch = time.perf_counter()

@@ -5,10 +5,8 @@
 1. **Register** the source's episodes missing from the store catalog. Episodes are added
    one source unit at a time (a LeRobot data file, an RLDS shard file, a robomimic demo
    range), so every store shard lies inside one unit and a worker reads exactly one file
-   for it. Consecutive units are batched into one ``add_episodes`` call whenever that
-   cannot move a shard boundary (every unit but the last a multiple of ``shard_size``
-   episodes): the catalog is rewritten per call, so this keeps registration linear for
-   large uniform sources.
+   for it. Units are streamed into one :meth:`GradientStore.append_episodes` call: the
+   catalog file is rewritten once, and only one unit's rows are in memory at a time.
 2. **Create or reopen the run** with a :class:`~cupid_engine.store.RunConfig` carrying
    :meth:`Featurizer.describe`; a run produced under another config is refused.
 3. **Stream** every shard without a completion marker (resume: finished shards are
@@ -146,48 +144,31 @@ def register_episodes(source: Any, store: GradientStore, *, shard_size: int, spl
     Returns:
         Number of episodes added.
     """
-    have = set(store.episode_ids())
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    added = 0
+    check_existing = store.num_episodes > 0
 
-    def flush() -> None:
-        nonlocal pending, pending_rows, added
-        if pending:
-            store.add_episodes(pa.concat_tables(pending), shard_size=shard_size)
-            added += pending_rows
-        pending, pending_rows = [], 0
+    def new_rows() -> Iterator[pa.Table]:
+        for _unit, table in unit_tables(source):
+            table = _store_rows(table)
+            if split is not None:
+                table = table.filter(pc.equal(table.column("split"), split))
+            if check_existing and table.num_rows:
+                known = store.contains(table.column("episode_id").to_pylist())
+                if known.any():
+                    table = table.filter(pa.array(~known))
+            if table.num_rows:
+                yield table  # one plan group per unit: every shard lies inside one unit
 
-    for _unit, table in unit_tables(source):
-        table = _store_rows(table)
-        if split is not None:
-            table = table.filter(pc.equal(table.column("split"), split))
-        if have:
-            ids = table.column("episode_id").to_pylist()
-            keep = [e not in have for e in ids]
-            if not all(keep):
-                table = table.filter(pa.array(keep))
-        if table.num_rows == 0:
-            continue
-        pending.append(table)
-        pending_rows += table.num_rows
-        # A unit whose size is not a multiple of shard_size ends a plan group: the next
-        # unit must start a fresh shard.
-        if table.num_rows % shard_size:
-            flush()
-    flush()
-    return added
+    return store.append_episodes(new_rows(), shard_size=shard_size)
 
 
 def shard_units(source: Any, store: GradientStore, shards: list[int]) -> dict[int, str | None]:
     """The source unit holding each shard's episodes (None: read by id).
 
-    Memory stays O(#shards + one unit): only the first id of each shard is indexed.
+    Memory stays O(#shards + one unit): only the first id of each shard (from the
+    store's shard plan) is indexed.
     """
-    first = {}
-    for s in shards:
-        ids, _ = store.shard_episodes(s)
-        first[ids[0]] = s
+    plan = store.shard_plan()
+    first = {plan.first_ids[s]: s for s in shards}
     out: dict[int, str | None] = {s: None for s in shards}
     if hasattr(source, "unit_of"):
         for eid, s in first.items():
@@ -389,7 +370,7 @@ def _featurize_local(
     if not shards:
         return
     units = shard_units(source, store, shards)
-    total = sum(len(store.shard_episodes(s)[0]) for s in shards)
+    total = int(store.shard_plan().counts()[list(shards)].sum())
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -19,11 +19,13 @@ import io
 import os
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
@@ -150,46 +152,172 @@ class _Location:
             self.fs.pipe_file(p, data)
 
 
-class _CatalogIndex:
-    """Numpy views of the catalog for fast plan lookups (immutable snapshot)."""
+def _hash_ids(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """``[n]`` int64 hashes of episode ids (Python's str hash: equal within one process only)."""
+    values = ids.to_pylist()
+    return np.fromiter(map(hash, values), np.int64, count=len(values))
 
-    def __init__(self, table: pa.Table) -> None:
-        self.table = table
-        self.ids: list[str] = table.column("episode_id").to_pylist()
-        self.pos = {eid: i for i, eid in enumerate(self.ids)}
 
-        def col(name: str) -> np.ndarray:
-            return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.int64)
+class _CatalogSnapshot:
+    """One version of ``catalog.parquet``, read as little as each caller needs.
 
-        self.length = col("length")
-        self.shard = col("shard")
-        self.row_offset = col("row_offset")
-        self.slot = col("episode_slot")
-        self.split = np.asarray(table.column("split").to_pylist(), dtype=object)
-        self.total_rows, self.total_slots, self.num_shards = _catalog.extent(table)
-        # Shards are consecutive runs of catalog rows: shard s covers [starts[s], starts[s+1]).
-        self.shard_starts = np.searchsorted(self.shard, np.arange(self.num_shards + 1), side="left")
+    Opening reads the footer and the plan columns (streamed row group by row group) into
+    a :class:`~cupid_engine.store.catalog.ShardPlan`: O(#shards) memory. Everything per
+    episode is loaded only when asked for, and columnar: ``length`` and ``row_offset``
+    as int64 numpy arrays, ids as an Arrow array, plus sorted id hashes for id -> row
+    look-ups (~40 B per episode in all). A shard's rows are read from its own row
+    group(s) only, so a worker never loads the catalog.
+    """
 
-    def shard_range(self, shard_id: int) -> tuple[int, int]:
-        return int(self.shard_starts[shard_id]), int(self.shard_starts[shard_id + 1])
+    _PLAN_COLUMNS = ["episode_id", "length", "shard", "row_offset", "episode_slot"]
+
+    def __init__(self, loc: _Location) -> None:
+        path = loc.path(_catalog.CATALOG_NAME)
+        self.stamp: tuple | None = None
+        try:
+            if loc.is_local:
+                handle = open(path, "rb")
+                st = os.fstat(handle.fileno())
+                self.stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            else:
+                data = loc.read_bytes(_catalog.CATALOG_NAME)
+                if data is None:
+                    raise FileNotFoundError(path)
+                handle = io.BytesIO(data)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{loc.url} lacks {_catalog.CATALOG_NAME}") from None
+        self._file = pq.ParquetFile(handle)
+        names = self._file.schema_arrow.names
+        if names != _catalog.CATALOG_SCHEMA.names:
+            raise ValueError(f"{loc.url}: catalog columns {names} do not match the schema")
+        meta = self._file.metadata
+        self.num_rows = int(meta.num_rows)
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        self.group_first = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        builder = _catalog.ShardPlanBuilder()
+        for g in range(meta.num_row_groups):
+            builder.add(self._file.read_row_group(g, columns=self._PLAN_COLUMNS))
+        self.plan = builder.build()
+        self.total_rows, self.total_slots, self.num_shards = self.plan.extent()
+        self._columns: dict[str, Any] = {}
+        self._table: pa.Table | None = None
+        self._lookup: tuple[np.ndarray, np.ndarray] | None = None
+
+    # -- rows ----------------------------------------------------------------------------
+    def num_row_groups(self) -> int:
+        return len(self.group_first) - 1
+
+    def row_group(self, g: int, columns: list[str] | None = None) -> pa.Table:
+        return self._file.read_row_group(g, columns=columns).cast(
+            _catalog.CATALOG_SCHEMA if columns is None else pa.schema([_catalog.CATALOG_SCHEMA.field(c) for c in columns])
+        )
+
+    def read(self, a: int, b: int, columns: list[str] | None = None) -> pa.Table:
+        """Catalog rows ``[a, b)``, reading only the row groups that hold them."""
+        g0 = int(np.searchsorted(self.group_first, a, side="right")) - 1
+        g1 = int(np.searchsorted(self.group_first, b, side="left"))
+        if b <= a or g0 >= g1:
+            return self.row_group(0, columns).slice(0, 0) if self.num_row_groups() else _empty(columns)
+        parts = [self.row_group(g, columns) for g in range(g0, g1)]
+        t = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        return t.slice(a - int(self.group_first[g0]), b - a)
+
+    def take(self, positions: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """Catalog rows at ``positions`` (in that order), reading only their row groups."""
+        positions = np.asarray(positions, np.int64)
+        if self._table is not None:
+            t = self._table if columns is None else self._table.select(columns)
+            return t.take(pa.array(positions))
+        groups = np.searchsorted(self.group_first, positions, side="right") - 1
+        parts, where = [], np.empty(len(positions), np.int64)
+        done = 0
+        for g in np.unique(groups):
+            sel = np.flatnonzero(groups == g)
+            t = self.row_group(int(g), columns).take(pa.array(positions[sel] - self.group_first[g]))
+            parts.append(t)
+            where[sel] = done + np.arange(len(sel))
+            done += len(sel)
+        if not parts:
+            return _empty(columns)
+        return pa.concat_tables(parts).take(pa.array(where))
+
+    def table(self) -> pa.Table:
+        """The whole catalog (loaded on first use and kept)."""
+        if self._table is None:
+            self._table = self._file.read().cast(_catalog.CATALOG_SCHEMA)
+        return self._table
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One whole column, as Arrow (cached)."""
+        key = "arrow:" + name
+        if key not in self._columns:
+            if self._table is not None:
+                self._columns[key] = self._table.column(name)
+            else:
+                self._columns[key] = self._file.read(columns=[name]).column(0).cast(_catalog.CATALOG_SCHEMA.field(name).type)
+        return self._columns[key]
+
+    def int_column(self, name: str) -> np.ndarray:
+        """``[N]`` int64 numpy copy of a plan column (``length``, ``row_offset``; cached)."""
+        if name not in self._columns:
+            col = self._file.read(columns=[name]).column(0)
+            self._columns[name] = np.asarray(col.to_numpy(), dtype=np.int64) if len(col) else np.zeros(0, np.int64)
+        return self._columns[name]
+
+    # -- ids -----------------------------------------------------------------------------
+    def ids(self, a: int = 0, b: int | None = None) -> list[str]:
+        b = self.num_rows if b is None else b
+        return self.column("episode_id").slice(a, max(0, b - a)).to_pylist()
+
+    def positions(self, ids: list[str]) -> np.ndarray:
+        """``[m]`` catalog row of each id, -1 where unknown: O(m log N) after one O(N) build."""
+        if self._lookup is None:
+            h = np.concatenate([_hash_ids(c) for c in self.column("episode_id").chunks] or [np.zeros(0, np.int64)])
+            order = np.argsort(h, kind="stable")
+            self._lookup = (h[order], order.astype(np.int64))
+        sorted_h, order = self._lookup
+        q = np.fromiter(map(hash, ids), np.int64, count=len(ids))
+        lo = np.searchsorted(sorted_h, q, side="left")
+        hi = np.searchsorted(sorted_h, q, side="right")
+        out = np.full(len(ids), -1, np.int64)
+        one = np.flatnonzero(hi - lo == 1)
+        if len(one):
+            cand = order[lo[one]]
+            stored = self.column("episode_id").take(pa.array(cand))
+            same = pc.equal(stored, pa.array([ids[i] for i in one], pa.string()))
+            ok = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+            out[one[ok]] = cand[ok]
+        col = self.column("episode_id")
+        for i in np.flatnonzero(hi - lo > 1):  # hash collisions: compare each candidate
+            for p in order[lo[i] : hi[i]]:
+                if col[int(p)].as_py() == ids[i]:
+                    out[i] = p
+                    break
+        return out
 
     def episodes_in_rows(self, r0: int, r1: int) -> list[str]:
         """Ids of episodes whose step rows intersect ``[r0, r1)``."""
-        ends = self.row_offset + self.length
-        lo = int(np.searchsorted(ends, r0, side="right"))
-        hi = int(np.searchsorted(self.row_offset, r1, side="left"))
-        return self.ids[lo:hi]
+        off, length = self.int_column("row_offset"), self.int_column("length")
+        lo = int(np.searchsorted(off + length, r0, side="right"))
+        hi = int(np.searchsorted(off, r1, side="left"))
+        return self.ids(lo, hi)
 
     def episodes_in_slots(self, s0: int, s1: int) -> list[str]:
-        lo = int(np.searchsorted(self.slot, s0, side="left"))
-        hi = int(np.searchsorted(self.slot, s1, side="left"))
-        return self.ids[lo:hi]
+        slots = self.plan.slots(np.arange(self.num_rows))
+        return self.ids(int(np.searchsorted(slots, s0, side="left")), int(np.searchsorted(slots, s1, side="left")))
+
+    def shard_range(self, shard_id: int) -> tuple[int, int]:
+        return int(self.plan.first[shard_id]), int(self.plan.first[shard_id + 1])
 
     def episodes_in_shard(self, shard_id: int) -> list[str]:
         if shard_id >= self.num_shards:
             return []
-        a, b = self.shard_range(shard_id)
-        return self.ids[a:b]
+        return self.ids(*self.shard_range(shard_id))
+
+
+def _empty(columns: list[str] | None) -> pa.Table:
+    t = _catalog.empty_catalog()
+    return t if columns is None else t.select(columns)
 
 
 class GradientStore:
@@ -214,7 +342,7 @@ class GradientStore:
             )
         self.chunk_rows = int(meta["chunk_rows"])
         self.episode_chunk_rows = int(meta["episode_chunk_rows"])
-        self._index_cache: _CatalogIndex | None = None
+        self._snapshot: _CatalogSnapshot | None = None
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -288,45 +416,96 @@ class GradientStore:
             raise PermissionError(f"store {self.url} is open read-only (mode='r')")
 
     # ------------------------------------------------------------------ catalog
-    def _index(self, refresh: bool = False) -> _CatalogIndex:
-        if self._index_cache is None or refresh:
-            data = self._loc.read_bytes(_catalog.CATALOG_NAME)
-            if data is None:
-                raise FileNotFoundError(f"{self.url} lacks {_catalog.CATALOG_NAME}")
-            table = pq.read_table(io.BytesIO(data))
-            if table.schema.names != _catalog.CATALOG_SCHEMA.names:
-                raise ValueError(f"{self.url}: catalog columns {table.schema.names} do not match the schema")
-            self._index_cache = _CatalogIndex(table.cast(_catalog.CATALOG_SCHEMA))
-        return self._index_cache
+    def _index(self, refresh: bool = False) -> _CatalogSnapshot:
+        """The catalog snapshot; ``refresh`` reopens it when the file changed on disk."""
+        if self._snapshot is not None and refresh and self._snapshot.stamp is not None:
+            try:
+                st = os.stat(self._loc.path(_catalog.CATALOG_NAME))
+                if (st.st_ino, st.st_size, st.st_mtime_ns) == self._snapshot.stamp:
+                    return self._snapshot
+            except FileNotFoundError:
+                pass
+        if self._snapshot is None or refresh:
+            self._snapshot = _CatalogSnapshot(self._loc)
+        return self._snapshot
 
     def catalog(self, *, refresh: bool = False) -> pa.Table:
         """The episode catalog, one row per episode in insertion order.
 
+        This materialises every row (kept until the catalog changes); large-scale code
+        paths use :meth:`shard_plan`, :meth:`shard_episodes`, :meth:`positions` and
+        :meth:`catalog_rows` instead.
+
         Args:
             refresh: re-read ``catalog.parquet`` (another process may have appended).
         """
-        return self._index(refresh).table
+        return self._index(refresh).table()
+
+    @property
+    def num_episodes(self) -> int:
+        return self._index().num_rows
 
     def episode_ids(self, split: str | None = None) -> list[str]:
         """Episode ids in catalog order, optionally only those of one split."""
         idx = self._index()
-        if split is None:
-            return list(idx.ids)
-        return [eid for eid, s in zip(idx.ids, idx.split) if s == split]
+        ids = idx.column("episode_id")
+        if split is not None:
+            ids = ids.filter(pc.fill_null(pc.equal(idx.column("split"), split), False))
+        return ids.to_pylist()
 
     @property
     def num_shards(self) -> int:
         return self._index().num_shards
 
-    def shard_episodes(self, shard_id: int) -> tuple[list[str], np.ndarray]:
-        """``(episode_ids, lengths [n])`` of one shard, as ``Run.write_shard`` expects them."""
+    def shard_plan(self, *, refresh: bool = False) -> _catalog.ShardPlan:
+        """Per-shard summary (first catalog row, step rows, slots, first episode id): O(#shards)."""
+        return self._index(refresh).plan
+
+    def _shard_rows(self, shard_id: int, columns: list[str]) -> pa.Table:
         idx = self._index()
         if shard_id >= idx.num_shards:  # the driver may have appended since we read it
             idx = self._index(refresh=True)
         if not 0 <= shard_id < idx.num_shards:
             raise KeyError(f"shard {shard_id} is not in the shard plan (0..{idx.num_shards - 1})")
-        a, b = idx.shard_range(shard_id)
-        return idx.ids[a:b], idx.length[a:b].copy()
+        return idx.read(*idx.shard_range(shard_id), columns=columns)
+
+    def shard_episodes(self, shard_id: int) -> tuple[list[str], np.ndarray]:
+        """``(episode_ids, lengths [n])`` of one shard, as ``Run.write_shard`` expects them.
+
+        Reads only the shard's own rows of the catalog.
+        """
+        t = self._shard_rows(shard_id, ["episode_id", "length"])
+        return t.column(0).to_pylist(), np.asarray(t.column(1).to_numpy(), dtype=np.int64)
+
+    def positions(self, ids: Sequence[str]) -> np.ndarray:
+        """``[m]`` int64 catalog rows of episode ids (O(m log N) once the id hashes are built).
+
+        Raises:
+            KeyError: naming unknown ids.
+        """
+        ids = [str(e) for e in ids]
+        pos = self._index().positions(ids)
+        if (pos < 0).any():
+            pos = self._index(refresh=True).positions(ids)
+            if (pos < 0).any():
+                raise KeyError(f"unknown episode id(s) {[ids[i] for i in np.flatnonzero(pos < 0)[:10]]}")
+        return pos
+
+    def contains(self, ids: Sequence[str]) -> np.ndarray:
+        """``[m]`` bool: which ids are in the catalog."""
+        idx = self._index()
+        if not idx.num_rows:
+            return np.zeros(len(ids), bool)
+        return idx.positions([str(e) for e in ids]) >= 0
+
+    def catalog_rows(self, ids: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
+        """Catalog rows of ``ids`` in that order, reading only the row groups holding them.
+
+        Raises:
+            KeyError: naming unknown ids.
+        """
+        cols = None if columns is None else list(columns)
+        return self._index().take(self.positions(ids), cols)
 
     def add_episodes(self, table: pa.Table, *, shard_size: int = 256) -> pa.Table:
         """Append episodes to the catalog and plan their shards.
@@ -342,19 +521,64 @@ class GradientStore:
         Raises:
             ValueError: duplicate id, non-positive length, unknown split (episode named).
         """
+        before = self._index(refresh=True).num_rows
+        self.append_episodes([table], shard_size=shard_size)
+        idx = self._index()
+        return idx.read(before, idx.num_rows)
+
+    def append_episodes(self, tables: Iterable[pa.Table], *, shard_size: int = 256) -> int:
+        """Append episodes group by group, streaming: each table starts a new shard.
+
+        Use it for sources read unit by unit (one table per source unit, so that no
+        shard spans two units): the catalog file is rewritten once, row group by row
+        group, and only one table of new episodes is in memory at a time. Nothing is
+        appended unless every table is valid.
+
+        Args:
+            tables: tables as for :meth:`add_episodes` (an iterator is consumed once).
+            shard_size: most episodes per new shard.
+
+        Returns:
+            Number of episodes added.
+
+        Raises:
+            ValueError: duplicate id, non-positive length, unknown split (episode named).
+        """
         self._check_writable()
-        new = _catalog.normalize(table)
-        old = self._index(refresh=True).table
-        full = _catalog.plan(
-            new,
-            old,
-            shard_size=shard_size,
-            chunk_rows=self.chunk_rows,
-            episode_chunk_rows=self.episode_chunk_rows,
-        )
-        self._loc.write_bytes(_catalog.CATALOG_NAME, _table_bytes(full))
-        self._index_cache = _CatalogIndex(full)
-        return full.slice(old.num_rows)
+        if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size <= 0:
+            raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+        old = self._index(refresh=True)
+        state = _catalog.PlanState(old.total_rows, old.total_slots, old.num_shards)
+        sink = _CatalogSink(self._loc)
+        hashes: list[np.ndarray] = []
+        added = 0
+        try:
+            for g in range(old.num_row_groups()):
+                part = old.row_group(g)
+                sink.write(part)
+                hashes.append(_hash_ids(part.column("episode_id")))
+            for table in tables:
+                new = _catalog.normalize(table)
+                if not new.num_rows:
+                    continue
+                hashes.append(_hash_ids(new.column("episode_id")))
+                for part in _catalog.plan_group(
+                    new, state, shard_size=shard_size, chunk_rows=self.chunk_rows,
+                    episode_chunk_rows=self.episode_chunk_rows,
+                ):
+                    sink.write(part)
+                added += new.num_rows
+            sink.close()
+            if not added:
+                sink.discard()
+                return 0
+            _check_unique(sink, np.concatenate(hashes))
+        except BaseException:
+            sink.discard()
+            raise
+        sink.commit()
+        self._index(refresh=True)
+        return added
 
     # ------------------------------------------------------------------ runs
     def _runs_group(self) -> zarr.Group:
@@ -409,8 +633,9 @@ class GradientStore:
         """Summary for humans and the CLI: episodes per split, runs and their state."""
         idx = self._index(refresh=True)
         splits: dict[str, int] = {}
-        for s in idx.split:
-            splits[s] = splits.get(s, 0) + 1
+        if idx.num_rows:
+            for item in pc.value_counts(idx.column("split")).to_pylist():
+                splits[item["values"]] = int(item["counts"])
         runs = []
         for name in self.runs():
             r = self.run(name)
@@ -420,8 +645,8 @@ class GradientStore:
             "schema_version": SCHEMA_VERSION,
             "chunk_rows": self.chunk_rows,
             "episode_chunk_rows": self.episode_chunk_rows,
-            "episodes": len(idx.ids),
-            "steps": int(idx.length.sum()) if len(idx.ids) else 0,
+            "episodes": idx.num_rows,
+            "steps": int(pc.sum(idx.column("length")).as_py() or 0) if idx.num_rows else 0,
             "shards": idx.num_shards,
             "splits": splits,
             "runs": runs,
@@ -429,6 +654,81 @@ class GradientStore:
 
     def __repr__(self) -> str:
         return f"GradientStore({self.url!r}, mode={self._mode!r})"
+
+
+class _CatalogSink:
+    """Writes a new ``catalog.parquet`` beside the old one, one row group per call.
+
+    Local stores write a temporary file and rename it over the old one on commit (a
+    crash leaves the old catalog whole); other stores build the file in memory.
+    """
+
+    def __init__(self, loc: _Location) -> None:
+        self._loc = loc
+        self._path = loc.path(_catalog.CATALOG_NAME)
+        if loc.is_local:
+            self.tmp = f"{self._path}.tmp-{os.getpid()}"
+            self._out: Any = open(self.tmp, "wb")
+        else:
+            self.tmp = None
+            self._out = io.BytesIO()
+        # No column statistics: nothing filters on them, and they would grow the footer per shard.
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._out, _catalog.CATALOG_SCHEMA, write_statistics=False)
+
+    def write(self, part: pa.Table) -> None:
+        if part.num_rows:
+            self._writer.write_table(part, row_group_size=part.num_rows)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.tmp is not None and not self._out.closed:
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+
+    def reader(self) -> pq.ParquetFile:
+        """The written (closed) file, for checks before commit."""
+        if self.tmp is not None:
+            return pq.ParquetFile(self.tmp)
+        return pq.ParquetFile(io.BytesIO(self._out.getvalue()))
+
+    def discard(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - discarding after an error: keep the first one
+            pass
+        if self.tmp is not None and os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def commit(self) -> None:
+        if self.tmp is not None:
+            os.replace(self.tmp, self._path)
+        else:
+            self._loc.fs.pipe_file(self._path, self._out.getvalue())
+
+
+def _check_unique(sink: _CatalogSink, hashes: np.ndarray) -> None:
+    """Raise naming the first repeated episode id of the written catalog.
+
+    Hashes find candidate repeats in O(N log N) time and 8 B per episode; the candidates
+    are then compared exactly (a hash collision is not a duplicate).
+    """
+    s = np.sort(hashes)
+    cand = np.unique(s[1:][s[1:] == s[:-1]])
+    if not len(cand):
+        return
+    seen: set[str] = set()
+    f = sink.reader()
+    for g in range(f.metadata.num_row_groups):
+        col = f.read_row_group(g, columns=["episode_id"]).column(0)
+        h = _hash_ids(col)
+        for i in np.flatnonzero(np.isin(h, cand)):
+            eid = col[int(i)].as_py()
+            if eid in seen:
+                raise ValueError(f"duplicate episode_id {eid!r}")
+            seen.add(eid)
 
 
 def _table_bytes(table: pa.Table) -> bytes:

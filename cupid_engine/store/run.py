@@ -332,9 +332,12 @@ class Run:
             idx = self.store._index(refresh=True)
         if not 0 <= shard_id < idx.num_shards:
             raise ValueError(f"shard {shard_id} is not in the catalog's shard plan (0..{idx.num_shards - 1})")
-        a, b = idx.shard_range(shard_id)
-        plan_ids = idx.ids[a:b]
-        plan_len = idx.length[a:b]
+        # Only this shard's catalog rows are read (one row group), never the whole catalog.
+        plan_rows = idx.read(*idx.shard_range(shard_id), columns=["episode_id", "length", "split"])
+        plan_ids = plan_rows.column("episode_id").to_pylist()
+        plan_len = np.asarray(plan_rows.column("length").to_numpy(), dtype=np.int64)
+        plan_split = np.asarray(plan_rows.column("split").to_pylist(), dtype=object)
+        row0, slot0 = int(idx.plan.row0[shard_id]), int(idx.plan.slot0[shard_id])
         ids = [str(e) for e in episode_ids]
         lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
         if ids != plan_ids:
@@ -360,7 +363,7 @@ class Run:
             raise ValueError(f"shard {shard_id}: step_features has shape {x.shape}, expected [{rows}, {self.k}] (k={self.k})")
         if x.shape[0] != rows:
             raise ValueError(f"shard {shard_id}: step_features has {x.shape[0]} rows, lengths sum to {rows}")
-        end_row = int(idx.row_offset[b - 1] + idx.length[b - 1])
+        end_row = row0 + int(idx.plan.rows[shard_id])
         if shard_id >= self.num_shards or end_row > self._array("steps").shape[0]:
             # The driver may have synced since this handle opened the arrays: look again.
             self._arrays = dict(self._group.arrays())
@@ -386,14 +389,14 @@ class Run:
         sums = sums64.astype(np.float32)
 
         # --- everything validated: compute, then write (marker last) ---
-        gram_mask = np.repeat(np.isin(idx.split[a:b], list(self.config.gram_splits)), lens)
+        gram_mask = np.repeat(np.isin(plan_split, list(self.config.gram_splits)), lens)
         gram_count = int(gram_mask.sum())
 
         if self.shard_done(shard_id):
             # Clear the marker first: a crash during a rewrite must not leave it standing.
             self._put("done", shard_id, [0], atomic=True)
-        self._write_steps(int(idx.row_offset[a]), x)
-        self._put("episodes", int(idx.slot[a]), sums)
+        self._write_steps(row0, x)
+        self._put("episodes", slot0, sums)
         if gram_count:
             xs = x if gram_count == rows else x[gram_mask]
             x64 = xs.astype(np.float64)
@@ -522,7 +525,7 @@ class Run:
             used.append(s)
             count += int(counts[s])
             if counts[s]:
-                gram += self._read(parts, s, "gram_parts", self.store._index().episodes_in_shard(s))
+                gram += self._read(parts, s, "gram_parts", lambda s=s: self.store._index().episodes_in_shard(s))
         self._array("gram")[...] = gram
         self._group.attrs["finalized"] = {
             "gram_count": count,
@@ -549,10 +552,13 @@ class Run:
         return int(self._finalized()["gram_count"])
 
     # ------------------------------------------------------------------ reading
-    def _read(self, array: zarr.Array, sel: Any, what: str, episode_ids: list[str] | None) -> np.ndarray:
+    def _read(self, array: zarr.Array, sel: Any, what: str, episode_ids: Any) -> np.ndarray:
+        """``array[sel]``; ``episode_ids`` (a list, or a callable giving it only on error) names a bad chunk."""
         try:
             return array[sel]
         except ValueError as exc:
+            if callable(episode_ids):
+                episode_ids = episode_ids()
             who = f"episode(s) {episode_ids[:10]}" if episode_ids else "run metadata"
             raise CorruptChunkError(
                 f"run {self.name!r} array {what!r}: corrupt chunk covering {who}: {exc}"
@@ -560,7 +566,8 @@ class Run:
 
     def _check_written(self, positions: np.ndarray) -> None:
         idx = self.store._index()
-        shards = np.unique(idx.shard[positions])
+        of_shard = idx.plan.shard_of(positions)
+        shards = np.unique(of_shard)
         n = self.num_shards
         if len(shards) <= 8:  # one tiny chunk per shard: read only those
             missing = [int(s) for s in shards if s >= n or not self.shard_done(int(s))]
@@ -568,29 +575,26 @@ class Run:
             done = self._done_flags()
             missing = [int(s) for s in shards if s >= len(done) or not done[s]]
         if missing:
-            eids = [idx.ids[p] for p in positions if idx.shard[p] in set(missing)]
+            bad = np.asarray(positions)[np.isin(of_shard, missing)][:10]
+            eids = idx.take(bad, ["episode_id"]).column(0).to_pylist()
             raise RuntimeError(f"run {self.name!r}: episode(s) {eids[:10]} are in unwritten shard(s) {missing[:10]}")
 
     def _positions(self, ids: Sequence[str] | None) -> np.ndarray:
-        idx = self.store._index()
         if ids is None:
-            return np.arange(len(idx.ids))
-        try:
-            return np.asarray([idx.pos[str(e)] for e in ids], dtype=np.int64)
-        except KeyError as exc:
-            idx = self.store._index(refresh=True)
-            unknown = [e for e in ids if str(e) not in idx.pos]
-            if unknown:
-                raise KeyError(f"unknown episode id(s) {unknown[:10]}") from exc
-            return np.asarray([idx.pos[str(e)] for e in ids], dtype=np.int64)
+            return np.arange(self.store._index().num_rows)
+        return self.store.positions(ids)
 
     def step_features(self, episode_id: str) -> np.ndarray:
         """``[T, K]`` float32 (dequantised) features of one episode's steps."""
-        pos = self._positions([episode_id])
+        return self.step_features_at(int(self._positions([episode_id])[0]))
+
+    def step_features_at(self, position: int) -> np.ndarray:
+        """``[T, K]`` float32 features of the episode at catalog row ``position``."""
+        pos = np.asarray([position], np.int64)
         self._check_written(pos)
         idx = self.store._index()
-        r0 = int(idx.row_offset[pos[0]])
-        return self._read_steps(r0, r0 + int(idx.length[pos[0]]))
+        r0 = int(idx.int_column("row_offset")[position])
+        return self._read_steps(r0, r0 + int(idx.int_column("length")[position]))
 
     def _read_steps(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of ``steps`` as ``[r1 - r0, K]`` float32, checksums verified."""
@@ -640,7 +644,10 @@ class Run:
         return out
 
     def _corrupt(self, name: str, r0: int, r1: int, exc: Exception) -> CorruptChunkError:
-        eids = self.store._index().episodes_in_rows(r0, r1)
+        try:
+            eids = self.store._index().episodes_in_rows(r0, r1)
+        except Exception:  # noqa: BLE001 - naming the episodes is best effort; keep the real error
+            eids = []
         return CorruptChunkError(f"run {self.name!r} array {name!r}: corrupt chunk covering episode(s) {eids[:10]}: {exc}")
 
     def iter_shard_steps(self, shards: Sequence[int] | None = None) -> Iterator[tuple[int, list[str], np.ndarray, np.ndarray]]:
@@ -654,36 +661,46 @@ class Run:
         """
         idx = self.store._index()
         for s in range(idx.num_shards) if shards is None else shards:
-            a, b = idx.shard_range(int(s))
+            s = int(s)
+            a, b = idx.shard_range(s)
             self._check_written(np.arange(a, b))
-            r0 = int(idx.row_offset[a])
-            r1 = int(idx.row_offset[b - 1] + idx.length[b - 1])
-            yield int(s), idx.ids[a:b], idx.length[a:b].copy(), self._read_steps(r0, r1)
+            ids, lengths = self.store.shard_episodes(s)
+            r0 = int(idx.plan.row0[s])
+            yield s, ids, lengths, self._read_steps(r0, r0 + int(idx.plan.rows[s]))
 
     def episode_features(self, ids: Sequence[str] | None = None) -> np.ndarray:
         """``[E, K]`` float32 per-episode sums; catalog order when ``ids`` is None."""
-        pos = self._positions(ids)
+        return self.episode_features_at(self._positions(ids))
+
+    def episode_features_at(self, positions: np.ndarray) -> np.ndarray:
+        """``[E, K]`` float32 per-episode sums of the episodes at catalog rows ``positions``."""
+        pos = np.asarray(positions, np.int64)
         if len(pos) == 0:
             return np.zeros((0, self.k), np.float32)
         self._check_written(pos)
         idx = self.store._index()
-        slots = idx.slot[pos]
+        slots = idx.plan.slots(pos)
         arr = self._array("episodes")
+
+        def names() -> list[str]:
+            return idx.take(pos[:10], ["episode_id"]).column(0).to_pylist()
+
         lo, hi = int(slots.min()), int(slots.max()) + 1
         if hi - lo <= 4 * len(slots):
             # Dense enough: one contiguous read beats a gather of scattered rows.
-            block = self._read(arr, slice(lo, hi), "episodes", [idx.ids[p] for p in pos])
+            block = self._read(arr, slice(lo, hi), "episodes", names)
             return np.ascontiguousarray(block[slots - lo])
         order = np.argsort(slots, kind="stable")
-        got = self._oindex(arr, slots[order], [idx.ids[p] for p in pos])
+        got = self._oindex(arr, slots[order], names)
         out = np.empty((len(pos), self.k), np.float32)
         out[order] = got
         return out
 
-    def _oindex(self, arr: zarr.Array, rows: np.ndarray, eids: list[str]) -> np.ndarray:
+    def _oindex(self, arr: zarr.Array, rows: np.ndarray, eids: Any) -> np.ndarray:
         try:
             return arr.oindex[rows, :]
         except ValueError as exc:
+            eids = eids() if callable(eids) else eids
             raise CorruptChunkError(f"run {self.name!r} array 'episodes': corrupt chunk covering episode(s) {eids[:10]}: {exc}") from exc
 
     def iter_episode_features(self, block: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -695,10 +712,9 @@ class Run:
         if block <= 0:
             raise ValueError(f"block must be positive, got {block}")
         idx = self.store._index()
-        for a in range(0, len(idx.ids), block):
-            b = min(len(idx.ids), a + block)
-            ids = idx.ids[a:b]
-            yield ids, self.episode_features(ids)
+        for a in range(0, idx.num_rows, block):
+            b = min(idx.num_rows, a + block)
+            yield idx.ids(a, b), self.episode_features_at(np.arange(a, b))
 
     # ------------------------------------------------------------------ checks
     def _verify_into(self, report: VerifyReport) -> None:
