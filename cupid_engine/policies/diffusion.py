@@ -152,16 +152,24 @@ class DiffusionPolicyConfig(PolicyConfig):
 
 
 class SinusoidalPosEmb(nn.Module):
-    """Parameter-free sinusoidal embedding of the diffusion timestep: ``[B] -> [B, dim]``."""
+    """Parameter-free sinusoidal embedding of the diffusion timestep: ``[B] -> [B, dim]``.
+
+    The embedding is computed in the module's floating dtype (float32 by default, float64
+    after ``.double()``), so a float64 policy never feeds float32 into its Linear layers.
+    Having no parameters, the module carries that dtype in a zero-size, non-persistent
+    buffer, which ``.to()``/``.double()`` convert and checkpoints never see.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
+        self.register_buffer("dtype_probe", torch.empty(0), persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
-        arg = t.to(torch.float32).unsqueeze(-1) * freqs
+        dtype = self.dtype_probe.dtype
+        freqs = torch.exp(torch.arange(half, device=t.device, dtype=dtype) * (-math.log(10000.0) / (half - 1)))
+        arg = t.to(dtype).unsqueeze(-1) * freqs
         return torch.cat((arg.sin(), arg.cos()), dim=-1)
 
 

@@ -11,7 +11,8 @@ are **dropped before anything else** (the normaliser fit, the epoch order, the s
 count): training with weight 0 on a cluster is then *identical* to training on the data
 without that cluster. A weighted mean inside fixed batches could not give that: the
 removed samples would still occupy batch slots and shift the order of the others. The
-test suite checks the equality parameter for parameter.
+test suite checks the equality parameter for parameter. (``normalizer=`` replaces the
+fit with given statistics, e.g. the full training set's for subset trainings.)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from cupid_engine.config import Config, check, field
 from cupid_engine.data.episode import Episode
 from cupid_engine.policies.base import Policy, PolicyConfig
+from cupid_engine.policies.normalizer import Normalizer
 from cupid_engine.policies.registry import build_policy
 from cupid_engine.policies.samples import SampleSet, build_samples
 
@@ -156,6 +158,7 @@ def train_policy(
     sample_weights: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     cluster_weights: Mapping[Any, float] | Sequence[float] | np.ndarray | torch.Tensor | None = None,
     clusters: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    normalizer: Normalizer | None = None,
     progress: bool = True,
 ) -> Policy:
     """Train a policy from scratch by behaviour cloning.
@@ -167,11 +170,14 @@ def train_policy(
         sample_weights: ``[N]`` per-sample loss weights.
         cluster_weights: Per-cluster loss weights (see :func:`sample_weight_vector`).
         clusters: ``[N]`` cluster id per sample (default: episode).
+        normalizer: A fitted :class:`Normalizer` whose statistics the policy takes
+            instead of fitting its own on the kept samples (e.g. the full training set's,
+            so that policies trained on subsets share one normalised space).
         progress: Show a tqdm progress bar.
 
     Returns:
         The trained policy in eval mode on ``train_config.device``, with the normaliser fitted
-        on the kept (non-zero-weight) samples and ``policy.train_info`` (dict: ``losses`` per
+        on the kept (non-zero-weight) samples (or copied from ``normalizer``) and ``policy.train_info`` (dict: ``losses`` per
         epoch, ``step_losses``, ``steps``, ``num_samples``, ``num_kept``, ``train_config``).
     """
     cfg = train_config or TrainConfig()
@@ -188,7 +194,10 @@ def train_policy(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         policy = build_policy(config)
-    policy.normalizer.fit(samples.obs[kept], samples.action[kept])
+    if normalizer is None:
+        policy.normalizer.fit(samples.obs[kept], samples.action[kept])
+    else:
+        _copy_normalizer(policy.normalizer, normalizer)
     policy.to(device)
     data = policy.normalizer.normalize_batch(samples.batch(kept))
     weights = None if uniform else kept_w.to(device=device, dtype=torch.float32)
@@ -233,7 +242,7 @@ def train_policy(
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 if ema is not None:
-                    _ema_update(ema, policy, cfg.ema_decay, step)
+                    ema_update(ema, policy, cfg.ema_decay, step)
                 value = float(loss.detach())
                 step_losses.append(value)
                 epoch_sum += value * idx.numel()
@@ -261,7 +270,29 @@ def train_policy(
 
 
 @torch.no_grad()
-def _ema_update(ema: Policy, model: Policy, max_decay: float, step: int) -> None:
+def _copy_normalizer(dst: Normalizer, src: Normalizer) -> None:
+    if not bool(src.fitted):
+        raise ValueError("the given normalizer is not fitted")
+    if (src.mode, src.min_spread) != (dst.mode, dst.min_spread):
+        raise ValueError(f"normalizer mode/min_spread {src.mode!r}/{src.min_spread} differ from the policy's "
+                         f"{dst.mode!r}/{dst.min_spread}")
+    for name, buf in dst.named_buffers():
+        other = getattr(src, name)
+        if other.shape != buf.shape:
+            raise ValueError(f"normalizer {name} has shape {tuple(other.shape)}, the policy needs {tuple(buf.shape)}")
+        buf.copy_(other)
+
+
+@torch.no_grad()
+def ema_update(ema: Policy, model: Policy, max_decay: float, step: int) -> None:
+    """One EMA step of ``ema`` towards ``model`` (in place), as :func:`train_policy` does it.
+
+    Args:
+        ema: The averaged copy (updated in place).
+        model: The policy being trained.
+        max_decay: The configured ``TrainConfig.ema_decay``.
+        step: The 0-based optimizer step just taken (sets the warm-up decay).
+    """
     # Warm-up (1 + k) / (10 + k): early EMA weights are not dominated by the random init.
     decay = min(max_decay, (1 + step) / (10 + step))
     for pe, pm in zip(ema.parameters(), model.parameters()):

@@ -95,3 +95,24 @@ def test_registry_and_bad_configs():
     cfg = DiffusionPolicyConfig(obs_dim=3, action_dim=2)
     assert DiffusionPolicyConfig.from_dict(cfg.to_dict()) == cfg
     assert MLPPolicyConfig.from_dict(MLPPolicyConfig.large().to_dict()) == MLPPolicyConfig.large()
+
+
+def test_float64_policy_embeds_timesteps_in_float64():
+    # The timestep embedding follows the module dtype (it has no parameters of its own), so a
+    # float64 diffusion policy runs end to end in float64 (the datamodel metagradient needs it).
+    cfg = DiffusionPolicyConfig.tiny(obs_dim=5, action_dim=3)
+    policy = DiffusionPolicy(cfg)
+    t = torch.tensor([0, 7, 99])
+    emb32 = policy.model.diffusion_step_encoder[0](t)
+    assert emb32.dtype == torch.float32
+    policy = policy.double()
+    emb64 = policy.model.diffusion_step_encoder[0](t)
+    assert emb64.dtype == torch.float64
+    torch.testing.assert_close(emb64.float(), emb32)
+    batch = {"obs": torch.randn(3, cfg.n_obs_steps, 5, dtype=torch.float64),
+             "action": torch.randn(3, cfg.horizon, 3, dtype=torch.float64),
+             "episode_key": torch.tensor([1, 2, 3]), "step": torch.tensor([0, 1, 2])}
+    loss = policy.per_sample_loss(batch)
+    assert loss.dtype == torch.float64 and torch.isfinite(loss).all()
+    # Not a checkpoint entry: state dicts are unchanged by the dtype carrier.
+    assert not any("dtype_probe" in k for k in policy.state_dict())

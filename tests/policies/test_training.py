@@ -101,3 +101,39 @@ def test_sample_weight_vector_and_errors(episodes):
         TrainConfig(optimizer="lion")
     with pytest.raises(ValueError, match="n_action_steps"):
         MLPPolicyConfig(horizon=2, n_action_steps=3)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "diffusion"])
+def test_given_normalizer_replaces_the_subset_fit(episodes, kind):
+    from cupid_engine.policies.normalizer import Normalizer
+
+    config = (MLPPolicyConfig.tiny() if kind == "mlp" else DiffusionPolicyConfig.tiny()).replace(obs_keys=("pos", "quat"))
+    samples = build_samples(episodes, n_obs_steps=config.n_obs_steps, horizon=config.horizon, obs_keys=config.obs_keys)
+    full = Normalizer(samples.obs_dim, samples.action_dim, mode=config.normalizer_mode,
+                      min_spread=config.normalizer_min_spread).fit(samples.obs, samples.action)
+    tc = TrainConfig(steps=3, batch_size=16)
+    weights = {e.episode_id: 0.0 for e in episodes[:-2]}  # train on the last two episodes only
+    own = train_policy(config, samples, tc, cluster_weights=weights, progress=False)
+    shared = train_policy(config, samples, tc, cluster_weights=weights, normalizer=full, progress=False)
+    for name, buf in full.named_buffers():
+        torch.testing.assert_close(getattr(shared.normalizer, name), buf)
+    # The subset's own fit differs (most episodes are left out of its statistics).
+    assert any(not torch.allclose(getattr(own.normalizer, n), b) for n, b in full.named_buffers() if n != "fitted")
+    other_mode = Normalizer(samples.obs_dim, samples.action_dim, mode="minmax" if kind == "mlp" else "gaussian")
+    with pytest.raises(ValueError, match="mode"):
+        train_policy(config, samples, tc, normalizer=other_mode.fit(samples.obs, samples.action), progress=False)
+    with pytest.raises(ValueError, match="not fitted"):
+        train_policy(config, samples, tc, normalizer=Normalizer(samples.obs_dim, samples.action_dim,
+                                                                 mode=config.normalizer_mode), progress=False)
+
+
+def test_ema_update_is_public():
+    from cupid_engine.policies.training import ema_update
+    from cupid_engine.policies.mlp import MLPPolicy
+
+    a = MLPPolicy(MLPPolicyConfig.tiny(obs_dim=2, action_dim=1))
+    b = MLPPolicy(MLPPolicyConfig.tiny(obs_dim=2, action_dim=1))
+    before = [p.clone() for p in a.parameters()]
+    ema_update(a, b, 0.9, 0)  # warm-up decay at step 0: min(0.9, 1/10) = 0.1
+    for pa, p0, pb in zip(a.parameters(), before, b.parameters()):
+        torch.testing.assert_close(pa, 0.1 * p0 + 0.9 * pb)

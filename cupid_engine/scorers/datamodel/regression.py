@@ -112,7 +112,11 @@ class SubsetTrainer:
 
     Every subset gets the identical budget (the same TrainConfig: seed, steps or epochs,
     batch size); excluded clusters get weight 0, which :func:`train_policy` drops before
-    the normaliser fit and the data order, so the run equals training on the subset.
+    the data order, so the run equals training on the subset. By default every subset
+    policy uses the normaliser fitted once on *all* training samples
+    (``full_normalizer``): refitting it per subset changes the input and target scaling
+    from one subset to the next, a source of variation in the measured metric that no
+    additive datamodel can explain (noise in datamodels and LDS).
 
     Args:
         policy_config: Policy to train.
@@ -130,11 +134,13 @@ class SubsetTrainer:
         fixed_clusters: Trailing cluster ids that every subset includes (not scored):
             e.g. half of the target demonstrations mixed into training (DataMIL §4.2).
             Masks then cover only the first ``C - len(fixed_clusters)`` clusters.
+        full_normalizer: Train every subset with the normaliser fitted on all
+            ``samples`` (default True); False refits it on each subset's samples.
     """
 
     def __init__(self, policy_config: PolicyConfig, samples: SampleSet, clusters: Clusters,
                  train_config: TrainConfig, metric: Callable[[Any], Any], *, reference_units: bool = True,
-                 fixed_clusters: int = 0) -> None:
+                 fixed_clusters: int = 0, full_normalizer: bool = True) -> None:
         if len(clusters.ids) != len(samples):
             raise ValueError(f"clusters cover {len(clusters.ids)} samples, the SampleSet has {len(samples)}")
         if train_config.steps is None:
@@ -144,10 +150,11 @@ class SubsetTrainer:
         self.samples = samples
         self.clusters = clusters
         self.train_config = train_config
+        ref = Normalizer(samples.obs_dim, samples.action_dim,
+                         mode=policy_config.normalizer_mode, min_spread=policy_config.normalizer_min_spread)
+        ref.fit(samples.obs, samples.action)
+        self.normalizer = ref if full_normalizer else None
         if reference_units and isinstance(metric, ProxyMetric) and metric.action_scale is None:
-            ref = Normalizer(samples.obs_dim, samples.action_dim,
-                             mode=policy_config.normalizer_mode, min_spread=policy_config.normalizer_min_spread)
-            ref.fit(samples.obs, samples.action)
             metric = metric.with_action_scale(ref.action_scale.double())
         self.metric = metric
         if not 0 <= fixed_clusters < clusters.num_clusters:
@@ -170,6 +177,8 @@ class SubsetTrainer:
                 _tensor_digest(h, t)
             _tensor_digest(h, self.clusters.ids)
             h.update(f"fixed:{self.fixed_clusters}".encode())
+            if self.normalizer is not None:  # absent for per-subset fits: older cache keys stay valid
+                h.update(b"full-normalizer")
             fp = getattr(self.metric, "fingerprint", None)
             if fp is None:
                 raise TypeError("the metric needs a fingerprint() for the subset cache")
@@ -185,7 +194,8 @@ class SubsetTrainer:
             raise ValueError("an empty subset: no cluster to train on")
         weights = np.concatenate([mask.astype(np.float64), np.ones(self.fixed_clusters)])
         policy = train_policy(self.policy_config, self.samples, self.train_config,
-                              cluster_weights=weights, clusters=self.clusters.ids, progress=False)
+                              cluster_weights=weights, clusters=self.clusters.ids, normalizer=self.normalizer,
+                              progress=False)
         return metric_values(self.metric, policy)
 
     def __getstate__(self) -> dict:

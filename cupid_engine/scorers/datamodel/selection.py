@@ -18,7 +18,7 @@ import torch
 from cupid_engine.policies.base import Policy, PolicyConfig
 from cupid_engine.policies.registry import build_policy
 from cupid_engine.policies.samples import SampleSet
-from cupid_engine.policies.training import TrainConfig, _ema_update, resolve_config
+from cupid_engine.policies.training import TrainConfig, ema_update, resolve_config
 from cupid_engine.scorers.datamodel.clusters import Clusters
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def cotrain_policy(
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         if ema is not None:
-            _ema_update(ema, policy, tc.ema_decay, t)
+            ema_update(ema, policy, tc.ema_decay, t)
         losses.append(float(loss.detach()))
     if ema is not None:
         policy.load_state_dict(ema.state_dict())
