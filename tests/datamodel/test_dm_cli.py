@@ -72,8 +72,9 @@ def test_eval_lds_command(setup, capsys):
     from cupid_engine.scorers.datamodel.regression import fraction_masks
 
     distinct = len(np.unique(fraction_masks(5, 4, fraction=0.6, seed=0), axis=0))
-    assert out["num_subsets"] == 4 and out["trained"] == distinct and len(out["per_target"]) == 2
-    assert out["targets"] == ["tg000", "tg001"] and out["method"] == "length"
+    (res,) = out["results"]
+    assert out["num_subsets"] == 4 and out["trained"] == distinct and len(res["per_target"]) == 2
+    assert out["targets"] == ["tg000", "tg001"] and res["method"] == "length" and res["num_targets"] == 2
     assert main(argv) == 0  # the rerun reuses every training
     assert json.loads((tmp_path / "lds.json").read_text())["cached"] == distinct
     assert read_table(scores).num_rows == 5

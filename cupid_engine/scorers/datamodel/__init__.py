@@ -15,7 +15,11 @@ training clusters as the sum of per-cluster scores. Modules:
   optional ridge / lasso.
 * ``selection``: top-x% cluster selection and co-training with target sampled w.p. α.
 * ``lds``: the linear datamodeling score (Spearman of predicted vs measured metrics on
-  random subsets) and its end-to-end runner.
+  random subsets) and its end-to-end runners (one training set of subsets, any number
+  of scores evaluated against it).
+* ``compare``: the score tables of cupid, trak-traj, tracin, datamodel and random
+  computed from a dataset (base training with checkpoints, a gradient store, the
+  scorers) for ``cupid-engine eval lds --methods``.
 * ``scorer``: the ``datamodel`` scorer (registry), :func:`datamodel_scores` and the
   ``score datamodel`` CLI hooks.
 
@@ -39,7 +43,16 @@ from cupid_engine.scorers.datamodel.functional import (
     reverse_metagradient,
 )
 from cupid_engine.scorers.datamodel.metagradient import MetagradientConfig, MetagradientResult, metagradient_scores
-from cupid_engine.scorers.datamodel.lds import LDSResult, linear_datamodeling_score, run_lds
+from cupid_engine.scorers.datamodel.lds import (
+    LDSResult,
+    LDSSubsets,
+    format_lds_table,
+    linear_datamodeling_score,
+    measure_subsets,
+    run_lds,
+    run_lds_many,
+)
+from cupid_engine.scorers.datamodel.compare import LDS_METHODS, CompareConfig, method_score_tables
 from cupid_engine.scorers.datamodel.metrics import ProxyMetric, RolloutMetric, sim_success_metric
 from cupid_engine.scorers.datamodel.regression import (
     LinearDatamodel,
@@ -79,6 +92,9 @@ __all__ = [
     "FunctionalOptimizer",
     "FunctionalSGD",
     "LDSResult",
+    "LDSSubsets",
+    "LDS_METHODS",
+    "CompareConfig",
     "LinearDatamodel",
     "MetagradientConfig",
     "MetagradientResult",
@@ -95,15 +111,19 @@ __all__ = [
     "datamodel_scores",
     "evaluate_subsets",
     "fit_linear_datamodel",
+    "format_lds_table",
     "fraction_masks",
     "functional_train",
     "linear_datamodeling_score",
     "make_clusters",
     "make_optimizer",
+    "measure_subsets",
+    "method_score_tables",
     "metagradient_scores",
     "regression_scores",
     "reverse_metagradient",
     "run_lds",
+    "run_lds_many",
     "sample_masks",
     "select_top",
     "selected_samples",

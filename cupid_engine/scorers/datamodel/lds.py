@@ -48,6 +48,9 @@ class LDSResult:
         predicted: ``[S, T]`` predicted metrics (sums of scores in each subset).
         measured: ``[S, T]`` measured metrics.
         masks: ``[S, E]`` the subsets.
+        pooled: With one score vector and several targets, the Spearman correlation of
+            the prediction with the *mean* measured metric over targets (the pooled
+            target the scorers estimate); NaN otherwise.
         info: Extra details (trainings, cache hits, ids).
     """
 
@@ -59,13 +62,19 @@ class LDSResult:
     predicted: np.ndarray
     measured: np.ndarray
     masks: np.ndarray
+    pooled: float = float("nan")
     info: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-safe summary (no per-subset arrays)."""
-        return {"lds": self.mean, "ci": [self.ci_low, self.ci_high], "confidence": self.confidence,
-                "per_target": [None if np.isnan(v) else float(v) for v in self.per_target],
-                "num_subsets": int(self.masks.shape[0]), **self.info}
+        return {"lds": _json_float(self.mean), "ci": [_json_float(self.ci_low), _json_float(self.ci_high)],
+                "confidence": self.confidence, "lds_pooled": _json_float(self.pooled),
+                "per_target": [_json_float(v) for v in self.per_target],
+                "num_subsets": int(self.masks.shape[0]), "num_targets": int(self.measured.shape[1]), **self.info}
+
+
+def _json_float(v: float) -> float | None:
+    return None if not np.isfinite(v) else float(v)
 
 
 def _score_vector(scores: Any, ids: Sequence[str] | None, num_items: int) -> np.ndarray:
@@ -133,6 +142,9 @@ def linear_datamodeling_score(
         raise ValueError(f"per-target scores give {pred.shape[1]} targets, measured has {meas.shape[1]}")
     per_target = _spearman_columns(pred, meas)
     mean = float(np.nanmean(per_target)) if np.isfinite(per_target).any() else float("nan")
+    pooled = float("nan")
+    if s.ndim == 1 and meas.shape[1] > 1:
+        pooled = float(_spearman_columns(pred[:, :1], meas.mean(1, keepdims=True))[0])
     lo = hi = float("nan")
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
@@ -146,7 +158,88 @@ def linear_datamodeling_score(
             a = (1 - confidence) / 2
             lo, hi = (float(v) for v in np.quantile(boots, [a, 1 - a]))
     return LDSResult(per_target=per_target, mean=mean, ci_low=lo, ci_high=hi, confidence=confidence,
-                     predicted=pred, measured=meas, masks=masks)
+                     predicted=pred, measured=meas, masks=masks, pooled=pooled)
+
+
+@dataclasses.dataclass
+class LDSSubsets:
+    """Random subsets, trained and measured once, against which any score is evaluated.
+
+    Attributes:
+        masks: ``[S, E]`` bool subsets of the training demonstrations.
+        measured: ``[S, T]`` metric of the policy trained on each subset.
+        ids: ``E`` episode ids of the mask columns.
+        targets: ``T`` target ids (per-demo proxy metric), else None.
+        info: ``trained`` / ``cached`` counts, ``fraction``, ``num_train``.
+    """
+
+    masks: np.ndarray
+    measured: np.ndarray
+    ids: list[str]
+    targets: list[str] | None
+    info: dict
+
+    def evaluate(self, scores: pa.Table | Mapping[str, float] | np.ndarray, *, bootstrap: int = 1000,
+                 seed: int = 0) -> LDSResult:
+        """LDS of one score (table, id mapping, or ``[E]`` / ``[E, T]`` array in ``ids`` order)."""
+        result = linear_datamodeling_score(scores, self.masks, self.measured, ids=self.ids, bootstrap=bootstrap,
+                                           seed=seed)
+        result.info.update(self.info, targets=self.targets)
+        return result
+
+
+def measure_subsets(
+    policy_config: PolicyConfig,
+    train_episodes: Sequence[Episode],
+    target_episodes: Sequence[Episode],
+    train_config: TrainConfig,
+    *,
+    num_subsets: int = 64,
+    fraction: float = 0.5,
+    seed: int = 0,
+    metric: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 1,
+    address: str | None = None,
+    full_normalizer: bool = True,
+    progress: bool = False,
+) -> LDSSubsets:
+    """Train one policy per random fraction of the training demos and measure the metric.
+
+    Args:
+        policy_config: Policy trained on every subset.
+        train_episodes: The ``E`` training demonstrations the scores rank.
+        target_episodes: Target demonstrations; the default metric is the proxy M̂ per
+            target demonstration (one LDS target each).
+        train_config: Identical training budget for every subset.
+        num_subsets: S.
+        fraction: Fraction of the training demos in each subset.
+        seed: Seed of the subsets.
+        metric: Override of the metric (``metric(policy) -> float | [T]`` with a
+            ``fingerprint()``), e.g. a rollout success rate
+            (:func:`~cupid_engine.scorers.datamodel.metrics.sim_success_metric`).
+        cache_dir: Subset-training cache (shared with the regression estimator).
+        workers: 1 = in process, W > 1 = Ray actors.
+        address: Ray cluster address.
+        full_normalizer: Every subset policy uses the normaliser fitted on all training
+            demos (default) instead of refitting it on its subset.
+        progress: tqdm bar.
+
+    Returns:
+        The :class:`LDSSubsets`; evaluate any number of scores against it.
+    """
+    samples = build_samples(train_episodes, n_obs_steps=policy_config.n_obs_steps, horizon=policy_config.horizon,
+                            obs_keys=policy_config.obs_keys)
+    clusters = make_clusters(samples)  # one cluster per training demonstration, in order
+    metric = metric if metric is not None else ProxyMetric(target_episodes, per_episode=True)
+    trainer = SubsetTrainer(policy_config, samples, clusters, train_config, metric, full_normalizer=full_normalizer)
+    masks = fraction_masks(clusters.num_clusters, num_subsets, fraction=fraction, seed=seed)
+    measured, info = evaluate_subsets(trainer, masks, cache_dir=cache_dir, workers=workers, address=address,
+                                      progress=progress)
+    per_demo = isinstance(metric, ProxyMetric) and metric.per_episode
+    return LDSSubsets(masks=masks, measured=measured, ids=list(clusters.names),
+                      targets=[e.episode_id for e in target_episodes] if per_demo else None,
+                      info={**info, "fraction": fraction, "num_train": clusters.num_clusters})
 
 
 def run_lds(
@@ -164,42 +257,75 @@ def run_lds(
     workers: int = 1,
     address: str | None = None,
     bootstrap: int = 1000,
+    full_normalizer: bool = True,
     progress: bool = False,
 ) -> LDSResult:
-    """End to end: train on random fractions of the training demos, measure, correlate.
+    """End to end for one score: :func:`measure_subsets`, then the LDS.
 
     Args:
         scores: Episode scores (table, mapping, or ``[E]`` in ``train_episodes`` order).
-        policy_config: Policy trained on every subset.
-        train_episodes: The ``E`` training demonstrations the scores rank.
-        target_episodes: Target demonstrations; the default metric is the proxy M̂ per
-            target demonstration (one LDS target each).
-        train_config: Identical training budget for every subset.
-        num_subsets: S.
-        fraction: Fraction of the training demos in each subset.
-        seed: Seed of the subsets (and the bootstrap).
-        metric: Override of the metric (``metric(policy) -> float | [T]`` with a
-            ``fingerprint()``), e.g. a rollout success rate.
-        cache_dir: Subset-training cache (shared with the regression estimator).
-        workers: 1 = in process, W > 1 = Ray actors.
-        address: Ray cluster address.
         bootstrap: Bootstrap resamples.
-        progress: tqdm bar.
+        **others: As :func:`measure_subsets`.
 
     Returns:
         The :class:`LDSResult` (``info`` holds the training/cache counts).
     """
-    samples = build_samples(train_episodes, n_obs_steps=policy_config.n_obs_steps, horizon=policy_config.horizon,
-                            obs_keys=policy_config.obs_keys)
-    clusters = make_clusters(samples)  # one cluster per training demonstration, in order
-    metric = metric if metric is not None else ProxyMetric(target_episodes, per_episode=True)
-    trainer = SubsetTrainer(policy_config, samples, clusters, train_config, metric)
-    masks = fraction_masks(clusters.num_clusters, num_subsets, fraction=fraction, seed=seed)
-    measured, info = evaluate_subsets(trainer, masks, cache_dir=cache_dir, workers=workers, address=address,
-                                      progress=progress)
-    result = linear_datamodeling_score(scores, masks, measured, ids=clusters.names, bootstrap=bootstrap, seed=seed)
-    per_demo = isinstance(metric, ProxyMetric) and metric.per_episode
-    result.info.update(info, fraction=fraction, num_train=clusters.num_clusters,
-                       targets=[e.episode_id for e in target_episodes] if per_demo else None)
-    log.info("LDS %.4f [%.4f, %.4f] over %d subsets", result.mean, result.ci_low, result.ci_high, num_subsets)
-    return result
+    return run_lds_many({"scores": scores}, policy_config, train_episodes, target_episodes, train_config,
+                        num_subsets=num_subsets, fraction=fraction, seed=seed, metric=metric, cache_dir=cache_dir,
+                        workers=workers, address=address, bootstrap=bootstrap, full_normalizer=full_normalizer,
+                        progress=progress)["scores"]
+
+
+def run_lds_many(
+    scores: Mapping[str, pa.Table | Mapping[str, float] | np.ndarray],
+    policy_config: PolicyConfig,
+    train_episodes: Sequence[Episode],
+    target_episodes: Sequence[Episode],
+    train_config: TrainConfig,
+    *,
+    num_subsets: int = 64,
+    fraction: float = 0.5,
+    seed: int = 0,
+    metric: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 1,
+    address: str | None = None,
+    bootstrap: int = 1000,
+    full_normalizer: bool = True,
+    progress: bool = False,
+) -> dict[str, LDSResult]:
+    """LDS of several scores against one set of subset trainings (trained once, shared).
+
+    Args:
+        scores: Name -> episode scores (table, mapping, or ``[E]`` in ``train_episodes`` order).
+        bootstrap: Bootstrap resamples (the same resampled subsets for every score).
+        **others: As :func:`measure_subsets`.
+
+    Returns:
+        Name -> :class:`LDSResult`, in the order of ``scores``.
+    """
+    subsets = measure_subsets(policy_config, train_episodes, target_episodes, train_config, num_subsets=num_subsets,
+                              fraction=fraction, seed=seed, metric=metric, cache_dir=cache_dir, workers=workers,
+                              address=address, full_normalizer=full_normalizer, progress=progress)
+    out = {}
+    for name, sc in scores.items():
+        out[name] = subsets.evaluate(sc, bootstrap=bootstrap, seed=seed)
+        log.info("LDS %s: %.4f [%.4f, %.4f] over %d subsets", name, out[name].mean, out[name].ci_low,
+                 out[name].ci_high, num_subsets)
+    return out
+
+
+def format_lds_table(results: Mapping[str, LDSResult]) -> str:
+    """The side-by-side table: method, LDS (mean Spearman over targets), CI, pooled, sizes."""
+    rows = [("method", "LDS", "95% CI" if not results else f"{round(100 * next(iter(results.values())).confidence)}% CI",
+             "pooled", "n_subsets", "n_targets")]
+    for name, r in results.items():
+        ci = "—" if not (np.isfinite(r.ci_low) and np.isfinite(r.ci_high)) else f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+        rows.append((name, f"{r.mean:+.3f}" if np.isfinite(r.mean) else "nan", ci,
+                     f"{r.pooled:+.3f}" if np.isfinite(r.pooled) else "—", str(r.masks.shape[0]),
+                     str(r.measured.shape[1])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
