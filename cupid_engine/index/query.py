@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from cupid_engine.index.faiss_index import InfluenceIndex
@@ -239,6 +240,31 @@ class InfluenceResult:
         return "\n".join(lines)
 
 
+def _catalog_rows(store: Any, ids: list[str]) -> pa.Table:
+    """Catalog rows of ``ids`` (in that order): O(len(ids)) for a :class:`GradientStore`.
+
+    A store with ``catalog_rows`` (the gradient store: id hashes, then only the row
+    groups holding the ids) answers directly; other stores (in-memory ``ArrayStore``)
+    are filtered with one vectorised pass over their catalog table. Both give the same
+    rows.
+
+    Raises:
+        ValueError: naming ids that are not in the catalog.
+    """
+    if hasattr(store, "catalog_rows"):
+        try:
+            return store.catalog_rows(ids)
+        except KeyError as exc:
+            raise ValueError(f"episodes not in the catalog: {exc.args[0]}") from None
+    cat = store.catalog()
+    sub = cat.filter(pc.is_in(cat.column("episode_id"), value_set=pa.array(ids, pa.string())))
+    where = {e: i for i, e in enumerate(sub.column("episode_id").to_pylist())}
+    unknown = [e for e in ids if e not in where]
+    if unknown:
+        raise ValueError(f"episodes not in the catalog: {unknown[:5]}")
+    return sub.take(pa.array([where[e] for e in ids], pa.int64()))
+
+
 def _top(values: torch.Tensor, n: int) -> list[tuple[int, float]]:
     n = min(n, values.numel())
     v, i = torch.topk(values, n)
@@ -281,10 +307,9 @@ def top_influencers(
     """
     store = _open_store(store)
     runs = _runs(run)
-    cat = store.catalog()
-    _inputs.resolve_episodes(cat, [rollout], default="rollout")
+    rollout_row = _catalog_rows(store, [rollout])
     if sign is None:
-        sign = float(_inputs.returns_of(cat, [rollout], returns)[0])
+        sign = float(_inputs.returns_of(rollout_row, [rollout], returns)[0])
     if index is None:
         index = open_index(store, runs, kind=kind, damping=damping, **params)
     parts = _ensemble(store, runs, damping)
@@ -309,13 +334,13 @@ def top_influencers(
                 pairs=[(i // a.shape[1], i % a.shape[1], v) for i, v in flat_top],
             )
         )
-    rows = _inputs.catalog_dict(cat)
     cols: dict[str, Any] = {
         "rank": list(range(1, len(ids) + 1)),
         "episode_id": ids,
         "score": [d.score for d in details],
     }
+    hits = _catalog_rows(store, ids)
     for c in ("tier", "length"):
-        if c in cat.column_names:
-            cols[c] = [rows[e].get(c) for e in ids]
+        if c in hits.column_names:
+            cols[c] = hits.column(c).to_pylist()
     return InfluenceResult(rollout=rollout, sign=float(sign), table=pa.table(cols), steps=details)

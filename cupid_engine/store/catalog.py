@@ -13,8 +13,8 @@ carries the *shard plan*, fixed when the episodes are added and never changed la
 
 Appending never moves existing rows, so features already written stay valid.
 
-Memory: the file is written with one Parquet row group per shard, so a worker reads the
-rows of its own shard only, and nothing here holds more than one plan group (one source
+Memory: the file is written in Parquet row groups of whole shards (about
+:data:`ROW_GROUP_ROWS` rows), so a worker reads one row group for its shard, and nothing here holds more than one plan group (one source
 unit) of new rows as Python objects. The per-shard summary (:class:`ShardPlan`) is
 O(#shards). Files written before row groups were aligned to shards read the same, only
 less selectively.
@@ -32,6 +32,10 @@ import pyarrow.compute as pc
 from cupid_engine.constants import SPLITS
 
 CATALOG_NAME = "catalog.parquet"
+
+ROW_GROUP_ROWS = 8192
+"""Rows per catalog row group (whole shards are grouped up to this many): reading one
+shard reads at most this plus one shard of rows; the Parquet footer grows per group."""
 
 USER_SCHEMA = pa.schema(
     [

@@ -176,7 +176,7 @@ class _CatalogSnapshot:
         self.stamp: tuple | None = None
         try:
             if loc.is_local:
-                handle = open(path, "rb")
+                handle = pa.OSFile(path)  # Arrow's own reader: no Python buffers per read
                 st = os.fstat(handle.fileno())
                 self.stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             else:
@@ -272,7 +272,10 @@ class _CatalogSnapshot:
     def positions(self, ids: list[str]) -> np.ndarray:
         """``[m]`` catalog row of each id, -1 where unknown: O(m log N) after one O(N) build."""
         if self._lookup is None:
-            h = np.concatenate([_hash_ids(c) for c in self.column("episode_id").chunks] or [np.zeros(0, np.int64)])
+            col = self.column("episode_id")
+            # Hashed in slices: only one slice of ids is ever a list of Python strings.
+            h = np.concatenate([_hash_ids(col.slice(i, 65536)) for i in range(0, len(col), 65536)]
+                               or [np.zeros(0, np.int64)])
             order = np.argsort(h, kind="stable")
             self._lookup = (h[order], order.astype(np.int64))
         sorted_h, order = self._lookup
@@ -659,6 +662,9 @@ class GradientStore:
 class _CatalogSink:
     """Writes a new ``catalog.parquet`` beside the old one, one row group per call.
 
+    Row groups hold whole shards (a shard never spans two), at least
+    ``catalog.ROW_GROUP_ROWS`` rows each but the last: a shard's rows are read from one
+    row group, and the footer stays small (O(N / ROW_GROUP_ROWS), not O(#shards)).
     Local stores write a temporary file and rename it over the old one on commit (a
     crash leaves the old catalog whole); other stores build the file in memory.
     """
@@ -675,12 +681,26 @@ class _CatalogSink:
         # No column statistics: nothing filters on them, and they would grow the footer per shard.
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._out, _catalog.CATALOG_SCHEMA, write_statistics=False)
 
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+
     def write(self, part: pa.Table) -> None:
+        """Add rows; they form row groups of whole parts of >= ``ROW_GROUP_ROWS`` rows."""
         if part.num_rows:
-            self._writer.write_table(part, row_group_size=part.num_rows)
+            self._buffer.append(part)
+            self._buffered += part.num_rows
+            if self._buffered >= _catalog.ROW_GROUP_ROWS:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._buffered:
+            t = pa.concat_tables(self._buffer)
+            self._writer.write_table(t, row_group_size=t.num_rows)
+        self._buffer, self._buffered = [], 0
 
     def close(self) -> None:
         if self._writer is not None:
+            self._flush()
             self._writer.close()
             self._writer = None
         if self.tmp is not None and not self._out.closed:
