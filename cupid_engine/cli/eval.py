@@ -216,7 +216,7 @@ def _lds(args: argparse.Namespace) -> int:
         computed, compare_info = method_score_tables(methods, train, target, policy_config, train_config,
                                                      args.workdir, config=cfg, seed=args.seed, cache_dir=cache,
                                                      workers=args.workers, address=args.ray_address,
-                                                     progress=progress)
+                                                     metric=metric, progress=progress)
         for name, table in computed.items():
             scores[name] = table
             sources[name] = f"{compare_info['folder']}/scores/{name}.parquet"

@@ -116,3 +116,20 @@ def test_diffusion_policy_seeded_noise_checkpoint_matches_unroll():
     np.testing.assert_array_equal(b.scores, c.scores)  # per-update seeded noise: reproducible
     np.testing.assert_allclose(b.scores, a.scores, rtol=1e-3, atol=1e-6)
     assert a.metric == b.metric
+
+
+def test_diffusion_metagradient_in_float64_matches_float32():
+    # float64 diffusion policies used to fail (the timestep embedding stayed float32).
+    from cupid_engine.policies.diffusion import DiffusionPolicyConfig
+    from cupid_engine.scorers.datamodel.scorer import datamodel_scores
+
+    train = make_episodes(n=4, length=10)
+    target = make_episodes(n=2, length=10, seed=5, prefix="tg")
+    tc = TrainConfig(steps=4, batch_size=8, optimizer="sgd", lr=1e-2)
+    out = {}
+    for dtype in ("float32", "float64"):
+        table = datamodel_scores(train, target, DiffusionPolicyConfig.tiny(), tc, estimator="metagradient",
+                                 metagradient=MetagradientConfig(segments=2, dtype=dtype))
+        out[dtype] = table.column("score").to_numpy()
+    assert np.isfinite(out["float64"]).all() and np.abs(out["float64"]).max() > 0
+    np.testing.assert_allclose(out["float32"], out["float64"], rtol=1e-4, atol=1e-4 * np.abs(out["float64"]).max())

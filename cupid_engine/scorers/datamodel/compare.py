@@ -156,6 +156,7 @@ def method_score_tables(
     cache_dir: str | os.PathLike | None = None,
     workers: int = 1,
     address: str | None = None,
+    metric: Any = None,
     progress: bool = False,
 ) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     """Compute each method's score table of ``train`` against ``target`` (see module doc).
@@ -172,6 +173,9 @@ def method_score_tables(
         cache_dir: Subset-training cache of the datamodel estimator.
         workers: Parallel datamodel trainings (> 1: Ray actors).
         address: Ray cluster address.
+        metric: The LDS metric when not the proxy (e.g. a rollout success rate): the
+            regression datamodel is then fitted to it too (the metagradient estimator
+            needs the differentiable proxy and refuses).
         progress: tqdm bars.
 
     Returns:
@@ -208,7 +212,7 @@ def method_score_tables(
                                ridge=cfg.datamodel_ridge, workers=workers, address=address,
                                cache_dir=None if cache_dir is None else os.fspath(cache_dir))
         table = datamodel_scores(train, target, policy_config, train_config, estimator=cfg.datamodel_estimator,
-                                 regression=reg, config=cfg, progress=progress)
+                                 regression=reg, metric=metric, config=cfg, progress=progress)
         tables["datamodel"] = table
         info["datamodel_subsets"] = cfg.datamodel_subsets if cfg.datamodel_estimator == "regression" else 0
     if "random" in methods:
