@@ -152,10 +152,16 @@ class _Location:
             self.fs.pipe_file(p, data)
 
 
-def _hash_ids(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """``[n]`` int64 hashes of episode ids (Python's str hash: equal within one process only)."""
-    values = ids.to_pylist()
+def _id_hashes(values: list[str]) -> np.ndarray:
+    """``[n]`` int64 hashes of episode ids (Python's str hash: equal within one process only).
+
+    Only ever used to find *candidates*: every match is confirmed by comparing the ids.
+    """
     return np.fromiter(map(hash, values), np.int64, count=len(values))
+
+
+def _hash_ids(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return _id_hashes(ids.to_pylist())
 
 
 class _CatalogSnapshot:
@@ -279,7 +285,7 @@ class _CatalogSnapshot:
             order = np.argsort(h, kind="stable")
             self._lookup = (h[order], order.astype(np.int64))
         sorted_h, order = self._lookup
-        q = np.fromiter(map(hash, ids), np.int64, count=len(ids))
+        q = _id_hashes(ids)
         lo = np.searchsorted(sorted_h, q, side="left")
         hi = np.searchsorted(sorted_h, q, side="right")
         out = np.full(len(ids), -1, np.int64)

@@ -103,3 +103,32 @@ def test_hnsw_query_and_checkpoint_ensemble(rng, tmp_path):
     approx = top_influencers(st, ["ckpt0", "ckpt1"], "roll_ok", k=5, kind="hnsw", ef_search=64)
     assert recall_at_k([approx.table["episode_id"].to_pylist()], [exact.table["episode_id"].to_pylist()]) >= 0.8
     assert concat_checkpoints([np.ones((1, 2)), np.ones((1, 2))]).shape == (1, 4)
+
+
+def test_top_influencers_on_gradient_store_reads_only_hit_rows(rng, tmp_path):
+    from cupid_engine.store import RunConfig, create_store, open_store
+
+    mem = make_store(rng)
+    path = str(tmp_path / "g.zarr")
+    gs = create_store(path, chunk_rows=8, episode_chunk_rows=4)
+    cat = mem.catalog()
+    gs.add_episodes(cat.select(["episode_id", "split", "length", "success", "tier"]), shard_size=6)
+    run = gs.create_run("base", RunConfig(k=8, dtype="float32", gram_splits=("train",)))
+    for s in range(gs.num_shards):
+        ids, lengths = gs.shard_episodes(s)
+        run.write_shard(s, ids, np.concatenate([mem.run("base").step_features(e) for e in ids]), lengths)
+    run.finalize()
+    fresh = open_store(path)
+    index = open_index(fresh, "base", save=False)
+    fresh = open_store(path)  # a new handle: nothing of the catalog loaded yet
+    for rollout in ("roll_ok", "roll_bad"):
+        res = top_influencers(fresh, "base", rollout, k=5, index=index)
+        ref = top_influencers(mem, "base", rollout, k=5)
+        assert res.sign == ref.sign
+        assert res.table.column("episode_id").to_pylist() == ref.table.column("episode_id").to_pylist()
+        assert res.table.column("length").to_pylist() == ref.table.column("length").to_pylist()
+        np.testing.assert_allclose(res.table["score"].to_numpy(), ref.table["score"].to_numpy(), rtol=1e-4)
+    snap = fresh._index()
+    assert snap._table is None  # the whole catalog was never materialised
+    with pytest.raises(ValueError, match="not in the catalog"):
+        top_influencers(fresh, "base", "no_such_rollout", k=5, index=index)
