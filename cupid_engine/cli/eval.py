@@ -85,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="datamodel estimator (default regression)")
     o = q.add_argument_group("output")
     o.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the CI (default 1000)")
+    o.add_argument("--random-seeds", type=int, default=100,
+                   help="also report the LDS spread of this many random score vectors (0: off; default 100)")
     o.add_argument("--out", default=None, help="write the result as JSON here")
     o.add_argument("--no-progress", action="store_true", help="hide progress bars")
     q.set_defaults(handler=_lds)
@@ -141,7 +143,7 @@ def _lds(args: argparse.Namespace) -> int:
     from cupid_engine.policies.training import TrainConfig
     from cupid_engine.scorers._inputs import resolve_episodes
     from cupid_engine.scorers.datamodel.compare import LDS_METHODS, CompareConfig, method_score_tables
-    from cupid_engine.scorers.datamodel.lds import format_lds_table, measure_subsets
+    from cupid_engine.scorers.datamodel.lds import format_lds_table, measure_subsets, random_reference
     from cupid_engine.scorers.datamodel.scorer import _load
     from cupid_engine.scorers.table import read_table, table_config
 
@@ -226,8 +228,12 @@ def _lds(args: argparse.Namespace) -> int:
                               full_normalizer=not args.subset_normalizer, progress=progress)
     results = {name: subsets.evaluate(table, bootstrap=args.bootstrap, seed=args.seed)
                for name, table in scores.items()}
+    reference = random_reference(subsets, args.random_seeds) if args.random_seeds > 0 else None
     seconds = time.perf_counter() - start
     print(format_lds_table(results))
+    if reference is not None and reference["num_seeds"]:
+        print(f"random score vectors, {reference['num_seeds']} seeds: LDS {reference['mean']:+.3f} ± "
+              f"{reference['sd']:.3f} (95% of seeds in [{reference['q025']:+.3f}, {reference['q975']:+.3f}])")
     print(f"{len(train_ids)} training demos, {len(target_ids)} targets, {args.subsets} subsets of "
           f"{args.fraction:g}: {subsets.info['trained']} trained now, {subsets.info['cached']} from the cache; "
           f"{seconds:.0f} s")
@@ -237,7 +243,7 @@ def _lds(args: argparse.Namespace) -> int:
         "targets": subsets.targets if subsets.targets is not None else target_ids,
         "trained": subsets.info["trained"], "cached": subsets.info["cached"],
         "policy": policy_config.to_dict(), "train": train_config.to_dict(), "seconds": round(seconds, 1),
-        "compare": compare_info,
+        "compare": compare_info, "random_reference": reference,
         "results": [{"method": name, "scores": sources[name],
                      **{k: v for k, v in r.to_dict().items() if k not in ("targets", "trained", "cached", "fraction",
                                                                           "num_train")}}

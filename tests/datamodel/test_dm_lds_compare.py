@@ -22,7 +22,7 @@ from cupid_engine.policies.samples import build_samples
 from cupid_engine.policies.training import TrainConfig, train_policy
 from cupid_engine.scorers.datamodel.clusters import make_clusters
 from cupid_engine.scorers.datamodel.compare import checkpoint_steps, sampled_steps
-from cupid_engine.scorers.datamodel.lds import format_lds_table, measure_subsets, run_lds_many
+from cupid_engine.scorers.datamodel.lds import format_lds_table, measure_subsets, random_reference, run_lds_many
 from cupid_engine.scorers.datamodel.metrics import ProxyMetric
 from cupid_engine.scorers.datamodel.regression import SubsetTrainer, fraction_masks
 from cupid_engine.scorers.table import make_table, write_table
@@ -73,6 +73,11 @@ def test_oracle_beats_random_on_planted_learner_and_trainings_are_shared(tmp_pat
     assert {r.info["trained"] for r in res.values()} == {distinct}
     for r in res.values():
         assert np.array_equal(r.measured, res["oracle"].measured) and r.measured.shape == (16, 3)
+    # Random vectors are 0 on average; the planted oracle lies above all but the luckiest.
+    subsets = measure_subsets(POLICY, train, target, TRAIN, num_subsets=16, fraction=0.5, cache_dir=tmp_path)
+    assert subsets.info["trained"] == 0
+    ref = random_reference(subsets, 100)
+    assert ref["num_seeds"] == 100 and abs(ref["mean"]) < 0.15 and res["oracle"].mean > ref["q975"]
     table = format_lds_table(res)
     assert all(name in table for name in scores) and "n_subsets" in table
     again = run_lds_many({"oracle": oracle}, POLICY, train, target, TRAIN, num_subsets=16, cache_dir=tmp_path,
@@ -132,7 +137,7 @@ def test_eval_lds_methods_side_by_side(dataset, tmp_path, capsys):
     argv = ["eval", "lds", "--data", str(dataset / "ds"), "--holdout-targets", "2", "--target-tier", "better",
             "--methods", methods, "--scores", f"planted={oracle}", "--subsets", "5", "--fraction", "0.5",
             "--steps", "10", "--batch-size", "16", "--checkpoints", "3", "--k", "64", "--datamodel-subsets", "4",
-            "--workdir", str(tmp_path / "work"), "--bootstrap", "20", "--no-progress",
+            "--workdir", str(tmp_path / "work"), "--bootstrap", "20", "--random-seeds", "10", "--no-progress",
             "--out", str(tmp_path / "lds.json")]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -142,6 +147,7 @@ def test_eval_lds_methods_side_by_side(dataset, tmp_path, capsys):
     for name in names:
         assert name in printed
     assert sorted(out["targets"]) == ["better000", "better001"] and out["num_train"] == 10
+    assert out["random_reference"]["num_seeds"] == 10 and "random score vectors, 10 seeds" in printed
     masks = fraction_masks(10, 5, fraction=0.5, seed=0)
     distinct = len(np.unique(masks, axis=0))
     # Six scores, one set of subset trainings.

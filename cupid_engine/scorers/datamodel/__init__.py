@@ -49,6 +49,7 @@ from cupid_engine.scorers.datamodel.lds import (
     format_lds_table,
     linear_datamodeling_score,
     measure_subsets,
+    random_reference,
     run_lds,
     run_lds_many,
 )
@@ -122,6 +123,7 @@ __all__ = [
     "metagradient_scores",
     "regression_scores",
     "reverse_metagradient",
+    "random_reference",
     "run_lds",
     "run_lds_many",
     "sample_masks",

@@ -188,6 +188,28 @@ class LDSSubsets:
         return result
 
 
+def random_reference(subsets: LDSSubsets, num_seeds: int = 100) -> dict:
+    """LDS of ``num_seeds`` random score vectors (the ``random`` baseline's seeds 0..n-1).
+
+    One random vector's LDS is a draw with spread ≈ 1/√E around 0 (it correlates by chance
+    with the true effects of E demos); the bootstrap CI of one vector covers only the
+    subset noise. The distribution over seeds is the reference a method must beat.
+
+    Returns:
+        ``mean``, ``sd``, ``q025``, ``q975`` of the per-seed LDS and ``num_seeds``.
+    """
+    from cupid_engine.scorers.baselines import random_scores
+
+    values = np.array([subsets.evaluate(random_scores(subsets.ids, seed), bootstrap=0).mean
+                       for seed in range(num_seeds)])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {"mean": None, "sd": None, "q025": None, "q975": None, "num_seeds": 0}
+    lo, hi = np.quantile(values, [0.025, 0.975])
+    return {"mean": float(values.mean()), "sd": float(values.std()), "q025": float(lo), "q975": float(hi),
+            "num_seeds": int(len(values))}
+
+
 def measure_subsets(
     policy_config: PolicyConfig,
     train_episodes: Sequence[Episode],
