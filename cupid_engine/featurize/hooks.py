@@ -382,7 +382,8 @@ def fused_tensorsketch(
     # Rows per block: every buffer of a block (count sketches, spectra, accumulator) stays
     # cache-sized, and each block goes scatter -> rfft -> multiply-accumulate -> irfft for
     # all layers before the next, instead of whole-batch passes over multi-MiB buffers.
-    rows_per_block = max(1, _BLOCK_ROWS // t_max)
+    # On a GPU the whole batch is one block: there the cost is kernel launches, not cache.
+    rows_per_block = max(1, _BLOCK_ROWS // t_max) if device.type == "cpu" else B
 
     def part(a: int, e: int) -> None:
         tag = threading.get_ident()

@@ -328,8 +328,8 @@ def _compile_all(cc: int) -> dict[str, str]:
     for dt, acc, dot, bp in [
         ("fp32", tl.float32, tl.float32, 32),
         ("fp64", tl.float64, tl.float64, 32),
-        ("fp16", tl.float32, tl.float16, 64),
-        ("bf16", tl.float32, tl.bfloat16, 64),
+        ("fp16", tl.float32, tl.float32, 32),
+        ("bf16", tl.float32, tl.float32, 32),
     ]:
         acc_s = "*fp64" if acc == tl.float64 else "*fp32"
         # Keys >= 2**31 arrive as i64; ints equal to 1 (B, k, s) are specialised to constexprs.
@@ -340,7 +340,7 @@ def _compile_all(cc: int) -> dict[str, str]:
                 "dense": (
                     TP._dense_kernel,
                     dict(x_ptr="*" + dt, part_ptr=acc_s, B="i32", P="i32", K="i32", stride_xb="i32", split_size="i32",
-                         key=key_t, scale="fp32"),
+                         key=key_t),
                     dict(BLOCK_B=32, BLOCK_K=128, BLOCK_P=bp, DOT_DTYPE=dot, ACC_DTYPE=acc, PRECISION="ieee"),
                 ),
                 "signshift": (
