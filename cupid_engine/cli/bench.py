@@ -12,7 +12,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-NAMES = ("projection", "store", "featurize", "query", "pipeline")
+NAMES = ("projection", "store", "featurize", "query", "pipeline", "gpu")
 
 
 def _bench_dir() -> Path:
