@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cupid_engine.constants import SPLITS
 
@@ -25,8 +26,14 @@ RETURN_MODES = ("pm1", "01", "real")
 METADATA_COLUMNS = ("tier", "length", "source", "task", "success")
 
 
-def catalog_dict(catalog: pa.Table) -> dict[str, dict[str, Any]]:
-    """Episode id -> catalog row (as a dict)."""
+def catalog_dict(catalog: pa.Table, ids: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Episode id -> catalog row (as a dict); only the rows of ``ids`` when given.
+
+    Filtering first (one Arrow pass) keeps a lookup of a few ids O(len(ids)) in Python
+    objects on a million-episode catalog.
+    """
+    if ids is not None:
+        catalog = catalog.filter(pc.is_in(catalog.column("episode_id"), value_set=pa.array(list(ids), pa.string())))
     return {row["episode_id"]: row for row in catalog.to_pylist()}
 
 
@@ -56,15 +63,17 @@ def resolve_episodes(catalog: pa.Table, spec: str | Sequence[str] | None, *, def
     if isinstance(spec, str):
         parts = spec.split("+")
         if all(p in SPLITS for p in parts):
-            wanted = set(parts)
-            ids = [e for e, s in zip(catalog.column("episode_id").to_pylist(), catalog.column("split").to_pylist())
-                   if s in wanted]
-        else:
-            ids = [s.strip() for s in spec.split(",") if s.strip()]
+            mask = pc.is_in(catalog.column("split"), value_set=pa.array(parts, pa.string()))
+            return_ids = catalog.column("episode_id").filter(mask).to_pylist()
+            if not return_ids:
+                raise ValueError(f"no episodes selected by {spec!r}")
+            return return_ids  # taken from the catalog: all known
+        ids = [s.strip() for s in spec.split(",") if s.strip()]
     else:
         ids = [str(s) for s in spec]
-    known = set(catalog.column("episode_id").to_pylist())
-    unknown = [e for e in ids if e not in known]
+    # Columnar membership test: no Python set of every catalog id.
+    present = pc.is_in(pa.array(ids, pa.string()), value_set=catalog.column("episode_id")).to_pylist()
+    unknown = [e for e, ok in zip(ids, present) if not ok]
     if unknown:
         raise ValueError(f"episodes not in the catalog: {unknown[:5]}")
     if not ids:
@@ -85,7 +94,7 @@ def returns_of(catalog: pa.Table, ids: Sequence[str], mode: str = "pm1") -> np.n
     """
     if mode not in RETURN_MODES:
         raise ValueError(f"returns must be one of {RETURN_MODES}, got {mode!r}")
-    rows = catalog_dict(catalog)
+    rows = catalog_dict(catalog, ids)
     out = np.empty(len(ids), np.float64)
     for i, e in enumerate(ids):
         row = rows[e]
@@ -133,7 +142,7 @@ def check_rollout_scale(catalog: pa.Table, run: Any, rollouts: Sequence[str], de
     """
     if not rollouts or not demos:
         return float("nan")
-    rows = catalog_dict(catalog)
+    rows = catalog_dict(catalog, list(rollouts)[:256] + list(demos)[:256])
 
     def per_step(ids: Sequence[str]) -> float:
         sums = np.asarray(run.episode_features(list(ids)), np.float64)

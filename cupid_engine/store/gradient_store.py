@@ -581,7 +581,9 @@ class GradientStore:
             if not added:
                 sink.discard()
                 return 0
-            _check_unique(sink, np.concatenate(hashes))
+            all_hashes = np.concatenate(hashes)
+            hashes.clear()  # 8 B per episode from here on
+            _check_unique(sink, all_hashes)
         except BaseException:
             sink.discard()
             raise
@@ -741,8 +743,8 @@ def _check_unique(sink: _CatalogSink, hashes: np.ndarray) -> None:
     Hashes find candidate repeats in O(N log N) time and 8 B per episode; the candidates
     are then compared exactly (a hash collision is not a duplicate).
     """
-    s = np.sort(hashes)
-    cand = np.unique(s[1:][s[1:] == s[:-1]])
+    hashes.sort()  # in place: no second copy
+    cand = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     if not len(cand):
         return
     seen: set[str] = set()
