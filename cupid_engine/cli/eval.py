@@ -234,7 +234,9 @@ def _lds(args: argparse.Namespace) -> int:
     if reference is not None and reference["num_seeds"]:
         print(f"random score vectors, {reference['num_seeds']} seeds: LDS {reference['mean']:+.3f} ± "
               f"{reference['sd']:.3f} (95% of seeds in [{reference['q025']:+.3f}, {reference['q975']:+.3f}])")
-    print(f"{len(train_ids)} training demos, {len(target_ids)} targets, {args.subsets} subsets of "
+    what = (f"{len(target_ids)} target demos (proxy -BC loss each)" if args.metric == "proxy"
+            else f"rollout success rate on {args.task} ({args.metric_episodes} episodes)")
+    print(f"{len(train_ids)} training demos, {what}, {args.subsets} subsets of "
           f"{args.fraction:g}: {subsets.info['trained']} trained now, {subsets.info['cached']} from the cache; "
           f"{seconds:.0f} s")
     summary = {
