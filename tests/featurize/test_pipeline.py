@@ -129,3 +129,26 @@ def test_split_registers_only_that_split(setup):
     assert ids == [e.episode_id for e in episodes if e.split == "holdout"] and run.is_complete()
     # Holdout steps are not in the Gram (training split only).
     assert run.gram_count == 0
+
+
+def test_registration_adds_only_missing_episodes_unit_by_unit(setup):
+    episodes, data, ckpt, tmp = setup
+    src = open_dataset(data)
+    store = GradientStore.create(tmp / "reg.zarr")
+    first = pipeline_mod.register_episodes(src, store, shard_size=3, split="train")
+    train = [e.episode_id for e in episodes if e.split == "train"]
+    assert first == len(train) and store.episode_ids() == train
+    added = pipeline_mod.register_episodes(src, store, shard_size=3)
+    assert first + added == len(episodes)
+    rest = [e.episode_id for e in episodes if e.split != "train"]
+    assert store.episode_ids() == train + rest
+    # Every shard lies inside one data file (unit), and the plan only knows shard heads.
+    unit_of = {e.episode_id: i // 4 for i, e in enumerate(episodes)}  # data files of 4, 4, 3 episodes
+    for s in range(store.num_shards):
+        ids, _ = store.shard_episodes(s)
+        assert len({unit_of[e] for e in ids}) == 1, (s, ids)
+    # Nothing missing: the catalog file is not rewritten.
+    path = tmp / "reg.zarr" / "catalog.parquet"
+    before = (path.read_bytes(), os.stat(path).st_mtime_ns)
+    assert pipeline_mod.register_episodes(src, store, shard_size=3) == 0
+    assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
