@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float16", help="storage dtype: float32, float16, bfloat16, int8")
     p.add_argument("--shard-size", type=int, default=256, help="most episodes per store shard")
     p.add_argument("--backend", default="auto", help="projection kernel backend (auto, cpu, torch, triton, cuda)")
+    p.add_argument("--device", default=None,
+                   help="where the policy runs: cpu, cuda, cuda:N (default: cpu; features agree across devices)")
     p.add_argument("--workers", type=int, default=1, help="Ray actors (1: in this process)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,7 +69,7 @@ def _featurize(args: argparse.Namespace) -> int:
         raise SystemExit(f"featurize: {exc}") from None
     run = featurize(
         args.data, args.store, args.run, policy=args.policy, config=config, split=args.split,
-        progress=not args.no_progress, workers=args.workers, address=args.ray_address,
+        progress=not args.no_progress, workers=args.workers, address=args.ray_address, device=args.device,
     )
     info = run.info()
     print(f"run {args.run!r} in {args.store}: k={config.projection.k}, method={config.projection.method}, "

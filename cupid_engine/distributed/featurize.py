@@ -61,7 +61,8 @@ class FeaturizeWorker:
     Args:
         config: ``{"policy_path": str, "featurize": FeaturizeConfig.to_dict(),
             "store": store URL, "run": run name, "source": dataset path (when ``source``
-            is None), "threads": torch intra-op threads (default 1)}``.
+            is None), "threads": torch intra-op threads (default 1), "device": where the
+            policy runs (optional; ``cuda`` actors reserve one GPU each)}``.
         source: The ``EpisodeSource`` object itself (e.g. a ``ray.put`` reference resolved
             by Ray), overriding ``config["source"]``.
     """
@@ -77,7 +78,10 @@ class FeaturizeWorker:
         torch.set_num_threads(int(config.get("threads", 1)))
         self.config = FeaturizeConfig.from_dict(config["featurize"])
         path = config["policy_path"]
-        self.featurizer = Featurizer.from_config(load_policy(path), self.config, policy_hash=policy_hash(path))
+        policy = load_policy(path)
+        if config.get("device"):
+            policy = policy.to(config["device"])
+        self.featurizer = Featurizer.from_config(policy, self.config, policy_hash=policy_hash(path))
         self.store = GradientStore.open(config["store"], mode="r+")
         self.run_name = config["run"]
         if source is None:
@@ -134,6 +138,7 @@ def featurize_distributed(
     max_task_retries: int = 3,
     in_flight: int = 2,
     on_workers: Callable[[list[dict[str, Any]]], None] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Featurise pending shards of an existing run on ``workers`` Ray actors.
 
@@ -157,6 +162,8 @@ def featurize_distributed(
         in_flight: Tasks queued per actor (keeps workers busy between tasks).
         on_workers: Called with every actor's ``info()`` (pid, peak RSS, host) once they
             have started, before work is dispatched (monitoring, fault-injection tests).
+        device: Where each actor runs the policy (None: CPU); a ``cuda`` device makes
+            each actor ask Ray for one GPU.
 
     Returns:
         ``{"shards", "episodes", "rows", "skipped", "seconds" (all, Ray start included),
@@ -182,12 +189,15 @@ def featurize_distributed(
         is_path = isinstance(source, (str, os.PathLike))
         worker_config = {
             "policy_path": str(policy_path), "featurize": config.to_dict(), "store": store.url, "run": run_name,
-            "source": str(source) if is_path else None, "threads": int(threads_per_worker),
+            "source": str(source) if is_path else None, "threads": int(threads_per_worker), "device": device,
         }
         # The source object is serialised once into the object store, not once per actor
         # (and again on every restart).
         source_ref = None if is_path else ray.put(source)
-        Actor = ray.remote(num_cpus=1, max_restarts=max_restarts, max_task_retries=max_task_retries)(FeaturizeWorker)
+        gpus = 1 if device is not None and device.startswith("cuda") else 0
+        Actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=max_restarts, max_task_retries=max_task_retries)(
+            FeaturizeWorker
+        )
         actors = [Actor.remote(worker_config, source_ref) for _ in range(max(1, int(workers)))]
         infos = ray.get([a.info.remote() for a in actors])
         if on_workers is not None:

@@ -219,7 +219,7 @@ def compute_shard_features(
     out = np.empty((n, featurizer.k), np.float32)
     for a in range(0, n, batch_size):
         b = min(n, a + batch_size)
-        phi = featurizer(policy.make_batch(samples, slice(a, b)), check_finite=False)
+        phi = featurizer(policy.make_batch(samples, slice(a, b)), check_finite=False)  # on the policy's device
         bad = ops.nonfinite_rows(phi)
         if bool(bad.any()):
             r = a + int(bad.nonzero()[0, 0])
@@ -228,7 +228,7 @@ def compute_shard_features(
                 f"episode {eid!r} step {int(samples.step[r])}: non-finite feature (NaN/Inf gradient); "
                 "nothing of its shard was written"
             )
-        out[a:b] = phi.detach().to(torch.float32).numpy()
+        out[a:b] = phi.detach().to(torch.float32).cpu().numpy()
     return out
 
 
@@ -299,6 +299,22 @@ def prepare_run(
     return run
 
 
+def check_device(device: str | None) -> str | None:
+    """``device`` validated (None passes through); a missing CUDA device raises with a hint."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU (torch {torch.__version__}); "
+                           "install a CUDA build of torch or featurise with device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+    return str(dev)
+
+
 def featurize(
     source: Any,
     store: Any,
@@ -310,6 +326,7 @@ def featurize(
     progress: bool = True,
     workers: int = 1,
     address: str | None = None,
+    device: str | None = None,
 ) -> Run:
     """Featurise ``source`` into run ``run_name`` of ``store`` and finalize it.
 
@@ -325,6 +342,9 @@ def featurize(
         workers: ``1``: in this process; ``> 1``: that many Ray actors on a local Ray
             instance (``cupid_engine.distributed.featurize``).
         address: Join this Ray cluster instead (``workers`` actors there).
+        device: Where the policy runs (``cpu``, ``cuda``, ``cuda:1``; None: where it is).
+            Not part of the run's config: features agree across devices to float32
+            rounding, so a store may mix shards featurised on CPUs and GPUs.
 
     Returns:
         The finalized :class:`Run` (not finalized, with a warning, when the store holds
@@ -334,7 +354,10 @@ def featurize(
         ValueError: the run exists with another config; bad episodes (named).
     """
     config = config or FeaturizeConfig()
+    device = check_device(device)
     source, store, policy_obj, policy_path = open_inputs(source, store, policy)
+    if device is not None:
+        policy_obj = policy_obj.to(device)
     featurizer = Featurizer.from_config(policy_obj, config)
     run = prepare_run(source, store, run_name, featurizer, config, split=split)
     pending = run.pending_shards()
@@ -345,7 +368,7 @@ def featurize(
 
         featurize_distributed(
             source, store, run_name, policy_path=policy_path, config=config, shards=pending,
-            workers=max(1, workers), address=address, progress=progress,
+            workers=max(1, workers), address=address, progress=progress, device=device,
         )
     else:
         _featurize_local(source, store, run_name, featurizer, config, pending, progress=progress)
