@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--scores", action="append", default=[], metavar="[NAME=]PATH",
                    help="score table (Parquet: episode_id, score), repeatable; NAME defaults to its method column")
     g.add_argument("--methods", default=None,
-                   help="compute these methods' scores here, comma-separated: cupid, trak-traj, tracin, datamodel, random")
+                   help="compute these methods' scores here, comma-separated: "
+                   "cupid, trak-traj, tracin, datamodel, random")
     d = q.add_argument_group("episodes")
     d.add_argument("--data", help="dataset holding the episodes (default: the 'data' recorded in a score table)")
     d.add_argument("--store", default=None, help="gradient store whose catalog names the train/target episodes "
@@ -58,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--fraction", type=float, default=0.5, help="fraction of training demos per subset (default 0.5)")
     t.add_argument("--policy", default="mlp", choices=("mlp", "diffusion"), help="policy kind (default mlp)")
     t.add_argument("--size", default="tiny", choices=("tiny", "default", "large"), help="size preset (default tiny)")
-    t.add_argument("--policy-config", metavar="JSON", help="policy config file (to_dict JSON); overrides --policy/--size")
+    t.add_argument("--policy-config", metavar="JSON",
+                   help="policy config file (to_dict JSON); overrides --policy/--size")
     t.add_argument("--steps", type=int, default=500, help="optimizer steps per training (default 500)")
     t.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
@@ -78,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "WORKDIR/subsets)")
     m = q.add_argument_group("--methods options")
     m.add_argument("--workdir", default="lds_work", help="checkpoints, store and score tables (default ./lds_work)")
-    m.add_argument("--checkpoints", type=int, default=3, help="base-training checkpoints for tracin/trak-traj (default 3)")
+    m.add_argument("--checkpoints", type=int, default=3,
+                   help="base-training checkpoints for tracin/trak-traj (default 3)")
     m.add_argument("--k", type=int, default=512, help="feature dimension (default 512)")
     m.add_argument("--datamodel-subsets", type=int, default=32, help="datamodel estimator trainings (default 32)")
     m.add_argument("--datamodel-estimator", default="regression", choices=("regression", "metagradient"),

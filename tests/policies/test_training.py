@@ -107,7 +107,8 @@ def test_sample_weight_vector_and_errors(episodes):
 def test_given_normalizer_replaces_the_subset_fit(episodes, kind):
     from cupid_engine.policies.normalizer import Normalizer
 
-    config = (MLPPolicyConfig.tiny() if kind == "mlp" else DiffusionPolicyConfig.tiny()).replace(obs_keys=("pos", "quat"))
+    config = MLPPolicyConfig.tiny() if kind == "mlp" else DiffusionPolicyConfig.tiny()
+    config = config.replace(obs_keys=("pos", "quat"))
     samples = build_samples(episodes, n_obs_steps=config.n_obs_steps, horizon=config.horizon, obs_keys=config.obs_keys)
     full = Normalizer(samples.obs_dim, samples.action_dim, mode=config.normalizer_mode,
                       min_spread=config.normalizer_min_spread).fit(samples.obs, samples.action)

@@ -339,7 +339,8 @@ def run_lds_many(
 
 def format_lds_table(results: Mapping[str, LDSResult]) -> str:
     """The side-by-side table: method, LDS (mean Spearman over targets), CI, pooled, sizes."""
-    rows = [("method", "LDS", "95% CI" if not results else f"{round(100 * next(iter(results.values())).confidence)}% CI",
+    level = round(100 * next(iter(results.values())).confidence) if results else 95
+    rows = [("method", "LDS", f"{level}% CI",
              "pooled", "n_subsets", "n_targets")]
     for name, r in results.items():
         ci = "—" if not (np.isfinite(r.ci_low) and np.isfinite(r.ci_high)) else f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
