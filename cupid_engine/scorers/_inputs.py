@@ -41,9 +41,7 @@ def ids_in_split(catalog: pa.Table, split: str) -> list[str]:
     """Episode ids of one split, in catalog order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {SPLITS}")
-    ids = catalog.column("episode_id").to_pylist()
-    splits = catalog.column("split").to_pylist()
-    return [e for e, s in zip(ids, splits) if s == split]
+    return catalog.column("episode_id").filter(pc.fill_null(pc.equal(catalog.column("split"), split), False)).to_pylist()
 
 
 def resolve_episodes(catalog: pa.Table, spec: str | Sequence[str] | None, *, default: str) -> list[str]:
