@@ -3,7 +3,8 @@
 Layout (DESIGN §4)::
 
     <store>/zarr.json            group; attrs["cupid_engine"] = schema version, chunk sizes
-    <store>/catalog.parquet      one row per episode + the shard plan (see catalog.py)
+    <store>/catalog.parquet      one row per episode + the shard plan (see catalog.py),
+                                 row groups of whole shards: read per shard, never whole
     <store>/runs/<name>/...      one Run per featuriser configuration (see run.py)
 
 This module owns opening/creating the store (local paths and fsspec URLs), the catalog
@@ -171,7 +172,7 @@ class _CatalogSnapshot:
     a :class:`~cupid_engine.store.catalog.ShardPlan`: O(#shards) memory. Everything per
     episode is loaded only when asked for, and columnar: ``length`` and ``row_offset``
     as int64 numpy arrays, ids as an Arrow array, plus sorted id hashes for id -> row
-    look-ups (~40 B per episode in all). A shard's rows are read from its own row
+    look-ups (about 50 B per episode in all). A shard's rows are read from its own row
     group(s) only, so a worker never loads the catalog.
     """
 
