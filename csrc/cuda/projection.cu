@@ -73,6 +73,9 @@ constexpr int kShiftRows = 4;
 // sparse
 constexpr int kSparseThreads = 256;
 constexpr int kSparseRows = 4;
+constexpr int kSparseSmemRows = 2;
+constexpr int64_t kSparseSmemMaxK = 4096;  // 2 x 4096 floats: 32 KiB of static shared memory
+constexpr int64_t kSparseSmemChunk = 1 << 15;  // coordinates per block
 // countsketch
 constexpr int kCsThreads = 128;  // buckets per block
 constexpr int kCsRows = 8;
@@ -228,6 +231,41 @@ __global__ void sparse_kernel(const In* __restrict__ x, Acc* __restrict__ out, i
   }
 }
 
+// Shared-memory variant (float accumulation, k <= kSparseSmemMaxK): a block owns a chunk
+// of coordinates for kSparseSmemRows rows, scatters into a shared-memory copy of those
+// rows' k buckets, then adds the non-zero buckets to `out` with one global atomic each.
+// Global float atomics on 4096 random addresses ran at ~0.1 of HBM bandwidth on an H100;
+// shared-memory atomics take the per-element traffic off L2.
+template <typename In>
+__global__ void sparse_smem_kernel(const In* __restrict__ x, float* __restrict__ out, int64_t B, int64_t P, int64_t k,
+                                   int64_t ld, int s, SparseKeys keys) {
+  __shared__ float hist[kSparseSmemRows][kSparseSmemMaxK];
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kSparseSmemRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kSparseSmemChunk;
+  const int64_t c1 = imin(P, c0 + kSparseSmemChunk);
+  for (int64_t i = threadIdx.x; i < kSparseSmemRows * k; i += kSparseThreads) hist[i / k][i % k] = 0.f;
+  __syncthreads();
+  const uint32_t block = static_cast<uint32_t>(k / s);
+  for (int64_t p = c0 + threadIdx.x; p < c1; p += kSparseThreads) {
+    float v[kSparseSmemRows];
+#pragma unroll
+    for (int r = 0; r < kSparseSmemRows; ++r) v[r] = (b0 + r < B) ? static_cast<float>(load(x + (b0 + r) * ld + p)) : 0.f;
+    for (int t = 0; t < s; ++t) {
+      const uint32_t h = hash32(keys.key[t], static_cast<uint32_t>(p));
+      const int64_t bucket = static_cast<int64_t>(t) * block + fastrange(h, block);
+      const bool neg = h & 1u;
+#pragma unroll
+      for (int r = 0; r < kSparseSmemRows; ++r) atomicAdd(&hist[r][bucket], neg ? -v[r] : v[r]);
+    }
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < kSparseSmemRows * k; i += kSparseThreads) {
+    const int64_t r = i / k, j = i % k;
+    const float h = hist[r][j];
+    if (b0 + r < B && h != 0.f) atomicAdd(out + (b0 + r) * k + j, h);
+  }
+}
+
 // ---------------------------------------------------------------------------- countsketch
 
 // Block (row tile of 8, bucket tile of 128): thread j gathers the coordinates of bucket j
@@ -357,10 +395,22 @@ void project_typed(const In* x, typename AccOf<In>::type* out, int64_t B, int64_
     case Method::kSparse: {
       SparseKeys keys{};
       for (int64_t t = 0; t < s; ++t) keys.key[t] = stream_key(seed, kStreamSparse + static_cast<uint32_t>(t));
-      const dim3 grid(static_cast<unsigned>(cdiv(P, kSparseThreads)), static_cast<unsigned>(cdiv(B, kSparseRows)));
-      auto* kernel = &sparse_kernel<In, Acc>;
-      CUPID_LAUNCH(kernel, grid, kSparseThreads, stream, x, out, B, P, k, ld, static_cast<int>(s), keys);
-      check_launch("sparse kernel");
+      bool done = false;
+      if constexpr (std::is_same_v<Acc, float>) {
+        if (k <= kSparseSmemMaxK && cdiv(B, kSparseSmemRows) <= 65535) {
+          const dim3 grid(static_cast<unsigned>(cdiv(P, kSparseSmemChunk)), static_cast<unsigned>(cdiv(B, kSparseSmemRows)));
+          auto* kernel = &sparse_smem_kernel<In>;
+          CUPID_LAUNCH(kernel, grid, kSparseThreads, stream, x, out, B, P, k, ld, static_cast<int>(s), keys);
+          check_launch("sparse kernel (shared memory)");
+          done = true;
+        }
+      }
+      if (!done) {
+        const dim3 grid(static_cast<unsigned>(cdiv(P, kSparseThreads)), static_cast<unsigned>(cdiv(B, kSparseRows)));
+        auto* kernel = &sparse_kernel<In, Acc>;
+        CUPID_LAUNCH(kernel, grid, kSparseThreads, stream, x, out, B, P, k, ld, static_cast<int>(s), keys);
+        check_launch("sparse kernel");
+      }
       if (s > 1) {
         auto* scale = &scale_kernel<Acc>;
         CUPID_LAUNCH(scale, static_cast<unsigned>(cdiv(n, 256)), 256, stream, out, n,
