@@ -109,3 +109,57 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def backend_agreement(backends: list[str], *, sketch: bool = False) -> float:
+    """Largest relative difference from the CPU torch reference over ``backends`` (fp32 input).
+
+    ``project`` (every method, P = 30011, k = 512) and, with ``sketch``, ``tensorsketch``;
+    inputs go to the backend's device (``cuda``/``triton``: the GPU).
+    """
+    from cupid_engine import ops
+    from cupid_engine.ops.tolerances import max_rel_err
+
+    def dev(b: str) -> str:
+        return "cuda" if b in ("cuda", "triton") else "cpu"
+
+    g = torch.Generator().manual_seed(1)
+    xa = torch.randn(4, 30011, generator=g)
+    worst = 0.0
+    for method in ("dense", "sparse", "signshift"):
+        ref = ops.project(xa, k=512, method=method, backend="torch")
+        for b in backends:
+            if b != "torch":
+                worst = max(worst, max_rel_err(ops.project(xa.to(dev(b)), k=512, method=method, backend=b), ref))
+    if sketch:
+        dl, xx = torch.randn(3, 2, 300, generator=g), torch.randn(3, 2, 170, generator=g)
+        ref = ops.tensorsketch(dl, xx, k=1000, seed=2, backend="torch")
+        for b in backends:
+            if b != "torch":
+                out = ops.tensorsketch(dl.to(dev(b)), xx.to(dev(b)), k=1000, seed=2, backend=b)
+                worst = max(worst, max_rel_err(out, ref))
+    return worst
+
+
+def traker_policy_output(output: str, draws: int = 64):
+    """A traker ``AbstractModelOutput`` that evaluates this engine's policy output function.
+
+    One sample per vmap lane (traker's FunctionalGradientComputer); used by the benchmarks
+    that run traker's own per-sample-gradient pipeline on our policies.
+    """
+    from trak.modelout_functions import AbstractModelOutput
+
+    class PolicyOutput(AbstractModelOutput):
+        def __init__(self) -> None:  # traker declares __init__ abstract
+            pass
+
+        @staticmethod
+        def get_output(model, weights, buffers, obs, action, episode_key, step):
+            one = {"obs": obs[None], "action": action[None], "episode_key": episode_key[None], "step": step[None]}
+            kwargs = {"output": output, "seed": 0, "draws": draws}
+            return torch.func.functional_call(model, (weights, buffers), (one,), kwargs).sum()
+
+        def get_out_to_loss_grad(self, model, weights, buffers, batch):  # unused: featurisation only
+            raise NotImplementedError
+
+    return PolicyOutput()

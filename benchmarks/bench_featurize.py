@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import criterion, machine, proc_status_kb, reset_peak_rss, table, timeit, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    criterion, machine, proc_status_kb, reset_peak_rss, table, timeit, traker_policy_output, write_json,
+)
 
 from cupid_engine.featurize import Featurizer, ProjectionConfig  # noqa: E402
 from cupid_engine.policies import DiffusionPolicy, DiffusionPolicyConfig, MLPPolicy, MLPPolicyConfig  # noqa: E402
@@ -77,27 +79,12 @@ def _batch(policy, B: int) -> dict[str, torch.Tensor]:
 def _traker(policy, output: str, batch: dict, k: int, draws: int, slice_p: int) -> tuple[float, float, bool]:
     """traker's per-sample gradients + BasicProjector: ``(samples/s, peak MiB, estimated)``."""
     from trak.gradient_computers import FunctionalGradientComputer
-    from trak.modelout_functions import AbstractModelOutput
     from trak.projectors import BasicProjector, ProjectionType
     from trak.utils import vectorize
 
-    class PolicyOutput(AbstractModelOutput):
-        """Our output function as a traker model output (one sample per vmap lane)."""
-
-        def __init__(self) -> None:  # traker declares __init__ abstract
-            pass
-
-        @staticmethod
-        def get_output(model, weights, buffers, obs, action, episode_key, step):
-            one = {"obs": obs[None], "action": action[None], "episode_key": episode_key[None], "step": step[None]}
-            kwargs = {"output": output, "seed": 0, "draws": draws}
-            return torch.func.functional_call(model, (weights, buffers), (one,), kwargs).sum()
-
-        def get_out_to_loss_grad(self, model, weights, buffers, batch):  # unused by featurize
-            raise NotImplementedError
-
     P = sum(p.numel() for p in policy.parameters())
-    gc = FunctionalGradientComputer(policy, PolicyOutput(), grad_dim=P, dtype=torch.float32, device=torch.device("cpu"))
+    gc = FunctionalGradientComputer(policy, traker_policy_output(output, draws), grad_dim=P, dtype=torch.float32,
+                                    device=torch.device("cpu"))
     p_meas = min(P, slice_p)
     proj = BasicProjector(grad_dim=p_meas, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher,
                           device=torch.device("cpu"), dtype=torch.float32)

@@ -32,10 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import criterion, machine, table, write_json  # noqa: E402
+from _common import backend_agreement, criterion, machine, table, traker_policy_output, write_json  # noqa: E402
 
 from cupid_engine import ops  # noqa: E402
-from cupid_engine.ops.tolerances import max_rel_err  # noqa: E402
 
 
 def cuda_time(fn, *, repeats: int = 10, warmup: int = 2) -> float:
@@ -191,23 +190,10 @@ def bench_featurize(args) -> list[dict]:
     # traker's pipeline on the same device: per-sample gradients (torch.func) + CudaProjector.
     try:
         from trak.gradient_computers import FunctionalGradientComputer
-        from trak.modelout_functions import AbstractModelOutput
         from trak.utils import vectorize
 
-        class PolicyOutput(AbstractModelOutput):
-            def __init__(self) -> None:
-                pass
-
-            @staticmethod
-            def get_output(model, weights, buffers, obs, action, episode_key, step):
-                one = {"obs": obs[None], "action": action[None], "episode_key": episode_key[None], "step": step[None]}
-                return torch.func.functional_call(model, (weights, buffers), (one,), {"output": "loss"}).sum()
-
-            def get_out_to_loss_grad(self, model, weights, buffers, batch):
-                raise NotImplementedError
-
         Bt = 256
-        gc = FunctionalGradientComputer(policy, PolicyOutput(), grad_dim=P, dtype=torch.float32,
+        gc = FunctionalGradientComputer(policy, traker_policy_output("loss"), grad_dim=P, dtype=torch.float32,
                                         device=torch.device("cuda"))
         fj, why = _fast_jl_projector(P, k, 32)
         if fj is None:
@@ -223,22 +209,6 @@ def bench_featurize(args) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - a missing peer is reported, not hidden
         rows.append(dict(model="mlp-0.5M", P=P, path=f"traker unavailable: {type(e).__name__}: {str(e)[:100]}"))
     return rows
-
-
-def agreement(backends: list[str]) -> float:
-    """Largest relative difference of any GPU backend from the CPU reference (fp32 input)."""
-    g = torch.Generator().manual_seed(1)
-    xa = torch.randn(4, 30011, generator=g)
-    worst = 0.0
-    for method in ("dense", "sparse", "signshift"):
-        ref = ops.project(xa, k=512, method=method, backend="torch")
-        for b in backends:
-            worst = max(worst, max_rel_err(ops.project(xa.cuda(), k=512, method=method, backend=b).cpu(), ref))
-    dl, xx = torch.randn(3, 2, 300, generator=g), torch.randn(3, 2, 170, generator=g)
-    ref = ops.tensorsketch(dl, xx, k=1000, seed=2, backend="torch")
-    for b in backends:
-        worst = max(worst, max_rel_err(ops.tensorsketch(dl.cuda(), xx.cuda(), k=1000, seed=2, backend=b).cpu(), ref))
-    return worst
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -259,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
     fz_rows = bench_featurize(args)
     print()
     print(table(fz_rows, ["model", "P", "path", "B", "samples_s"]), flush=True)
-    worst = agreement(backends)
+    worst = backend_agreement(backends, sketch=True)
 
     acceptance = {}
     P, k = max(r["P"] for r in results), max(r["k"] for r in results)

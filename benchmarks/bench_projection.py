@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import criterion, machine, read_bandwidth, table, timeit, write_json  # noqa: E402
+from _common import backend_agreement, criterion, machine, read_bandwidth, table, timeit, write_json  # noqa: E402
 
 from cupid_engine import ops  # noqa: E402
 
@@ -163,16 +163,7 @@ def run(args: argparse.Namespace) -> dict:
     acceptance["tensorsketch_speedup_vs_materialise_sparse_T1"] = criterion(t1["speedup"], 20)
     acceptance["tensorsketch_err_ratio_vs_gaussian_jl_T1"] = criterion(t1["err_ratio"], 1.25, higher_is_better=False)
     # Backend agreement on the same inputs and seed (fp32), the torch reference as base.
-    g = torch.Generator().manual_seed(1)
-    xa = torch.randn(4, 30011, generator=g)
-    worst = 0.0
-    for method in ("dense", "sparse", "signshift"):
-        ref = ops.project(xa, k=512, method=method, backend="torch")
-        for b in backends:
-            if b != "torch":
-                from cupid_engine.ops.tolerances import max_rel_err
-
-                worst = max(worst, max_rel_err(ops.project(xa.to("cuda" if b in ("cuda", "triton") else "cpu"), k=512, method=method, backend=b), ref))
+    worst = backend_agreement(backends)
     acceptance["backends_max_rel_diff_vs_torch"] = criterion(worst, 1e-5, higher_is_better=False)
     print("\nacceptance:")
     for name, c in acceptance.items():
