@@ -13,8 +13,10 @@ One run on a CUDA machine prints, side by side:
   marked ``est``);
 * ``tensorsketch`` on a 1024x1024 Linear layer, T in {1, 16}, B = 256, k = 4096, per GPU
   backend, against materialising sum_t delta_t x_t^T and projecting it with ``sparse``;
-* featurisation of the 0.55M-parameter MLP on the GPU: hooks + tensorsketch vs traker's
-  own pipeline (``FunctionalGradientComputer`` + ``CudaProjector``) on the same device;
+* featurisation on the GPU of the 0.55M-parameter MLP (``loss``) and the 1.2M-parameter
+  diffusion UNet (``square``, 64 noise draws per sample): hooks + tensorsketch vs
+  forward+backward alone vs traker's own pipeline (``FunctionalGradientComputer`` +
+  ``CudaProjector``) on the same device;
 * agreement: the largest relative difference of every GPU backend from the CPU reference
   on the same fp32 input and seed (features are interchangeable across devices).
 
@@ -161,53 +163,62 @@ def bench_tensorsketch(args, backends: list[str]) -> list[dict]:
 
 
 def bench_featurize(args) -> list[dict]:
+    """Hook path vs forward+backward alone vs traker's pipeline, per model, on the GPU."""
     from cupid_engine.featurize import Featurizer, ProjectionConfig
-    from cupid_engine.policies import MLPPolicy, MLPPolicyConfig
+    from cupid_engine.policies import DiffusionPolicy, DiffusionPolicyConfig, MLPPolicy, MLPPolicyConfig
 
-    obs_dim, action_dim, k = 40, 7, 4096
-    policy = MLPPolicy(MLPPolicyConfig(obs_dim=obs_dim, action_dim=action_dim)).cuda().eval()
-    c, P = policy.config, policy.num_parameters()
+    obs_dim, action_dim, k, draws = 40, 7, 4096, 64
+    models = [("mlp-0.5M", MLPPolicy(MLPPolicyConfig(obs_dim=obs_dim, action_dim=action_dim)), "loss",
+               [1024] if args.quick else [1024, 8192], 256)]
+    if not args.quick:  # UNet `square`: one sample is `draws` network rows
+        models.append(("unet-1.2M", DiffusionPolicy(DiffusionPolicyConfig(obs_dim=obs_dim, action_dim=action_dim)),
+                       "square", [64, 256], 16))
     rows = []
-    for B in ([1024] if args.quick else [1024, 8192]):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        batch = {
-            "obs": torch.randn(B, c.n_obs_steps, c.obs_dim, device="cuda", generator=g),
-            "action": torch.randn(B, c.horizon, c.action_dim, device="cuda", generator=g),
-            "episode_key": torch.arange(B, dtype=torch.int64, device="cuda") * 7919,
-            "step": torch.arange(B, dtype=torch.int64, device="cuda"),
-        }
-        f = Featurizer(policy, "loss", ProjectionConfig(k=k), policy_hash="bench")
-        t = cuda_time(lambda: f(batch), repeats=5)
-        rows.append(dict(model="mlp-0.5M", P=P, path="hooks+tensorsketch [cuda]", B=B, samples_s=B / t))
+    for name, policy, output, batches, Bt in models:
+        policy = policy.cuda().eval()
+        c, P = policy.config, policy.num_parameters()
+        for B in batches:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            batch = {
+                "obs": torch.randn(B, c.n_obs_steps, c.obs_dim, device="cuda", generator=g),
+                "action": torch.randn(B, c.horizon, c.action_dim, device="cuda", generator=g),
+                "episode_key": torch.arange(B, dtype=torch.int64, device="cuda") * 7919,
+                "step": torch.arange(B, dtype=torch.int64, device="cuda"),
+            }
+            f = Featurizer(policy, output, ProjectionConfig(k=k), draws=draws, policy_hash="bench")
+            t = cuda_time(lambda: f(batch), repeats=5)
+            rows.append(dict(model=name, P=P, output=output, path="hooks+tensorsketch [cuda]", B=B, samples_s=B / t))
 
-        def fwd_bwd():
+            def fwd_bwd():
+                policy.zero_grad(set_to_none=True)
+                policy(batch, output=output, draws=draws).sum().backward()
+
+            t = cuda_time(fwd_bwd, repeats=5)
+            rows.append(dict(model=name, P=P, output=output, path="forward+backward only", B=B, samples_s=B / t))
             policy.zero_grad(set_to_none=True)
-            policy(batch, output="loss").sum().backward()
+        # traker's pipeline on the same device: per-sample gradients (torch.func) + CudaProjector.
+        try:
+            from trak.gradient_computers import FunctionalGradientComputer
+            from trak.utils import vectorize
 
-        t = cuda_time(fwd_bwd, repeats=5)
-        rows.append(dict(model="mlp-0.5M", P=P, path="forward+backward only", B=B, samples_s=B / t))
-        policy.zero_grad(set_to_none=True)
-    # traker's pipeline on the same device: per-sample gradients (torch.func) + CudaProjector.
-    try:
-        from trak.gradient_computers import FunctionalGradientComputer
-        from trak.utils import vectorize
+            gc = FunctionalGradientComputer(policy, traker_policy_output(output, draws), grad_dim=P,
+                                            dtype=torch.float32, device=torch.device("cuda"))
+            fj, why = _fast_jl_projector(P, k, 32)
+            if fj is None:
+                raise RuntimeError(why)
+            bt = [batch[n][:Bt] for n in ("obs", "action", "episode_key", "step")]
 
-        Bt = 256
-        gc = FunctionalGradientComputer(policy, traker_policy_output("loss"), grad_dim=P, dtype=torch.float32,
-                                        device=torch.device("cuda"))
-        fj, why = _fast_jl_projector(P, k, 32)
-        if fj is None:
-            raise RuntimeError(why)
-        bt = [batch[n][:Bt] for n in ("obs", "action", "episode_key", "step")]
+            def traker():
+                grads = vectorize(gc.compute_per_sample_grad(bt), device=torch.device("cuda"))
+                return torch.cat([fj.project(grads[i : i + 32], model_id=0) for i in range(0, Bt, 32)])
 
-        def traker():
-            grads = vectorize(gc.compute_per_sample_grad(bt), device=torch.device("cuda"))
-            return torch.cat([fj.project(grads[i : i + 32], model_id=0) for i in range(0, Bt, 32)])
-
-        t = cuda_time(traker, repeats=3)
-        rows.append(dict(model="mlp-0.5M", P=P, path="traker (FunctionalGC + CudaProjector)", B=Bt, samples_s=Bt / t))
-    except Exception as e:  # noqa: BLE001 - a missing peer is reported, not hidden
-        rows.append(dict(model="mlp-0.5M", P=P, path=f"traker unavailable: {type(e).__name__}: {str(e)[:100]}"))
+            t = cuda_time(traker, repeats=3, warmup=1)
+            rows.append(dict(model=name, P=P, output=output, path="traker (FunctionalGC + CudaProjector)", B=Bt,
+                             samples_s=Bt / t))
+        except Exception as e:  # noqa: BLE001 - a missing peer is reported, not hidden
+            rows.append(dict(model=name, P=P, path=f"traker unavailable: {type(e).__name__}: {str(e)[:100]}"))
+        del policy
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -228,7 +239,7 @@ def run(args: argparse.Namespace) -> dict:
                           "speedup"]), flush=True)
     fz_rows = bench_featurize(args)
     print()
-    print(table(fz_rows, ["model", "P", "path", "B", "samples_s"]), flush=True)
+    print(table(fz_rows, ["model", "P", "output", "path", "B", "samples_s"]), flush=True)
     worst = backend_agreement(backends, sketch=True)
 
     acceptance = {}
