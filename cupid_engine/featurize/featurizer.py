@@ -40,7 +40,6 @@ FEATURIZER_VERSION = 1
 """Bumped whenever the same inputs would produce different features (e.g. layer seeding)."""
 
 
-
 @contextlib.contextmanager
 def exact_float32(device: torch.device) -> Iterator[None]:
     """IEEE float32 matmuls and convolutions on a CUDA device for the duration.
@@ -53,13 +52,21 @@ def exact_float32(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = (mm.fp32_precision, conv.fp32_precision)
-    mm.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+    mm, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(mm, "fp32_precision") and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        saved = (mm.fp32_precision, conv.fp32_precision)
+        mm.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            mm.fp32_precision, conv.fp32_precision = saved
+        return
+    saved = (mm.allow_tf32, torch.backends.cudnn.allow_tf32)  # the flags older torch reads
+    mm.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        mm.fp32_precision, conv.fp32_precision = saved
+        mm.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class Featurizer:
