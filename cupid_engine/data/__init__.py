@@ -11,12 +11,15 @@ validation (``schema``), and one streaming reader per format the engine must sco
   record CRCs checked, for million-episode mixtures.
 * ``replay``: diffusion_policy zarr replay buffers, the format its policies train on.
 
+Episodes carry images (``Episode.images``: camera key -> ``uint8 [T, H, W, C]``, lazily
+decoded) and language (``Episode.task``); see :mod:`cupid_engine.data.episode`.
+
 Every reader implements :class:`EpisodeSource` (``catalog``, ``episodes``, ``shards``,
 ``iter_shard``); :func:`open_source` picks one from what is on disk.
 """
 
-from cupid_engine.data._util import escape_id
-from cupid_engine.data.episode import Episode
+from cupid_engine.data._util import UnknownKeyError, escape_id
+from cupid_engine.data.episode import Episode, ImageSequence
 from cupid_engine.data.lerobot import LeRobotDataset, open_dataset, write_dataset
 from cupid_engine.data.replay import ReplayBufferDataset, write_replay_buffer
 from cupid_engine.data.rlds import RLDSDataset, TFRecordError, write_rlds
@@ -38,11 +41,13 @@ __all__ = [
     "EpisodeSource",
     "EpisodeValidator",
     "FormatError",
+    "ImageSequence",
     "LeRobotDataset",
     "RLDSDataset",
     "ReplayBufferDataset",
     "RobomimicDataset",
     "TFRecordError",
+    "UnknownKeyError",
     "detect_format",
     "episodes_table",
     "escape_id",

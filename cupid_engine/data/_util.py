@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -50,6 +50,71 @@ def join_inside(root: str, relative: str, *, what: str) -> str:
     if relative.startswith(("/", "\\")) or norm == ".." or norm.startswith("../") or "\\" in relative or ":" in relative:
         raise FormatError(f"{what}: path {relative!r} escapes the dataset root {root!r}")
     return posixpath.join(root, norm)
+
+
+class UnknownKeyError(KeyError):
+    """Requested observation/image keys that a dataset does not have.
+
+    The message names the missing keys and lists every key the dataset has (low-dimensional
+    and image), so ``--obs-keys`` typos and wrong camera names are fixed in one go.
+    """
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+def select_keys(
+    requested: Iterable[str] | None,
+    lowdim: Iterable[str],
+    images: Iterable[str],
+    *,
+    where: str,
+    skipped: Mapping[str, str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Split a requested key list into ``(low-dimensional keys, image keys)``, sorted.
+
+    Args:
+        requested: Keys asked for (``--obs-keys``); None selects every readable key.
+        lowdim: The dataset's low-dimensional observation keys.
+        images: The dataset's camera (image) keys.
+        where: The dataset, named in errors.
+        skipped: Keys the dataset has but this reader cannot use, with the reason
+            (e.g. ``"depth map float32 [84, 84, 1]"``); asked for, they are refused by name.
+
+    Raises:
+        UnknownKeyError: Naming each unknown key and listing what the dataset has.
+    """
+    lowdim, images = sorted(lowdim), sorted(images)
+    if requested is None:
+        return lowdim, images
+    requested = [requested] if isinstance(requested, str) else list(requested)
+    skipped = dict(skipped or {})
+    bad = [k for k in requested if k not in lowdim and k not in images]
+    if bad:
+        why = "; ".join(f"{k!r} is {skipped[k]}" for k in bad if k in skipped)
+        raise UnknownKeyError(
+            f"{where}: observation key(s) {bad} not found"
+            + (f" ({why}, which cannot be read as an observation or image)" if why else "")
+            + f"; the dataset has low-dimensional keys {lowdim} and image keys {images}"
+        )
+    return sorted(k for k in set(requested) if k in lowdim), sorted(k for k in set(requested) if k in images)
+
+
+def task_from_instructions(texts: Sequence[str], metadata: dict[str, Any]) -> str:
+    """Episode task text from per-step instructions (the first step's).
+
+    When the instruction changes within the episode, ``metadata["instructions"]`` gets
+    ``[[start_step, text], ...]`` for every run, so nothing is dropped.
+    """
+    if not texts:
+        return ""
+    runs = [[0, texts[0]]]
+    for i, t in enumerate(texts):
+        if t != runs[-1][1]:
+            runs.append([i, t])
+    if len(runs) > 1:
+        metadata["instructions"] = runs
+    return texts[0]
 
 
 def check_split(split: str | None) -> None:

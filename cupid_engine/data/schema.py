@@ -9,7 +9,9 @@ Two tables describe a dataset:
 * the **step-level** table (:func:`step_schema`): one row per step with ``episode_index``,
   ``frame_index``, one ``observation.<key>`` column per observation key and ``action``,
   each a ``fixed_size_list<float32>[d]`` so a column converts to a ``[rows, d]`` array
-  without copying.
+  without copying, and one ``observation.images.<key>`` column per camera holding each
+  frame as an encoded image (:data:`IMAGE_STRUCT`: ``{bytes, path}``, LeRobot's and
+  Hugging Face ``datasets``' ``Image`` layout; PNG, so decoding gives the exact pixels).
 
 Validation lives here so that every path into the engine rejects the same bad input with
 the same message, naming the episode and the field: duplicate ids, length-0 episodes,
@@ -31,7 +33,10 @@ from cupid_engine.constants import SPLITS
 from cupid_engine.data.episode import Episode
 
 OBS_PREFIX = "observation."
+IMAGE_PREFIX = "observation.images."
 ACTION_COLUMN = "action"
+IMAGE_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+"""Step-level image cell: encoded bytes (PNG) and an optional file path (None here)."""
 
 EPISODE_SCHEMA = pa.schema(
     [
@@ -99,13 +104,17 @@ def validate_episode(
     *,
     obs_dims: Mapping[str, int] | None = None,
     action_dim: int | None = None,
+    image_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Check one episode on its own and, if given, against the dataset's dimensions.
+
+    Images are checked by shape only (``[T, H, W, C]``, uint8): lazy views are not decoded.
 
     Args:
         episode: The episode to check.
         obs_dims: Expected ``observation key -> width``; keys must match exactly.
         action_dim: Expected action width ``A``.
+        image_shapes: Expected ``camera key -> (H, W, C)``; keys must match exactly.
 
     Raises:
         EpisodeError: Naming the episode and the field, for length 0, zero-width or
@@ -139,6 +148,15 @@ def validate_episode(
             )
         _check_finite(eid, OBS_PREFIX + key, arr)
     _check_finite(eid, ACTION_COLUMN, episode.actions)
+    if image_shapes is not None:
+        got = episode.image_shapes
+        if set(got) != set(image_shapes):
+            raise EpisodeError(eid, "images", f"camera keys {sorted(got)} differ from the dataset's {sorted(image_shapes)}")
+        for key, shape in got.items():
+            if tuple(shape) != tuple(image_shapes[key]):
+                raise EpisodeError(
+                    eid, IMAGE_PREFIX + key, f"has frames {tuple(shape)}, expected {tuple(image_shapes[key])} like the rest of the dataset"
+                )
     metadata_json(episode)
 
 
@@ -152,13 +170,15 @@ def _check_finite(eid: str, field: str, arr: np.ndarray) -> None:
 class EpisodeValidator:
     """Streaming validation: checks each episode and its consistency with the earlier ones.
 
-    The first episode fixes the observation keys and widths and the action width; ids
-    are remembered (a set of strings, not the episodes) to reject duplicates.
+    The first episode fixes the observation keys and widths, the camera keys and frame
+    shapes and the action width; ids are remembered (a set of strings, not the episodes)
+    to reject duplicates.
     """
 
     def __init__(self) -> None:
         self.obs_dims: dict[str, int] | None = None
         self.action_dim: int | None = None
+        self.image_shapes: dict[str, tuple[int, int, int]] | None = None
         self._seen: set[str] = set()
 
     def __call__(self, episode: Episode) -> Episode:
@@ -171,10 +191,11 @@ class EpisodeValidator:
             raise TypeError(f"expected an Episode, got {type(episode).__name__}")
         if episode.episode_id in self._seen:
             raise EpisodeError(episode.episode_id, "episode_id", "duplicate episode id")
-        validate_episode(episode, obs_dims=self.obs_dims, action_dim=self.action_dim)
+        validate_episode(episode, obs_dims=self.obs_dims, action_dim=self.action_dim, image_shapes=self.image_shapes)
         if self.obs_dims is None:
             self.obs_dims = {k: int(v.shape[1]) for k, v in episode.observations.items()}
             self.action_dim = int(episode.actions.shape[1])
+            self.image_shapes = episode.image_shapes
         self._seen.add(episode.episode_id)
         return episode
 
@@ -230,14 +251,17 @@ def episodes_table(episodes: Iterable[Episode], *, validate: bool = True) -> pa.
     return rows_table(rows)
 
 
-def step_schema(obs_dims: Mapping[str, int], action_dim: int) -> pa.Schema:
-    """Step-level schema: ``episode_index``, ``frame_index``, ``observation.<key>``, ``action``.
+def step_schema(obs_dims: Mapping[str, int], action_dim: int, image_keys: Iterable[str] = ()) -> pa.Schema:
+    """Step-level schema: ``episode_index``, ``frame_index``, ``observation.<key>``,
+    ``observation.images.<camera>`` (:data:`IMAGE_STRUCT`), ``action``.
 
-    Observation columns follow sorted key order so two writers of the same data agree.
+    Observation and image columns follow sorted key order so two writers of the same data agree.
     """
     fields = [pa.field("episode_index", pa.int64(), nullable=False), pa.field("frame_index", pa.int64(), nullable=False)]
     for key in sorted(obs_dims):
         fields.append(pa.field(OBS_PREFIX + key, pa.list_(pa.float32(), int(obs_dims[key])), nullable=False))
+    for key in sorted(image_keys):
+        fields.append(pa.field(IMAGE_PREFIX + key, IMAGE_STRUCT, nullable=False))
     fields.append(pa.field(ACTION_COLUMN, pa.list_(pa.float32(), int(action_dim)), nullable=False))
     return pa.schema(fields)
 
