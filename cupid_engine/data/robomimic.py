@@ -12,9 +12,14 @@ file per task::
     mask/<filter_key>         [M] byte strings naming demos ("demo_3")
 
 Filter keys carry both the split (``train``/``valid``, mapped to train/holdout) and, in
-MH datasets, the operator-quality tier (``better``, ``okay``, ``worse``, and per-operator
-keys such as ``better_operator_1_train``, matched by prefix). Outcomes: success is the
-last ``done`` (or any positive reward, configurable); return is the sum of rewards.
+MH datasets, the operator-quality tier. Every layout robomimic itself produces is read
+(see :func:`classify_filter_key`): single-tier keys (``better``, ``okay``, ``worse``) and
+per-operator keys (``better_operator_1``) give the tier; combined tiers (``okay_better``,
+``worse_better``, ``worse_okay``), subsets (``20_percent``) and the ``_train``/``_valid``
+variants robomimic's ``split_train_val.py`` writes for any key are kept as metadata
+(``filter_keys``, ``operator``). ``filter_key=`` selects exactly the demos robomimic's
+``get_demos_for_filter_key`` returns. Outcomes: success is the last ``done`` (or any
+positive reward, configurable); return is the sum of rewards.
 
 The reader opens the file per call (safe under fork and Ray) and reads one demo at a time.
 """
@@ -54,15 +59,20 @@ class RobomimicDataset:
 
     Args:
         path: The ``.hdf5`` file.
-        split_map: Filter key -> split (default ``{"train": "train", "valid": "holdout"}``).
+        split_map: Filter key -> split. Default ``{"train": "train", "valid": "holdout"}``;
+            with ``filter_key=K`` it is ``{K_train: train, K_valid: holdout}`` when the file
+            has those keys, and when ``K`` itself ends in ``_train``/``_valid`` every
+            selected demo gets that split.
         default_split: Split of demos in none of the ``split_map`` filter keys.
-        tier_prefixes: Tier names; a demo is in tier ``t`` if a filter key equal to ``t``
-            or starting with ``t + "_"`` lists it.
+        tier_prefixes: Tier names. A demo's tier comes from the single-tier keys (``t``,
+            ``t_operator_N`` and their ``_train``/``_valid`` variants); combined keys such
+            as ``okay_better`` are metadata. A demo listed under two tiers is an error.
         success: ``"done"`` (last ``dones`` entry), ``"reward"`` (any reward > 0) or
             ``"none"`` (unknown).
         obs_keys: Observation keys to read (default: every low-dimensional key of the
             first demo, i.e. datasets with at most 2 dimensions).
-        filter_key: Only the demos listed by this filter key.
+        filter_key: Only the demos listed by this filter key (``mask/<filter_key>``),
+            exactly robomimic's ``get_demos_for_filter_key``; in demo order.
         source: Source name (default: demo attribute ``source``, else the file stem).
         task: Task name (default: demo attribute ``task``, else ``env_args.env_name``).
         demos_per_shard: Demos per unit of :meth:`shards`.
@@ -105,11 +115,14 @@ class RobomimicDataset:
             env_args = _json_attr(f["data"].attrs.get("env_args"), self.path, "data.attrs['env_args']")
             self._env_name = str(env_args.get("env_name", "")) if isinstance(env_args, dict) else ""
             masks = self._read_masks(f, set(names))
+            self._split_all: str | None = None
             if filter_key is not None:
                 if filter_key not in masks:
                     raise KeyError(f"{self.path}: no filter key {filter_key!r} (have {sorted(masks)})")
                 keep = set(masks[filter_key])
                 names = [n for n in names if n in keep]
+                if split_map is None:
+                    self._split_map, self._split_all = _filter_key_splits(filter_key, masks)
             if not names:
                 raise FormatError(f"{self.path}: no demos{'' if filter_key is None else f' in filter key {filter_key!r}'}")
             first = f["data"][names[0]]
@@ -140,24 +153,42 @@ class RobomimicDataset:
             unknown = [v for v in values if v not in demos]
             if unknown:
                 raise FormatError(f"{self.path}: mask/{key} names demos that do not exist: {unknown[:5]}")
+            if len(set(values)) != len(values):
+                dup = next(v for v in values if values.count(v) > 1)
+                raise FormatError(f"{self.path}: mask/{key} lists {dup} more than once")
             out[key] = values
         return out
 
     def _labels(self, masks: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, str]]:
         split_of: dict[str, str] = {}
         tier_of: dict[str, str] = {}
-        for key, demos in masks.items():
+        tier_key: dict[str, str] = {}
+        keys_of: dict[str, list[str]] = {}
+        operator_of: dict[str, set[str]] = {}
+        for key, demos in sorted(masks.items()):
             if key in self._split_map:
                 for d in demos:
                     prev = split_of.setdefault(d, self._split_map[key])
                     if prev != self._split_map[key]:
                         raise FormatError(f"{self.path}: {d} is in filter keys for both {prev!r} and {self._split_map[key]!r}")
-            tier = next((t for t in self._tiers if key == t or key.startswith(t + "_")), None)
+            kind, tier, base = classify_filter_key(key, self._tiers)
+            for d in demos:
+                keys_of.setdefault(d, []).append(key)
+                if kind == "operator":
+                    operator_of.setdefault(d, set()).add(base)
             if tier is not None:
                 for d in demos:
                     prev = tier_of.setdefault(d, tier)
                     if prev != tier:
-                        raise FormatError(f"{self.path}: {d} is in filter keys of tiers {prev!r} and {tier!r}")
+                        raise FormatError(
+                            f"{self.path}: {d} is in filter keys of tiers {prev!r} and {tier!r} "
+                            f"({tier_key[d]!r} and {key!r})"
+                        )
+                    tier_key.setdefault(d, key)
+        if self._split_all is not None:
+            split_of = dict.fromkeys(keys_of, self._split_all)
+        self._filter_keys_of = keys_of
+        self._operator_of = {d: sorted(ops) for d, ops in operator_of.items()}
         return split_of, tier_of
 
     # -- public API -------------------------------------------------------------------
@@ -238,6 +269,13 @@ class RobomimicDataset:
             success = None
         ret = None if rewards is None else float(np.sum(rewards, dtype=np.float64))
         meta = g.attrs.get("metadata")
+        if meta is None:
+            # An upstream file: the filter keys that are not tiers or splits are kept here.
+            extra: dict[str, Any] = {"demo": name, "filter_keys": self._filter_keys_of.get(name, [])}
+            ops = self._operator_of.get(name, [])
+            if ops:
+                extra["operator"] = ops[0] if len(ops) == 1 else ops
+            meta = json.dumps(extra)
         return {
             "episode_id": eid,
             "split": self._split_of.get(name, self._default_split),
@@ -275,6 +313,52 @@ class RobomimicDataset:
         )
         validate_episode(ep, obs_dims=self._obs_dims, action_dim=self._action_dim)
         return ep
+
+
+_SPLIT_SUFFIXES = ("_train", "_valid")
+
+
+def classify_filter_key(key: str, tiers: Iterable[str]) -> tuple[str, str | None, str]:
+    """What a robomimic filter key means: ``(kind, tier, base)``.
+
+    robomimic's ``split_train_val.py`` adds ``K_train``/``K_valid`` beside any key ``K``
+    (and plain ``train``/``valid``); ``base`` is the key without that suffix. ``kind`` is
+
+    * ``"split"``: ``train`` or ``valid``;
+    * ``"tier"``: ``base`` is one tier name (``better``), which ``tier`` gives;
+    * ``"operator"``: ``base`` is ``<tier>_operator_<n>`` (one operator of that tier);
+    * ``"combined"``: ``base`` joins two or more tier names (``okay_better``, the union
+      of those tiers in the MH datasets): no single tier, so ``tier`` is None;
+    * ``"other"``: anything else (``20_percent``, user keys).
+    """
+    tiers = tuple(tiers)
+    if key in ("train", "valid"):
+        return "split", None, key
+    base = key
+    for suffix in _SPLIT_SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            base = key[: -len(suffix)]
+            break
+    if base in tiers:
+        return "tier", base, base
+    m = re.fullmatch(r"(.+)_operator_\d+", base)
+    if m and m.group(1) in tiers:
+        return "operator", m.group(1), base
+    parts = base.split("_")
+    if len(parts) > 1 and all(p in tiers for p in parts) and len(set(parts)) == len(parts):
+        return "combined", None, base
+    return "other", None, base
+
+
+def _filter_key_splits(filter_key: str, masks: Mapping[str, list[str]]) -> tuple[dict[str, str], str | None]:
+    """Default split labelling when only the demos of ``filter_key`` are read."""
+    train, valid = f"{filter_key}_train", f"{filter_key}_valid"
+    if train in masks or valid in masks:
+        return {train: "train", valid: "holdout"}, None
+    for suffix, split in (("train", "train"), ("valid", "holdout")):
+        if filter_key == suffix or filter_key.endswith("_" + suffix):
+            return {}, split
+    return dict(DEFAULT_SPLIT_MAP), None
 
 
 def open_robomimic(path: str | os.PathLike, **options: Any) -> RobomimicDataset:

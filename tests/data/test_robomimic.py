@@ -110,16 +110,22 @@ def test_bad_files(tmp_path, rng):
     path = tmp_path / "bad.hdf5"
     _write_mh(path, rng, n=3)
     with h5py.File(path, "r+") as f:
-        f["mask"].create_dataset("okay_2", data=np.array([b"demo_0"]))
+        f["mask"].create_dataset("okay_operator_3", data=np.array([b"demo_0"]))
         f["mask"].create_dataset("ghost", data=np.array([b"demo_77"]))
     with pytest.raises(FormatError, match="demo_77"):
         RobomimicDataset(path)
     with h5py.File(path, "r+") as f:
         del f["mask/ghost"]
-    with pytest.raises(FormatError, match="demo_0 is in filter keys of tiers 'better' and 'okay'"):
+    with pytest.raises(FormatError, match="demo_0 is in filter keys of tiers 'better' and 'okay' .'better_operator_1' and 'okay_operator_3'"):
         RobomimicDataset(path)
     with h5py.File(path, "r+") as f:
-        del f["mask/okay_2"]
+        f["mask"].create_dataset("twice", data=np.array([b"demo_1", b"demo_1"]))
+    with pytest.raises(FormatError, match="mask/twice lists demo_1 more than once"):
+        RobomimicDataset(path)
+    with h5py.File(path, "r+") as f:
+        del f["mask/twice"]
+    with h5py.File(path, "r+") as f:
+        del f["mask/okay_operator_3"]
         f["data/demo_1"].attrs["num_samples"] = 99
     with pytest.raises(FormatError, match="demo_1.*num_samples=99"):
         RobomimicDataset(path).catalog()
@@ -154,3 +160,103 @@ def test_reader_names_bad_demo(tmp_path, rng):
         f["data/demo_2"].create_dataset("actions", data=np.zeros((f["data/demo_2"].attrs["num_samples"], 6)))
     with pytest.raises(EpisodeError, match=r"'demo_2'.*'action'.*width 6, expected 7"):
         list(RobomimicDataset(path).episodes(ids=["demo_2"]))
+
+
+def _write_real_mh(path, rng, per_tier=4):
+    """Every filter key robomimic's MH files carry, built the way robomimic builds them.
+
+    Tiers ``better``/``okay``/``worse`` with two operators each (``<tier>_operator_<n>``),
+    the combined tiers ``okay_better``/``worse_better``/``worse_okay`` (unions), subsets
+    ``20_percent``/``50_percent``, global ``train``/``valid``, and ``K_train``/``K_valid``
+    for every key ``K``, each drawn independently as ``split_train_val.py`` does.
+    """
+    tiers = ("better", "okay", "worse")
+    n = per_tier * len(tiers)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "PickPlaceCan", "type": 1, "env_kwargs": {}})
+        for i in range(n):
+            T = int(rng.integers(2, 6))
+            g = data.create_group(f"demo_{i}")
+            g.attrs["num_samples"] = T
+            g.create_dataset("obs/object", data=rng.standard_normal((T, 14)))
+            g.create_dataset("actions", data=rng.uniform(-1, 1, (T, 7)))
+            g.create_dataset("rewards", data=np.r_[np.zeros(T - 1), 1.0])
+            g.create_dataset("dones", data=np.r_[np.zeros(T - 1, np.int64), 1])
+        masks = {}
+        order = rng.permutation(n)  # demos of a tier are not contiguous in real files
+        for t, tier in enumerate(tiers):
+            members = sorted(int(d) for d in order[t * per_tier : (t + 1) * per_tier])
+            masks[tier] = members
+            half = per_tier // 2
+            masks[f"{tier}_operator_1"], masks[f"{tier}_operator_2"] = members[:half], members[half:]
+        masks["okay_better"] = sorted(masks["okay"] + masks["better"])
+        masks["worse_better"] = sorted(masks["worse"] + masks["better"])
+        masks["worse_okay"] = sorted(masks["worse"] + masks["okay"])
+        masks["20_percent"] = sorted(int(d) for d in rng.choice(n, max(1, n // 5), replace=False))
+        masks["50_percent"] = sorted(int(d) for d in rng.choice(n, n // 2, replace=False))
+        valid = sorted(int(d) for d in rng.choice(n, max(1, n // 10), replace=False))
+        masks["train"], masks["valid"] = [d for d in range(n) if d not in valid], valid
+        for key in [k for k in masks if k not in ("train", "valid")]:
+            members = list(masks[key])
+            val = sorted(int(d) for d in rng.choice(members, max(1, len(members) // 10), replace=False))
+            masks[f"{key}_train"], masks[f"{key}_valid"] = [d for d in members if d not in val], val
+        m = f.create_group("mask")
+        for key, members in masks.items():
+            # robomimic stores the names in no particular order; shuffle to prove we do not rely on it
+            names = [f"demo_{d}" for d in rng.permutation(members)]
+            m.create_dataset(key, data=np.array([x.encode() for x in names], dtype="S"))
+    return masks
+
+
+def _get_demos_for_filter_key(path, key):
+    """robomimic.utils.file_utils.get_demos_for_filter_key, restated: the names in mask/<key>."""
+    with h5py.File(path, "r") as f:
+        return [elem.decode("utf-8") for elem in np.array(f[f"mask/{key}"][:])]
+
+
+def test_reads_every_mh_filter_key_layout(tmp_path, rng):
+    path = tmp_path / "can_mh.hdf5"
+    masks = _write_real_mh(path, rng)
+    ds = RobomimicDataset(path)  # combined keys beside tier keys used to be refused
+    cat = ds.catalog().to_pylist()
+    tier_of = {f"demo_{d}": t for t in ("better", "okay", "worse") for d in masks[t]}
+    assert [r["tier"] for r in cat] == [tier_of[r["episode_id"]] for r in cat]
+    valid = {f"demo_{d}" for d in masks["valid"]}
+    assert [r["split"] for r in cat] == ["holdout" if r["episode_id"] in valid else "train" for r in cat]
+    meta = {r["episode_id"]: json.loads(r["metadata"]) for r in cat}
+    for d in range(len(cat)):
+        keys = sorted(k for k, members in masks.items() if d in members)
+        assert meta[f"demo_{d}"]["filter_keys"] == keys
+        op = next(f"{tier_of[f'demo_{d}']}_operator_{i}" for i in (1, 2) if d in masks[f"{tier_of[f'demo_{d}']}_operator_{i}"])
+        assert meta[f"demo_{d}"]["operator"] == op
+    for key in masks:
+        sel = RobomimicDataset(path, filter_key=key)
+        want = _get_demos_for_filter_key(path, key)
+        got = [e.episode_id for e in sel.episodes()]
+        assert sorted(got) == sorted(want) and len(got) == len(want), key
+        assert got == sorted(got, key=lambda x: int(x[5:])), key  # robomimic's demo order
+        # tiers come from the whole file, whatever is selected
+        assert sel.catalog().column("tier").to_pylist() == [tier_of[e] for e in got], key
+    better = RobomimicDataset(path, filter_key="better").catalog()
+    better_valid = {f"demo_{d}" for d in masks["better_valid"]}
+    assert better.column("split").to_pylist() == [
+        "holdout" if e in better_valid else "train" for e in better.column("episode_id").to_pylist()
+    ]
+    assert set(RobomimicDataset(path, filter_key="okay_better_valid").catalog().column("split").to_pylist()) == {"holdout"}
+    assert set(RobomimicDataset(path, filter_key="worse_okay_train").catalog().column("split").to_pylist()) == {"train"}
+    untiered = RobomimicDataset(path, tier_prefixes=())
+    assert set(untiered.catalog().column("tier").to_pylist()) == {None}
+
+
+def test_classify_filter_key():
+    from cupid_engine.data.robomimic import classify_filter_key
+
+    tiers = ("better", "okay", "worse")
+    assert classify_filter_key("valid", tiers) == ("split", None, "valid")
+    assert classify_filter_key("okay_valid", tiers) == ("tier", "okay", "okay")
+    assert classify_filter_key("worse_operator_2_train", tiers) == ("operator", "worse", "worse_operator_2")
+    assert classify_filter_key("worse_better", tiers) == ("combined", None, "worse_better")
+    assert classify_filter_key("okay_okay", tiers) == ("other", None, "okay_okay")
+    assert classify_filter_key("50_percent_train", tiers) == ("other", None, "50_percent")
+    assert classify_filter_key("expert_operator_1", tiers) == ("other", None, "expert_operator_1")
