@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from cupid_engine.errors import ConfigError
+
 T = TypeVar("T", bound="Config")
 
 
@@ -100,6 +102,6 @@ class Config:
 
 
 def check(cond: bool, msg: str) -> None:
-    """Raise ``ValueError(msg)`` unless ``cond``: used by ``__post_init__`` validators."""
+    """Raise :class:`~cupid_engine.errors.ConfigError` (a ``ValueError``) unless ``cond``."""
     if not cond:
-        raise ValueError(msg)
+        raise ConfigError(msg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Curate robot demonstrations with influence functions.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors too (accepted anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if mod.name.startswith("_"):
@@ -30,15 +33,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; user errors print one line and return 2 (``--debug``: traceback).
+
+    ``--debug`` is accepted anywhere on the command line (or ``CUPID_ENGINE_DEBUG=1``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CUPID_ENGINE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    _configure_logging(verbose=args.verbose)
+    try:
+        rc = args.handler(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place user errors become one line
+        from cupid_engine.errors import is_user_error, one_line
+
+        if debug or not is_user_error(exc):
+            raise  # a bug (or --debug): keep the traceback
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+def _configure_logging(*, verbose: bool) -> None:
+    """cupid_engine's own records at INFO (DEBUG with -v); other libraries only at WARNING.
+
+    Third-party INFO lines (faiss announcing its AVX512 build, ...) are noise to a user,
+    so the root logger stays at WARNING unless ``-v`` asks for everything.
+    """
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    rc = args.handler(args)
-    return int(rc or 0)
+    logging.getLogger("cupid_engine").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 if __name__ == "__main__":

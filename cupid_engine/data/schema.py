@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from cupid_engine.constants import SPLITS
 from cupid_engine.data.episode import Episode
+from cupid_engine.errors import DataError
 
 OBS_PREFIX = "observation."
 IMAGE_PREFIX = "observation.images."
@@ -54,7 +55,7 @@ EPISODE_SCHEMA = pa.schema(
 """Episode-level table: one row per episode, no step data. ``metadata`` is JSON text."""
 
 
-class EpisodeError(ValueError):
+class EpisodeError(DataError):
     """Bad episode content; the message names the episode and the field.
 
     Attributes:
@@ -68,7 +69,7 @@ class EpisodeError(ValueError):
         super().__init__(f"episode {episode_id!r}: field {field!r}: {message}")
 
 
-class FormatError(ValueError):
+class FormatError(DataError):
     """A file does not follow the layout its reader expects; the message names the file."""
 
 

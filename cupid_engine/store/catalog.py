@@ -23,6 +23,7 @@ less selectively.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cupid_engine.constants import SPLITS
+from cupid_engine.errors import ConfigError, DataError, StoreError
 
 CATALOG_NAME = "catalog.parquet"
 
@@ -48,15 +50,42 @@ USER_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("task", pa.string()),
         ("metadata", pa.string()),
+        ("fingerprint", pa.string()),
     ]
 )
-"""Columns a caller provides; only episode_id, split and length are required."""
+"""Columns a caller provides; only episode_id, split and length are required.
+
+``fingerprint`` is the episode's content hash (:func:`episode_fingerprint`, computed
+while its data is read): an id that comes back with other content is refused rather
+than silently taken for the stored one. Catalogs written before it existed read it as
+null (unknown)."""
 
 REQUIRED = ("episode_id", "split", "length")
 
 PLAN_SCHEMA = pa.schema([("shard", pa.int64()), ("row_offset", pa.int64()), ("episode_slot", pa.int64())])
 
 CATALOG_SCHEMA = pa.schema(list(USER_SCHEMA) + list(PLAN_SCHEMA))
+
+LEGACY_NAMES = [n for n in CATALOG_SCHEMA.names if n != "fingerprint"]
+"""Columns of catalogs written before ``fingerprint`` existed (read with it null)."""
+
+
+def episode_fingerprint(actions: np.ndarray, observations: dict[str, np.ndarray]) -> str:
+    """Content hash of one episode: its actions and observations (keys, shapes, float32 bytes).
+
+    Args:
+        actions: ``[T, A]`` actions.
+        observations: key -> ``[T, d]`` observations (hashed in sorted key order).
+
+    Returns:
+        32 hex characters (blake2b-128).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in [("action", actions)] + sorted(observations.items()):
+        a = np.ascontiguousarray(value, dtype=np.float32)
+        h.update(f"{name}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def empty_catalog() -> pa.Table:
@@ -90,21 +119,21 @@ def normalize(table: pa.Table) -> pa.Table:
         raise TypeError(f"add_episodes expects a pyarrow.Table, got {type(table).__name__}")
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
-        raise ValueError(f"episode table lacks required column(s) {missing}")
+        raise DataError(f"episode table lacks required column(s) {missing}")
     unknown = [c for c in table.column_names if c not in USER_SCHEMA.names and c not in PLAN_SCHEMA.names]
     if unknown:
-        raise ValueError(f"episode table has unknown column(s) {unknown}; known: {USER_SCHEMA.names}")
+        raise DataError(f"episode table has unknown column(s) {unknown}; known: {USER_SCHEMA.names}")
     n = table.num_rows
     cols = []
     for fld in USER_SCHEMA:
         if fld.name in table.column_names:
             col = table.column(fld.name)
             if fld.name == "metadata" and not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
-                raise ValueError(f"metadata column must hold JSON strings, got {col.type}")
+                raise DataError(f"metadata column must hold JSON strings, got {col.type}")
             try:
                 col = col.cast(fld.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise ValueError(f"column {fld.name!r} cannot be read as {fld.type}: {exc}") from None
+                raise DataError(f"column {fld.name!r} cannot be read as {fld.type}: {exc}") from None
         else:
             col = pa.nulls(n, fld.type)
         cols.append(col)
@@ -119,15 +148,15 @@ def normalize(table: pa.Table) -> pa.Table:
 
     bad = _first_true(pc.or_kleene(pc.is_null(ids), pc.equal(pc.utf8_length(ids), 0)))
     if bad is not None:
-        raise ValueError(f"episode at table row {bad} has an empty episode_id")
+        raise DataError(f"episode at table row {bad} has an empty episode_id")
     split = out.column("split")
     bad = _first_true(pc.invert(pc.fill_null(pc.is_in(split, value_set=pa.array(SPLITS)), False)))
     if bad is not None:
-        raise ValueError(f"episode {name(bad)}: split {split[bad].as_py()!r} is not one of {SPLITS}")
+        raise DataError(f"episode {name(bad)}: split {split[bad].as_py()!r} is not one of {SPLITS}")
     length = out.column("length")
     bad = _first_true(pc.or_kleene(pc.is_null(length), pc.less_equal(length, 0)))
     if bad is not None:
-        raise ValueError(f"episode {name(bad)}: length must be > 0, got {length[bad].as_py()}")
+        raise DataError(f"episode {name(bad)}: length must be > 0, got {length[bad].as_py()}")
     meta = out.column("metadata")
     if meta.null_count < n:
         for value in pc.unique(meta.drop_null()).to_pylist():
@@ -135,7 +164,7 @@ def normalize(table: pa.Table) -> pa.Table:
                 json.loads(value)
             except ValueError:
                 bad = _first_true(pc.equal(meta, value))
-                raise ValueError(f"episode {name(bad)}: metadata is not valid JSON") from None
+                raise DataError(f"episode {name(bad)}: metadata is not valid JSON") from None
     return out
 
 
@@ -164,7 +193,7 @@ def plan_group(
         One :data:`CATALOG_SCHEMA` table per new shard, in order.
     """
     if not isinstance(shard_size, int) or shard_size <= 0:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+        raise ConfigError(f"shard_size must be a positive int, got {shard_size!r}")
     lengths = np.asarray(new.column("length").to_numpy(zero_copy_only=False), dtype=np.int64)
     out = []
     for s0 in range(0, new.num_rows, shard_size):
@@ -207,7 +236,7 @@ def plan(
     seen = set(existing.column("episode_id").to_pylist())
     for eid in new.column("episode_id").to_pylist():
         if eid in seen:
-            raise ValueError(f"duplicate episode_id {eid!r}")
+            raise DataError(f"duplicate episode_id {eid!r}")
         seen.add(eid)
     state = PlanState(*extent(existing))
     parts = plan_group(new, state, shard_size=shard_size, chunk_rows=chunk_rows, episode_chunk_rows=episode_chunk_rows)
@@ -301,7 +330,7 @@ class ShardPlanBuilder:
         ids = part.column("episode_id").take(pa.array(starts)).to_pylist() if len(starts) else []
         for j, i in enumerate(starts):
             if shard[i] != len(self._row0):
-                raise ValueError(f"catalog shard ids are not consecutive (row {self._n + i}: shard {shard[i]})")
+                raise StoreError(f"catalog shard ids are not consecutive (row {self._n + i}: shard {shard[i]})")
             end = starts[j + 1] if j + 1 < len(starts) else n
             self._first.append(self._n + int(i))
             self._row0.append(int(off[i]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,14 @@ import pyarrow.parquet as pq
 import zarr
 
 from cupid_engine.constants import SCHEMA_VERSION
+from cupid_engine.errors import (
+    DataError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
 from cupid_engine.store import catalog as _catalog
 from cupid_engine.store.config import RunConfig
 
@@ -48,11 +57,11 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MODES = ("r", "r+", "a")
 
 
-class SchemaVersionError(ValueError):
+class SchemaVersionError(StoreError):
     """The store (or a run) was written with another on-disk schema version."""
 
 
-class CorruptChunkError(ValueError):
+class CorruptChunkError(StoreError):
     """A chunk failed its checksum (or could not be decoded); names the episodes it covers."""
 
 
@@ -126,6 +135,41 @@ class _Location:
     def exists(self) -> bool:
         return self.fs.exists(self.path("zarr.json"))
 
+    def is_store(self) -> bool:
+        """Whether ``zarr.json`` is a gradient store's group (not any Zarr data)."""
+        try:
+            raw = self.read_bytes("zarr.json")
+            meta = json.loads(raw) if raw is not None else None
+        except (OSError, ValueError):
+            return False
+        attrs = (meta or {}).get("attributes") or {} if isinstance(meta, dict) else {}
+        return isinstance(attrs.get(ATTR_KEY), dict) and attrs[ATTR_KEY].get("kind") == "gradient_store"
+
+    def listing(self) -> list[str] | None:
+        """Names in the folder (sorted), ``None`` when nothing is there; a file raises."""
+        if not self.fs.exists(self.root):
+            return None
+        if not self.fs.isdir(self.root):
+            raise NotAStoreError(f"{self.url} is a file, not a gradient store folder",
+                                 hint="give a folder path for the store")
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+
+    def describe(self, names: list[str]) -> str:
+        """What a non-store folder holds, for refusals (a dataset's format is named)."""
+        kind = None
+        if "meta" in names and self.fs.exists(self.path("meta/info.json")):
+            kind = "a LeRobot dataset (meta/info.json)"
+        elif "meta" in names and self.fs.exists(self.path("meta/episode_ends")):
+            kind = "a replay-buffer dataset (meta/episode_ends)"
+        elif any(re.match(r".*\.tfrecord-\d{5}-of-\d{5}$", n) for n in names):
+            kind = "an RLDS dataset (*.tfrecord shards)"
+        elif any(n.endswith((".hdf5", ".h5")) for n in names):
+            kind = "HDF5 files (robomimic datasets?)"
+        elif "zarr.json" in names:
+            kind = "a Zarr group that is not a cupid_engine gradient store"
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f"{kind}: {shown}" if kind else f"{len(names)} entries: {shown}"
+
     def remove(self) -> None:
         if self.is_local:
             if os.path.isdir(self.root):
@@ -195,8 +239,10 @@ class _CatalogSnapshot:
             raise FileNotFoundError(f"{loc.url} lacks {_catalog.CATALOG_NAME}") from None
         self._file = pq.ParquetFile(handle)
         names = self._file.schema_arrow.names
-        if names != _catalog.CATALOG_SCHEMA.names:
-            raise ValueError(f"{loc.url}: catalog columns {names} do not match the schema")
+        self._legacy = names == _catalog.LEGACY_NAMES  # written before episode fingerprints
+        if names != _catalog.CATALOG_SCHEMA.names and not self._legacy:
+            raise StoreError(f"catalog columns {names} do not match the schema",
+                             where=loc.path(_catalog.CATALOG_NAME), hint="the store is damaged or foreign")
         meta = self._file.metadata
         self.num_rows = int(meta.num_rows)
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -211,11 +257,20 @@ class _CatalogSnapshot:
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- rows ----------------------------------------------------------------------------
+    def _pq(self, columns: list[str] | None, group: int | None = None) -> pa.Table:
+        """Columns of one row group (or the file) as stored; a legacy file gets null fingerprints."""
+        want = list(_catalog.CATALOG_SCHEMA.names if columns is None else columns)
+        have = [c for c in want if c != "fingerprint"] if self._legacy else want
+        t = self._file.read(columns=have) if group is None else self._file.read_row_group(group, columns=have)
+        if self._legacy and "fingerprint" in want:
+            t = t.append_column("fingerprint", pa.nulls(t.num_rows, pa.string())).select(want)
+        return t
+
     def num_row_groups(self) -> int:
         return len(self.group_first) - 1
 
     def row_group(self, g: int, columns: list[str] | None = None) -> pa.Table:
-        return self._file.read_row_group(g, columns=columns).cast(
+        return self._pq(columns, g).cast(
             _catalog.CATALOG_SCHEMA if columns is None else pa.schema([_catalog.CATALOG_SCHEMA.field(c) for c in columns])
         )
 
@@ -251,7 +306,7 @@ class _CatalogSnapshot:
     def table(self) -> pa.Table:
         """The whole catalog (loaded on first use and kept)."""
         if self._table is None:
-            self._table = self._file.read().cast(_catalog.CATALOG_SCHEMA)
+            self._table = self._pq(None).cast(_catalog.CATALOG_SCHEMA)
         return self._table
 
     def column(self, name: str) -> pa.ChunkedArray:
@@ -261,7 +316,7 @@ class _CatalogSnapshot:
             if self._table is not None:
                 self._columns[key] = self._table.column(name)
             else:
-                self._columns[key] = self._file.read(columns=[name]).column(0).cast(_catalog.CATALOG_SCHEMA.field(name).type)
+                self._columns[key] = self._pq([name]).column(0).cast(_catalog.CATALOG_SCHEMA.field(name).type)
         return self._columns[key]
 
     def int_column(self, name: str) -> np.ndarray:
@@ -325,6 +380,13 @@ class _CatalogSnapshot:
         return self.ids(*self.shard_range(shard_id))
 
 
+class _UnknownIds(StoreError, KeyError):
+    """Episode ids the catalog lacks (a ``KeyError`` for callers that catch one)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return Exception.__str__(self)
+
+
 def _empty(columns: list[str] | None) -> pa.Table:
     t = _catalog.empty_catalog()
     return t if columns is None else t.select(columns)
@@ -344,11 +406,13 @@ class GradientStore:
         self._mode = mode
         meta = dict(group.attrs.get(ATTR_KEY) or {})
         if meta.get("kind") != "gradient_store":
-            raise ValueError(f"{location.url} is a Zarr group but not a cupid_engine gradient store")
+            raise NotAStoreError(f"{location.url} is a Zarr group but not a cupid_engine gradient store",
+                                 hint="give the path of a store made by cupid-engine featurize")
         version = meta.get("schema_version")
         if version != SCHEMA_VERSION:
             raise SchemaVersionError(
-                f"{location.url} has store schema version {version}, this cupid_engine reads {SCHEMA_VERSION}"
+                f"{location.url} has store schema version {version}, this cupid_engine reads {SCHEMA_VERSION}",
+                hint="use the cupid_engine version that wrote it, or featurise into a new store",
             )
         self.chunk_rows = int(meta["chunk_rows"])
         self.episode_chunk_rows = int(meta["episode_chunk_rows"])
@@ -376,9 +440,15 @@ class GradientStore:
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         loc = _Location(path)
-        if loc.exists():
+        names = loc.listing()
+        if names:  # something is there: only ever replace a gradient store, never other data
+            if not loc.is_store():
+                raise NotAStoreError(
+                    f"{loc.url} is not empty and not a gradient store ({loc.describe(names)})",
+                    hint="choose a new or empty folder for the store (nothing there was changed)",
+                )
             if not overwrite:
-                raise FileExistsError(f"a store already exists at {loc.url} (pass overwrite=True)")
+                raise StoreExistsError(f"a store already exists at {loc.url}", hint="pass overwrite=True to replace it")
             loc.remove()
         group = zarr.open_group(loc.zarr_target, mode="w")
         group.require_group(RUNS_GROUP)
@@ -406,8 +476,13 @@ class GradientStore:
         loc = _Location(path)
         if not loc.exists():
             if mode == "a":
-                return cls.create(path)
-            raise FileNotFoundError(f"no gradient store at {loc.url}")
+                return cls.create(path)  # refuses a non-empty folder that is not a store
+            names = loc.listing()
+            if names:
+                raise NotAStoreError(f"{loc.url} is not a gradient store ({loc.describe(names)})",
+                                     hint="give the path of a store made by cupid-engine featurize")
+            raise StoreNotFoundError(f"no gradient store at {loc.url}",
+                                     hint="create one with cupid-engine featurize --store PATH")
         group = zarr.open_group(loc.zarr_target, mode="r" if mode == "r" else "r+")
         return cls(loc, group, mode)
 
@@ -423,7 +498,8 @@ class GradientStore:
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise PermissionError(f"store {self.url} is open read-only (mode='r')")
+            raise ReadOnlyStoreError(f"store {self.url} is open read-only (mode='r')",
+                                     hint="open it with mode='a' to write")
 
     # ------------------------------------------------------------------ catalog
     def _index(self, refresh: bool = False) -> _CatalogSnapshot:
@@ -498,7 +574,8 @@ class GradientStore:
         if (pos < 0).any():
             pos = self._index(refresh=True).positions(ids)
             if (pos < 0).any():
-                raise KeyError(f"unknown episode id(s) {[ids[i] for i in np.flatnonzero(pos < 0)[:10]]}")
+                raise _UnknownIds(f"unknown episode id(s) {[ids[i] for i in np.flatnonzero(pos < 0)[:10]]} "
+                                  f"in the catalog of {self.url}")
         return pos
 
     def contains(self, ids: Sequence[str]) -> np.ndarray:
@@ -756,7 +833,8 @@ def _check_unique(sink: _CatalogSink, hashes: np.ndarray) -> None:
         for i in np.flatnonzero(np.isin(h, cand)):
             eid = col[int(i)].as_py()
             if eid in seen:
-                raise ValueError(f"duplicate episode_id {eid!r}")
+                raise DataError(f"duplicate episode_id {eid!r}", where="catalog.parquet",
+                                hint="episode ids must be unique across every dataset in a store")
             seen.add(eid)
 
 
