@@ -13,7 +13,22 @@ Layout written by :func:`write_dataset` (LeRobot v3.0, readable by pyarrow alone
     data/chunk-XXX/file-XXX.parquet             step rows of ``episodes_per_file`` episodes:
                                                 observation.<key>, action (fixed_size_list
                                                 <float32>), timestamp, frame_index,
-                                                episode_index, index, task_index
+                                                episode_index, index, task_index, and with
+                                                ``image_format="png"`` one
+                                                observation.images.<camera> column (feature
+                                                dtype ``image``: struct{bytes, path}, PNG)
+    videos/observation.images.<camera>/chunk-XXX/file-XXX.mp4
+                                                with ``image_format="video"`` (feature dtype
+                                                ``video``): one MP4 per camera and data file,
+                                                episodes concatenated; meta/episodes gains
+                                                videos/<feature>/{chunk_index, file_index,
+                                                from_timestamp, to_timestamp}
+
+Images: PNG in Parquet is the default because it is lossless (decoding gives the exact
+pixels) and needs nothing but Pillow; ``image_format="video"`` writes H.264 MP4 through
+PyAV (lossy, much smaller; lerobot's own choice for large datasets). The reader decodes
+both lazily (``Episode.images`` holds :class:`~cupid_engine.data.episode.ImageSequence`
+views), including v2.1 per-episode videos and AV1 files written by lerobot.
 
 File names come from counters, never from episode ids. The reader also opens LeRobot
 v2.1 datasets (``meta/episodes.jsonl`` and one ``data/chunk-XXX/episode_XXXXXX.parquet``
@@ -37,11 +52,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cupid_engine.constants import SCHEMA_VERSION
-from cupid_engine.data._util import NATIVE_SPLIT_MAP, join_inside, map_split, selected_rows, url_to_fs
-from cupid_engine.data.episode import Episode
+from cupid_engine.data._util import NATIVE_SPLIT_MAP, join_inside, map_split, select_keys, selected_rows, url_to_fs
+from cupid_engine.data.episode import Episode, ImageSequence, encode_png
 from cupid_engine.data.schema import (
     ACTION_COLUMN,
     EPISODE_SCHEMA,
+    IMAGE_PREFIX,
+    IMAGE_STRUCT,
     OBS_PREFIX,
     EpisodeValidator,
     FormatError,
@@ -58,6 +75,11 @@ READABLE_VERSIONS = ("v3.0", "v2.1", "v2.0")
 CHUNKS_SIZE = 1000
 DATA_PATH_V3 = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 EPISODES_META_PATH = "meta/episodes/chunk-000/file-000.parquet"
+VIDEO_PATH_V3 = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+VIDEO_PATH_V2 = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+IMAGE_FORMATS = ("png", "video")
+# Encoded images are large: a row group is also flushed at this many buffered bytes.
+_ROW_GROUP_BYTES = 64 << 20
 # Step rows are buffered up to this many before a row group is written: big enough for
 # efficient Parquet, small enough that memory stays bounded whatever the episode count.
 _ROW_GROUP_ROWS = 65536
@@ -74,6 +96,8 @@ def write_dataset(
     fps: int = 20,
     episodes_per_file: int = 100,
     overwrite: bool = False,
+    image_format: str = "png",
+    video_codec: str | None = None,
 ) -> pathlib.Path:
     """Write episodes as a LeRobot v3.0 dataset, streaming.
 
@@ -89,6 +113,10 @@ def write_dataset(
         fps: Frames per second recorded in ``info.json`` and used for ``timestamp``.
         episodes_per_file: Episodes per ``data/chunk-XXX/file-XXX.parquet``.
         overwrite: Replace an existing dataset at ``path``.
+        image_format: How ``Episode.images`` are stored: ``png`` (lossless, in the
+            Parquet data files, feature dtype ``image``) or ``video`` (MP4 per camera and
+            data file, feature dtype ``video``).
+        video_codec: FFmpeg encoder for ``video`` (default ``libx264``; ``libsvtav1`` works).
 
     Returns:
         The dataset folder.
@@ -101,6 +129,8 @@ def write_dataset(
     """
     if int(fps) <= 0 or int(episodes_per_file) <= 0:
         raise ValueError(f"fps and episodes_per_file must be positive, got {fps}, {episodes_per_file}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     path = pathlib.Path(path)
     if path.exists():
         if not overwrite:
@@ -110,7 +140,10 @@ def write_dataset(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     try:
-        _write(tmp, episodes, fps=int(fps), episodes_per_file=int(episodes_per_file))
+        _write(
+            tmp, episodes, fps=int(fps), episodes_per_file=int(episodes_per_file),
+            image_format=image_format, video_codec=video_codec,
+        )
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
             os.replace(path, old)
@@ -127,10 +160,17 @@ def write_dataset(
 class _Writer:
     """State of one streaming write: the open data file, its buffer and the meta rows."""
 
-    def __init__(self, root: pathlib.Path, fps: int, episodes_per_file: int) -> None:
+    def __init__(
+        self, root: pathlib.Path, fps: int, episodes_per_file: int, image_format: str = "png", video_codec: str | None = None
+    ) -> None:
         self.root = root
         self.fps = fps
         self.per_file = episodes_per_file
+        self.image_format = image_format
+        self.video_codec = video_codec
+        self.meta_schema = EPISODES_META_SCHEMA
+        self.video_writers: dict[str, Any] = {}
+        self.buffered_bytes = 0
         self.check = EpisodeValidator()
         self.schema: pa.Schema | None = None
         self.tasks: dict[str, int] = {}
@@ -146,7 +186,12 @@ class _Writer:
     def add(self, ep: Episode) -> None:
         self.check(ep)
         if self.schema is None:
-            base = step_schema(self.check.obs_dims, self.check.action_dim)
+            png_keys = sorted(self.check.image_shapes) if self.image_format == "png" else []
+            base = step_schema(self.check.obs_dims, self.check.action_dim, png_keys)
+            if self.image_format == "video":
+                for key in sorted(self.check.image_shapes):
+                    for col, typ in _video_meta_columns(IMAGE_PREFIX + key):
+                        self.meta_schema = self.meta_schema.append(pa.field(col, typ, nullable=False))
             self.schema = base.append(pa.field("timestamp", pa.float32(), nullable=False))
             self.schema = self.schema.append(pa.field("index", pa.int64(), nullable=False))
             self.schema = self.schema.append(pa.field("task_index", pa.int64(), nullable=False))
@@ -160,13 +205,36 @@ class _Writer:
         }
         for key in sorted(ep.observations):
             cols[OBS_PREFIX + key] = fixed_list(ep.observations[key])
+        video_rows: dict[str, Any] = {}
+        for key in sorted(ep.images):
+            frames = ep.image_array(key)
+            if self.image_format == "png":
+                blobs = [encode_png(f) for f in frames]
+                self.buffered_bytes += sum(len(b) for b in blobs)
+                cols[IMAGE_PREFIX + key] = pa.StructArray.from_arrays(
+                    [pa.array(blobs, pa.binary()), pa.nulls(T, pa.string())], fields=list(IMAGE_STRUCT)
+                )
+            else:
+                writer = self.video_writers[key]
+                first = writer.n_frames
+                writer.write(frames)
+                feat = IMAGE_PREFIX + key
+                chunk_v, file_v = divmod(self.file_number, CHUNKS_SIZE)
+                video_rows.update(
+                    {
+                        f"videos/{feat}/chunk_index": chunk_v,
+                        f"videos/{feat}/file_index": file_v,
+                        f"videos/{feat}/from_timestamp": first / self.fps,
+                        f"videos/{feat}/to_timestamp": (first + T) / self.fps,
+                    }
+                )
         cols[ACTION_COLUMN] = fixed_list(ep.actions)
         cols["timestamp"] = pa.array((np.arange(T) / self.fps).astype(np.float32))
         cols["index"] = pa.array(np.arange(self.n_frames, self.n_frames + T, dtype=np.int64))
         cols["task_index"] = pa.array(np.full(T, task_index, np.int64))
         self.buffer.append(pa.Table.from_arrays(list(cols.values()), schema=self.schema))
         self.buffered_rows += T
-        if self.buffered_rows >= _ROW_GROUP_ROWS:
+        if self.buffered_rows >= _ROW_GROUP_ROWS or self.buffered_bytes >= _ROW_GROUP_BYTES:
             self._flush_data()
         chunk, file = divmod(self.file_number, CHUNKS_SIZE)
         row = episode_row(ep)
@@ -180,6 +248,7 @@ class _Writer:
                 "dataset_to_index": self.n_frames + T,
             }
         )
+        row.update(video_rows)
         self.meta_rows.append(row)
         self.n_episodes += 1
         self.n_frames += T
@@ -191,27 +260,40 @@ class _Writer:
         out = self.root / DATA_PATH_V3.format(chunk_index=chunk, file_index=file)
         out.parent.mkdir(parents=True, exist_ok=True)
         self.data_writer = pq.ParquetWriter(out, self.schema)
+        if self.image_format == "video":
+            from cupid_engine.data.video import DEFAULT_CODEC, VideoWriter
+
+            for key, (h, w, _c) in sorted(self.check.image_shapes.items()):
+                vpath = self.root / VIDEO_PATH_V3.format(video_key=IMAGE_PREFIX + key, chunk_index=chunk, file_index=file)
+                vpath.parent.mkdir(parents=True, exist_ok=True)
+                self.video_writers[key] = VideoWriter(str(vpath), h, w, self.fps, codec=self.video_codec or DEFAULT_CODEC)
 
     def _flush_data(self) -> None:
         if self.buffer:
             self.data_writer.write_table(pa.concat_tables(self.buffer), row_group_size=_ROW_GROUP_ROWS)
-            self.buffer, self.buffered_rows = [], 0
+            self.buffer, self.buffered_rows, self.buffered_bytes = [], 0, 0
 
     def _close_data(self) -> None:
         if self.data_writer is not None:
             self._flush_data()
             self.data_writer.close()
             self.data_writer = None
+        self._close_videos()
         self._flush_meta()
+
+    def _close_videos(self) -> None:
+        for writer in self.video_writers.values():
+            writer.close()
+        self.video_writers = {}
 
     def _flush_meta(self) -> None:
         if not self.meta_rows:
             return
-        table = pa.Table.from_pylist(self.meta_rows, schema=EPISODES_META_SCHEMA)
+        table = pa.Table.from_pylist(self.meta_rows, schema=self.meta_schema)
         if self.meta_writer is None:
             out = self.root / EPISODES_META_PATH
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.meta_writer = pq.ParquetWriter(out, EPISODES_META_SCHEMA)
+            self.meta_writer = pq.ParquetWriter(out, self.meta_schema)
         self.meta_writer.write_table(table)
         self.meta_rows = []
 
@@ -227,6 +309,8 @@ class _Writer:
         features: dict[str, Any] = {}
         for key in sorted(self.check.obs_dims):
             features[OBS_PREFIX + key] = {"dtype": "float32", "shape": [self.check.obs_dims[key]], "names": None}
+        for key, (h, w, c) in sorted(self.check.image_shapes.items()):
+            features[IMAGE_PREFIX + key] = _image_feature(self.image_format, h, w, c, self.fps, self.video_codec)
         features[ACTION_COLUMN] = {"dtype": "float32", "shape": [self.check.action_dim], "names": None}
         features["timestamp"] = {"dtype": "float32", "shape": [1], "names": None}
         for name in ("frame_index", "episode_index", "index", "task_index"):
@@ -245,7 +329,7 @@ class _Writer:
             # the per-episode `split` column of meta/episodes.
             "splits": {"train": f"0:{self.n_episodes}"},
             "data_path": DATA_PATH_V3,
-            "video_path": None,
+            "video_path": VIDEO_PATH_V3 if self.image_format == "video" and self.check.image_shapes else None,
             "features": features,
             "cupid_engine": {"schema_version": SCHEMA_VERSION, "episodes_per_file": self.per_file},
         }
@@ -265,14 +349,54 @@ EPISODES_META_SCHEMA = pa.schema(
 )
 
 
-def _write(root: pathlib.Path, episodes: Iterable[Episode], *, fps: int, episodes_per_file: int) -> None:
+def _video_meta_columns(feature: str) -> list[tuple[str, pa.DataType]]:
+    """meta/episodes columns locating one episode of video ``feature`` (lerobot v3 names)."""
+    return [
+        (f"videos/{feature}/chunk_index", pa.int64()),
+        (f"videos/{feature}/file_index", pa.int64()),
+        (f"videos/{feature}/from_timestamp", pa.float64()),
+        (f"videos/{feature}/to_timestamp", pa.float64()),
+    ]
+
+
+def _image_feature(image_format: str, h: int, w: int, c: int, fps: int, codec: str | None) -> dict[str, Any]:
+    """info.json entry of a camera, as lerobot writes it."""
+    names = ["height", "width", "channels"]
+    if image_format == "png":
+        return {"dtype": "image", "shape": [h, w, c], "names": names}
+    from cupid_engine.data.video import DEFAULT_CODEC
+
+    codec = codec or DEFAULT_CODEC
+    return {
+        "dtype": "video",
+        "shape": [h, w, 3],
+        "names": names,
+        "info": {
+            "video.height": h,
+            "video.width": w,
+            "video.codec": {"libx264": "h264", "libsvtav1": "av1"}.get(codec, codec),
+            "video.pix_fmt": "yuv420p",
+            "video.is_depth_map": False,
+            "video.fps": fps,
+            "video.channels": 3,
+            "has_audio": False,
+        },
+    }
+
+
+def _write(
+    root: pathlib.Path, episodes: Iterable[Episode], *, fps: int, episodes_per_file: int,
+    image_format: str = "png", video_codec: str | None = None,
+) -> None:
     root.mkdir(parents=True)
-    writer = _Writer(root, fps, episodes_per_file)
+    writer = _Writer(root, fps, episodes_per_file, image_format, video_codec)
     try:
         for ep in episodes:
             writer.add(ep)
         writer.finish()
     finally:
+        for vw in writer.video_writers.values():
+            vw.close()
         if writer.data_writer is not None:
             writer.data_writer.close()
         if writer.meta_writer is not None:
@@ -299,6 +423,10 @@ class LeRobotDataset:
         split_map: Native split name (``info.json`` ``splits``) -> one of
             ``constants.SPLITS``, used when there is no ``split`` column.
         default_split: Split of episodes outside every ``splits`` range.
+        obs_keys: Observation and camera keys to read (default: every numeric
+            ``observation.*`` feature and every ``image``/``video`` feature). Camera keys
+            drop the ``observation.images.`` (else ``observation.``) prefix; an unknown key
+            raises :class:`~cupid_engine.data._util.UnknownKeyError` listing what there is.
     """
 
     def __init__(
@@ -308,6 +436,7 @@ class LeRobotDataset:
         source: str | None = None,
         split_map: dict[str, str] | None = None,
         default_split: str = "train",
+        obs_keys: Iterable[str] | None = None,
     ) -> None:
         self.path = str(path)
         self._fs, self._root = url_to_fs(path)
@@ -323,6 +452,9 @@ class LeRobotDataset:
         self._split_map = dict(NATIVE_SPLIT_MAP if split_map is None else split_map)
         self._default_split = default_split
         self._parse_features()
+        lowdim, cameras = select_keys(obs_keys, self._obs_dims, self._image_specs, where=self.path)
+        self._obs_dims = {k: self._obs_dims[k] for k in lowdim}
+        self._image_specs = {k: self._image_specs[k] for k in cameras}
         meta = self._read_meta_v3() if self.version == "v3.0" else self._read_meta_v2()
         self._index = meta.column("episode_index").to_numpy().astype(np.int64)
         self._from = meta.column("dataset_from_index").to_numpy().astype(np.int64)
@@ -341,6 +473,7 @@ class LeRobotDataset:
                     f"{self._from[i]}:{self._to[i]}"
                 )
         self._catalog = self._build_catalog(meta)
+        self._video_files, self._video_from = self._video_locations(meta)
         self._rows_by_file: dict[str, list[int]] = {}
         for r, f in enumerate(self._file):
             self._rows_by_file.setdefault(f, []).append(r)
@@ -353,13 +486,21 @@ class LeRobotDataset:
         if not isinstance(feats, dict) or ACTION_COLUMN not in feats:
             raise FormatError(f"{self.path}: meta/info.json has no 'features' with an 'action' entry")
         self._obs_dims: dict[str, int] = {}
+        # camera key -> (feature name, "image" | "video", (H, W, C))
+        self._image_specs: dict[str, tuple[str, str, tuple[int, int, int]]] = {}
         for name, spec in feats.items():
             if not name.startswith(OBS_PREFIX) or not isinstance(spec, dict):
                 continue
-            # Images and videos are not low-dimensional observations: skipped by design.
+            if spec.get("dtype") in ("image", "video"):
+                key = name[len(IMAGE_PREFIX) :] if name.startswith(IMAGE_PREFIX) else name[len(OBS_PREFIX) :]
+                self._image_specs[key] = (name, str(spec["dtype"]), _frame_shape(spec, name, self.path))
+                continue
             if spec.get("dtype") not in _NUMERIC_DTYPES:
                 continue
             self._obs_dims[name[len(OBS_PREFIX) :]] = _feature_width(spec, name, self.path)
+        clash = sorted(set(self._obs_dims) & set(self._image_specs))
+        if clash:
+            raise FormatError(f"{self.path}: keys {clash} name both a low-dimensional and an image feature")
         self._action_dim = _feature_width(feats[ACTION_COLUMN], ACTION_COLUMN, self.path)
 
     def _read_meta_v3(self) -> pa.Table:
@@ -475,6 +616,16 @@ class LeRobotDataset:
         return dict(self._obs_dims)
 
     @property
+    def image_keys(self) -> list[str]:
+        """Camera keys (``Episode.images``), sorted."""
+        return sorted(self._image_specs)
+
+    @property
+    def image_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``camera key -> (H, W, C)`` of every frame."""
+        return {k: v[2] for k, v in self._image_specs.items()}
+
+    @property
     def action_dim(self) -> int:
         """Action width ``A``."""
         return self._action_dim
@@ -517,7 +668,8 @@ class LeRobotDataset:
 
     def _read_file(self, unit: str, rows: list[int]) -> Iterator[Episode]:
         full = join_inside(self._root, unit, what=self.path)
-        columns = ["episode_index"] + [OBS_PREFIX + k for k in self.obs_keys] + [ACTION_COLUMN]
+        png = [k for k, (_n, kind, _s) in sorted(self._image_specs.items()) if kind == "image"]
+        columns = ["episode_index"] + [OBS_PREFIX + k for k in self.obs_keys] + [self._image_specs[k][0] for k in png] + [ACTION_COLUMN]
         try:
             table = pq.read_table(full, columns=columns, filesystem=self._fs)
         except (OSError, pa.ArrowInvalid) as exc:
@@ -540,6 +692,10 @@ class LeRobotDataset:
                 act = column_to_numpy(part.column(ACTION_COLUMN), self._action_dim)
             except FormatError as exc:
                 raise FormatError(f"{self.path}: {unit!r}, episode {eid!r}: {exc}") from None
+            images = {k: self._png_view(part.column(self._image_specs[k][0]), k, unit, eid) for k in png}
+            for k, (feat, kind, shape) in self._image_specs.items():
+                if kind == "video":
+                    images[k] = self._video_view(k, r, hi - lo, eid)
             ep = Episode(
                 episode_id=eid,
                 observations=obs,
@@ -551,9 +707,70 @@ class LeRobotDataset:
                 return_=cat["return"][r].as_py(),
                 tier=cat["tier"][r].as_py(),
                 metadata=parse_metadata(cat["metadata"][r].as_py(), eid),
+                images=images,
             )
-            validate_episode(ep, obs_dims=self._obs_dims, action_dim=self._action_dim)
+            validate_episode(ep, obs_dims=self._obs_dims, action_dim=self._action_dim, image_shapes=self.image_shapes)
             yield ep
+
+    # -- images -----------------------------------------------------------------------
+
+    def _png_view(self, column: pa.ChunkedArray, key: str, unit: str, eid: str) -> ImageSequence:
+        """Lazy view over one episode's encoded frames (struct{bytes, path} cells)."""
+        feat, _kind, shape = self._image_specs[key]
+        what = f"{self.path}: {unit!r}, episode {eid!r}, {feat}"
+        col = pa.concat_arrays(column.chunks) if column.num_chunks != 1 else column.chunk(0)
+        if pa.types.is_struct(col.type):
+            if col.type.get_field_index("bytes") < 0:
+                raise FormatError(f"{what}: image cells have no 'bytes' field ({col.type})")
+            blobs = col.field("bytes").to_pylist()
+        elif pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            blobs = col.to_pylist()
+        else:
+            raise FormatError(f"{what}: image column has type {col.type}, expected struct{{bytes, path}}")
+        missing = [i for i, b in enumerate(blobs) if not b]
+        if missing:
+            # Hugging Face `Image` cells may point to a file instead; LeRobot v3 embeds bytes.
+            raise FormatError(f"{what}: frames {missing[:5]} have no embedded image bytes")
+        return ImageSequence.from_encoded(blobs, shape, what=what)
+
+    def _video_locations(self, meta: pa.Table) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+        """Per camera: the video file of each catalog row and the episode's start time."""
+        files: dict[str, list[str]] = {}
+        starts: dict[str, np.ndarray] = {}
+        n = meta.num_rows
+        for key, (feat, kind, _shape) in self._image_specs.items():
+            if kind != "video":
+                continue
+            if self.version == "v3.0":
+                template = str(self.info.get("video_path") or VIDEO_PATH_V3)
+                cols = [f"videos/{feat}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")]
+                lacking = [c for c in cols if c not in meta.column_names]
+                if lacking:
+                    raise FormatError(f"{self.path}: video feature {feat!r} but the episode metadata lacks {lacking}")
+                chunk, file, start = (meta.column(c).to_pylist() for c in cols)
+                files[key] = [_format_video_path(template, feat, self.path, chunk_index=c, file_index=f) for c, f in zip(chunk, file)]
+                starts[key] = np.asarray(start, dtype=np.float64)
+            else:
+                template = str(self.info.get("video_path") or VIDEO_PATH_V2)
+                chunks_size = int(self.info.get("chunks_size", CHUNKS_SIZE))
+                idx = self._index.tolist()
+                files[key] = [_format_video_path(template, feat, self.path, episode_chunk=i // chunks_size, episode_index=i) for i in idx]
+                starts[key] = np.zeros(n, np.float64)
+        return files, starts
+
+    def _video_view(self, key: str, r: int, T: int, eid: str) -> ImageSequence:
+        from cupid_engine.data.video import decode_segment
+
+        feat, _kind, (h, w, c) = self._image_specs[key]
+        path = join_inside(self._root, self._video_files[key][r], what=self.path)
+        start = float(self._video_from[key][r])
+        fps = float(self.info.get("fps") or 0)
+        if fps <= 0:
+            raise FormatError(f"{self.path}: info.json has no positive fps, needed to locate video frames")
+        fs, what = self._fs, f"{self.path}: episode {eid!r}, {feat}"
+        return ImageSequence(
+            (T, h, w, c), frames=lambda a, b: decode_segment(fs, path, start, a, b, fps, what=what), what=what
+        )
 
 
 def _feature_width(spec: Any, name: str, where: str) -> int:
@@ -561,6 +778,34 @@ def _feature_width(spec: Any, name: str, where: str) -> int:
     if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
         raise FormatError(f"{where}: feature {name!r} has no valid shape ({shape!r})")
     return int(np.prod(shape)) if shape else 1
+
+
+def _frame_shape(spec: dict[str, Any], name: str, where: str) -> tuple[int, int, int]:
+    """``(H, W, C)`` of an image/video feature (its ``shape`` may be ``[C, H, W]`` by ``names``)."""
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise FormatError(f"{where}: image feature {name!r} has shape {shape!r}, expected [H, W, C]")
+    names = spec.get("names")
+    if isinstance(names, list) and len(names) == 3 and str(names[0]).startswith("channel"):
+        c, h, w = shape
+    else:
+        h, w, c = shape
+    if spec.get("dtype") == "video":
+        c = 3  # decoded as RGB
+    return int(h), int(w), int(c)
+
+
+def _format_video_path(template: str, video_key: str, where: str, **fields: Any) -> str:
+    """Fill a video_path template (integers plus the feature name) and keep it relative."""
+    for k, v in fields.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise FormatError(f"{where}: {k} must be a non-negative integer, got {v!r}")
+    try:
+        out = template.format(video_key=video_key, **fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise FormatError(f"{where}: video_path template {template!r} cannot be filled ({exc})") from None
+    join_inside("/", out, what=where)
+    return out
 
 
 def _format_path(template: str, where: str, **fields: Any) -> str:
