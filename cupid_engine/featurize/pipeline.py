@@ -22,9 +22,11 @@ step 3 to them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -35,19 +37,22 @@ import pyarrow.compute as pc
 import torch
 
 from cupid_engine import ops
-
+from cupid_engine.errors import ContentChangedError, DataError, LimitError, UserError, one_line
 from cupid_engine.featurize.config import FeaturizeConfig
 from cupid_engine.featurize.featurizer import Featurizer
 from cupid_engine.policies.base import Policy
 from cupid_engine.policies.samples import build_samples
 from cupid_engine.store import GradientStore, Run, RunConfig
+from cupid_engine.store.gradient_store import StoreUndo
+from cupid_engine.store.catalog import episode_fingerprint
 
 log = logging.getLogger(__name__)
 
 __all__ = ["featurize", "featurize_shard", "open_inputs", "register_episodes", "shard_units", "run_config"]
 
 _RANGE = re.compile(r"^(\d+):(\d+)$")
-_STORE_COLUMNS = ("episode_id", "split", "length", "success", "return", "tier", "source", "task", "metadata")
+_STORE_COLUMNS = ("episode_id", "split", "length", "success", "return", "tier", "source", "task", "metadata",
+                  "fingerprint")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -132,8 +137,95 @@ def _store_rows(table: pa.Table) -> pa.Table:
     return table.select([c for c in _STORE_COLUMNS if c in table.column_names])
 
 
-def register_episodes(source: Any, store: GradientStore, *, shard_size: int, split: str | None = None) -> int:
-    """Add the source's episodes missing from ``store``'s catalog, shards aligned to units.
+def source_name(source: Any) -> str:
+    """A short name of a source for messages: its path when it has one."""
+    for attr in ("path", "url", "root"):
+        value = getattr(source, attr, None)
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    return type(source).__name__
+
+
+def _where(source: Any, unit: str | None) -> str:
+    return f"{source_name(source)}" + (f" (unit {unit})" if unit is not None else "")
+
+
+def _reading(source: Any, unit: str | None, ids: list[str]) -> Iterator[Any]:
+    """Episodes of ``unit`` (or ``ids``), reader failures turned into a :class:`DataError` naming the unit.
+
+    A reader's raw ``ArrowInvalid``/``JSONDecodeError``/``OSError`` says neither which file
+    nor what to do; bugs (``TypeError``, ``AttributeError`` ...) pass through untouched.
+    """
+    stream = source.iter_shard(unit) if unit is not None else source.episodes(ids=ids)
+    try:
+        yield from stream
+    except UserError:
+        raise
+    except (pa.ArrowException, ValueError, KeyError, OSError, EOFError) as exc:
+        raise DataError(f"cannot read the dataset's episodes ({type(exc).__name__}: {one_line(exc)})",
+                        where=_where(source, unit), hint="check or re-export the dataset") from exc
+
+
+def _with_content(source: Any, unit: str | None, table: pa.Table) -> pa.Table:
+    """``table`` with each episode's ``fingerprint``, after reading and checking its data.
+
+    Every episode is read (streamed, nothing kept) so that no row enters a catalog before
+    its data was seen: the length the metadata claims must be the length of the data.
+
+    Raises:
+        DataError: an episode without data, or whose data length differs (named).
+    """
+    ids = table.column("episode_id").to_pylist()
+    row = {e: i for i, e in enumerate(ids)}
+    claimed = table.column("length").to_pylist()
+    fps: list[str | None] = [None] * len(ids)
+    for ep in _reading(source, unit, ids):
+        i = row.get(ep.episode_id)
+        if i is None:
+            continue
+        if claimed[i] != ep.length:
+            raise DataError(
+                f"episode {ep.episode_id!r}: the dataset's metadata gives length {claimed[i]} "
+                f"but its data has {ep.length} steps", where=f"field 'length' in {_where(source, unit)}",
+                hint="fix the episode metadata of the dataset (nothing was stored)",
+            )
+        fps[i] = episode_fingerprint(ep.actions, ep.observations)
+    missing = [e for e, f in zip(ids, fps) if f is None]
+    if missing:
+        raise DataError(f"episode(s) {missing[:5]} are listed in the dataset's metadata but have no data",
+                        where=_where(source, unit), hint="fix or re-export the dataset (nothing was stored)")
+    fp = pa.array(fps, pa.string())
+    if "fingerprint" in table.column_names:
+        return table.set_column(table.column_names.index("fingerprint"), "fingerprint", fp)
+    return table.append_column("fingerprint", fp)
+
+
+@dataclasses.dataclass
+class Registration:
+    """What :func:`register` found and did.
+
+    Attributes:
+        selected: Source episodes selected (after the split filter).
+        added: Episodes added to the catalog.
+        shards: Catalog shards holding the selected episodes (old and new), sorted.
+        splits: Episodes per split in the source (before the filter).
+        unchecked: Known episodes whose stored fingerprint is unknown (older catalogs).
+    """
+
+    selected: int = 0
+    added: int = 0
+    shards: list[int] = dataclasses.field(default_factory=list)
+    splits: dict[str, int] = dataclasses.field(default_factory=dict)
+    unchecked: int = 0
+
+
+def register(source: Any, store: GradientStore, *, shard_size: int, split: str | None = None) -> Registration:
+    """Add the source's episodes missing from ``store``'s catalog, after reading and checking them.
+
+    Every selected episode's data is read (unit by unit, streamed) before anything is
+    written: its length must match the metadata, and an episode the store already holds
+    must have the same content (fingerprint). The catalog is then appended in one
+    atomic rewrite, shards aligned to units; on any error it is left untouched.
 
     Args:
         source: An ``EpisodeSource``.
@@ -141,24 +233,65 @@ def register_episodes(source: Any, store: GradientStore, *, shard_size: int, spl
         shard_size: Most episodes per new shard.
         split: Only episodes of this split (None: all).
 
-    Returns:
-        Number of episodes added.
+    Raises:
+        DataError: unreadable or self-contradicting data (episode, field and unit named).
+        ContentChangedError: an id the store holds with other content.
     """
     check_existing = store.num_episodes > 0
+    old_shards = store.num_shards
+    out = Registration()
+    shards: set[int] = set()
 
     def new_rows() -> Iterator[pa.Table]:
-        for _unit, table in unit_tables(source):
+        for unit, table in unit_tables(source):
             table = _store_rows(table)
+            if table.num_rows:
+                for item in pc.value_counts(table.column("split")).to_pylist():
+                    out.splits[item["values"]] = out.splits.get(item["values"], 0) + int(item["counts"])
             if split is not None:
                 table = table.filter(pc.equal(table.column("split"), split))
-            if check_existing and table.num_rows:
+            if not table.num_rows:
+                continue
+            out.selected += table.num_rows
+            table = _with_content(source, unit, table)
+            if check_existing:
                 known = store.contains(table.column("episode_id").to_pylist())
                 if known.any():
+                    _check_known(source, unit, store, table.filter(pa.array(known)), shards, out)
                     table = table.filter(pa.array(~known))
             if table.num_rows:
                 yield table  # one plan group per unit: every shard lies inside one unit
 
-    return store.append_episodes(new_rows(), shard_size=shard_size)
+    out.added = store.append_episodes(new_rows(), shard_size=shard_size)
+    shards.update(range(old_shards, store.num_shards))
+    out.shards = sorted(shards)
+    return out
+
+
+def _check_known(source: Any, unit: str | None, store: GradientStore, table: pa.Table, shards: set[int],
+                 out: Registration) -> None:
+    """Episodes the store already holds must come with the content it holds (fingerprint)."""
+    ids = table.column("episode_id").to_pylist()
+    stored = store.catalog_rows(ids, ["fingerprint", "source", "shard"])
+    shards.update(int(x) for x in np.unique(stored.column("shard").to_numpy()))
+    have = stored.column("fingerprint")
+    out.unchecked += have.null_count
+    differs = pc.fill_null(pc.not_equal(have, table.column("fingerprint")), False)
+    if pc.any(differs).as_py():
+        i = int(np.argmax(np.asarray(differs.to_numpy(zero_copy_only=False), bool)))
+        src = stored.column("source")[i].as_py()
+        raise ContentChangedError(
+            f"episode {ids[i]!r} is already in the store with other content"
+            + (f" (stored from source {src!r})" if src else ""),
+            where=_where(source, unit),
+            hint="give the dataset's episodes ids of their own, or featurise it into a new store "
+                 "(nothing was stored)",
+        )
+
+
+def register_episodes(source: Any, store: GradientStore, *, shard_size: int, split: str | None = None) -> int:
+    """:func:`register`, returning the number of episodes added."""
+    return register(source, store, shard_size=shard_size, split=split).added
 
 
 def shard_units(source: Any, store: GradientStore, shards: list[int]) -> dict[int, str | None]:
@@ -192,13 +325,28 @@ def run_config(featurizer: Featurizer, config: FeaturizeConfig) -> RunConfig:
 # ----------------------------------------------------------------------------- one shard
 def _read_shard_episodes(source: Any, ids: list[str], unit: str | None) -> list:
     wanted = set(ids)
-    stream = source.iter_shard(unit) if unit is not None else source.episodes(ids=ids)
-    found = {ep.episode_id: ep for ep in stream if ep.episode_id in wanted}
+    found = {ep.episode_id: ep for ep in _reading(source, unit, ids) if ep.episode_id in wanted}
     missing = [e for e in ids if e not in found]
     if missing:
-        where = f"unit {unit!r}" if unit is not None else "the source"
-        raise KeyError(f"episodes {missing[:5]} of the store catalog are not in {where}")
+        raise DataError(f"episodes {missing[:5]} of the store catalog are not in the dataset",
+                        where=_where(source, unit), hint="featurise the dataset these episodes came from")
     return [found[e] for e in ids]
+
+
+def _check_dims(samples: Any, policy: Policy) -> None:
+    """The dataset's observation/action widths must be the policy's (else a raw tensor error later)."""
+    cfg = policy.config
+    for name, want in (("obs_dim", getattr(cfg, "obs_dim", 0)), ("action_dim", getattr(cfg, "action_dim", 0))):
+        got = getattr(samples, name, None)
+        if want and isinstance(got, int) and len(samples) and got != want:
+            what = "observation" if name == "obs_dim" else "action"
+            eid = samples.episode_ids[0] if getattr(samples, "episode_ids", None) else "?"
+            raise DataError(
+                f"episode {eid!r}: {what} width {got} differs from the policy's {name} {want}",
+                where=f"field {what!r}" + (f" (keys {list(cfg.obs_keys)})" if what == "observation"
+                                            and getattr(cfg, "obs_keys", None) else ""),
+                hint="featurise with a policy trained on this kind of data",
+            )
 
 
 def compute_shard_features(
@@ -215,6 +363,7 @@ def compute_shard_features(
     policy = featurizer.policy
     cfg = policy.config
     samples = build_samples(episodes, n_obs_steps=cfg.n_obs_steps, horizon=cfg.horizon, obs_keys=cfg.obs_keys)
+    _check_dims(samples, policy)
     n = len(samples)
     out = np.empty((n, featurizer.k), np.float32)
     for a in range(0, n, batch_size):
@@ -262,13 +411,20 @@ def featurize_shard(
     run = store.run(run_name)
     if run.config.featurizer != featurizer.describe():
         raise ValueError(f"run {run_name!r} was produced by another featuriser configuration")
-    ids, lengths = store.shard_episodes(shard_id)
+    rows = store._shard_rows(shard_id, ["episode_id", "length", "fingerprint"])
+    ids = rows.column(0).to_pylist()
+    lengths = np.asarray(rows.column(1).to_numpy(), dtype=np.int64)
     if run.shard_done(shard_id):
         return {"shard": shard_id, "episodes": len(ids), "rows": int(lengths.sum()), "seconds": 0.0, "skipped": True}
     episodes = _read_shard_episodes(source, ids, unit)
-    for ep, n in zip(episodes, lengths):
-        if ep.length != int(n):
-            raise ValueError(f"episode {ep.episode_id!r}: source has {ep.length} steps, the store catalog {int(n)}")
+    for ep, n, fp in zip(episodes, lengths, rows.column(2).to_pylist()):
+        # Checked while reading: data changed after registration is never featurised as the old.
+        if ep.length != int(n) or (fp is not None and episode_fingerprint(ep.actions, ep.observations) != fp):
+            raise ContentChangedError(
+                f"episode {ep.episode_id!r} changed since it was registered in the store "
+                f"({ep.length} steps now, {int(n)} in the catalog)", where=_where(source, unit),
+                hint="restore the dataset, or featurise the changed data into a new store",
+            )
     features = compute_shard_features(episodes, featurizer, batch_size=batch_size)
     del episodes
     run.write_shard(shard_id, ids, features, lengths)
@@ -287,16 +443,98 @@ def prepare_run(
     *, split: str | None = None,
 ) -> Run:
     """Steps 1-2: register missing episodes, create/reopen the run and size its arrays."""
+    return _prepare(source, store, run_name, featurizer, config, split=split)[0]
+
+
+def _prepare(
+    source: Any, store: GradientStore, run_name: str, featurizer: Featurizer, config: FeaturizeConfig,
+    *, split: str | None = None,
+) -> tuple[Run, Registration]:
     store._check_writable()
     rc = run_config(featurizer, config)
     if run_name in store.runs():
         store.run(run_name).check_config(rc)  # refuse before touching the catalog
-    added = register_episodes(source, store, shard_size=config.shard_size, split=split)
-    if added:
-        log.info("registered %d new episodes", added)
+    check_bounds(config, rows=0)  # k alone can be hopeless: say so before reading any data
+    reg = register(source, store, shard_size=config.shard_size, split=split)
+    if not reg.selected:
+        have = ", ".join(f"{k} {v}" for k, v in sorted(reg.splits.items())) or "no episodes at all"
+        raise DataError(
+            "the dataset has no episodes" + (f" of split {split!r}" if split else "") + f" (it has: {have})",
+            where=source_name(source), hint="choose another --split or dataset (nothing was stored)",
+        )
+    if reg.added:
+        log.info("registered %d new episodes", reg.added)
+    if reg.unchecked:
+        log.warning("%d episode(s) were registered before content fingerprints: their content is not checked",
+                    reg.unchecked)
+    plan = store.shard_plan()
+    check_bounds(config, rows=int(plan.rows[reg.shards].max()) if reg.shards else 0, store=store,
+                 total_rows=plan.extent()[0], new_run=run_name not in store.runs())
     run = store.create_run(run_name, rc)
     run.sync()
-    return run
+    return run, reg
+
+
+def _memory_limit() -> int:
+    """Bytes of memory this process may use: physical memory, or a lower cgroup limit."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit():
+                total = min(total, int(text))
+        except OSError:
+            pass
+    return total
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_bounds(
+    config: FeaturizeConfig, *, rows: int, store: GradientStore | None = None, total_rows: int = 0,
+    new_run: bool = False, memory: int | None = None,
+) -> None:
+    """Refuse a featurisation whose memory (or disk) need is out of reach, before allocating.
+
+    Peak memory per shard (estimate): its features ``[rows, k]`` fp32 and their fp64
+    copy for the Gram, the Gram and a partial ``[k, k]`` fp64 twice, and one batch of
+    ``[batch_size, k]`` fp32 outputs twice (featuriser and copy).
+
+    Args:
+        config: The featurisation config (k, batch size, dtype).
+        rows: Step rows of the largest shard to write.
+        store: The store (its free disk is checked for a new run when local).
+        total_rows: Step rows of the whole catalog (a new run's size on disk).
+        new_run: The run does not exist yet.
+        memory: Bytes available (default: physical memory or the cgroup limit).
+
+    Raises:
+        LimitError: with the estimate and what to change.
+    """
+    k, batch = config.projection.k, config.batch_size
+    need = rows * k * (4 + 8) + 2 * k * k * 8 + 2 * batch * k * 4
+    have = _memory_limit() if memory is None else memory
+    if need > 0.8 * have:
+        raise LimitError(
+            f"featurising needs about {_gib(need)} of memory (k={k}: Gram {_gib(2 * k * k * 8)}; largest shard "
+            f"{rows} steps: {_gib(rows * k * 12)}; batch {batch}: {_gib(2 * batch * k * 4)}), "
+            f"more than 80% of the {_gib(have)} here", where="--k/--shard-size/--batch-size",
+            hint="lower k, the shard size or the batch size (nothing was stored)",
+        )
+    if new_run and store is not None and store._loc.is_local and total_rows:
+        from cupid_engine.store import quant
+
+        disk = total_rows * k * quant.storage_numpy_dtype(config.dtype).itemsize
+        free = shutil.disk_usage(store._loc.root).free
+        if disk > free:
+            raise LimitError(
+                f"the run's features need about {_gib(disk)} on disk ({total_rows} steps x k={k} "
+                f"{config.dtype}), only {_gib(free)} is free", where=store.url,
+                hint="lower k, store a smaller dtype, or use a larger disk (nothing was stored)",
+            )
 
 
 def check_device(device: str | None) -> str | None:
@@ -355,35 +593,84 @@ def featurize(
     """
     config = config or FeaturizeConfig()
     device = check_device(device)
+    undo_args = _store_state(store)
     source, store, policy_obj, policy_path = open_inputs(source, store, policy)
-    if device is not None:
-        policy_obj = policy_obj.to(device)
-    featurizer = Featurizer.from_config(policy_obj, config)
-    run = prepare_run(source, store, run_name, featurizer, config, split=split)
-    pending = run.pending_shards()
-    if workers > 1 or address is not None:
-        if policy_path is None:
+    # Until a shard is written, a failure puts the store back as it was (a store made
+    # here is removed); once shards are written they are kept, and a rerun resumes.
+    undo = StoreUndo(store, **undo_args)
+    pending: list[int] = []
+    try:
+        if device is not None:
+            policy_obj = policy_obj.to(device)
+        featurizer = Featurizer.from_config(policy_obj, config)
+        if (workers > 1 or address is not None) and policy_path is None:
             raise ValueError("workers > 1 / address need policy as a checkpoint path (workers load it themselves)")
-        from cupid_engine.distributed.featurize import featurize_distributed
+        run, reg = _prepare(source, store, run_name, featurizer, config, split=split)
+        covered = set(reg.shards)
+        pending = [s for s in run.pending_shards() if s in covered]
+        if workers > 1 or address is not None:
+            from cupid_engine.distributed.featurize import featurize_distributed
 
-        featurize_distributed(
-            source, store, run_name, policy_path=policy_path, config=config, shards=pending,
-            workers=max(1, workers), address=address, progress=progress, device=device,
-        )
-    else:
-        _featurize_local(source, store, run_name, featurizer, config, pending, progress=progress)
+            featurize_distributed(
+                source, store, run_name, policy_path=policy_path, config=config, shards=pending,
+                workers=max(1, workers), address=address, progress=progress, device=device,
+            )
+        else:
+            _featurize_local(source, store, run_name, featurizer, config, pending, progress=progress)
+    except BaseException:
+        written = _written(store, run_name, pending)
+        if written:
+            log.warning("run %r: %d shard(s) were written before the error and are kept; run the same "
+                        "command again to resume", run_name, written)
+            undo.release()
+        else:
+            undo.restore()
+        raise
+    undo.release()
     run = store.run(run_name)
     left = run.pending_shards()
     if left:
+        others = _sources_of(store, left)
         log.warning(
-            "run %r: %d shard(s) hold episodes this source lacks (first: %s); not finalized",
-            run_name, len(left), left[:10],
+            "run %r: %d shard(s) hold episodes of other datasets (%s; first shards: %s): not finalized until "
+            "those are featurised into it too", run_name, len(left), others, left[:10],
         )
         return run
-    if not pending and run._group.attrs.get("finalized") and not run._group.attrs["finalized"].get("partial"):
+    if not pending and run.finalized_current():
         return run  # resumed a finished run: nothing was written, the Gram is current
     run.finalize()
     return run
+
+
+def _store_state(store: Any) -> dict[str, bool]:
+    """Whether ``featurize`` is about to create the store (and whether its folder exists)."""
+    if isinstance(store, GradientStore):
+        return {}
+    from cupid_engine.store.gradient_store import _Location
+
+    loc = _Location(store)
+    if loc.exists():
+        return {}
+    return {"created": True, "had_folder": loc.listing() is not None}
+
+
+def _written(store: GradientStore, run_name: str, pending: list[int]) -> int:
+    """Shards of ``pending`` finished by now (0 when the run is gone or unreadable)."""
+    if not pending:
+        return 0
+    try:
+        left = set(store.run(run_name).pending_shards())
+    except Exception:  # noqa: BLE001 - only deciding what to keep; the real error follows
+        return 0
+    return sum(1 for s in pending if s not in left)
+
+
+def _sources_of(store: GradientStore, shards: list[int]) -> str:
+    """The ``source`` names of the first episodes of some shards, for messages."""
+    plan = store.shard_plan()
+    ids = [plan.first_ids[s] for s in shards[:50]]
+    names = sorted({str(x) for x in store.catalog_rows(ids, ["source"]).column(0).to_pylist() if x})
+    return "sources " + ", ".join(repr(n) for n in names[:5]) if names else "episodes not in this dataset"
 
 
 def _featurize_local(

@@ -33,6 +33,7 @@ import zarr
 
 from cupid_engine.constants import SCHEMA_VERSION
 from cupid_engine.errors import (
+    ConfigError,
     DataError,
     NotAStoreError,
     ReadOnlyStoreError,
@@ -380,8 +381,8 @@ class _CatalogSnapshot:
         return self.ids(*self.shard_range(shard_id))
 
 
-class _UnknownIds(StoreError, KeyError):
-    """Episode ids the catalog lacks (a ``KeyError`` for callers that catch one)."""
+class StoreKeyError(StoreError, KeyError):
+    """An episode id or run the store lacks (a ``KeyError`` for callers that catch one)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return Exception.__str__(self)
@@ -438,7 +439,7 @@ class GradientStore:
         """
         for name, v in (("chunk_rows", chunk_rows), ("episode_chunk_rows", episode_chunk_rows)):
             if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
         loc = _Location(path)
         names = loc.listing()
         if names:  # something is there: only ever replace a gradient store, never other data
@@ -472,7 +473,7 @@ class GradientStore:
                 creating an empty store with default chunking when absent.
         """
         if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {_MODES}, got {mode!r}")
         loc = _Location(path)
         if not loc.exists():
             if mode == "a":
@@ -574,7 +575,7 @@ class GradientStore:
         if (pos < 0).any():
             pos = self._index(refresh=True).positions(ids)
             if (pos < 0).any():
-                raise _UnknownIds(f"unknown episode id(s) {[ids[i] for i in np.flatnonzero(pos < 0)[:10]]} "
+                raise StoreKeyError(f"unknown episode id(s) {[ids[i] for i in np.flatnonzero(pos < 0)[:10]]} "
                                   f"in the catalog of {self.url}")
         return pos
 
@@ -633,7 +634,7 @@ class GradientStore:
         """
         self._check_writable()
         if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size <= 0:
-            raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+            raise ConfigError(f"shard_size must be a positive int, got {shard_size!r}")
         old = self._index(refresh=True)
         state = _catalog.PlanState(old.total_rows, old.total_slots, old.num_shards)
         sink = _CatalogSink(self._loc)
@@ -689,7 +690,7 @@ class GradientStore:
         if not isinstance(config, RunConfig):
             raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
         if not isinstance(name, str) or not _RUN_NAME.match(name):
-            raise ValueError(f"run name {name!r} must match {_RUN_NAME.pattern}")
+            raise ConfigError(f"run name {name!r} must match {_RUN_NAME.pattern}")
         if name in self.runs():
             run = Run(self, name, self._runs_group()[name])
             run.check_config(config)
@@ -707,7 +708,8 @@ class GradientStore:
         from cupid_engine.store.run import Run
 
         if name not in self.runs():
-            raise KeyError(f"no run {name!r} in {self.url}; runs: {self.runs()}")
+            raise StoreKeyError(f"no run {name!r} in {self.url} (runs: {self.runs()})",
+                                hint="featurise into it first, or pick one of the runs listed")
         return Run(self, name, self._runs_group()[name])
 
     # ------------------------------------------------------------------ checks
@@ -836,6 +838,86 @@ def _check_unique(sink: _CatalogSink, hashes: np.ndarray) -> None:
                 raise DataError(f"duplicate episode_id {eid!r}", where="catalog.parquet",
                                 hint="episode ids must be unique across every dataset in a store")
             seen.add(eid)
+
+
+class StoreUndo:
+    """Puts a store back as it was before a command, when the command fails early.
+
+    Remembers the catalog (a hard link for local stores: no copy), the metadata files
+    (``zarr.json``) of every run and the runs that exist; :meth:`restore` puts the
+    catalog and metadata back byte for byte and removes runs created since. Chunk files
+    are not covered: a caller restores only while no shard was written, and otherwise
+    keeps the finished shards (resume). A store created by the command is removed whole.
+
+    Args:
+        store: The open, writable store.
+        created: The command created the store (restore removes it).
+        had_folder: The store's folder existed (empty) before it was created.
+    """
+
+    def __init__(self, store: GradientStore, *, created: bool = False, had_folder: bool = False) -> None:
+        self._store, self._loc = store, store._loc
+        self.created, self.had_folder = created, had_folder
+        self._runs = set(store.runs())
+        self._files: dict[str, bytes | None] = {}
+        self._link: str | None = None
+        self._catalog: bytes | None = None
+        if created:
+            return
+        cat = self._loc.path(_catalog.CATALOG_NAME)
+        if self._loc.is_local:
+            self._link = f"{cat}.undo-{os.getpid()}"
+            if os.path.exists(self._link):
+                os.remove(self._link)
+            try:
+                os.link(cat, self._link)  # the catalog is replaced by rename, never written in place
+            except OSError:  # no hard links here: keep the bytes
+                self._link = None
+        if self._link is None:
+            self._catalog = self._loc.read_bytes(_catalog.CATALOG_NAME)
+        for name in self._runs:
+            base = f"{RUNS_GROUP}/{name}"
+            self.remember(f"{base}/zarr.json")
+            for arr in self._store.run(name)._array_names():
+                self.remember(f"{base}/{arr}/zarr.json")
+
+    def remember(self, relpath: str) -> None:
+        """Keep the current bytes of a small file (None: absent) to put back on restore."""
+        if relpath not in self._files:
+            self._files[relpath] = self._loc.read_bytes(relpath)
+
+    def restore(self) -> None:
+        """Put everything remembered back; remove runs (or the store) created since."""
+        loc = self._loc
+        if self.created:
+            loc.remove()
+            if self.had_folder and loc.is_local:
+                os.makedirs(loc.root, exist_ok=True)
+            return
+        for name in set(self._store.runs()) - self._runs:
+            path = loc.path(f"{RUNS_GROUP}/{name}")
+            if loc.is_local:
+                shutil.rmtree(path, ignore_errors=True)
+            elif loc.fs.exists(path):
+                loc.fs.rm(path, recursive=True)
+        for relpath, data in self._files.items():
+            if data is None:
+                if loc.fs.exists(loc.path(relpath)):
+                    loc.fs.rm(loc.path(relpath))
+            elif loc.read_bytes(relpath) != data:
+                loc.write_bytes(relpath, data)
+        if self._link is not None:
+            os.replace(self._link, loc.path(_catalog.CATALOG_NAME))
+            self._link = None
+        elif self._catalog is not None:
+            loc.write_bytes(_catalog.CATALOG_NAME, self._catalog)
+        self._store._snapshot = None
+
+    def release(self) -> None:
+        """Keep the changes (the command succeeded or wrote shards worth resuming)."""
+        if self._link is not None and os.path.exists(self._link):
+            os.remove(self._link)
+        self._link = None
 
 
 def _table_bytes(table: pa.Table) -> bytes:

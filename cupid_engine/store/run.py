@@ -45,6 +45,7 @@ import zarr.codecs
 from zarr.storage import LocalStore
 
 from cupid_engine.constants import SCHEMA_VERSION
+from cupid_engine.errors import ConfigError, ReadOnlyStoreError, StoreError
 from cupid_engine.store import quant
 from cupid_engine.store.config import RunConfig
 from cupid_engine.store.gradient_store import (
@@ -56,6 +57,10 @@ from cupid_engine.store.gradient_store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class RunIncompleteError(StoreError, RuntimeError):
+    """Features asked for episodes whose shards are not written yet."""
 
 _PER_SHARD = ("gram_parts", "gram_count_parts", "done")
 
@@ -215,7 +220,8 @@ class Run:
             return
         diffs = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)}
         lines = "; ".join(f"{k}: stored {a!r} != requested {b!r}" for k, (a, b) in diffs.items())
-        raise ValueError(f"run {self.name!r} exists with a different config ({lines}); use another run name")
+        raise StoreError(f"run {self.name!r} exists with a different config ({lines})", where=self.store.url,
+                         hint="use another run name (nothing was stored)")
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -535,10 +541,24 @@ class Run:
         }
         return gram
 
+    def finalized_current(self) -> bool:
+        """Whether the Gram covers every shard of the current catalog (finalized, not partial)."""
+        fin = self._group.attrs.get("finalized")
+        if not fin or fin.get("partial"):
+            return False
+        shards = self.store._index(refresh=True).num_shards
+        return int(fin.get("num_shards", -1)) == shards and int(fin.get("shards_used", -1)) == shards
+
     def _finalized(self) -> dict:
         fin = self._group.attrs.get("finalized")
         if not fin:
-            raise RuntimeError(f"run {self.name!r} is not finalized: call run.finalize()")
+            pending = self.pending_shards()
+            state = f"{len(pending)} shard(s) not featurised yet" if pending else "its Gram matrix is not reduced yet"
+            raise StoreError(
+                f"run {self.name!r} is not finalized ({state})", where=self.store.url,
+                hint=f"featurise the missing episodes into it (cupid-engine featurize --run {self.name} ...), "
+                     "which finalizes it",
+            )
         return dict(fin)
 
     def gram(self) -> np.ndarray:
@@ -577,7 +597,10 @@ class Run:
         if missing:
             bad = np.asarray(positions)[np.isin(of_shard, missing)][:10]
             eids = idx.take(bad, ["episode_id"]).column(0).to_pylist()
-            raise RuntimeError(f"run {self.name!r}: episode(s) {eids[:10]} are in unwritten shard(s) {missing[:10]}")
+            raise RunIncompleteError(
+                f"run {self.name!r}: episode(s) {eids[:10]} are in shard(s) not featurised yet {missing[:10]}",
+                where=self.store.url, hint=f"featurise their dataset into the run (cupid-engine featurize --run {self.name})",
+            )
 
     def _positions(self, ids: Sequence[str] | None) -> np.ndarray:
         if ids is None:
@@ -745,7 +768,6 @@ class Run:
         done = int(self._done_flags().sum())
         steps = self._array("steps")
         nbytes = int(steps.shape[0]) * self.k * quant.storage_numpy_dtype(self.dtype).itemsize
-        fin = self._group.attrs.get("finalized")
         return {
             "name": self.name,
             "k": self.k,
@@ -755,7 +777,9 @@ class Run:
             "shards_done": done,
             "shards_total": idx.num_shards,
             "complete": done == idx.num_shards,
-            "finalized": bool(fin),
+            # Finalized means the Gram covers every shard the catalog has now: a catalog
+            # that grew since (or a partial reduce) is reported as not finalized.
+            "finalized": done == idx.num_shards and self.finalized_current(),
             "steps_bytes": nbytes,
             "steps_bytes_stored": int(steps.nbytes_stored()),
         }
