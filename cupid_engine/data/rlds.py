@@ -23,7 +23,11 @@ This module owns:
 
 Dict actions are flattened to one ``[T, A]`` vector in sorted key order unless
 ``action_keys`` gives the order. Observations keep the features whose per-step shape has
-at most one dimension (images and depth maps are skipped) unless ``obs_keys`` names them.
+at most one dimension (depth maps and other multi-dimensional tensors are skipped) unless
+``obs_keys`` names them. Image features (TFDS ``Image``: one PNG/JPEG per step, decoded
+lazily with Pillow; or a raw ``uint8 [H, W, C]`` tensor) become ``Episode.images``. Text
+features are language, not observations: the step-level ``language_instruction`` (or
+RT-1's ``observation/natural_language_instruction``) becomes the episode's ``task``.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ import pyarrow as pa
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from cupid_engine.data._util import NATIVE_SPLIT_MAP, filter_stream, map_split, url_to_fs
-from cupid_engine.data.episode import Episode
+from cupid_engine.data._util import NATIVE_SPLIT_MAP, filter_stream, map_split, select_keys, task_from_instructions, url_to_fs
+from cupid_engine.data.episode import Episode, ImageSequence, decode_image, encode_png
 from cupid_engine.data.schema import (
     EPISODE_SCHEMA,
     EpisodeValidator,
@@ -56,9 +60,15 @@ from cupid_engine.data.schema import (
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 30
 SUCCESS_MODES = ("terminal", "reward", "none")
-SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<split>[A-Za-z0-9_]+)\.tfrecord-(?P<index>\d{5})-of-(?P<count>\d{5})$")
+# TFDS names shards NAME-SPLIT.tfrecord-00000-of-00128; rlds' EpisodeWriter leaves out -of-N.
+SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<split>[A-Za-z0-9_]+)\.tfrecord-(?P<index>\d{5})(?:-of-(?P<count>\d{5}))?$")
+VERSION_RE = re.compile(r"^\d+(\.\d+)*$")
+"""A TFDS version folder (``1.0.0``) inside a builder folder."""
 # Episode-level fields our writer adds under episode_metadata/ so a round trip is exact.
 _META_FIELDS = ("episode_id", "source", "tier", "metadata")
+# Step-level text features read as the episode's language instruction, in order of preference.
+LANGUAGE_FEATURES = ("steps/language_instruction", "steps/observation/natural_language_instruction")
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF")
 _CRC_MASK_DELTA = 0xA282EAD8
 
 
@@ -283,6 +293,7 @@ def features_json(
     action_dim: int | None = None,
     *,
     action_keys: Mapping[str, int] | None = None,
+    image_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """A TFDS ``features.json`` for episodes written by :func:`encode_episode_example`.
 
@@ -290,6 +301,7 @@ def features_json(
         obs_dims: ``observation key -> width``.
         action_dim: Width of a vector ``steps/action`` (when ``action_keys`` is None).
         action_keys: ``name -> width`` of a dict action, in vector order.
+        image_shapes: ``camera key -> (H, W, C)``, written as PNG ``Image`` features.
     """
     ns = "tensorflow_datasets.core.features."
 
@@ -310,9 +322,17 @@ def features_json(
         action = tensor([action_dim])
     else:
         raise ValueError("give action_dim or action_keys")
+    def image(shape: Sequence[int]) -> dict[str, Any]:
+        return {
+            "pythonClassName": ns + "image_feature.Image",
+            "image": {"shape": {"dimensions": [str(int(s)) for s in shape]}, "dtype": "uint8", "encodingFormat": "png"},
+        }
+
+    observation = {k: tensor([d]) for k, d in obs_dims.items()}
+    observation.update({k: image(s) for k, s in (image_shapes or {}).items()})
     steps = fdict(
         {
-            "observation": fdict({k: tensor([d]) for k, d in obs_dims.items()}),
+            "observation": fdict(observation),
             "action": action,
             "reward": tensor([]),
             "discount": tensor([]),
@@ -362,6 +382,9 @@ def encode_episode_example(episode: Episode, *, action_keys: Mapping[str, int] |
 
     for k, v in episode.observations.items():
         put_float(f"steps/observation/{k}", v)
+    for k in episode.images:
+        # TFDS Image: one encoded image per step; PNG so the pixels come back exactly.
+        put_bytes(f"steps/observation/{k}", [encode_png(f) for f in episode.image_array(k)])
     if action_keys is None:
         put_float("steps/action", episode.actions)
     else:
@@ -457,7 +480,7 @@ def write_rlds(
     for split, tmps in written.items():
         for i, t in enumerate(tmps):
             os.replace(t, path / f"{name}-{split}.tfrecord-{i:05d}-of-{len(tmps):05d}")
-    spec = features_json(check.obs_dims, check.action_dim, action_keys=action_keys)
+    spec = features_json(check.obs_dims, check.action_dim, action_keys=action_keys, image_shapes=check.image_shapes)
     (path / "features.json").write_text(json.dumps(spec, indent=1))
     return path
 
@@ -469,16 +492,26 @@ class RLDSDataset:
     """Streaming reader of an RLDS / Open X-Embodiment TFRecord folder.
 
     Args:
-        path: Folder with ``*.tfrecord-XXXXX-of-YYYYY`` shards (local path or fsspec URL).
+        path: Folder with ``<name>-<split>.tfrecord-XXXXX[-of-YYYYY]`` shards, or a TFDS
+            builder folder holding version folders (``<builder>/1.0.0/``), of which the
+            newest is read unless ``version`` names one (local path or fsspec URL).
         split_map: Native split (from the shard name) -> one of ``constants.SPLITS``.
         obs_keys: Observation keys (default: every numeric per-step feature under
-            ``steps/observation/`` with at most one dimension).
+            ``steps/observation/`` with at most one dimension, except embeddings such as
+            RT-1's ``natural_language_embedding``). What the default leaves out is listed
+            by name and shape in :attr:`skipped_fields`; naming it here reads it
+            (flattened per step).
         action_keys: Order of a dict action's keys (default: sorted).
         success: ``"terminal"`` (last ``is_terminal``), ``"reward"`` (any reward > 0) or
             ``"none"``.
         source: Source name (default: ``episode_metadata/source``, else the folder name,
             or its parent's when the folder is a TFDS version like ``0.1.0``).
         max_record_bytes: Largest record accepted.
+        version: Version folder to read when ``path`` is a builder folder.
+
+    The episode id is ``episode_metadata/episode_id``, else a top-level ``episode_id``,
+    else ``<shard>#<record>``. Other episode-level values (``episode_metadata/*`` and
+    top-level scalars such as the robomimic TFDS filter-key flags) go to ``metadata``.
     """
 
     def __init__(
@@ -491,6 +524,7 @@ class RLDSDataset:
         success: str = "terminal",
         source: str | None = None,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        version: str | None = None,
     ) -> None:
         if success not in SUCCESS_MODES:
             raise ValueError(f"success must be one of {SUCCESS_MODES}, got {success!r}")
@@ -499,18 +533,14 @@ class RLDSDataset:
         self._max = int(max_record_bytes)
         self._success = success
         self._split_map = dict(NATIVE_SPLIT_MAP if split_map is None else split_map)
-        files = []
-        for full in sorted(self._fs.ls(self._root, detail=False)):
-            base = full.rstrip("/").rsplit("/", 1)[-1]
-            m = SHARD_RE.match(base)
-            if m:
-                files.append((base, m.group("split")))
+        self._root, self.version = resolve_builder_version(self._fs, self._root, version, where=self.path)
+        files = [(b, SHARD_RE.match(b).group("split")) for b in shard_names(self._fs, self._root)]
         if not files:
-            raise FormatError(f"{self.path}: no '<name>-<split>.tfrecord-XXXXX-of-YYYYY' shards")
+            raise FormatError(f"{self.path}: no '<name>-<split>.tfrecord-XXXXX[-of-YYYYY]' shards")
         self._shards = [b for b, _ in files]
         self._shard_split = {b: map_split(s, self._split_map, where=f"{self.path}/{b}") for b, s in files}
         parts = self._root.rstrip("/").split("/")
-        is_version = re.fullmatch(r"\d+(\.\d+)*", parts[-1]) is not None and len(parts) > 1
+        is_version = VERSION_RE.match(parts[-1]) is not None and len(parts) > 1
         self._default_source = source if source is not None else (parts[-2] if is_version else parts[-1])
         self._source_override = source is not None
         self._spec = self._read_json("features.json")
@@ -519,6 +549,8 @@ class RLDSDataset:
         self._action_keys_opt = None if action_keys is None else list(action_keys)
         self._layout: tuple[dict[str, int], list[str] | None, int] | None = None
         self._action_widths: dict[str, int] = {}
+        self._skipped: dict[str, str] = {}
+        self._images: dict[str, tuple[str, tuple[int, int, int]]] = {}
         self._catalog: pa.Table | None = None
 
     def _read_json(self, name: str) -> Any:
@@ -537,8 +569,12 @@ class RLDSDataset:
         """Observation widths, dict-action key order (None for a vector) and action width."""
         if self._layout is not None:
             return self._layout
+        skipped: dict[str, str] = {}
         if self._specs is not None:
             widths = {k: s.shape for k, s in self._specs.items() if s.kind == "tensor" and k.startswith("steps/")}
+            for k, s in self._specs.items():
+                if k.startswith("steps/") and k not in widths and s.kind not in ("text", "image"):
+                    skipped[k] = f"{s.kind} {s.dtype} {list(s.shape)}"
         else:
             if first is None:
                 first = parse_example(next(iter_tfrecord(self._shard_path(self._shards[0]), max_record_bytes=self._max, fs=self._fs)))
@@ -551,13 +587,29 @@ class RLDSDataset:
                     widths[k] = (len(v) // T,)
         obs_prefix = "steps/observation/"
         obs = {k[len(obs_prefix) :]: shp for k, shp in widths.items() if k.startswith(obs_prefix)}
+        images = self._find_images(first, obs)
+        obs = {k: s for k, s in obs.items() if k not in images}
         if self._obs_keys_opt is not None:
-            missing = [k for k in self._obs_keys_opt if k not in obs]
-            if missing:
-                raise KeyError(f"{self.path}: observation keys {missing} not in the dataset (have {sorted(obs)})")
-            obs = {k: obs[k] for k in self._obs_keys_opt}
+            lowdim, cameras = select_keys(
+                self._obs_keys_opt, obs, images, where=self.path,
+                skipped={k[len(obs_prefix) :]: v for k, v in skipped.items() if k.startswith(obs_prefix)},
+            )
+            obs = {k: obs[k] for k in lowdim}
+            images = {k: images[k] for k in cameras}
         else:
-            obs = {k: s for k, s in obs.items() if len(s) <= 1}
+            for k, s in sorted(obs.items()):
+                dtype = self._specs[obs_prefix + k].dtype if self._specs is not None else "float32"
+                if "embedding" in k:
+                    skipped[obs_prefix + k] = f"embedding {dtype} {list(s)}"
+                elif len(s) > 1:
+                    skipped[obs_prefix + k] = f"{dtype} {list(s)} (not a vector)"
+            obs = {k: s for k, s in obs.items() if obs_prefix + k not in skipped}
+        used = {obs_prefix + k for k in obs} | {"steps/action"} | {k for k in widths if k.startswith("steps/action/")}
+        for k, s in widths.items():
+            # Step fields the reader interprets itself (flags, reward, discount) are not dropped.
+            if k not in used and k not in skipped and not k.startswith(obs_prefix) and k not in _STEP_FIELDS:
+                skipped[k] = f"tensor {self._specs[k].dtype if self._specs is not None else 'float32'} {list(s)}"
+        self._skipped = skipped
         obs_dims = {k: int(np.prod(s)) if s else 1 for k, s in obs.items()}
         if "steps/action" in widths:
             s = widths["steps/action"]
@@ -576,12 +628,72 @@ class RLDSDataset:
             action_dim = sum(self._action_widths.values())
         if any(d <= 0 for d in obs_dims.values()) or action_dim <= 0:
             raise FormatError(f"{self.path}: features with unknown (-1) or zero widths: {obs_dims}, action {action_dim}")
+        self._images = images
         self._layout = (obs_dims, action_keys, action_dim)
         return self._layout
+
+    def _find_images(self, first: dict[str, tuple[str, Any]] | None, tensors: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, tuple[int, int, int]]]:
+        """Camera key -> (``encoded`` | ``raw``, (H, W, C)) of the image observations.
+
+        From ``features.json``: TFDS ``Image`` features (encoded per step) and ``uint8``
+        tensors of rank 3 (raw pixels). Without it: byte features under
+        ``steps/observation/`` holding one PNG/JPEG/... per step (shape from the first).
+        """
+        prefix = "steps/observation/"
+        out: dict[str, tuple[str, tuple[int, int, int]]] = {}
+        if self._specs is not None:
+            for k, sp in self._specs.items():
+                if not k.startswith(prefix):
+                    continue
+                key = k[len(prefix) :]
+                if sp.kind == "image" or (sp.kind == "tensor" and sp.dtype == "uint8" and len(sp.shape) == 3 and key in tensors):
+                    shape = tuple(sp.shape)
+                    if len(shape) == 2:
+                        shape = (*shape, 1)
+                    if len(shape) != 3:
+                        raise FormatError(f"{self.path}: image feature {k!r} has shape {list(sp.shape)}, expected [H, W, C]")
+                    if min(shape) <= 0:
+                        shape = self._first_image_shape(k)
+                    out[key] = ("encoded" if sp.kind == "image" else "raw", shape)  # type: ignore[assignment]
+            return out
+        if first is None:
+            first = parse_example(next(iter_tfrecord(self._shard_path(self._shards[0]), max_record_bytes=self._max, fs=self._fs)))
+        T = self._length(first, "<first record>")
+        for k, (kind, v) in first.items():
+            if k.startswith(prefix) and kind == "bytes" and len(v) == T and bytes(v[0][:4]).startswith(_IMAGE_MAGIC):
+                out[k[len(prefix) :]] = ("encoded", decode_image(v[0], what=f"{self.path}: first record, {k}").shape)
+        return out
+
+    def _first_image_shape(self, key: str) -> tuple[int, int, int]:
+        """Frame shape of an image feature declared with unknown (-1) sizes: the first frame's."""
+        first = parse_example(next(iter_tfrecord(self._shard_path(self._shards[0]), max_record_bytes=self._max, fs=self._fs)))
+        kind, v = first.get(key, ("empty", None))
+        if kind != "bytes" or not v:
+            raise FormatError(f"{self.path}: image feature {key!r} has unknown size and no frame in the first record")
+        return decode_image(v[0], what=f"{self.path}: first record, {key}").shape  # type: ignore[return-value]
 
     @property
     def obs_keys(self) -> list[str]:
         return sorted(self._resolve_layout()[0])
+
+    @property
+    def image_keys(self) -> list[str]:
+        """Camera keys (``Episode.images``), sorted."""
+        self._resolve_layout()
+        return sorted(self._images)
+
+    @property
+    def image_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``camera key -> (H, W, C)`` of every frame."""
+        self._resolve_layout()
+        return {k: v[1] for k, v in self._images.items()}
+
+    @property
+    def skipped_fields(self) -> dict[str, str]:
+        """Per-step features not read, ``name -> "kind dtype [shape]"`` (embeddings,
+        tensors that are not vectors, feature types without a reader)."""
+        self._resolve_layout()
+        return dict(self._skipped)
 
     @property
     def obs_dims(self) -> dict[str, int]:
@@ -674,7 +786,7 @@ class RLDSDataset:
                 return str(int(v[0]))
             return None
 
-        eid = text("episode_metadata/episode_id") or f"{unit}#{index}"
+        eid = text("episode_metadata/episode_id") or text("episode_id") or f"{unit}#{index}"
         where = f"{where} (episode {eid!r})"
 
         def matrix(key: str, width: int) -> np.ndarray:
@@ -692,8 +804,9 @@ class RLDSDataset:
             else:
                 parts = [matrix(f"steps/action/{k}", self._action_widths[k]) for k in action_keys]
                 actions = np.concatenate(parts, axis=1)
+            images = {k: self._image_view(feats, k, kind, hwc, T, where) for k, (kind, hwc) in self._images.items()}
         else:
-            obs, actions = {}, np.zeros((T, 1), np.float32)
+            obs, actions, images = {}, np.zeros((T, 1), np.float32), {}
         rewards = feats.get("steps/reward", ("empty", None))[1]
         if rewards is not None and len(rewards) != T:
             raise FormatError(f"{where}: steps/reward has {len(rewards)} values, expected {T}")
@@ -715,22 +828,94 @@ class RLDSDataset:
                         metadata[k[17:]] = v[0].decode("utf-8", errors="replace")
                     elif kind in ("float", "int64") and len(v) == 1:
                         metadata[k[17:]] = v[0].item()
+                elif "/" not in k and k != "episode_id" and kind != "empty" and len(v) == 1:
+                    # top-level episode features (e.g. robomimic TFDS filter-key flags)
+                    metadata[k] = v[0].decode("utf-8", errors="replace") if kind == "bytes" else v[0].item()
         source = self._default_source if self._source_override else (text("episode_metadata/source") or self._default_source)
+        task = ""
+        for key in LANGUAGE_FEATURES:
+            kind, v = feats.get(key, ("empty", None))
+            if kind == "bytes" and v:
+                if len(v) != T:
+                    raise FormatError(f"{where}: {key} has {len(v)} values, expected one per step ({T})")
+                task = task_from_instructions([b.decode("utf-8", errors="replace") for b in v], metadata)
+                break
         ep = Episode(
             episode_id=eid,
             observations=obs,
             actions=actions,
             split=self._shard_split[unit],
             source=source,
-            task=text("steps/language_instruction") or "",
+            task=task,
             success=success,
             return_=None if rewards is None else float(np.sum(rewards, dtype=np.float64)),
             tier=text("episode_metadata/tier"),
             metadata=metadata,
+            images=images,
         )
         if arrays:
-            validate_episode(ep, obs_dims=obs_dims, action_dim=action_dim)
+            validate_episode(ep, obs_dims=obs_dims, action_dim=action_dim, image_shapes=self.image_shapes)
         return ep
+
+    def _image_view(self, feats: dict[str, tuple[str, Any]], key: str, kind: str, hwc: tuple[int, int, int], T: int, where: str) -> Any:
+        """One camera of one record: a lazy view over encoded frames, or the raw pixels."""
+        name = f"steps/observation/{key}"
+        fkind, v = feats.get(name, ("empty", None))
+        what = f"{where}, {name}"
+        n = int(np.prod(hwc))
+        if kind == "encoded":
+            if fkind != "bytes" or len(v) != T:
+                got = "nothing" if fkind == "empty" else f"{fkind} x {len(v)}"
+                raise FormatError(f"{what}: expected {T} encoded images, found {got}")
+            return ImageSequence.from_encoded(v, hwc, what=what)
+        if fkind == "int64" and v.size == T * n:
+            if v.size and (v.min() < 0 or v.max() > 255):
+                raise FormatError(f"{what}: raw uint8 image holds values outside 0..255")
+            return v.astype(np.uint8).reshape(T, *hwc)
+        if fkind == "bytes" and sum(len(b) for b in v) == T * n:
+            return np.frombuffer(b"".join(v), np.uint8).reshape(T, *hwc)
+        raise FormatError(f"{what}: raw image needs {T} x {list(hwc)} uint8 values, found {fkind} of size {0 if v is None else len(v)}")
+
+
+_STEP_FIELDS = ("steps/reward", "steps/discount", "steps/is_first", "steps/is_last", "steps/is_terminal")
+
+
+def shard_names(fs: Any, root: str) -> list[str]:
+    """Sorted TFRecord shard file names directly inside ``root``."""
+    names = [full.rstrip("/").rsplit("/", 1)[-1] for full in fs.ls(root, detail=False)]
+    return sorted(n for n in names if SHARD_RE.match(n))
+
+
+def builder_versions(fs: Any, root: str) -> list[str]:
+    """Version folders of a TFDS builder folder that hold shards, oldest first."""
+    out = []
+    for full in fs.ls(root, detail=False):
+        name = full.rstrip("/").rsplit("/", 1)[-1]
+        if VERSION_RE.match(name) and fs.isdir(f"{root}/{name}") and shard_names(fs, f"{root}/{name}"):
+            out.append(name)
+    return sorted(out, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
+def resolve_builder_version(fs: Any, root: str, version: str | None, *, where: str) -> tuple[str, str | None]:
+    """``(folder holding the shards, version read)`` for a shard folder or a builder folder.
+
+    Raises:
+        FormatError: If ``version`` is not one of the builder's versions, or is given for
+            a folder that holds shards itself.
+    """
+    if shard_names(fs, root):
+        if version is not None and root.rstrip("/").rsplit("/", 1)[-1] != version:
+            raise FormatError(f"{where}: holds shards itself; version={version!r} applies to builder folders only")
+        last = root.rstrip("/").rsplit("/", 1)[-1]
+        return root, (last if VERSION_RE.match(last) else None)
+    versions = builder_versions(fs, root)
+    if version is not None:
+        if version not in versions:
+            raise FormatError(f"{where}: no version {version!r} with shards (have {versions})")
+        return f"{root}/{version}", version
+    if versions:
+        return f"{root}/{versions[-1]}", versions[-1]
+    return root, None
 
 
 def open_rlds(path: str | os.PathLike, **options: Any) -> RLDSDataset:

@@ -10,6 +10,7 @@ what is on disk.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -21,9 +22,11 @@ from cupid_engine.data._util import url_to_fs
 from cupid_engine.data.episode import Episode
 from cupid_engine.data.lerobot import LeRobotDataset
 from cupid_engine.data.replay import ReplayBufferDataset
-from cupid_engine.data.rlds import SHARD_RE, RLDSDataset
+from cupid_engine.data.rlds import SHARD_RE, RLDSDataset, builder_versions
 from cupid_engine.data.robomimic import RobomimicDataset
 from cupid_engine.data.schema import FormatError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "lerobot", "robomimic", "rlds", "replay")
 _READERS = {"lerobot": LeRobotDataset, "robomimic": RobomimicDataset, "rlds": RLDSDataset, "replay": ReplayBufferDataset}
@@ -73,7 +76,8 @@ def detect_format(path_or_url: str | os.PathLike) -> str:
 
     Rules, in order: ``*.hdf5``/``*.h5`` file -> robomimic; ``*.zip`` -> replay
     (diffusion_policy ``.zarr.zip``); a folder with ``meta/info.json`` -> lerobot; with
-    ``*.tfrecord-XXXXX-of-YYYYY`` shards -> rlds; with ``meta/episode_ends`` -> replay.
+    ``*.tfrecord-XXXXX[-of-YYYYY]`` shards, or version folders (``1.0.0/``) holding them
+    (a TFDS builder folder) -> rlds; with ``meta/episode_ends`` -> replay.
 
     Raises:
         FormatError: If nothing matches (the message lists what was looked for).
@@ -91,13 +95,14 @@ def detect_format(path_or_url: str | os.PathLike) -> str:
         return "lerobot"
     if fs.isdir(root):
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-        if any(SHARD_RE.match(n) for n in names):
+        if any(SHARD_RE.match(n) for n in names) or builder_versions(fs, root):
             return "rlds"
         if any(fs.exists(f"{root}/meta/episode_ends/{m}") for m in (".zarray", "zarr.json")):
             return "replay"
     raise FormatError(
         f"{text}: cannot tell the format (looked for *.hdf5, meta/info.json, "
-        "*.tfrecord-XXXXX-of-YYYYY shards, meta/episode_ends); pass format=..."
+        "*.tfrecord-XXXXX[-of-YYYYY] shards or TFDS version folders holding them, meta/episode_ends); "
+        "pass format=..."
     )
 
 
@@ -112,7 +117,9 @@ def open_source(path_or_url: str | os.PathLike, format: str = "auto", **options:
 
     Returns:
         A :class:`LeRobotDataset`, :class:`RobomimicDataset`, :class:`RLDSDataset` or
-        :class:`ReplayBufferDataset`.
+        :class:`ReplayBufferDataset`. Fields the reader leaves out by default (its
+        ``skipped_fields``: embeddings, tensors that are not vectors, unread arrays) are
+        listed once at INFO with their shapes.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -122,4 +129,27 @@ def open_source(path_or_url: str | os.PathLike, format: str = "auto", **options:
         raise ValueError(f"{path_or_url}: robomimic files are read with h5py and must be local")
     if format == "robomimic" and str(path_or_url).startswith("file://"):
         path_or_url = str(path_or_url)[len("file://") :]
-    return _READERS[format](path_or_url, **options)
+    source = _READERS[format](path_or_url, **options)
+    report_skipped(source, str(path_or_url))
+    return source
+
+
+_reported: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+
+
+def report_skipped(source: Any, where: str) -> dict[str, str]:
+    """Log (once per process and dataset) the fields ``source`` does not read, with shapes.
+
+    Returns:
+        ``field -> description`` (empty when the reader reads everything it found).
+    """
+    skipped = dict(getattr(source, "skipped_fields", None) or {})
+    key = (where, tuple(sorted(skipped.items())))
+    if skipped and key not in _reported:
+        _reported.add(key)
+        log.info(
+            "%s: not read (name them in obs_keys / --obs-keys to use them): %s",
+            where,
+            "; ".join(f"{k} {v}" for k, v in sorted(skipped.items())),
+        )
+    return skipped

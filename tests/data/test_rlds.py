@@ -204,8 +204,8 @@ def test_reads_oxe_layout(tmp_path, rng):
     truth = _oxe_fixture(root, rng)
     ds = RLDSDataset(root)
     assert len(ds) == 3
-    # The image (encoded bytes) and the 2-D depth map are not low-dimensional observations.
-    assert ds.obs_keys == ["base_pose_tool_reached", "natural_language_embedding"]
+    # The image (encoded bytes), the embedding and the 2-D depth map are not low-dimensional observations.
+    assert ds.obs_keys == ["base_pose_tool_reached"]
     assert ds.action_keys == ["gripper_closedness_action", "rotation_delta", "world_vector"] and ds.action_dim == 7
     got = list(ds.episodes())
     assert [e.episode_id for e in got] == [f"fractal20220817_data-train.tfrecord-00000-of-00001#{i}" for i in range(3)]
