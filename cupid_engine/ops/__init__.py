@@ -82,6 +82,7 @@ _registry.register(
         "install triton (`pip install triton==3.9.0`, extra `gpu`) and run on a CUDA GPU "
         "(or set TRITON_INTERPRET=1 before importing triton, for tests on CPU)",
         20,
+        auto_devices=("cuda",),
     )
 )
 _registry.register(
@@ -102,11 +103,7 @@ def available_backends() -> list[str]:
 
 
 def _resolve(backend: str, device: torch.device, op: str) -> Backend:
-    chosen = _registry.resolve(backend, device.type, op)
-    # The Triton interpreter is a test vehicle: never an automatic CPU choice.
-    if backend == "auto" and chosen.name == "triton" and device.type == "cpu":
-        chosen = _registry.get("cpu") if _cpu_available() else _registry.get("torch")
-    return chosen
+    return _registry.resolve(backend, device.type, op)
 
 
 def _check_k_seed(k: int, seed: int) -> None:

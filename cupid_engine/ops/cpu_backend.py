@@ -24,10 +24,23 @@ def _C():
 
 
 def is_available() -> bool:
+    """Whether the extension is installed; an installed one that fails to load is an error.
+
+    Only "not built" falls through to another backend. An ABI mismatch ("undefined symbol")
+    or a missing shared library would otherwise turn ``auto`` into the slow torch reference
+    without a word.
+    """
     try:
         _C()
-    except ImportError:
-        return False
+    except ModuleNotFoundError as exc:
+        if exc.name == "cupid_engine._C":
+            return False
+        raise RuntimeError(f"the C++ extension cupid_engine._C failed to load: {exc}") from exc
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the C++ extension cupid_engine._C is installed but failed to load: {exc}; "
+            "rebuild it with `pip install --no-build-isolation --no-deps -e .`"
+        ) from exc
     return True
 
 

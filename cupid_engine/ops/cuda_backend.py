@@ -37,9 +37,16 @@ def _C():
 
 
 def is_available() -> bool:
-    try:
-        _C()
-    except (ImportError, RuntimeError):
+    """Whether CUDA kernels were compiled into an extension that loads, and a GPU is present.
+
+    "Not built" and "built without CUDA" fall through; an extension that is installed but
+    fails to load raises (``cpu_backend.is_available`` says why), never a silent switch.
+    """
+    from cupid_engine.ops import cpu_backend
+
+    if not cpu_backend.is_available():
+        return False
+    if not hasattr(cpu_backend._C(), "project_cuda"):
         return False
     return torch.cuda.is_available()
 

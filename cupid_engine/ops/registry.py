@@ -29,6 +29,9 @@ class Backend:
         is_available: Cheap predicate (may import optional packages).
         install_hint: What to do when it is missing.
         priority: Higher wins under ``auto``; 0 or less never wins ``auto``.
+        auto_devices: Device types on which ``auto`` may choose it (default: ``devices``).
+            The Triton interpreter runs on CPU for tests but is never an automatic CPU
+            choice, so the rule lives here, before the choice is logged.
     """
 
     name: str
@@ -37,6 +40,10 @@ class Backend:
     is_available: Callable[[], bool]
     install_hint: str
     priority: int
+    auto_devices: tuple[str, ...] | None = None
+
+    def may_auto(self, device_type: str) -> bool:
+        return self.priority > 0 and device_type in (self.devices if self.auto_devices is None else self.auto_devices)
 
     def impl(self) -> Any:
         return importlib.import_module(self.module)
@@ -76,7 +83,7 @@ def resolve(name: str, device_type: str, op: str) -> Backend:
             )
         return backend
     candidates = [
-        b for b in _REGISTRY.values() if device_type in b.devices and b.priority > 0 and b.is_available()
+        b for b in _REGISTRY.values() if b.may_auto(device_type) and b.is_available()
     ]
     if not candidates:
         raise RuntimeError(f"no backend available for {op} on {device_type!r} tensors")

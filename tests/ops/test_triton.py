@@ -372,6 +372,18 @@ def _compile_all(cc: int) -> dict[str, str]:
                     res[f"{name}-{dt}-{variant}"] = "ok"
                 except Exception as e:  # noqa: BLE001 - reported by the test
                     res[f"{name}-{dt}-{variant}"] = f"{type(e).__name__}: {str(e)[-1500:]}"
+    from cupid_engine.ops.triton import quality as TQ
+
+    qsig = dict(r_ptr="*fp32", r_off_ptr="*i64", d_ptr="*fp32", d_off_ptr="*i64", maxmin_ptr="*fp32",
+                minmax_ptr="*fp32", n_demos="i32", K="i32")
+    for bk in (16, 32):
+        const = dict(BLOCK_I=64, BLOCK_J=64, BLOCK_K=bk)
+        try:
+            triton.compile(ASTSource(fn=TQ._quality_minmax_kernel, signature=dict(qsig, **{c: "constexpr" for c in const}),
+                                     constexprs=const), target=target, options={"num_warps": 4})
+            res[f"quality-k{bk}"] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            res[f"quality-k{bk}"] = f"{type(e).__name__}: {str(e)[-1500:]}"
     for dt in ("fp32", "fp64"):
         sig = dict(part_ptr="*" + dt, out_ptr="*" + dt, N="i32", N_SPLIT="i32", BLOCK="constexpr")
         try:
@@ -402,7 +414,7 @@ def test_kernels_compile_for_gpu():
     res = json.loads(line[-1][len("COMPILED ") :])
     failed = {k: v for k, v in res.items() if v != "ok"}
     assert not failed, "\n".join(f"{k}: {v}" for k, v in failed.items())
-    assert len(res) == 26
+    assert len(res) == 28
 
 
 if __name__ == "__main__":
