@@ -14,6 +14,13 @@ datamodel trainers never see model code:
 * ``diffusion``: :class:`DiffusionPolicy`, a small Conv1d UNet trained with DDPM and
   sampled with DDIM: the policy class CUPID targets, attributed through the ``square``
   surrogate (CUPID Eq. 9).
+* ``vision``: ResNet-18 with GroupNorm and spatial-softmax pooling, written here (no
+  torchvision), random or local-safetensors weights.
+* ``diffusion_image``: :class:`DiffusionImagePolicy`, CUPID's image diffusion policy: one
+  ResNet-18 (GN) encoder per camera + low-dim state conditioning the Conv1d UNet.
+* ``transformer``: :class:`TransformerPolicy`, Octo/ACT-like: patch + state + word-hash
+  language tokens, self-attention from ``nn.Linear``, a diffusion head.
+* ``image_samples``: samples with camera frames and task-text tokens.
 * ``outputs``: the output functions ``loss``, ``logprob``, ``square``, ``energy`` and the
   draw expansion the hook-based featuriser uses.
 * ``tracking``: which modules/parameters are differentiated (``all``, ``head``, names).
@@ -25,6 +32,8 @@ datamodel trainers never see model code:
 from cupid_engine.policies.base import Policy, PolicyConfig
 from cupid_engine.policies.checkpoint import compute_policy_hash, load_policy, policy_hash, save_policy
 from cupid_engine.policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig, seeded_diffusion_noise
+from cupid_engine.policies.diffusion_image import DiffusionImagePolicy, DiffusionImagePolicyConfig
+from cupid_engine.policies.image_samples import ImageSampleSet, build_image_samples
 from cupid_engine.policies.mlp import MLPPolicy, MLPPolicyConfig
 from cupid_engine.policies.normalizer import Normalizer
 from cupid_engine.policies.outputs import (
@@ -36,20 +45,27 @@ from cupid_engine.policies.outputs import (
 )
 from cupid_engine.policies.registry import POLICIES, build_policy, make_policy_config, policy_kind
 from cupid_engine.policies.samples import SampleSet, build_samples, episode_key
+from cupid_engine.policies.transformer import TransformerPolicy, TransformerPolicyConfig
 from cupid_engine.policies.tracking import tracked_modules, tracked_parameters
 from cupid_engine.policies.training import TrainConfig, sample_weight_vector, train_policy
 
 __all__ = [
     "POLICIES",
+    "DiffusionImagePolicy",
+    "DiffusionImagePolicyConfig",
     "DiffusionPolicy",
     "DiffusionPolicyConfig",
     "MLPPolicy",
     "MLPPolicyConfig",
+    "ImageSampleSet",
     "Normalizer",
     "Policy",
     "PolicyConfig",
     "SampleSet",
     "TrainConfig",
+    "TransformerPolicy",
+    "TransformerPolicyConfig",
+    "build_image_samples",
     "build_policy",
     "build_samples",
     "compute_policy_hash",

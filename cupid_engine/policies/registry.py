@@ -1,4 +1,5 @@
-"""Policy kinds by name: ``"mlp"`` and ``"diffusion"`` -> (config class, policy class)."""
+"""Policy kinds by name: ``"mlp"``, ``"diffusion"``, ``"diffusion-image"``, ``"transformer"``
+-> (config class, policy class)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ from typing import Any
 
 from cupid_engine.policies.base import Policy, PolicyConfig
 from cupid_engine.policies.diffusion import DiffusionPolicy, DiffusionPolicyConfig
+from cupid_engine.policies.diffusion_image import DiffusionImagePolicy, DiffusionImagePolicyConfig
 from cupid_engine.policies.mlp import MLPPolicy, MLPPolicyConfig
+from cupid_engine.policies.transformer import TransformerPolicy, TransformerPolicyConfig
 
 POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {
     "mlp": (MLPPolicyConfig, MLPPolicy),
     "diffusion": (DiffusionPolicyConfig, DiffusionPolicy),
+    "diffusion-image": (DiffusionImagePolicyConfig, DiffusionImagePolicy),
+    "transformer": (TransformerPolicyConfig, TransformerPolicy),
 }
 
 

@@ -69,6 +69,10 @@ class TrainConfig(Config):
 
 
 def _as_samples(config: PolicyConfig, data: SampleSet | Iterable[Episode]) -> SampleSet:
+    # Image/language policy configs cut their own samples (frames, text tokens).
+    build = getattr(config, "build_samples", None)
+    if build is not None:
+        data = build(data)
     if isinstance(data, SampleSet):
         if (data.n_obs_steps, data.horizon) != (config.n_obs_steps, config.horizon):
             raise ValueError(
@@ -87,7 +91,10 @@ def resolve_config(config: PolicyConfig, samples: SampleSet) -> PolicyConfig:
         have = getattr(config, name)
         if have not in (0, value):
             raise ValueError(f"config {name}={have} but the samples have {value}")
-    return config.replace(obs_dim=samples.obs_dim, action_dim=samples.action_dim, obs_keys=tuple(samples.obs_keys))
+    resolved = config.replace(obs_dim=samples.obs_dim, action_dim=samples.action_dim, obs_keys=tuple(samples.obs_keys))
+    # Image policy configs also take their camera keys and image shape from the samples.
+    resolve_samples = getattr(resolved, "resolve_samples", None)
+    return resolved if resolve_samples is None else resolve_samples(samples)
 
 
 def sample_weight_vector(
