@@ -1,15 +1,24 @@
 """Our datasets on disk: a LeRobot v3.0 Parquet writer, and a reader for v3.0 and v2.1.
 
-Layout written by :func:`write_dataset` (LeRobot v3.0, readable by pyarrow alone)::
+Layout written by :func:`write_dataset` (LeRobot v3.0 as lerobot 0.6 writes it, readable
+by pyarrow alone; the metadata pieces are built in :mod:`~cupid_engine.data.lerobot_meta`)::
 
     meta/info.json                              codebase_version "v3.0", fps, features, ...
-    meta/tasks.parquet                          task_index, task
-    meta/episodes/chunk-000/file-000.parquet    one row per episode: episode_index, length,
-                                                data/chunk_index, data/file_index,
+                                                (exactly the fields of lerobot's DatasetInfo)
+    meta/tasks.parquet                          task_index, with the task string as the
+                                                pandas index ``task`` (lerobot's lookup)
+    meta/stats.json                             per feature: min, max, mean, std, count,
+                                                q01, q10, q50, q90, q99
+    meta/episodes/chunk-000/file-000.parquet    one row per episode: episode_index, tasks,
+                                                length, data/chunk_index, data/file_index,
                                                 dataset_from_index, dataset_to_index (global
-                                                row range, end exclusive), tasks, and our
-                                                episode-level fields (episode_id, split,
-                                                source, task, success, return, tier, metadata)
+                                                row range, end exclusive), stats/<feature>/
+                                                <stat>, meta/episodes/chunk_index and
+                                                file_index
+    meta/cupid_engine/episodes.parquet          our episode-level fields (episode_id, split,
+                                                source, task, success, return, tier,
+                                                metadata) by episode_index, beside lerobot's
+                                                files so that its tools still accept them
     data/chunk-XXX/file-XXX.parquet             step rows of ``episodes_per_file`` episodes:
                                                 observation.<key>, action (fixed_size_list
                                                 <float32>), timestamp, frame_index,
@@ -52,6 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cupid_engine.constants import SCHEMA_VERSION
+from cupid_engine.data import lerobot_meta
 from cupid_engine.data._util import NATIVE_SPLIT_MAP, join_inside, map_split, select_keys, selected_rows, url_to_fs
 from cupid_engine.data.episode import Episode, ImageSequence, encode_png
 from cupid_engine.data.schema import (
@@ -182,6 +192,10 @@ class _Writer:
         self.buffered_rows = 0
         self.meta_rows: list[dict[str, Any]] = []
         self.meta_writer: pq.ParquetWriter | None = None
+        self.stats = lerobot_meta.StatsAggregator()
+        self.full_meta_schema: pa.Schema | None = None
+        self.engine_rows: list[dict[str, Any]] = []
+        self.engine_writer: pq.ParquetWriter | None = None
 
     def add(self, ep: Episode) -> None:
         self.check(ep)
@@ -237,21 +251,45 @@ class _Writer:
         if self.buffered_rows >= _ROW_GROUP_ROWS or self.buffered_bytes >= _ROW_GROUP_BYTES:
             self._flush_data()
         chunk, file = divmod(self.file_number, CHUNKS_SIZE)
-        row = episode_row(ep)
-        row.update(
-            {
-                "episode_index": self.n_episodes,
-                "tasks": [ep.task],
-                "data/chunk_index": chunk,
-                "data/file_index": file,
-                "dataset_from_index": self.n_frames,
-                "dataset_to_index": self.n_frames + T,
-            }
-        )
+        ep_stats = self._episode_stats(ep, task_index)
+        self.stats.add(ep_stats)
+        row = {
+            "episode_index": self.n_episodes,
+            "tasks": [ep.task],
+            "length": T,
+            "data/chunk_index": chunk,
+            "data/file_index": file,
+            "dataset_from_index": self.n_frames,
+            "dataset_to_index": self.n_frames + T,
+        }
         row.update(video_rows)
+        row.update(lerobot_meta.stats_columns(ep_stats))
+        # One episodes file, as lerobot writes until it reaches data_files_size_in_mb.
+        row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        if self.full_meta_schema is None:
+            self.full_meta_schema = pa.schema(
+                list(self.meta_schema)
+                + lerobot_meta.stats_fields(ep_stats)
+                + [pa.field("meta/episodes/chunk_index", pa.int64(), nullable=False), pa.field("meta/episodes/file_index", pa.int64(), nullable=False)]
+            )
         self.meta_rows.append(row)
+        self.engine_rows.append({"episode_index": self.n_episodes, **episode_row(ep)})
         self.n_episodes += 1
         self.n_frames += T
+
+    def _episode_stats(self, ep: Episode, task_index: int) -> dict[str, dict[str, np.ndarray]]:
+        """lerobot's per-episode stats of every feature this episode writes."""
+        T = ep.length
+        out = {OBS_PREFIX + k: lerobot_meta.vector_stats(v) for k, v in sorted(ep.observations.items())}
+        for k in sorted(ep.images):
+            out[IMAGE_PREFIX + k] = lerobot_meta.image_stats(ep.images[k])
+        out[ACTION_COLUMN] = lerobot_meta.vector_stats(ep.actions)
+        out["timestamp"] = lerobot_meta.vector_stats((np.arange(T) / self.fps).astype(np.float32))
+        out["frame_index"] = lerobot_meta.vector_stats(np.arange(T))
+        out["episode_index"] = lerobot_meta.vector_stats(np.full(T, self.n_episodes))
+        out["index"] = lerobot_meta.vector_stats(np.arange(self.n_frames, self.n_frames + T))
+        out["task_index"] = lerobot_meta.vector_stats(np.full(T, task_index))
+        return out
 
     def _next_file(self) -> None:
         self._close_data()
@@ -289,23 +327,31 @@ class _Writer:
     def _flush_meta(self) -> None:
         if not self.meta_rows:
             return
-        table = pa.Table.from_pylist(self.meta_rows, schema=self.meta_schema)
+        table = pa.Table.from_pylist(self.meta_rows, schema=self.full_meta_schema)
         if self.meta_writer is None:
             out = self.root / EPISODES_META_PATH
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.meta_writer = pq.ParquetWriter(out, self.meta_schema)
+            self.meta_writer = pq.ParquetWriter(out, self.full_meta_schema)
         self.meta_writer.write_table(table)
         self.meta_rows = []
+        if self.engine_writer is None:
+            out = self.root / lerobot_meta.ENGINE_EPISODES_PATH
+            out.parent.mkdir(parents=True, exist_ok=True)
+            schema = lerobot_meta.ENGINE_EPISODES_SCHEMA.with_metadata(
+                {b"cupid_engine": json.dumps({"schema_version": SCHEMA_VERSION, "episodes_per_file": self.per_file}).encode()}
+            )
+            self.engine_writer = pq.ParquetWriter(out, schema)
+        self.engine_writer.write_table(pa.Table.from_pylist(self.engine_rows, schema=self.engine_writer.schema))
+        self.engine_rows = []
 
     def finish(self) -> None:
         if self.n_episodes == 0:
             raise ValueError("write_dataset got no episodes")
         self._close_data()
         self.meta_writer.close()
-        pq.write_table(
-            pa.table({"task_index": pa.array(list(self.tasks.values()), pa.int64()), "task": list(self.tasks)}),
-            self.root / "meta" / "tasks.parquet",
-        )
+        self.engine_writer.close()
+        lerobot_meta.write_tasks(self.root / lerobot_meta.TASKS_PATH, self.tasks)
+        (self.root / lerobot_meta.STATS_PATH).write_text(lerobot_meta.stats_json(self.stats.result()))
         features: dict[str, Any] = {}
         for key in sorted(self.check.obs_dims):
             features[OBS_PREFIX + key] = {"dtype": "float32", "shape": [self.check.obs_dims[key]], "names": None}
@@ -315,23 +361,24 @@ class _Writer:
         features["timestamp"] = {"dtype": "float32", "shape": [1], "names": None}
         for name in ("frame_index", "episode_index", "index", "task_index"):
             features[name] = {"dtype": "int64", "shape": [1], "names": None}
+        # The fields of lerobot 0.6's DatasetInfo, in its order (an unknown field makes lerobot
+        # warn and is dropped when lerobot rewrites the file; ours live in meta/cupid_engine/).
         info = {
             "codebase_version": CODEBASE_VERSION,
-            "robot_type": None,
+            "fps": self.fps,
+            "features": features,
             "total_episodes": self.n_episodes,
             "total_frames": self.n_frames,
             "total_tasks": len(self.tasks),
             "chunks_size": CHUNKS_SIZE,
             "data_files_size_in_mb": 100,
-            "video_files_size_in_mb": 500,
-            "fps": self.fps,
-            # LeRobot's own (Hugging Face) split: every row. Our train/holdout/... split is
-            # the per-episode `split` column of meta/episodes.
-            "splits": {"train": f"0:{self.n_episodes}"},
+            "video_files_size_in_mb": 200,
             "data_path": DATA_PATH_V3,
             "video_path": VIDEO_PATH_V3 if self.image_format == "video" and self.check.image_shapes else None,
-            "features": features,
-            "cupid_engine": {"schema_version": SCHEMA_VERSION, "episodes_per_file": self.per_file},
+            "robot_type": None,
+            # LeRobot's own (Hugging Face) split: every row. Our train/holdout/... split is
+            # the per-episode `split` of meta/cupid_engine/episodes.parquet.
+            "splits": {"train": f"0:{self.n_episodes}"},
         }
         (self.root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
 
@@ -340,13 +387,14 @@ EPISODES_META_SCHEMA = pa.schema(
     [
         pa.field("episode_index", pa.int64(), nullable=False),
         pa.field("tasks", pa.list_(pa.string())),
+        pa.field("length", pa.int64(), nullable=False),
         pa.field("data/chunk_index", pa.int64(), nullable=False),
         pa.field("data/file_index", pa.int64(), nullable=False),
         pa.field("dataset_from_index", pa.int64(), nullable=False),
         pa.field("dataset_to_index", pa.int64(), nullable=False),
     ]
-    + list(EPISODE_SCHEMA)
 )
+"""Leading ``meta/episodes`` columns (lerobot's); video, ``stats/*`` and ``meta/episodes/*`` columns follow."""
 
 
 def _video_meta_columns(feature: str) -> list[tuple[str, pa.DataType]]:
@@ -401,6 +449,8 @@ def _write(
             writer.data_writer.close()
         if writer.meta_writer is not None:
             writer.meta_writer.close()
+        if writer.engine_writer is not None:
+            writer.engine_writer.close()
 
 
 # ----------------------------------------------------------------------------- reader
@@ -508,9 +558,12 @@ class LeRobotDataset:
         files = sorted(self._fs.glob(pattern))
         if not files:
             raise FormatError(f"{self.path}: no meta/episodes/chunk-*/file-*.parquet")
-        meta = pa.concat_tables(
-            [pq.read_table(f, filesystem=self._fs) for f in files], promote_options="permissive"
-        )
+        tables = []
+        for f in files:
+            # The per-episode stats/* columns are large and not needed to read episodes.
+            names = [n for n in pq.read_schema(f, filesystem=self._fs).names if not n.startswith("stats/")]
+            tables.append(pq.read_table(f, columns=names, filesystem=self._fs))
+        meta = pa.concat_tables(tables, promote_options="permissive")
         for col in ("episode_index", "data/chunk_index", "data/file_index", "dataset_from_index", "dataset_to_index"):
             if col not in meta.column_names:
                 raise FormatError(f"{self.path}: episode metadata lacks column {col!r}")
@@ -518,7 +571,52 @@ class LeRobotDataset:
         files_col = []
         for c, f in zip(meta.column("data/chunk_index").to_pylist(), meta.column("data/file_index").to_pylist()):
             files_col.append(_format_path(template, self.path, chunk_index=c, file_index=f))
-        return meta.append_column("_file", pa.array(files_col, pa.string()))
+        return self._join_engine_fields(meta.append_column("_file", pa.array(files_col, pa.string())))
+
+    def _join_engine_fields(self, meta: pa.Table) -> pa.Table:
+        """Add our episode-level fields from ``meta/cupid_engine/episodes.parquet``, by episode_index.
+
+        Episodes that file does not list (appended later by lerobot's ``resume``) keep
+        the defaults; a row whose length disagrees with ``meta/episodes`` means another
+        tool renumbered the episodes in place, which is refused rather than mislabelled.
+        """
+        path = join_inside(self._root, lerobot_meta.ENGINE_EPISODES_PATH, what=self.path)
+        if not self._fs.isfile(path):
+            return meta
+        where = f"{self.path}/{lerobot_meta.ENGINE_EPISODES_PATH}"
+        try:
+            side = pq.read_table(path, filesystem=self._fs)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise FormatError(f"{where}: cannot read ({exc})") from None
+        missing = [c for c in lerobot_meta.ENGINE_EPISODES_SCHEMA.names if c not in side.column_names]
+        if missing:
+            raise FormatError(f"{where}: lacks columns {missing}")
+        side_index = side.column("episode_index").to_pylist()
+        pos = {int(i): r for r, i in enumerate(side_index)}
+        if len(pos) != len(side_index):
+            raise FormatError(f"{where}: an episode_index appears twice")
+        meta_index = [int(i) for i in meta.column("episode_index").to_pylist()]
+        extra = sorted(set(pos) - set(meta_index))
+        if extra:
+            raise FormatError(f"{where}: episode_index {extra[:5]} not in meta/episodes (the dataset was edited by another tool)")
+        lengths = (np.asarray(meta.column("dataset_to_index").to_pylist()) - np.asarray(meta.column("dataset_from_index").to_pylist())).tolist()
+        side_len = side.column("length").to_pylist()
+        for i, n in zip(meta_index, lengths):
+            if i in pos and side_len[pos[i]] != n:
+                raise FormatError(
+                    f"{where}: episode_index {i} has length {side_len[pos[i]]} there but {n} in meta/episodes "
+                    "(the episodes were renumbered by another tool)"
+                )
+        for name in EPISODE_SCHEMA.names:
+            if name == "length":
+                continue
+            values = side.column(name).to_pylist()
+            column = pa.array([values[pos[i]] if i in pos else None for i in meta_index], EPISODE_SCHEMA.field(name).type)
+            if name in meta.column_names:
+                meta = meta.set_column(meta.column_names.index(name), name, column)
+            else:
+                meta = meta.append_column(name, column)
+        return meta
 
     def _read_meta_v2(self) -> pa.Table:
         ep_path = join_inside(self._root, "meta/episodes.jsonl", what=self.path)
@@ -562,19 +660,17 @@ class LeRobotDataset:
 
         ids = col("episode_id", None)
         ids = [f"episode_{i:06d}" if e is None else e for e, i in zip(ids, self._index.tolist())]
-        if "split" in names:
-            splits = meta.column("split").to_pylist()
-        else:
-            splits = self._splits_from_info()
-        if "task" in names:
-            tasks = meta.column("task").to_pylist()
-        else:
-            tasks = ["; ".join(t or []) for t in col("tasks", [])]
+        splits = col("split", None)
+        if any(s is None for s in splits):
+            native = self._splits_from_info()
+            splits = [n if s is None else s for s, n in zip(splits, native)]
+        joined = ["; ".join(t or []) for t in col("tasks", [])]
+        tasks = [j if t is None else t for t, j in zip(col("task", None), joined)]
         table = pa.Table.from_pydict(
             {
                 "episode_id": ids,
                 "split": splits,
-                "source": col("source", self._source),
+                "source": [self._source if v is None else v for v in col("source", None)],
                 "task": tasks,
                 "length": lengths,
                 "success": col("success", None),
