@@ -5,7 +5,8 @@ file per task::
 
     data                      attrs: total, env_args (JSON)
     data/demo_N               attrs: num_samples
-    data/demo_N/obs/<key>     [T, ...] observations (images [T, H, W, C] are skipped)
+    data/demo_N/obs/<key>     [T, d] observations, or uint8 [T, H, W, C] images
+                              (``*_image``: read lazily into ``Episode.images``)
     data/demo_N/actions       [T, A]
     data/demo_N/rewards       [T]
     data/demo_N/dones         [T]
@@ -38,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 
 from cupid_engine.constants import SPLITS, TIERS
-from cupid_engine.data._util import selected_rows
-from cupid_engine.data.episode import Episode
+from cupid_engine.data._util import select_keys, selected_rows
+from cupid_engine.data.episode import Episode, ImageSequence
 from cupid_engine.data.schema import (
     EPISODE_SCHEMA,
     EpisodeValidator,
@@ -69,8 +70,10 @@ class RobomimicDataset:
             as ``okay_better`` are metadata. A demo listed under two tiers is an error.
         success: ``"done"`` (last ``dones`` entry), ``"reward"`` (any reward > 0) or
             ``"none"`` (unknown).
-        obs_keys: Observation keys to read (default: every low-dimensional key of the
-            first demo, i.e. datasets with at most 2 dimensions).
+        obs_keys: Observation and camera keys to read (default: every low-dimensional
+            key of the first demo, i.e. datasets with at most 2 dimensions, and every
+            ``uint8 [T, H, W, C]`` camera, read lazily into ``Episode.images``). An
+            unknown key raises :class:`~cupid_engine.data._util.UnknownKeyError`.
         filter_key: Only the demos listed by this filter key (``mask/<filter_key>``),
             exactly robomimic's ``get_demos_for_filter_key``; in demo order.
         source: Source name (default: demo attribute ``source``, else the file stem).
@@ -126,11 +129,15 @@ class RobomimicDataset:
             if not names:
                 raise FormatError(f"{self.path}: no demos{'' if filter_key is None else f' in filter key {filter_key!r}'}")
             first = f["data"][names[0]]
-            if obs_keys is None:
-                obs = first.get("obs", {})
-                obs_keys = [k for k in obs.keys() if isinstance(obs[k], h5py.Dataset) and obs[k].ndim <= 2]
-            self._obs_keys = sorted(obs_keys)
+            obs = first.get("obs", {})
+            datasets = {k: obs[k] for k in obs.keys() if isinstance(obs[k], h5py.Dataset)}
+            lowdim = [k for k, d in datasets.items() if d.ndim <= 2]
+            # Camera streams are uint8 [T, H, W, C]; float [T, H, W, 1] depth maps are not images.
+            cameras = [k for k, d in datasets.items() if d.ndim == 4 and d.dtype == np.uint8]
+            other = {k: f"{d.dtype} {list(d.shape[1:])}" for k, d in datasets.items() if k not in lowdim and k not in cameras}
+            self._obs_keys, self._image_keys = select_keys(obs_keys, lowdim, cameras, where=str(self.path), skipped=other)
             self._obs_dims = {k: _width(first, f"obs/{k}", self.path) for k in self._obs_keys}
+            self._image_shapes = {k: tuple(int(x) for x in datasets[k].shape[1:]) for k in self._image_keys}
             self._action_dim = _width(first, "actions", self.path)
         self._demos = names
         self._split_of, self._tier_of = self._labels(masks)
@@ -200,6 +207,16 @@ class RobomimicDataset:
     @property
     def obs_dims(self) -> dict[str, int]:
         return dict(self._obs_dims)
+
+    @property
+    def image_keys(self) -> list[str]:
+        """Camera keys (``obs/<key>`` arrays of ``uint8 [T, H, W, C]``), sorted."""
+        return list(self._image_keys)
+
+    @property
+    def image_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``camera key -> (H, W, C)`` of every frame."""
+        return dict(self._image_shapes)  # type: ignore[arg-type]
 
     @property
     def action_dim(self) -> int:
@@ -299,6 +316,13 @@ class RobomimicDataset:
             if arr.shape[0] != T or arr.ndim > 2:
                 raise FormatError(f"{self.path}:{name}: obs/{k} has shape {arr.shape}, expected [{T}, d]")
             obs[k] = np.asarray(arr[()], dtype=np.float32).reshape(T, -1)
+        images = {}
+        for k in self._image_keys:
+            arr = g.get(f"obs/{k}")
+            if arr is None or arr.shape != (T, *self._image_shapes[k]) or arr.dtype != np.uint8:
+                got = "nothing" if arr is None else f"{arr.dtype} {arr.shape}"
+                raise FormatError(f"{self.path}:{name}: obs/{k} is {got}, expected uint8 [{T}, {', '.join(map(str, self._image_shapes[k]))}]")
+            images[k] = self._image_view(name, k, T, row["episode_id"])
         ep = Episode(
             episode_id=row["episode_id"],
             observations=obs,
@@ -310,9 +334,23 @@ class RobomimicDataset:
             return_=row["return"],
             tier=row["tier"],
             metadata=parse_metadata(row["metadata"], row["episode_id"]),
+            images=images,
         )
-        validate_episode(ep, obs_dims=self._obs_dims, action_dim=self._action_dim)
+        validate_episode(ep, obs_dims=self._obs_dims, action_dim=self._action_dim, image_shapes=self._image_shapes)
         return ep
+
+    def _image_view(self, name: str, key: str, T: int, eid: str) -> ImageSequence:
+        """Lazy ``obs/<key>`` of one demo: the file is reopened on access (fork/Ray safe)."""
+        path, dset = self.path, f"data/{name}/obs/{key}"
+
+        def frames(a: int, b: int) -> np.ndarray:
+            try:
+                with h5py.File(path, "r") as f:
+                    return f[dset][a:b]
+            except (OSError, KeyError) as exc:
+                raise FormatError(f"{path}:{dset}: cannot read images ({exc})") from None
+
+        return ImageSequence((T, *self._image_shapes[key]), frames=frames, what=f"{path}:{dset} (episode {eid!r})")
 
 
 _SPLIT_SUFFIXES = ("_train", "_valid")
@@ -463,6 +501,11 @@ def write_robomimic(
                 g.attrs["task"] = ep.task
                 g.attrs["metadata"] = metadata_json(ep)
                 for k, v in ep.observations.items():
+                    g.create_dataset(f"obs/{k}", data=v)
+                    g.create_dataset(f"next_obs/{k}", data=np.concatenate([v[1:], v[-1:]], axis=0))
+                for k in ep.images:
+                    # uint8 [T, H, W, C] as robomimic's dataset_states_to_obs writes camera obs.
+                    v = ep.image_array(k)
                     g.create_dataset(f"obs/{k}", data=v)
                     g.create_dataset(f"next_obs/{k}", data=np.concatenate([v[1:], v[-1:]], axis=0))
                 g.create_dataset("actions", data=ep.actions)

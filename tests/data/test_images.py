@@ -139,3 +139,159 @@ def test_lerobot_obs_keys_selects_and_names_unknown(tmp_path, rng):
     assert list(ep.images) == ["agentview"] and ep.observations == {}
     with pytest.raises(UnknownKeyError, match=r"'front'.*low-dimensional keys \['state'\] and image keys \['agentview', 'wrist'\]"):
         open_dataset(path, obs_keys=["state", "front"])
+
+
+# ----------------------------------------------------------------------------- RLDS
+
+
+def _jpeg(frame: np.ndarray, quality: int = 95) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _rt1_fixture(root, rng, n: int = 3) -> list[dict]:
+    """An RT-1 (fractal) style folder: JPEG image, raw uint8 wrist tensor, the instruction
+    as observation/natural_language_instruction (text) beside its embedding."""
+    from cupid_engine.data.rlds import Example, write_tfrecord
+
+    root.mkdir(parents=True)
+    ns = "tensorflow_datasets.core.features."
+    tensor = lambda shape, dtype="float32": {  # noqa: E731
+        "pythonClassName": ns + ("scalar.Scalar" if not shape else "tensor_feature.Tensor"),
+        "tensor": {"shape": {"dimensions": [str(s) for s in shape]}, "dtype": dtype, "encoding": "none"},
+    }
+    fdict = lambda f: {"pythonClassName": ns + "features_dict.FeaturesDict", "featuresDict": {"features": f}}  # noqa: E731
+    text = {"pythonClassName": ns + "text_feature.Text", "text": {}}
+    image = {"pythonClassName": ns + "image_feature.Image", "image": {"shape": {"dimensions": ["16", "20", "3"]}, "dtype": "uint8", "encodingFormat": "jpeg"}}
+    steps = fdict(
+        {
+            "action": tensor([2]),
+            "observation": fdict(
+                {
+                    "image": image,
+                    "wrist": tensor([4, 6, 3], "uint8"),
+                    "state": tensor([3]),
+                    "natural_language_instruction": text,
+                    "natural_language_embedding": tensor([8]),
+                }
+            ),
+            "reward": tensor([]),
+            "is_first": tensor([], "bool"),
+            "is_last": tensor([], "bool"),
+            "is_terminal": tensor([], "bool"),
+        }
+    )
+    spec = fdict({"steps": {"pythonClassName": ns + "dataset_feature.Dataset", "sequence": {"feature": steps, "length": "-1"}}})
+    (root / "features.json").write_text(json.dumps(spec))
+    records, truth = [], []
+    for i in range(n):
+        T = int(rng.integers(2, 6))
+        frames = smooth_frames(T, 16, 20, phase=i)
+        wrist = rng.integers(0, 256, (T, 4, 6, 3), dtype=np.uint8)
+        blobs = [_jpeg(f) for f in frames]
+        instruction = ["pick rxbar chocolate from bottom drawer", "place coke can upright"][i % 2]
+        ex = Example()
+        f = ex.features.feature
+        f["steps/observation/image"].bytes_list.value.extend(blobs)
+        f["steps/observation/wrist"].int64_list.value.extend(wrist.reshape(-1).tolist())
+        f["steps/observation/state"].float_list.value.extend(rng.standard_normal(T * 3).astype(np.float32).tolist())
+        f["steps/observation/natural_language_embedding"].float_list.value.extend([0.5] * (T * 8))
+        f["steps/observation/natural_language_instruction"].bytes_list.value.extend([instruction.encode()] * T)
+        f["steps/action"].float_list.value.extend(rng.standard_normal(T * 2).astype(np.float32).tolist())
+        f["steps/reward"].float_list.value.extend([0.0] * (T - 1) + [1.0])
+        f["steps/is_first"].int64_list.value.extend([1] + [0] * (T - 1))
+        f["steps/is_last"].int64_list.value.extend([0] * (T - 1) + [1])
+        f["steps/is_terminal"].int64_list.value.extend([0] * (T - 1) + [1])
+        records.append(ex.SerializeToString())
+        truth.append({"frames": frames, "blobs": blobs, "wrist": wrist, "task": instruction})
+    write_tfrecord(root / "fractal20220817_data-train.tfrecord-00000-of-00001", records)
+    return truth
+
+
+def test_rlds_rt1_images_and_language(tmp_path, rng):
+    from cupid_engine.data import RLDSDataset
+
+    root = tmp_path / "fractal20220817_data" / "0.1.0"
+    truth = _rt1_fixture(root, rng)
+    ds = RLDSDataset(root)
+    assert ds.image_keys == ["image", "wrist"] and ds.image_shapes == {"image": (16, 20, 3), "wrist": (4, 6, 3)}
+    # The instruction is language (the task), not an observation.
+    assert "natural_language_instruction" not in ds.obs_keys and "state" in ds.obs_keys
+    assert ds.catalog()["task"].to_pylist() == [t["task"] for t in truth]
+    for want, ep in zip(truth, ds.episodes()):
+        assert ep.task == want["task"]
+        got = ep.image_array("image")
+        # Stored JPEG: exactly the pixels the JPEG decodes to, and close to the source.
+        np.testing.assert_array_equal(got, np.stack([decode_image(b) for b in want["blobs"]]))
+        assert psnr(got, want["frames"]) > 30
+        np.testing.assert_array_equal(ep.image_array("wrist"), want["wrist"])  # raw uint8: exact
+
+
+def test_rlds_obs_keys_names_cameras_and_unknowns(tmp_path, rng):
+    from cupid_engine.data import RLDSDataset
+
+    root = tmp_path / "rt1"
+    _rt1_fixture(root, rng, n=1)
+    only = RLDSDataset(root, obs_keys=["image"])
+    ep = next(only.episodes())
+    assert only.obs_keys == [] and list(ep.images) == ["image"]
+    with pytest.raises(UnknownKeyError, match=r"\['rgb'\] not found; the dataset has low-dimensional keys .*'state'.* and image keys \['image', 'wrist'\]"):
+        RLDSDataset(root, obs_keys=["rgb", "state"]).obs_keys
+
+
+def test_rlds_write_read_exact_images_and_task(tmp_path, rng):
+    from cupid_engine.data import RLDSDataset, write_rlds
+
+    eps = image_episodes(rng, 4)
+    root = write_rlds(tmp_path / "rlds", eps, episodes_per_shard=2)
+    spec = json.loads((root / "features.json").read_text())
+    obs = spec["featuresDict"]["features"]["steps"]["sequence"]["feature"]["featuresDict"]["features"]["observation"]
+    assert obs["featuresDict"]["features"]["agentview"]["image"]["encodingFormat"] == "png"
+    for reader in (RLDSDataset(root), RLDSDataset(root, obs_keys=["state", "agentview", "wrist"])):
+        got = {e.episode_id: e for e in reader.episodes()}
+        for a in eps:
+            b = got[a.episode_id]
+            assert b.task == a.task
+            for k in a.images:
+                np.testing.assert_array_equal(b.image_array(k), a.images[k], err_msg=f"{a.episode_id} {k}")
+    (root / "features.json").unlink()  # without the spec, images are found by their bytes
+    assert RLDSDataset(root).image_shapes == {"agentview": (48, 40, 3), "wrist": (8, 10, 3)}
+
+
+# ----------------------------------------------------------------------------- robomimic
+
+
+def test_robomimic_image_obs_exact_and_selectable(tmp_path, rng):
+    import h5py
+
+    from cupid_engine.data import RobomimicDataset, write_robomimic
+
+    eps = image_episodes(rng, 3)
+    path = write_robomimic(tmp_path / "image.hdf5", eps)
+    with h5py.File(path, "r") as f:  # the layout robomimic's dataset_states_to_obs writes
+        assert f["data/demo_0/obs/agentview"].dtype == np.uint8 and f["data/demo_0/next_obs/wrist"].ndim == 4
+        # A depth map beside the cameras: float, so not an image and not low-dimensional.
+        with h5py.File(tmp_path / "copy.hdf5", "w") as g:
+            for name in f:
+                f.copy(name, g)
+            for name in g["data"]:
+                T = g[f"data/{name}/actions"].shape[0]
+                g.create_dataset(f"data/{name}/obs/agentview_depth", data=np.zeros((T, 4, 4, 1), np.float32))
+    ds = RobomimicDataset(path)
+    assert ds.obs_keys == ["state"] and ds.image_keys == ["agentview", "wrist"]
+    for a, b in zip(eps, ds.episodes()):
+        assert b.task == a.task
+        for k in a.images:
+            np.testing.assert_array_equal(b.image_array(k), a.images[k])
+            np.testing.assert_array_equal(b.images[k][1:3], a.images[k][1:3])
+    depth = RobomimicDataset(tmp_path / "copy.hdf5")
+    assert depth.image_keys == ["agentview", "wrist"]
+    with pytest.raises(UnknownKeyError, match=r"'agentview_depth' is float32 \[4, 4, 1\]"):
+        RobomimicDataset(tmp_path / "copy.hdf5", obs_keys=["agentview_depth"])
+    only = RobomimicDataset(path, obs_keys=["wrist"])
+    assert only.obs_keys == [] and list(next(only.episodes()).images) == ["wrist"]
