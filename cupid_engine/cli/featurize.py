@@ -7,8 +7,32 @@ Owns argument parsing only; the work is :func:`cupid_engine.featurize.featurize`
 from __future__ import annotations
 
 import argparse
+import sys
 
 from cupid_engine import constants as C
+
+# Why each default output is chosen, in the order they are preferred.
+_DEFAULT_OUTPUTS = (
+    ("square", "the denoiser's E||eps_theta||^2 (CUPID Eq. 9), label-free"),
+    ("energy", "label-free ||f_theta(o)||^2; the 'loss' gradient vanishes on rollouts of the policy's own "
+               "(mean) actions, so rollout features would be noise"),
+    ("loss", "the behaviour-cloning loss (the policy supports no label-free output)"),
+)
+
+
+def default_output(policy) -> tuple[str, str]:
+    """The output function ``featurize`` uses when none is given, and why.
+
+    Rollouts record the actions the policy executed (a deterministic MLP's prediction, a
+    Gaussian MLP's mean), where the BC loss is at its minimum and its gradient is zero;
+    influence scores need a rollout feature that does not vanish, so label-free outputs
+    come first: ``square`` (diffusion), then ``energy``.
+    """
+    supported = tuple(getattr(policy, "supported_outputs", ()))
+    for name, why in _DEFAULT_OUTPUTS:
+        if name in supported:
+            return name, why
+    raise ValueError(f"{type(policy).__name__} supports none of the output functions {C.OUTPUT_FUNCTIONS}")
 
 
 def _track(value: str):
@@ -35,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=4096, help="feature dimension")
     p.add_argument("--seed", type=int, default=0, help="projection seed")
     p.add_argument("--output", default=None, choices=C.OUTPUT_FUNCTIONS,
-                   help="output function (default: square for diffusion policies, loss otherwise)")
+                   help="output function (default per policy class: square for diffusion, energy for MLPs, "
+                        "whose BC-loss gradient vanishes on their own rollouts; loss if neither is supported)")
     p.add_argument("--draws", type=int, default=64, help="(eps, t) draws per sample of diffusion outputs")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the diffusion noise draws")
     p.add_argument("--track", type=_track, default="all", help="all, head, or comma-separated module names")
@@ -49,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="Ray actors (1: in this process)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the gradient store at --store by a new one (swapped in only on success; "
+                        "a folder that is not a store is never deleted)")
     p.set_defaults(handler=_featurize)
 
 
@@ -59,17 +87,22 @@ def _featurize(args: argparse.Namespace) -> int:
     output = args.output
     if output is None:
         policy = load_policy(args.policy)
-        output = "square" if "square" in policy.supported_outputs else "loss"
+        output, why = default_output(policy)
+        print(f"featurize: output {output!r} (default for {type(policy).__name__}: {why}; "
+              "choose another with --output)", file=sys.stderr)
     try:
         config = FeaturizeConfig.for_method(
             args.method, k=args.k, seed=args.seed, backend=args.backend, output=output, draws=args.draws,
             track=args.track, batch_size=args.batch_size, dtype=args.dtype, shard_size=args.shard_size,
         ).replace(seed=args.noise_seed)  # for_method's seed is the projection's; this is the noise seed
     except ValueError as exc:
-        raise SystemExit(f"featurize: {exc}") from None
+        from cupid_engine.errors import ConfigError
+
+        raise ConfigError(str(exc), where="featurize options", hint="see cupid-engine featurize --help") from None
     run = featurize(
         args.data, args.store, args.run, policy=args.policy, config=config, split=args.split,
         progress=not args.no_progress, workers=args.workers, address=args.ray_address, device=args.device,
+        overwrite=args.overwrite,
     )
     info = run.info()
     print(f"run {args.run!r} in {args.store}: k={config.projection.k}, method={config.projection.method}, "

@@ -1,5 +1,12 @@
 """``cupid-engine train``: train an MLP or diffusion policy on a LeRobot dataset.
 
+A curated subset is one flag away: ``--keep curated.parquet`` (a score table from
+``cupid-engine curate``, or a text file of episode ids) trains on exactly those episodes,
+``--exclude removed.txt`` on the split without them, ``--episodes id1,id2`` on a list.
+Subsets train for a *fixed optimiser-step budget* by default, the steps the whole
+training split would get at the default epoch count, so a 60-demo subset gets as many
+updates as the 180-demo set it came from (``--epochs`` trains by epochs instead).
+
 Owns only argument parsing and printing; the work is done by
 :func:`cupid_engine.policies.training.train_policy` and
 :func:`cupid_engine.policies.checkpoint.save_policy`, imported inside the handler so that
@@ -9,7 +16,13 @@ Owns only argument parsing and printing; the work is done by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
+import sys
+
+from cupid_engine.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,13 +36,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="PATH", help="LeRobot dataset folder or fsspec URL")
     p.add_argument("--policy", required=True, choices=("mlp", "diffusion"), help="policy kind")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
-    p.add_argument("--split", default="train", help="train on episodes of this split ('all': every split)")
+    p.add_argument("--split", default=None,
+                   help="train on episodes of this split ('all': every split; default 'train', or every split "
+                        "when --keep/--episodes name the episodes)")
+    p.add_argument("--keep", default=None, metavar="FILE",
+                   help="train only on these episodes: a score table (.parquet, e.g. from `curate`) or ids, one a line")
+    p.add_argument("--exclude", default=None, metavar="FILE",
+                   help="leave these episodes out: a score table (.parquet) or ids, one a line")
+    p.add_argument("--episodes", default=None, metavar="ID1,ID2",
+                   help="train only on these comma-separated episode ids (or @FILE)")
     p.add_argument("--obs-keys", default=None, metavar="K1,K2", help="observation keys (default: all, sorted)")
     p.add_argument("--size", default="default", choices=("tiny", "default", "large"),
                    help="model size preset (large: ~8.5M-param MLP; diffusion has tiny/default only)")
     p.add_argument("--head", default=None, choices=("deterministic", "gaussian"), help="MLP action head")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: TrainConfig's)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs (default: TrainConfig's; on a subset this trains by epochs, not the fixed step budget)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (overrides --epochs; default on a subset: the full training split's "
+                        "steps at the default epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: TrainConfig's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: TrainConfig's)")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
@@ -53,7 +77,7 @@ def _train(args: argparse.Namespace) -> int:
     if obs_keys:
         unknown = sorted(set(obs_keys) - set(dataset.obs_keys))
         if unknown:
-            raise SystemExit(f"error: unknown --obs-keys {unknown}; the dataset has {dataset.obs_keys}")
+            raise ConfigError(f"unknown --obs-keys {unknown}", where=args.data, hint=f"the dataset has {list(dataset.obs_keys)}")
     fields: dict = {"obs_keys": obs_keys or tuple(dataset.obs_keys)}
     if args.policy == "mlp":
         if args.head:
@@ -61,9 +85,9 @@ def _train(args: argparse.Namespace) -> int:
         maker = {"tiny": MLPPolicyConfig.tiny, "default": MLPPolicyConfig, "large": MLPPolicyConfig.large}[args.size]
     else:
         if args.head:
-            raise SystemExit("error: --head applies to --policy mlp only")
+            raise ConfigError("--head applies to --policy mlp only")
         if args.size == "large":
-            raise SystemExit("error: --size large exists for --policy mlp only")
+            raise ConfigError("--size large exists for --policy mlp only")
         maker = DiffusionPolicyConfig.tiny if args.size == "tiny" else DiffusionPolicyConfig
     policy_config = maker(**fields)
 
@@ -74,10 +98,22 @@ def _train(args: argparse.Namespace) -> int:
     train_config = TrainConfig(
         seed=args.seed, device=args.device, **{k: v for k, v in overrides.items() if v is not None}
     )
-    split = None if args.split == "all" else args.split
-    episodes = list(dataset.episodes(split=split))
-    if not episodes:
-        raise SystemExit(f"error: no episodes of split {args.split!r} in {args.data}")
+    selection = select_episodes(dataset.catalog(), args.data, split=args.split, keep=args.keep,
+                                exclude=args.exclude, episodes=args.episodes)
+    budget_note, budget = None, "steps" if args.steps is not None else "epochs"
+    if selection.subset and args.steps is None and args.epochs is None:
+        budget = "fixed"
+        steps = step_budget(selection.reference_samples, train_config)
+        train_config = train_config.replace(steps=steps)
+        budget_note = (f"fixed step budget: {steps} optimizer steps, what the {selection.reference_episodes} "
+                       f"'train' episodes ({selection.reference_samples} samples) get at {train_config.epochs} "
+                       f"epochs of batch {train_config.batch_size}; pass --epochs to train by epochs instead")
+    elif selection.subset and args.steps is None:
+        budget_note = (f"trained by epochs on a subset: {len(selection.ids)} of {selection.reference_episodes} "
+                       "episodes get proportionally fewer optimizer steps (omit --epochs for a fixed step budget)")
+    if selection.subset:
+        print(f"train: {selection.describe()}" + (f"; {budget_note}" if budget_note else ""), file=sys.stderr)
+    episodes = list(dataset.episodes(ids=selection.ids))
     policy = train_policy(policy_config, episodes, train_config, progress=not args.no_progress)
     path = save_policy(policy, args.out, overwrite=args.overwrite)
     info = policy.train_info
@@ -88,7 +124,105 @@ def _train(args: argparse.Namespace) -> int:
         "episodes": len(episodes),
         "samples": info["num_samples"],
         "steps": info["steps"],
+        "step_budget": budget,
+        "selection": selection.describe(),
         "final_loss": info["step_losses"][-1],
         "content_hash": compute_policy_hash(policy),
     }, indent=2))
     return 0
+
+
+def read_id_file(path: str, *, flag: str) -> list[str]:
+    """Episode ids from a score table (``.parquet``: its ``episode_id`` column) or a text
+    file (one id a line; blank lines and ``#`` comments skipped)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {path!r} is not a file", hint="give a score table (.parquet) or a file of ids")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path, columns=["episode_id"])
+        except Exception as exc:  # noqa: BLE001 - any unreadable Parquet is the user's file
+            raise ConfigError(f"{flag} {path!r} is not a table with an 'episode_id' column ({exc})") from None
+        ids = [str(e) for e in table.column("episode_id").to_pylist()]
+    else:
+        with open(path) as f:
+            ids = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not ids:
+        raise ConfigError(f"{flag} {path!r} lists no episodes")
+    return ids
+
+
+@dataclasses.dataclass
+class Selection:
+    """The episodes one ``train`` call uses and the full split the step budget refers to."""
+
+    ids: list[str]
+    subset: bool
+    how: str
+    reference_episodes: int
+    reference_samples: int
+
+    def describe(self) -> str:
+        return f"{len(self.ids)} episodes ({self.how})"
+
+
+def select_episodes(catalog, data: str, *, split: str | None, keep: str | None, exclude: str | None,
+                    episodes: str | None) -> Selection:
+    """Resolve ``--split/--keep/--exclude/--episodes`` against a dataset catalog.
+
+    ``--keep``/``--episodes`` name the episodes to use (from every split unless ``--split``
+    is given); ``--exclude`` removes ids from the split. Unknown ids are an error naming
+    them; the reference for the step budget is the dataset's ``train`` split (one sample
+    per step, so its sample count is the sum of its episode lengths).
+    """
+    if keep and episodes:
+        raise ConfigError("--keep and --episodes both name the episodes to train on", hint="give one of them")
+    rows = catalog.select(["episode_id", "split", "length"]).to_pylist()
+    split_of = {r["episode_id"]: r["split"] for r in rows}
+    length_of = {r["episode_id"]: int(r["length"]) for r in rows}
+    train_ids = [r["episode_id"] for r in rows if r["split"] == "train"]
+    ref_eps = len(train_ids) or len(rows)
+    ref_samples = sum(length_of[e] for e in train_ids) if train_ids else sum(length_of.values())
+    named = None
+    if keep:
+        named, how = read_id_file(keep, flag="--keep"), f"--keep {keep}"
+    elif episodes:
+        spec = episodes[1:] if episodes.startswith("@") else None
+        named = read_id_file(spec, flag="--episodes") if spec else [e.strip() for e in episodes.split(",") if e.strip()]
+        how = "--episodes"
+    if named is not None:
+        unknown = [e for e in named if e not in split_of]
+        if unknown:
+            raise ConfigError(f"{len(unknown)} episode(s) to keep are not in the dataset (first: {unknown[:3]})",
+                              where=data, hint="check the ids and the --data path")
+        pool = set(named)
+        if split not in (None, "all"):
+            pool = {e for e in pool if split_of[e] == split}
+            how += f", split {split!r}"
+        ids = [r["episode_id"] for r in rows if r["episode_id"] in pool]  # dataset order
+    else:
+        use = "train" if split is None else split
+        ids = [r["episode_id"] for r in rows if use == "all" or r["split"] == use]
+        how = f"split {use!r}"
+    if exclude:
+        drop = read_id_file(exclude, flag="--exclude")
+        unknown = [e for e in drop if e not in split_of]
+        if unknown:
+            raise ConfigError(f"{len(unknown)} episode(s) to exclude are not in the dataset (first: {unknown[:3]})",
+                              where=data, hint="check the ids and the --data path")
+        dropset = set(drop)
+        before = len(ids)
+        ids = [e for e in ids if e not in dropset]
+        how += f" minus {before - len(ids)} excluded by {exclude}"
+        if before - len(ids) < len(dropset):
+            how += f" ({len(dropset) - (before - len(ids))} excluded ids were not in the selection)"
+    if not ids:
+        raise ConfigError(f"no episodes left to train on ({how})", where=data)
+    full = named is None and not exclude
+    return Selection(ids=ids, subset=not full, how=how, reference_episodes=ref_eps, reference_samples=ref_samples)
+
+
+def step_budget(samples: int, config) -> int:
+    """Optimizer steps ``epochs × ceil(samples / batch_size)`` of ``config`` on ``samples``."""
+    return int(config.epochs) * max(1, math.ceil(int(samples) / int(config.batch_size)))

@@ -10,14 +10,21 @@
   distance from a demo ξ to a rollout τ defined as mean_{z∈ξ} min_{z'∈τ} ||s_z − s_z'||
   (nearest state, so episodes of different lengths compare without time alignment);
   states are supplied by the caller (the gradient store holds no states);
-- ``oracle``: ground-truth tiers, better > okay > worse; an error when a tier is missing.
+- ``oracle``: ground truth from any label the catalog holds (a column or a key of the
+  episode metadata): tiers better > okay > worse by default; ``bad=``/``good=`` name the
+  values that score 0 / 1 for any other label (e.g. ``label="strategy", bad="majority"``);
+  a numeric label without them is its own score. An error when an episode lacks it.
+
+:func:`bc_losses` and :func:`episode_states` compute, from a policy and episodes, the
+inputs ``loss`` and ``success-sim`` need (the gradient store holds neither), so the
+command line can run both from a dataset.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +33,7 @@ import torch
 
 from cupid_engine.config import Config, check, field
 from cupid_engine.constants import TIERS
+from cupid_engine.errors import ConfigError
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.table import make_table
@@ -148,8 +156,9 @@ class LossScorer(Scorer):
             vals = [_inputs.metadata_value(rows[e], self.config.column) for e in ids]
             missing = [e for e, v in zip(ids, vals) if v is None]
             if missing:
-                raise ValueError(
-                    f"no {self.config.column!r} for episode {missing[0]!r}: pass loss= or add the column/metadata key"
+                raise ConfigError(
+                    f"loss: no {self.config.column!r} for episode {missing[0]!r} in the catalog",
+                    hint="compute it from the policy: `score loss --checkpoint DIR --data PATH` (Python: loss=)",
                 )
         elif isinstance(loss, Mapping):
             missing = [e for e in ids if e not in loss]
@@ -181,7 +190,10 @@ class SuccessSimScorer(Scorer):
     def score(self, store: Any, run: str | None = None, *, states: Mapping[str, np.ndarray] | None = None,
               **inputs: Any) -> pa.Table:
         if states is None:
-            raise ValueError("success-sim needs states= (episode id -> [T, D] states); the store holds none")
+            raise ConfigError(
+                "success-sim needs the episodes' states; the gradient store holds none",
+                hint="`score success-sim --data PATH` reads them from the dataset (Python: states=)",
+            )
         cat = store.catalog()
         ids = _inputs.resolve_episodes(cat, self.config.episodes, default="train")
         ro = _inputs.resolve_episodes(cat, self.config.rollouts, default="rollout")
@@ -197,21 +209,127 @@ class OracleConfig(Config):
     """Options of the oracle baseline."""
 
     episodes: str = field("train", help="episodes to score")
+    label: str = field("tier", help="catalog column or metadata key holding the ground truth (e.g. 'strategy')")
+    bad: str = field("", help="comma-separated label values that score 0 (the rest score 1)")
+    good: str = field("", help="comma-separated label values that score 1 (the rest score 0)")
+
+    def __post_init__(self) -> None:
+        check(bool(self.label.strip()), "label must be a column or metadata key name")
+        overlap = set(_values(self.bad)) & set(_values(self.good))
+        check(not overlap, f"values {sorted(overlap)} are both bad and good")
+
+
+def _values(spec: str) -> list[str]:
+    return [v.strip() for v in str(spec).split(",") if v.strip()]
+
+
+def oracle_scores(ids: Sequence[str], labels: Sequence[Any], *, label: str = "tier", bad: str = "",
+                  good: str = "") -> np.ndarray:
+    """Ground-truth scores from per-episode labels (see :class:`OracleConfig`).
+
+    Args:
+        ids: ``N`` episode ids (named in errors).
+        labels: ``N`` label values (None when an episode has none).
+        label: The label's name.
+        bad: Comma-separated values scoring 0.
+        good: Comma-separated values scoring 1.
+
+    Returns:
+        ``[N]`` float64 scores (higher = better).
+    """
+    missing = [e for e, v in zip(ids, labels) if v is None]
+    if missing:
+        raise ConfigError(f"oracle: episode {missing[0]!r} has no {label!r} label ({len(missing)} of {len(ids)} lack it)")
+    bad_set, good_set = set(_values(bad)), set(_values(good))
+    text = [str(v) for v in labels]
+    if bad_set or good_set:
+        present = sorted(set(text))
+        unknown = (bad_set | good_set) - set(present)
+        if unknown:
+            raise ConfigError(f"oracle: no episode has {label}={sorted(unknown)}; values present: {present}")
+        if bad_set and good_set:
+            neither = [(e, t) for e, t in zip(ids, text) if t not in bad_set | good_set]
+            if neither:
+                raise ConfigError(f"oracle: episode {neither[0][0]!r} has {label}={neither[0][1]!r}, "
+                                 "in neither the good nor the bad values")
+        return np.asarray([0.0 if t in bad_set else 1.0 if (t in good_set or not good_set) else 0.0 for t in text])
+    if label == "tier":
+        bad_tier = [(e, t) for e, t in zip(ids, labels) if t not in TIER_VALUE]
+        if bad_tier:
+            raise ConfigError(f"oracle needs tier labels in {TIERS}; episode {bad_tier[0][0]!r} has {bad_tier[0][1]!r}")
+        return np.asarray([TIER_VALUE[t] for t in labels])
+    try:
+        values = np.asarray([float(v) for v in labels], np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"oracle: label {label!r} is not numeric (values: {sorted(set(text))[:10]}); "
+            "say which values are bad or good (--bad VALUE / --good VALUE)"
+        ) from None
+    return values
 
 
 @register
 class OracleScorer(Scorer):
-    """Ground-truth tiers: better (2) > okay (1) > worse (0)."""
+    """Ground truth from a label: tiers by default, any column/metadata key with bad/good values."""
 
     name = "oracle"
     config_cls = OracleConfig
 
     def score(self, store: Any, run: str | None = None, **inputs: Any) -> pa.Table:
+        cfg = self.config
         cat = store.catalog()
-        ids = _inputs.resolve_episodes(cat, self.config.episodes, default="train")
-        rows = _inputs.catalog_dict(cat)
-        tiers = [rows[e].get("tier") for e in ids]
-        bad = [(e, t) for e, t in zip(ids, tiers) if t not in TIER_VALUE]
-        if bad:
-            raise ValueError(f"oracle needs tier labels in {TIERS}; episode {bad[0][0]!r} has {bad[0][1]!r}")
-        return _table(self, store, ids, np.asarray([TIER_VALUE[t] for t in tiers]))
+        ids = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
+        rows = _inputs.catalog_dict(cat, ids)
+        labels = [_inputs.metadata_value(rows[e], cfg.label) for e in ids]
+        return _table(self, store, ids, oracle_scores(ids, labels, label=cfg.label, bad=cfg.bad, good=cfg.good))
+
+
+def _episode_batches(policy: Any, episode: Any, batch_size: int):
+    from cupid_engine.policies.samples import build_samples
+
+    c = policy.config
+    samples = build_samples([episode], n_obs_steps=c.n_obs_steps, horizon=c.horizon, obs_keys=c.obs_keys)
+    for start in range(0, len(samples), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(samples)))
+        yield policy.make_batch(samples, idx)
+
+
+@torch.no_grad()
+def bc_losses(policy: Any, episodes: Iterable[Any], *, batch_size: int = 1024) -> dict[str, float]:
+    """Mean per-step behaviour-cloning loss of each episode under ``policy``.
+
+    One sample per step (the policy's observation window and action chunk); the
+    diffusion loss uses its seeded per-sample (ε, t) draw, so the value does not depend on
+    batching.
+
+    Args:
+        policy: A trained :class:`~cupid_engine.policies.base.Policy` (eval mode).
+        episodes: Episodes with the policy's observation keys.
+        batch_size: Samples per forward pass.
+
+    Returns:
+        ``episode id -> mean loss``.
+    """
+    out = {}
+    for ep in episodes:
+        total, count = 0.0, 0
+        for batch in _episode_batches(policy, ep, batch_size):
+            losses = policy.per_sample_loss(batch).double()
+            total += float(losses.sum())
+            count += int(losses.numel())
+        if count == 0:
+            raise ValueError(f"episode {ep.episode_id!r} has no samples")
+        out[ep.episode_id] = total / count
+    return out
+
+
+def episode_states(episodes: Iterable[Any], obs_keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """``episode id -> [T, D]`` states: the observation keys (default: all, sorted) concatenated."""
+    out = {}
+    for ep in episodes:
+        keys = list(obs_keys) if obs_keys else sorted(ep.observations)
+        missing = [k for k in keys if k not in ep.observations]
+        if missing:
+            raise ValueError(f"episode {ep.episode_id!r} lacks observation key(s) {missing}")
+        out[ep.episode_id] = np.concatenate([np.asarray(ep.observations[k], np.float64) for k in keys], axis=1)
+    return out

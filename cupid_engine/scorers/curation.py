@@ -2,6 +2,7 @@
 
 - :func:`filter_k` removes the k lowest-scoring **training** demos;
 - :func:`select_k` adds the k highest-scoring **holdout** demos to the training set;
+- :func:`keep_k` keeps the k highest-scoring rows of any split(s) (the best k demos);
 - :func:`combine` is the min-max normalised weighted sum of several methods' scores.
 
 Order within a score is decided by the table's ``rank`` (ties broken by episode id), so
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cupid_engine.errors import ConfigError
 from cupid_engine.scorers.table import as_table, make_table, ranks_desc
 
 
@@ -45,7 +47,7 @@ def filter_k(scores: pa.Table | str | os.PathLike, k: int) -> tuple[pa.Table, li
     table = _sorted_desc(_split_rows(as_table(scores), "train"))
     n = table.num_rows
     if not 0 <= k <= n:
-        raise ValueError(f"filter k must be in [0, {n}] (training demos in the table), got {k}")
+        raise ConfigError(f"filter k must be in [0, {n}] (training demos in the table), got {k}")
     removed = table.slice(n - k).column("episode_id").to_pylist()[::-1]
     return table.slice(0, n - k), removed
 
@@ -64,10 +66,37 @@ def select_k(scores: pa.Table | str | os.PathLike, k: int) -> tuple[pa.Table, li
     table = as_table(scores)
     hold = _sorted_desc(_split_rows(table, "holdout"))
     if not 0 <= k <= hold.num_rows:
-        raise ValueError(f"select k must be in [0, {hold.num_rows}] (holdout demos in the table), got {k}")
+        hint = (" (`curate keep --k N` keeps the best N demos of any split)" if hold.num_rows == 0 else "")
+        raise ConfigError(f"select adds holdout demos: k must be in [0, {hold.num_rows}] (holdout demos in the "
+                          f"table), got {k}{hint}")
     added = hold.slice(0, k)
     train = _sorted_desc(_split_rows(table, "train"))
     return pa.concat_tables([train, added]), added.column("episode_id").to_pylist()
+
+
+def keep_k(scores: pa.Table | str | os.PathLike, k: int, *, splits: Sequence[str] | None = None
+           ) -> tuple[pa.Table, list[str]]:
+    """Keep the ``k`` highest-scoring rows (the best k demos), whatever their split.
+
+    Args:
+        scores: A score table or its Parquet path.
+        k: Number of rows to keep (0 <= k <= rows considered).
+        splits: Only rows of these splits (None: every row).
+
+    Returns:
+        ``(kept, dropped_ids)``: the kept rows (best first) and the ids left out
+        (lowest score first).
+    """
+    table = as_table(scores)
+    if splits:
+        table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits), pa.string())))
+    table = _sorted_desc(table)
+    n = table.num_rows
+    where = f" of split(s) {', '.join(splits)}" if splits else ""
+    if not 0 <= k <= n:
+        raise ConfigError(f"keep k must be in [0, {n}] (rows{where} in the table), got {k}")
+    dropped = table.slice(k).column("episode_id").to_pylist()[::-1]
+    return table.slice(0, k), dropped
 
 
 def combine(

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from cupid_engine.config import Config, check, field
+from cupid_engine.errors import ConfigError
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.table import make_table
@@ -107,13 +108,23 @@ class QoQScorer(Scorer):
         r = store.run(run)
         cat = store.catalog()
         if cfg.validation == "target":
-            val_ids, sign = _inputs.resolve_episodes(cat, cfg.target, default="target"), 1.0
+            try:
+                val_ids, sign = _inputs.resolve_episodes(cat, cfg.target, default="target"), 1.0
+            except ValueError as exc:
+                raise ConfigError(
+                    f"qoq: no validation episodes for validation='target' ({exc})",
+                    hint="name clean target demos with --target SPLIT|IDS, or score against the failed rollouts "
+                    "with --set validation=failed-rollouts",
+                ) from None
         else:
             ro = _inputs.resolve_episodes(cat, cfg.rollouts, default="rollout")
             succ = _inputs.returns_of(cat, ro, "01")
             val_ids, sign = [e for e, s in zip(ro, succ) if s == 0.0], -1.0
             if not val_ids:
-                raise ValueError("validation='failed-rollouts' but none of the rollouts failed")
+                raise ConfigError(
+                    f"qoq: validation='failed-rollouts' but none of the {len(ro)} rollouts failed",
+                    hint="use clean target demos instead (--set validation=target --target SPLIT|IDS)",
+                )
         index = validation_index(np.concatenate([r.step_features(e) for e in val_ids], 0))
         demos = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
         scores = np.empty(len(demos), np.float64)

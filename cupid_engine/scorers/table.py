@@ -125,6 +125,20 @@ def as_table(scores: pa.Table | str | os.PathLike) -> pa.Table:
     return read_table(scores)
 
 
+def tie_summary(table: pa.Table) -> tuple[float, int]:
+    """The most common score of a table and how many rows share it (``(nan, 0)`` if empty).
+
+    A score that ties most rows cannot order them (``length`` at a fixed horizon, a
+    constant feature): ranks and curation then follow the episode-id tie-break.
+    """
+    s = np.asarray(validate_table(table).column("score").to_numpy(), np.float64)
+    if s.size == 0:
+        return float("nan"), 0
+    values, counts = np.unique(s, return_counts=True)
+    i = int(np.argmax(counts))
+    return float(values[i]), int(counts[i])
+
+
 def table_config(table: pa.Table) -> dict[str, Any] | None:
     """The scorer config recorded in a table's schema metadata, if any."""
     meta = table.schema.metadata or {}

@@ -31,6 +31,7 @@ def test_score_curate_query(tmp_path, rng, capsys):
     assert main(["query", "--store", s, "--run", "base", "--episode", "ep_10", "--top", "4"]) == 0
     text = capsys.readouterr().out
     assert "top influencers of rollout ep_10" in text and text.count("ep_0") == 4
-    with pytest.raises(SystemExit):
-        main(["score", "length", "--store", s, "--run", "base", "--rollouts", "rollout", "--out", str(out)])
+    capsys.readouterr()
+    assert main(["score", "length", "--store", s, "--run", "base", "--rollouts", "rollout", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "error: length takes no --rollouts"
     assert np.isfinite(table["score"].to_numpy()).all()
