@@ -37,7 +37,15 @@ import pyarrow.compute as pc
 import torch
 
 from cupid_engine import ops
-from cupid_engine.errors import ContentChangedError, DataError, LimitError, UserError, one_line
+from cupid_engine.errors import (
+    ConfigError,
+    ContentChangedError,
+    DataError,
+    LimitError,
+    NotAStoreError,
+    UserError,
+    one_line,
+)
 from cupid_engine.featurize.config import FeaturizeConfig
 from cupid_engine.featurize.featurizer import Featurizer
 from cupid_engine.policies.base import Policy
@@ -66,7 +74,13 @@ def open_inputs(source: Any, store: Any, policy: Any) -> tuple[Any, GradientStor
     if isinstance(source, (str, os.PathLike)):
         from cupid_engine.data import open_source
 
-        source = open_source(source)
+        try:
+            source = open_source(source)
+        except UserError:
+            raise
+        except (pa.ArrowException, ValueError, KeyError, OSError, EOFError) as exc:
+            raise DataError(f"cannot open the dataset ({type(exc).__name__}: {one_line(exc)})",
+                            where=os.fspath(source), hint="check the path and the dataset's files") from exc
     if not isinstance(store, GradientStore):
         store = GradientStore.open(store, mode="a")
     policy_path = None
@@ -373,9 +387,10 @@ def compute_shard_features(
         if bool(bad.any()):
             r = a + int(bad.nonzero()[0, 0])
             eid = samples.episode_ids[int(samples.episode_index[r])]
-            raise ValueError(
+            raise DataError(
                 f"episode {eid!r} step {int(samples.step[r])}: non-finite feature (NaN/Inf gradient); "
-                "nothing of its shard was written"
+                "nothing of its shard was written",
+                hint="check the policy checkpoint and the episode's values for NaN/Inf",
             )
         out[a:b] = phi.detach().to(torch.float32).cpu().numpy()
     return out
@@ -565,6 +580,7 @@ def featurize(
     workers: int = 1,
     address: str | None = None,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> Run:
     """Featurise ``source`` into run ``run_name`` of ``store`` and finalize it.
 
@@ -583,6 +599,9 @@ def featurize(
         device: Where the policy runs (``cpu``, ``cuda``, ``cuda:1``; None: where it is).
             Not part of the run's config: features agree across devices to float32
             rounding, so a store may mix shards featurised on CPUs and GPUs.
+        overwrite: Replace the gradient store at ``store`` (a local path) by a new one.
+            The new store is built beside it and swapped in only on success; a folder
+            that is not a gradient store is never deleted (refused).
 
     Returns:
         The finalized :class:`Run` (not finalized, with a warning, when the store holds
@@ -593,6 +612,11 @@ def featurize(
     """
     config = config or FeaturizeConfig()
     device = check_device(device)
+    if overwrite:
+        return _featurize_overwrite(
+            source, store, run_name, policy=policy, config=config, split=split, progress=progress,
+            workers=workers, address=address, device=device,
+        )
     undo_args = _store_state(store)
     source, store, policy_obj, policy_path = open_inputs(source, store, policy)
     # Until a shard is written, a failure puts the store back as it was (a store made
@@ -640,6 +664,36 @@ def featurize(
         return run  # resumed a finished run: nothing was written, the Gram is current
     run.finalize()
     return run
+
+
+def _featurize_overwrite(source: Any, store: Any, run_name: str, **kwargs: Any) -> Run:
+    """``featurize`` into a fresh store built beside ``store`` and swapped in on success."""
+    from cupid_engine.store.gradient_store import _Location
+
+    if isinstance(store, GradientStore) or not _Location(store).is_local:
+        raise ConfigError("overwrite needs the store as a local folder path", where=str(store),
+                          hint="remove the old store yourself, or featurise into a new path")
+    loc = _Location(store)
+    names = loc.listing()
+    if names and not loc.is_store():
+        raise NotAStoreError(
+            f"{loc.url} is not a gradient store ({loc.describe(names)}); --overwrite only replaces a store",
+            hint="choose a new or empty folder for the store (nothing there was changed)",
+        )
+    if not names:
+        return featurize(source, loc.root, run_name, **kwargs)
+    parent, base = os.path.split(loc.root.rstrip("/"))
+    fresh, old = os.path.join(parent, f".{base}.new-{os.getpid()}"), os.path.join(parent, f".{base}.old-{os.getpid()}")
+    shutil.rmtree(fresh, ignore_errors=True)
+    try:
+        featurize(source, fresh, run_name, **kwargs)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    os.replace(loc.root, old)
+    os.replace(fresh, loc.root)
+    shutil.rmtree(old, ignore_errors=True)
+    return GradientStore.open(loc.root, mode="a").run(run_name)
 
 
 def _store_state(store: Any) -> dict[str, bool]:

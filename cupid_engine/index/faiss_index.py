@@ -17,13 +17,18 @@ summation order (``torch.topk`` and FAISS may order exact ties differently).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 KINDS = ("flat", "hnsw")
 SMALL_BATCH = 16  # queries answered by a threaded matrix-vector scan instead of FAISS
@@ -165,6 +170,44 @@ class InfluenceIndex:
         out.ids = list(info["ids"])
         out.meta = dict(info["meta"])
         return out
+
+
+def cache_folder(folder: str | os.PathLike) -> str:
+    """Where an index of ``folder`` goes when ``folder`` cannot be written (a read-only store).
+
+    ``$CUPID_ENGINE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/cupid_engine``, else
+    ``~/.cache/cupid_engine``) ``/index/<hash of the folder's absolute path>/<name>``.
+    """
+    root = os.environ.get("CUPID_ENGINE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cupid_engine")
+    path = os.path.abspath(os.fspath(folder))
+    key = hashlib.sha256(os.path.dirname(path).encode()).hexdigest()[:16]
+    return os.path.join(root, "index", key, os.path.basename(path))
+
+
+def saved_folders(folder: str | os.PathLike, kind: str) -> list[str]:
+    """Folders holding a saved ``kind`` index of ``folder``: itself and/or its cache."""
+    return [f for f in (os.fspath(folder), cache_folder(folder)) if os.path.exists(os.path.join(f, f"{kind}.json"))]
+
+
+def save_index(index: InfluenceIndex, folder: str | os.PathLike) -> str:
+    """Save into ``folder``, or into :func:`cache_folder` when ``folder`` cannot be written.
+
+    A read-only store stays fully usable: its index lives in the user's cache instead.
+
+    Returns:
+        The folder written.
+    """
+    try:
+        index.save(folder)
+        return os.fspath(folder)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    cache = cache_folder(folder)
+    index.save(cache)
+    log.info("store folder %s is not writable: index saved in %s", folder, cache)
+    return cache
 
 
 def recall_at_k(approx: Sequence[Sequence[str]], exact: Sequence[Sequence[str]]) -> float:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from cupid_engine.index.faiss_index import InfluenceIndex
+from cupid_engine.index.faiss_index import InfluenceIndex, save_index, saved_folders
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 
@@ -177,17 +177,18 @@ def open_index(
     idx = None if rebuild else _lru_get(_MEMORY_CACHE, key)
     if idx is None:
         fp = fingerprint(store, runs, damping, ids)
-        if not rebuild and folder is not None and os.path.exists(os.path.join(folder, INDEX_DIR, sub, f"{kind}.json")):
-            loaded = InfluenceIndex.load(os.path.join(folder, INDEX_DIR, sub), kind, device=params.get("device", "cpu"))
+        # Saved beside the store, or in the user's cache when the store is read-only.
+        for saved in [] if rebuild or folder is None else saved_folders(os.path.join(folder, INDEX_DIR, sub), kind):
+            loaded = InfluenceIndex.load(saved, kind, device=params.get("device", "cpu"))
             same_build = all(loaded.params.get(k) == v for k, v in build_params.items())
             if loaded.meta == fp and same_build:
                 idx = loaded
-            else:
-                log.info("index %s/%s is stale (run or build parameters changed): rebuilding", sub, kind)
+                break
+            log.info("index %s/%s is stale (run or build parameters changed): rebuilding", sub, kind)
         if idx is None:
             idx = build_index(store, runs, kind=kind, damping=damping, **params)
             if save and folder is not None:
-                idx.save(os.path.join(folder, INDEX_DIR, sub))
+                save_index(idx, os.path.join(folder, INDEX_DIR, sub))
     if "ef_search" in params:
         idx.ef_search = params["ef_search"]
     _lru_put(_MEMORY_CACHE, key, store, idx, _CACHE_SIZE)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cupid_engine.errors import CheckpointError, one_line
 from cupid_engine.policies.base import Policy
 from cupid_engine.policies.registry import POLICIES, policy_kind
 
@@ -89,14 +90,31 @@ def save_policy(policy: Policy, path: str | os.PathLike[str], *, overwrite: bool
     return out
 
 
+_HINT = "give the folder written by cupid-engine train --out"
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file() or not (path / MODEL_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a policy checkpoint (needs {CONFIG_FILE} and {MODEL_FILE})")
-    meta = json.loads(cfg_path.read_text())
+        raise _NoCheckpoint(f"{path} is not a policy checkpoint (needs {CONFIG_FILE} and {MODEL_FILE})", hint=_HINT)
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read the checkpoint's config ({exc})", where=str(cfg_path), hint=_HINT) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError("the checkpoint's config is not a JSON object", where=str(cfg_path), hint=_HINT)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        raise CheckpointError(f"checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}",
+                              where=str(cfg_path), hint="re-save it with this cupid_engine version")
+    for key in ("policy", "policy_config", "content_hash"):
+        if key not in meta:
+            raise CheckpointError(f"the checkpoint's config lacks {key!r}", where=f"field {key!r} of {cfg_path}",
+                                  hint=_HINT)
     return meta
+
+
+class _NoCheckpoint(CheckpointError, FileNotFoundError):
+    """No checkpoint at the path (a ``FileNotFoundError`` for callers that catch one)."""
 
 
 def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", verify: bool = True) -> Policy:
@@ -114,16 +132,33 @@ def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "c
     meta = _read_meta(p)
     kind = meta["policy"]
     if kind not in POLICIES:
-        raise ValueError(f"{p}: unknown policy kind {kind!r}")
+        raise CheckpointError(f"unknown policy kind {kind!r} (known: {sorted(POLICIES)})",
+                              where=f"field 'policy' of {p / CONFIG_FILE}", hint=_HINT)
     config_cls, policy_cls = POLICIES[kind]
-    config = config_cls.from_dict(meta["policy_config"])
-    tensors = load_file(str(p / MODEL_FILE))
+    try:
+        config = config_cls.from_dict(meta["policy_config"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"invalid policy config ({one_line(exc)})", where=f"field 'policy_config' of "
+                              f"{p / CONFIG_FILE}", hint=_HINT) from None
+    model = p / MODEL_FILE
+    try:
+        tensors = load_file(str(model))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError: name the file
+        if not type(exc).__name__.startswith("Safetensor"):
+            raise
+        raise CheckpointError(f"cannot read the tensors ({exc}); the file is damaged or not safetensors",
+                              where=str(model), hint=_HINT) from None
     if verify:
         got = _content_hash(config.to_json(), tensors)
         if got != meta["content_hash"]:
-            raise ValueError(f"{p}: content hash mismatch (recorded {meta['content_hash']}, computed {got})")
+            raise CheckpointError(f"content hash mismatch (recorded {meta['content_hash']}, computed {got})",
+                                  where=str(model), hint="the checkpoint was modified: re-save or re-train it")
     policy = policy_cls(config)
-    policy.load_state_dict(tensors, strict=True)
+    try:
+        policy.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the tensors do not fit the {kind} policy its config describes ({one_line(exc)[:300]})",
+                              where=str(model), hint=_HINT) from None
     policy.to(device).eval()
     policy.train_info = {"train_config": meta.get("train_config"), **(meta.get("train_info") or {})}
     return policy
