@@ -7,6 +7,7 @@
 
 #include "cupid/kernels.h"
 #include "cupid/quality.h"
+#include "cupid/spectral.h"
 #ifdef CUPID_WITH_CUDA
 #include "cupid/cuda_kernels.h"
 #endif
@@ -29,6 +30,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("s2_ptr"), py::arg("cs_delta_ptr"), py::arg("cs_x_ptr"), py::arg("rows"), py::arg("out_dim"),
         py::arg("in_dim"), py::arg("k"), py::arg("dtype"),
         "Tensorsketch stage 1: CountSketch of delta[rows, O] and x[rows, I] into [rows, k] each.");
+
+  // --- tensorsketch spectral stage (csrc/cpu/spectral.cpp) ---
+  m.def("spectral_mac_cpu", &cupid::spectral_mac_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("a_ptr"), py::arg("b_ptr"), py::arg("acc_ptr"), py::arg("rows"), py::arg("steps"), py::arg("freqs"),
+        py::arg("dtype"), py::arg("accumulate"),
+        "acc[rows, freqs] (= or +=) sum_t a[rows, steps, freqs] * b[...] (complex, t ascending, no FMA).");
+  m.def("dft_spectrum_cpu", &cupid::dft_spectrum_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("v_ptr"), py::arg("table_ptr"), py::arg("out_ptr"), py::arg("rows"), py::arg("n"), py::arg("freqs"),
+        py::arg("dtype"), "out[rows, freqs] = sum_j v[rows, n] * table[n, freqs] (complex, j ascending, no FMA).");
 
   // --- scorers (csrc/cpu/quality.cpp) ---
   m.def("quality_minmax_cpu", &cupid::quality_minmax_cpu, py::call_guard<py::gil_scoped_release>(),

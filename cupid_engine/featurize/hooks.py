@@ -56,6 +56,7 @@ from torch import nn
 from cupid_engine import constants as C
 from cupid_engine.ops import hashing
 from cupid_engine.ops import reference
+from cupid_engine.ops import spectral
 
 __all__ = ["DFT_MAX_DIM", "STRATEGIES", "layer_seed", "check_sample_independent", "HookCapture", "unfold_conv1d",
            "fused_tensorsketch"]
@@ -285,7 +286,7 @@ def _spectrum(
     out = ws.get("spec_" + name, (B, T, k // 2 + 1), cdtype, v.device)
     if n <= DFT_MAX_DIM:
         table = _dft_table(seed, stream, n, k, cdtype).to(v.device)
-        return torch.matmul(v.to(cdtype), table, out=out)
+        return spectral.dft_spectrum(v, table, out)  # fixed order: thread/batch-split independent
     b, sg = _factor_hash(seed, stream, n, k, acc)
     b, sg = b.to(v.device), sg.to(v.device)
     cs = ws.get("cs_" + name, (B, T, k), acc, v.device).zero_()
@@ -393,16 +394,13 @@ def fused_tensorsketch(
             for seed, delta, x in fft_layers:
                 f = _spectrum(delta[r0:r1], seed, C.STREAM_TS_OUT, k, acc, ws, f"out{tag}")
                 g = _spectrum(x[r0:r1], seed, C.STREAM_TS_IN, k, acc, ws, f"in{tag}")
+                # Multiply-accumulate in a fixed order (ops.spectral): a row's features must
+                # not depend on the block it is in or on the thread count.
                 if spec is None:  # the first layer initialises the accumulator: no zero fill
                     spec = ws.get(f"acc{tag}", (r1 - r0, k // 2 + 1), cdtype, device)
-                    if f.shape[1] == 1:
-                        torch.mul(f[:, 0], g[:, 0], out=spec)
-                    else:
-                        torch.sum(f.mul_(g), dim=1, out=spec)
-                elif f.shape[1] == 1:
-                    spec.addcmul_(f[:, 0], g[:, 0])  # one pass: multiply and accumulate
+                    spectral.spectral_mac(f, g, spec, accumulate=False)
                 else:
-                    spec.add_(f.mul_(g).sum(dim=1))
+                    spectral.spectral_mac(f, g, spec, accumulate=True)
             torch.fft.irfft(spec, n=k, dim=-1, out=out[r0:r1])
 
     _run_split(part, B, device)

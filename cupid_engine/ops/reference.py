@@ -36,8 +36,10 @@ All methods satisfy ``E<Px, Py> = <x, y>`` over the random seed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -47,6 +49,20 @@ from cupid_engine.ops import hashing as H
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch CPU ops on one intra-op thread for the duration (restored on exit)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def dense_signs(seed: int, rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,7 +136,10 @@ def project(x: torch.Tensor, *, k: int, method: str, seed: int, s: int = 1, bloc
         xb = x[:, start:stop].to(acc)
         coords = torch.arange(start, stop, dtype=torch.int64, device=x.device)
         if method == "dense":
-            out += xb @ dense_signs(seed, coords, k).to(acc)
+            # MKL's GEMM splits the inner dimension over threads, so the sum order (and the
+            # last bit) followed the thread count: one thread fixes it.
+            with single_thread():
+                out += xb @ dense_signs(seed, coords, k).to(acc)
         elif method == "sparse":
             buckets, signs = sparse_buckets(seed, coords, k, s)
             for r in range(s):
@@ -150,9 +169,16 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, *, k: int, seed: int)
 
 
 def circular_convolve_sum(cs1: torch.Tensor, cs2: torch.Tensor, k: int) -> torch.Tensor:
-    """Stage 2 of tensorsketch: ``sum_t cs1[:, t] (*) cs2[:, t]`` (circular convolution) via FFT."""
-    f = torch.fft.rfft(cs1, n=k, dim=-1) * torch.fft.rfft(cs2, n=k, dim=-1)
-    return torch.fft.irfft(f.sum(dim=1), n=k, dim=-1)
+    """Stage 2 of tensorsketch: ``sum_t cs1[:, t] (*) cs2[:, t]`` (circular convolution) via FFT.
+
+    The spectra are multiplied and summed over ``t`` in ascending order, each complex
+    product as ``(ar br - ai bi, ar bi + ai br)`` rounded once per operation
+    (``ops.spectral.spectral_mac``: the C++ kernel on CPU, or the same order in torch ops),
+    so a row's result does not depend on the batch it is in or on the thread count.
+    """
+    from cupid_engine.ops import spectral
+
+    return spectral.circular_convolve_sum(cs1, cs2, k)
 
 
 def tensorsketch(delta: torch.Tensor, x: torch.Tensor, *, k: int, seed: int) -> torch.Tensor:
