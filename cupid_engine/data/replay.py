@@ -11,7 +11,9 @@ The format has no ids, splits, tasks or outcomes: ids are ``episode_000000`` ...
 (position), the split is the ``split`` option (default ``train``; diffusion_policy draws
 its validation episodes at training time), source is the folder name, success/return/tier
 are unknown. Observations are the ``data/`` arrays other than the action with at most
-two dimensions (images are skipped unless named). Files written by diffusion_policy are
+two dimensions; arrays shaped ``[N, H, W, C]`` (``C`` in 1, 3, 4; ``img``, ``camera_0`` ...)
+are camera streams, read lazily into ``Episode.images`` as ``uint8`` (PushT stores ``img``
+as float32 holding integers 0..255: converted exactly, anything else is refused by name). Files written by diffusion_policy are
 zarr format 2, which zarr 3 reads; :func:`write_replay_buffer` writes format 2 by default
 for the same reason.
 """
@@ -29,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from cupid_engine.data._util import check_split, selected_rows
-from cupid_engine.data.episode import Episode
+from cupid_engine.data._util import check_split, select_keys, selected_rows
+from cupid_engine.data.episode import Episode, ImageSequence
 from cupid_engine.data.schema import EPISODE_SCHEMA, EpisodeValidator, FormatError, validate_episode
 
 ACTION_KEY = "action"
@@ -92,10 +94,12 @@ class ReplayBufferDataset:
             bad = np.flatnonzero(ends - starts <= 0)
             detail = f"episode {int(bad[0])} is empty or out of order" if bad.size else f"last end {ends[-1]} != {n_rows} rows"
             raise FormatError(f"{self.path}: meta/episode_ends is inconsistent: {detail}")
-        if obs_keys is None:
-            obs_keys = [k for k, a in self._arrays.items() if k != action_key and a.ndim <= 2]
-        self._obs_keys = sorted(obs_keys)
-        for k in self._obs_keys + [action_key]:
+        others = {k: a for k, a in self._arrays.items() if k != action_key}
+        cameras = [k for k, a in others.items() if _is_camera(a)]
+        # Named explicitly, any other array is flattened per step (e.g. keypoints [N, 9, 2]).
+        lowdim = [k for k, a in others.items() if k not in cameras and (obs_keys is not None or a.ndim <= 2)]
+        self._obs_keys, self._image_keys = select_keys(obs_keys, lowdim, cameras, where=self.path)
+        for k in self._obs_keys + self._image_keys + [action_key]:
             if k not in self._arrays:
                 raise FormatError(f"{self.path}: no data/{k}")
             if self._arrays[k].shape[0] != n_rows:
@@ -117,6 +121,16 @@ class ReplayBufferDataset:
     @property
     def obs_dims(self) -> dict[str, int]:
         return {k: _row_width(self._arrays[k]) for k in self._obs_keys}
+
+    @property
+    def image_keys(self) -> list[str]:
+        """Camera keys (``data/<key>`` arrays shaped ``[N, H, W, C]``), sorted."""
+        return list(self._image_keys)
+
+    @property
+    def image_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``camera key -> (H, W, C)`` of every frame."""
+        return {k: tuple(int(x) for x in self._arrays[k].shape[1:]) for k in self._image_keys}  # type: ignore[misc]
 
     @property
     def action_dim(self) -> int:
@@ -179,9 +193,32 @@ class ReplayBufferDataset:
             split=self._split,
             source=self._source,
             task=self._task,
+            images={k: self._image_view(k, s, e) for k in self._image_keys},
         )
-        validate_episode(ep, obs_dims=self.obs_dims, action_dim=self.action_dim)
+        validate_episode(ep, obs_dims=self.obs_dims, action_dim=self.action_dim, image_shapes=self.image_shapes)
         return ep
+
+    def _image_view(self, key: str, s: int, e: int) -> ImageSequence:
+        arr, what = self._arrays[key], f"{self.path}: data/{key} rows {s}:{e}"
+
+        def frames(a: int, b: int) -> np.ndarray:
+            return _as_uint8(np.asarray(arr[s + a : s + b]), what)
+
+        return ImageSequence((e - s, *arr.shape[1:]), frames=frames, what=what)
+
+
+def _is_camera(arr: Any) -> bool:
+    """``[N, H, W, C]`` with ``C`` in 1, 3, 4 and an integer or float dtype."""
+    return len(arr.shape) == 4 and arr.shape[3] in (1, 3, 4) and np.dtype(arr.dtype).kind in "uif"
+
+
+def _as_uint8(values: np.ndarray, what: str) -> np.ndarray:
+    """Pixels stored as uint8, or as other numbers holding exact integers 0..255, to uint8."""
+    if values.dtype == np.uint8:
+        return values
+    if values.size and (values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values))):
+        raise FormatError(f"{what}: {values.dtype} pixels are not integers in 0..255; cannot read them as uint8 images")
+    return values.astype(np.uint8)
 
 
 def _row_width(arr: Any) -> int:
@@ -225,12 +262,18 @@ def write_replay_buffer(
         for ep in episodes:
             check(ep)
             cols = dict(ep.observations)
-            if ACTION_KEY in cols:
+            if ACTION_KEY in cols or ACTION_KEY in ep.images:
                 raise ValueError(f"episode {ep.episode_id!r}: observation key {ACTION_KEY!r} clashes with data/{ACTION_KEY}")
             cols[ACTION_KEY] = ep.actions
             for k, v in cols.items():
                 if k not in arrays:
                     arrays[k] = data.create_array(k, shape=(0, v.shape[1]), chunks=(chunk_rows, v.shape[1]), dtype="float32")
+                arrays[k].append(v, axis=0)
+            for k in ep.images:
+                v = ep.image_array(k)
+                if k not in arrays:
+                    # A few frames per chunk: reading one episode touches only its own frames.
+                    arrays[k] = data.create_array(k, shape=(0, *v.shape[1:]), chunks=(16, *v.shape[1:]), dtype="uint8")
                 arrays[k].append(v, axis=0)
             total += ep.length
             ends.append(total)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cupid_engine.data import Episode, ImageSequence, UnknownKeyError, open_dataset, open_source, write_dataset
+from cupid_engine.data import Episode, FormatError, ImageSequence, UnknownKeyError, open_dataset, open_source, write_dataset
 from cupid_engine.data.episode import decode_image, encode_png
 from cupid_engine.data.schema import EpisodeError, EpisodeValidator
 
@@ -295,3 +295,27 @@ def test_robomimic_image_obs_exact_and_selectable(tmp_path, rng):
         RobomimicDataset(tmp_path / "copy.hdf5", obs_keys=["agentview_depth"])
     only = RobomimicDataset(path, obs_keys=["wrist"])
     assert only.obs_keys == [] and list(next(only.episodes()).images) == ["wrist"]
+
+
+# ----------------------------------------------------------------------------- replay buffer
+
+
+def test_replay_img_round_trip_and_bad_pixels(tmp_path, rng):
+    import zarr
+
+    from cupid_engine.data import ReplayBufferDataset, write_replay_buffer
+
+    eps = image_episodes(rng, 3)
+    path = write_replay_buffer(tmp_path / "buf.zarr", eps)
+    ds = ReplayBufferDataset(path)
+    assert ds.image_keys == ["agentview", "wrist"] and ds.obs_keys == ["state"]
+    for a, b in zip(eps, ds.episodes()):
+        for k in a.images:
+            np.testing.assert_array_equal(b.image_array(k), a.images[k])
+    # Float pixels that are not integers 0..255 cannot be images: refused by name, on access.
+    root = zarr.open_group(str(path), mode="r+")
+    n = root["data/wrist"].shape[0]
+    root.create_array("data/img", shape=(n, 8, 10, 3), dtype="float32")[:] = 0.5
+    ep = next(ReplayBufferDataset(path, obs_keys=["img"]).episodes())
+    with pytest.raises(FormatError, match=r"data/img rows 0:\d+: float32 pixels are not integers in 0..255"):
+        ep.image_array("img")

@@ -66,9 +66,12 @@ def test_reads_diffusion_policy_zip_with_images(tmp_path, rng):
     np.testing.assert_array_equal(got[1].observations["state"], state[3:7])
     np.testing.assert_array_equal(got[2].actions, action[7:12].astype(np.float32))
     assert list(ds.episodes(split="train")) == []
+    # img is a camera (float32 holding 0..255 integers, as PushT stores it): exact uint8 frames.
+    assert ds.image_keys == ["img"] and ds.image_shapes == {"img": (4, 4, 3)}
+    np.testing.assert_array_equal(got[1].image_array("img"), img[3:7].astype(np.uint8))
     with_img = ReplayBufferDataset(src, obs_keys=["img", "state"])
-    assert with_img.obs_dims == {"img": 48, "state": 5}
-    np.testing.assert_array_equal(next(with_img.episodes()).observations["img"], img[:3].reshape(3, 48))
+    assert with_img.obs_dims == {"state": 5} and with_img.image_keys == ["img"]
+    np.testing.assert_array_equal(next(with_img.episodes()).image_array("img"), img[:3].astype(np.uint8))
 
 
 @pytest.mark.parametrize("ends, message", [([3, 3, 12], "episode 1 is empty"), ([3, 7, 11], "last end 11 != 12")], ids=["empty", "short"])
