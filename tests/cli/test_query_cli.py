@@ -1,0 +1,48 @@
+"""``cupid-engine query``: answers "which demos made this rollout fail" by default, in words."""
+
+from __future__ import annotations
+
+import json
+
+from cupid_engine.cli import main
+from cupid_engine.index import top_influencers
+
+
+def _query(loop, *args):
+    return main(["query", "--store", loop["store"], "--run", "base", *args])
+
+
+def test_failed_rollout_default_is_the_causes(loop, capsys):
+    capsys.readouterr()
+    assert _query(loop, "--episode", "roll_1", "--top", "3", "--json") == 0  # roll_1 failed
+    out = json.loads(capsys.readouterr().out)
+    assert out["sign"] == 1.0 and "made it fail" in out["meaning"]
+    causes = [r["episode_id"] for r in out["results"]]
+    # The same as the library with an explicit +1: the demos with the largest a(τ, ξ).
+    lib = top_influencers(loop["store"], "base", "roll_1", k=3, sign=1.0)
+    assert causes == lib.table["episode_id"].to_pylist()
+    assert _query(loop, "--episode", "roll_1", "--top", "3", "--oppose", "--json") == 0
+    opp = json.loads(capsys.readouterr().out)
+    assert opp["sign"] == -1.0 and "pushed against this failure" in opp["meaning"]
+    assert opp["results"][0]["episode_id"] not in causes
+    assert _query(loop, "--episode", "roll_0", "--top", "2") == 0  # a success, text output
+    text = capsys.readouterr().out
+    assert text.startswith("sign +1:") and "owes its success to" in text
+
+
+def test_refuses_non_rollouts_and_bad_top(loop, capsys):
+    capsys.readouterr()
+    assert _query(loop, "--episode", "hold_0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'holdout' episode, not a rollout" in err[0] and "--any-episode" in err[0]
+    assert _query(loop, "--episode", "hold_0", "--any-episode", "--top", "2") == 0
+    capsys.readouterr()
+    for bad in ("-3", "0"):
+        assert _query(loop, "--episode", "roll_1", "--top", bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --top must be a positive number of demonstrations, got {bad}"]
+    assert _query(loop, "--episode", "nope") == 2
+    assert "'nope' is not in the store's catalog" in capsys.readouterr().err
+    assert _query(loop, "--episode", "roll_1", "--top", "50", "--json") == 0
+    captured = capsys.readouterr()
+    assert "exceeds the 12 training demos" in captured.err and len(json.loads(captured.out)["results"]) == 12
