@@ -239,7 +239,9 @@ def oracle_scores(ids: Sequence[str], labels: Sequence[Any], *, label: str = "ti
     """
     missing = [e for e, v in zip(ids, labels) if v is None]
     if missing:
-        raise ConfigError(f"oracle: episode {missing[0]!r} has no {label!r} label ({len(missing)} of {len(ids)} lack it)")
+        raise ConfigError(
+            f"oracle: episode {missing[0]!r} has no {label!r} label ({len(missing)} of {len(ids)} lack it)"
+        )
     bad_set, good_set = set(_values(bad)), set(_values(good))
     text = [str(v) for v in labels]
     if bad_set or good_set:

@@ -71,7 +71,8 @@ def _official_quality(nets: dict, weights=(0.5, 0.25, 0.25)) -> np.ndarray:
     w = np.asarray(weights, np.float64)
     keep = scores.sum(axis=1) != 0  # the notebook drops a method whose scores sum to 0
     scores, w = scores[keep], w[keep] / w[keep].sum()
-    norm = (scores - scores.min(axis=1, keepdims=True)) / (scores.max(axis=1, keepdims=True) - scores.min(axis=1, keepdims=True))
+    lo, hi = scores.min(axis=1, keepdims=True), scores.max(axis=1, keepdims=True)
+    norm = (scores - lo) / (hi - lo)
     return (norm * w[:, None]).sum(axis=0)
 
 
@@ -79,7 +80,8 @@ def _official_quality(nets: dict, weights=(0.5, 0.25, 0.25)) -> np.ndarray:
 def real_store(tmp_path, rng):
     """A Zarr store (float32 features) with ragged train demos, holdout demos and rollouts."""
     n_train, n_hold, n_roll = 7, 2, 5
-    ids = [f"demo_{i}" for i in range(n_train)] + [f"hold_{i}" for i in range(n_hold)] + [f"roll_{i}" for i in range(n_roll)]
+    ids = [f"demo_{i}" for i in range(n_train)] + [f"hold_{i}" for i in range(n_hold)]
+    ids += [f"roll_{i}" for i in range(n_roll)]
     splits = ["train"] * n_train + ["holdout"] * n_hold + ["rollout"] * n_roll
     lengths = [4, 9, 3, 7, 12, 5, 8] + [6, 3] + [5, 11, 2, 7, 4]
     success = [None] * (n_train + n_hold) + [True, False, False, True, False]
