@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the diffusion noise draws")
     p.add_argument("--track", type=_track, default="all", help="all, head, or comma-separated module names")
     p.add_argument("--split", default=None, choices=C.SPLITS, help="only episodes of this split")
+    p.add_argument("--obs-keys", default=None, metavar="K1,K2",
+                   help="observation and camera keys to read (default: all the dataset has); unknown keys are "
+                        "refused naming them and listing the dataset's keys")
     p.add_argument("--batch-size", type=int, default=1024, help="samples per featuriser batch")
     p.add_argument("--dtype", default="float16", help="storage dtype: float32, float16, bfloat16, int8")
     p.add_argument("--shard-size", type=int, default=256, help="most episodes per store shard")
@@ -99,8 +102,14 @@ def _featurize(args: argparse.Namespace) -> int:
         from cupid_engine.errors import ConfigError
 
         raise ConfigError(str(exc), where="featurize options", hint="see cupid-engine featurize --help") from None
+    data = args.data
+    if args.obs_keys:
+        from cupid_engine.data import open_source
+
+        # Opened here so the reader selects the keys (and refuses unknown ones by name).
+        data = open_source(args.data, obs_keys=[k.strip() for k in args.obs_keys.split(",") if k.strip()])
     run = featurize(
-        args.data, args.store, args.run, policy=args.policy, config=config, split=args.split,
+        data, args.store, args.run, policy=args.policy, config=config, split=args.split,
         progress=not args.no_progress, workers=args.workers, address=args.ray_address, device=args.device,
         overwrite=args.overwrite,
     )

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="leave these episodes out: a score table (.parquet) or ids, one a line")
     p.add_argument("--episodes", default=None, metavar="ID1,ID2",
                    help="train only on these comma-separated episode ids (or @FILE)")
-    p.add_argument("--obs-keys", default=None, metavar="K1,K2", help="observation keys (default: all, sorted)")
+    p.add_argument("--obs-keys", default=None, metavar="K1,K2",
+                   help="observation and camera keys to read (default: all, sorted); unknown keys are refused by name")
     p.add_argument("--size", default="default", choices=("tiny", "default", "large"),
                    help="model size preset (large: ~8.5M-param MLP; diffusion has tiny/default only)")
     p.add_argument("--head", default=None, choices=("deterministic", "gaussian"), help="MLP action head")
@@ -72,13 +73,11 @@ def _train(args: argparse.Namespace) -> int:
     from cupid_engine.policies.mlp import MLPPolicyConfig
     from cupid_engine.policies.training import TrainConfig, train_policy
 
-    dataset = open_dataset(args.data)
     obs_keys = tuple(k.strip() for k in args.obs_keys.split(",") if k.strip()) if args.obs_keys else None
-    if obs_keys:
-        unknown = sorted(set(obs_keys) - set(dataset.obs_keys))
-        if unknown:
-            raise ConfigError(f"unknown --obs-keys {unknown}", where=args.data, hint=f"the dataset has {list(dataset.obs_keys)}")
-    fields: dict = {"obs_keys": obs_keys or tuple(dataset.obs_keys)}
+    # The reader selects the keys: an unknown one is refused naming it and listing the
+    # dataset's low-dimensional and camera keys (UnknownKeyError, a one-line user error).
+    dataset = open_dataset(args.data, **({"obs_keys": obs_keys} if obs_keys else {}))
+    fields: dict = {"obs_keys": tuple(dataset.obs_keys)}
     if args.policy == "mlp":
         if args.head:
             fields["head"] = args.head

@@ -13,6 +13,7 @@ import pyarrow as pa
 from cupid_engine.constants import SPLITS
 from cupid_engine.data.episode import Episode
 from cupid_engine.data.schema import FormatError
+from cupid_engine.errors import UserError
 
 
 NATIVE_SPLIT_MAP = {"train": "train", "val": "holdout", "valid": "holdout", "test": "holdout", "validation": "validation"}
@@ -52,7 +53,7 @@ def join_inside(root: str, relative: str, *, what: str) -> str:
     return posixpath.join(root, norm)
 
 
-class UnknownKeyError(KeyError):
+class UnknownKeyError(UserError, KeyError):
     """Requested observation/image keys that a dataset does not have.
 
     The message names the missing keys and lists every key the dataset has (low-dimensional
