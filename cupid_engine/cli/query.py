@@ -80,9 +80,14 @@ def _query(args: argparse.Namespace) -> int:
     runs = args.run[0] if len(args.run) == 1 else args.run
     params = {} if args.ef_search is None else {"ef_search": args.ef_search}
     index = open_index(store, runs, kind=args.kind, damping=args.damping, rebuild=args.rebuild, **params)
-    res = top_influencers(store, runs, args.episode, k=top, sign=sign, damping=args.damping,
-                          steps=args.steps, index=index)
+    # A training demo queried with --any-episode is in the index itself: leave it out.
+    itself = split == "train"
+    res = top_influencers(store, runs, args.episode, k=min(top + itself, n_train), sign=sign,
+                          damping=args.damping, steps=args.steps, index=index)
     meaning = sign_in_words(sign, row.get("success"), split)
+    if itself:
+        res = _without(res, args.episode, top)
+        meaning += f"; {args.episode} itself (a training demo) is left out of the ranking"
     if args.json:
         print(json.dumps({"rollout": res.rollout, "sign": res.sign, "meaning": meaning,
                           "results": res.table.to_pylist(),
@@ -91,6 +96,18 @@ def _query(args: argparse.Namespace) -> int:
         print(meaning)
         print(res)
     return 0
+
+
+def _without(res, episode: str, top: int):
+    """``res`` without ``episode``, the first ``top`` others re-ranked from 1."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pc.not_equal(res.table.column("episode_id"), episode)
+    table = res.table.filter(keep).slice(0, top)
+    table = table.set_column(table.column_names.index("rank"), "rank", pa.array(range(1, table.num_rows + 1)))
+    steps = [s for s in res.steps if s.episode_id != episode][:top]
+    return type(res)(rollout=res.rollout, sign=res.sign, table=table, steps=steps)
 
 
 def sign_in_words(sign: float, success: bool | None, split: str | None = "rollout") -> str:

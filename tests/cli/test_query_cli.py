@@ -46,3 +46,16 @@ def test_refuses_non_rollouts_and_bad_top(loop, capsys):
     assert _query(loop, "--episode", "roll_1", "--top", "50", "--json") == 0
     captured = capsys.readouterr()
     assert "exceeds the 12 training demos" in captured.err and len(json.loads(captured.out)["results"]) == 12
+
+
+def test_training_demo_with_any_episode_leaves_itself_out(loop, capsys):
+    capsys.readouterr()
+    assert _query(loop, "--episode", "demo_04") == 2  # a training demo is not a rollout
+    assert "'train' episode, not a rollout" in capsys.readouterr().err
+    assert _query(loop, "--episode", "demo_04", "--any-episode", "--top", "3", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    ids = [r["episode_id"] for r in out["results"]]
+    assert len(ids) == 3 and "demo_04" not in ids and [r["rank"] for r in out["results"]] == [1, 2, 3]
+    assert "left out of the ranking" in out["meaning"]
+    lib = top_influencers(loop["store"], "base", "demo_04", k=4, sign=1.0).table["episode_id"].to_pylist()
+    assert lib[0] == "demo_04" and ids == [e for e in lib if e != "demo_04"][:3]
