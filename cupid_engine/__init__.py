@@ -17,6 +17,13 @@ import os
 # read bandwidth. The setting only takes effect if made before the runtime starts, i.e.
 # before torch is first imported; an explicit user setting always wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# MKL's GEMM splits small-M products over threads along the inner dimension and picks
+# kernels by row count, so a policy's forward/backward (hence its features) changed in the
+# last bit with the torch thread count and the batch split (measured: [37, 2048] @ [2048,
+# 64] differs between 1 and 2 threads). Strict conditional numerical reproducibility fixes
+# the summation order (~5-15% slower GEMMs here). Read at MKL's first call: effective only
+# when cupid_engine is imported before torch does any matmul.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,8 @@ from typing import Any, Callable
 # Environment of every actor process: cupid_engine importable from a source checkout
 # that is only on the driver's sys.path, no Ray auth token under $HOME, no MuJoCo
 # renderer, and passive OpenMP waiting (see cupid_engine/__init__.py).
-_ACTOR_ENV = {"RAY_AUTH_MODE": "disabled", "MUJOCO_GL": "disable", "OMP_WAIT_POLICY": "PASSIVE"}
+_ACTOR_ENV = {"RAY_AUTH_MODE": "disabled", "MUJOCO_GL": "disable", "OMP_WAIT_POLICY": "PASSIVE",
+              "MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO,STRICT")}
 
 
 def ensure_ray(address: str | None, workers: int) -> bool:

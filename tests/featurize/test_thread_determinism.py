@@ -37,3 +37,23 @@ def test_one_and_two_threads_give_identical_stores(tmp_path):
         torch.set_num_threads(before)
     for key in out[1]:
         assert np.array_equal(out[1][key], out[2][key]), key  # bitwise
+
+
+def test_policy_gemm_thread_and_split_independent(generator):
+    # MKL splits this product's inner dimension over threads unless strict CNR is on
+    # (cupid_engine/__init__.py sets MKL_CBWR before MKL's first call).
+    import os
+
+    assert os.environ.get("MKL_CBWR", "").upper().endswith("STRICT")
+    a, w = torch.randn(37, 2048, generator=generator), torch.randn(64, 2048, generator=generator)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = a @ w.T
+        torch.set_num_threads(2)
+        two = a @ w.T
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    b = torch.randn(512, 512, generator=generator)
+    assert torch.equal(torch.cat([b[i : i + 100] @ b.T for i in range(0, 512, 100)]), b @ b.T)
