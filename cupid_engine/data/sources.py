@@ -50,6 +50,17 @@ class EpisodeSource(Protocol):
         """Action width ``A``."""
         ...
 
+    @property
+    def image_keys(self) -> list[str]:
+        """Camera keys of ``Episode.images`` (``uint8 [T, H, W, C]`` each), sorted; empty
+        for state-only datasets."""
+        ...
+
+    @property
+    def image_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``camera key -> (H, W, C)``, known without decoding a frame."""
+        ...
+
     def __len__(self) -> int:
         """Number of episodes."""
         ...
