@@ -11,7 +11,7 @@ DEMO_OUT ?= demo_out
 export RAY_AUTH_MODE ?= disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-slow install build bench clean
+.PHONY: demo test test-slow install build bench clean browser
 
 install: build
 
@@ -41,7 +41,16 @@ demo: install
 	@echo "==> running the end-to-end demo (writes $(DEMO_OUT)/)"
 	$(PY) -m cupid_engine demo --out $(DEMO_OUT)
 
-test: install
+# The explorer's browser test drives Debian's Chromium; install it where it is missing and
+# we may (root with apt-get). Elsewhere the test is skipped with a reason (failed on CI).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "==> installing Chromium (Debian package chromium) for the explorer's browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "==> Chromium is missing and cannot be installed here (needs root and apt-get): browser test skipped"; fi
+
+test: install browser
 	@echo "==> running the test suite (slow end-to-end tests: make test-slow)"
 	$(PY) -m pytest
 

@@ -199,5 +199,15 @@ def run_demo(cfg: DemoConfig, out: str | Path) -> Path:
     fe = featurize_stage(cfg, out, gen["path"], ro["path"], tr["path"])
     sc = score_stage(cfg, out, fe["path"])
     query = failed_rollout_query(fe["path"], k=10)
-    return write_report(cfg, out, summaries={"generate": gen, "train": tr, "rollout": ro, "featurize": fe,
-                                             "score": sc}, query=query)
+    index = write_report(cfg, out, summaries={"generate": gen, "train": tr, "rollout": ro, "featurize": fe,
+                                              "score": sc}, query=query)
+    site = explorer_stage(out, fe["path"], sc["scores"], [gen["path"], ro["path"]])
+    print(f"[demo] influence explorer: {site} (open it in a browser)")
+    return index
+
+
+def explorer_stage(out: Path, store_path: str, scores: dict[str, str], data: list[str]) -> Path:
+    """The influence explorer of the demo run (always rewritten: it is cheap and reads only results)."""
+    from cupid_engine.explorer import build_site
+
+    return build_site(store_path, "base", out / "site", scores=scores, data=data, title="cupid_engine demo")
