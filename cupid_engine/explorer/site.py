@@ -333,8 +333,16 @@ def build_site(
         r = st.run(n)
         cfg = getattr(r, "config", None)
         run_info[n] = {"k": int(r.k), "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None}
+    # The first failed rollout (else the first rollout) and its top demos, with frames, up front.
+    failed = [r for r in rollout_ids if rows[r].get("success") is False]
+    pick = (failed or rollout_ids or [None])[0]
+    featured = None if pick is None else {
+        "rollout": ref(pick),
+        "demos": [{**ref(e), "a": _num(a)} for e, a in inf.top_demos[pick]],
+    }
     overview = {
         "title": title or "cupid_engine explorer",
+        "featured": featured,
         "runs": run_info,
         "counts": {"train": len(train_ids), "demos": len(demo_ids), "rollouts": len(rollout_ids),
                    "successes": sum(bool(o) for o in known), "known_outcomes": len(known)},

@@ -67,6 +67,9 @@ def test_overview_rollout_and_top_influencer(browser, explorer_run, tmp_path, ar
     assert page.inner_text("#success-rate") == "50%"
     assert page.locator("svg.hist").count() == 2 * 3  # two labels x three methods
     assert page.locator("svg.composition").count() == 2
+    # The overview shows a failed rollout's frames beside its top influencers' frames.
+    featured = page.locator("#featured .strip")
+    assert featured.count() == 1 + 3 and all(_not_blank(featured.nth(i).screenshot()) for i in range(4))
     page.screenshot(path=str(artifacts / "overview.png"), full_page=True)
 
     page.click("text=All 4 rollouts")

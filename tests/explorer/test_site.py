@@ -56,6 +56,9 @@ def test_overview_numbers_come_from_the_store_and_tables(site, explorer_run):
     assert o["audit"]["decisions"][0]["verdict"] == "do not claim"
     assert o["audit"]["deltas"][0]["mean"] == pytest.approx(-0.02)
     assert o["pages"] == {"rollouts": 1, "demos": 3}
+    first_failed = next(r["episode_id"] for r in cat if r["split"] == "rollout" and r["success"] is False)
+    assert o["featured"]["rollout"]["id"] == first_failed and len(o["featured"]["demos"]) == 3
+    assert o["featured"]["rollout"]["frames"] is not None
 
 
 def test_rollout_pages_match_top_influencers(site, explorer_run):

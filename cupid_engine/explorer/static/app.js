@@ -137,6 +137,11 @@
       '<div class="card"><div class="muted">rollouts</div><div class="v">' + c.rollouts + "</div></div>" +
       '<div class="card"><div class="muted">rollout success</div><div class="v" id="success-rate">' + rate + '</div><div class="muted">' + c.successes + " of " + c.known_outcomes + "</div></div></div>";
     html += '<p class="muted">Influence: ' + esc(o.influence_sign) + ".</p>";
+    if (o.featured) {
+      const f = o.featured.rollout;
+      html += "<h2>" + (f.success === false ? "Which demos made this rollout fail?" : "Which demos shaped this rollout?") + "</h2><p>" +
+        link("rollout", f.h, f.id) + " · " + outcome(f.success) + " · " + f.length + ' steps</p><div class="demos" id="featured"></div>';
+    }
     (o.notes || []).forEach((n) => { html += '<p class="muted">Note: ' + esc(n) + "</p>"; });
     if (o.audit) {
       html += "<h2>Audit decisions</h2><table><tr><th>method</th><th>ratio</th><th>verdict</th><th>reason</th></tr>" +
@@ -148,6 +153,18 @@
     const runs = Object.keys(o.runs).map((r) => "<code>" + esc(r) + "</code> (k = " + o.runs[r].k + ")").join(", ");
     html += '<p class="muted">Run: ' + runs + "</p>";
     main().innerHTML = html;
+    if (o.featured) {
+      const box = document.getElementById("featured");
+      const add = (ref, caption) => {
+        const card = document.createElement("div"); card.className = "demo";
+        card.innerHTML = '<div class="title">' + caption + "</div>";
+        const s = strip(ref.frames, 2); card.appendChild(s);
+        s.setStep(ref.length ? Math.floor((ref.length - 1) / 2) : 0);
+        box.appendChild(card);
+      };
+      add(o.featured.rollout, "rollout " + link("rollout", o.featured.rollout.h, o.featured.rollout.id));
+      o.featured.demos.forEach((d, i) => add(d, "#" + (i + 1) + " " + link("demo", d.h, d.id) + " · a = " + fmt(d.a)));
+    }
     const labels = Object.keys(o.labels);
     const hists = document.getElementById("hists"), comps = document.getElementById("comps");
     if (!o.methods.length) hists.innerHTML = comps.innerHTML = '<p class="muted">No score tables given (--scores NAME=PATH).</p>';
