@@ -48,8 +48,9 @@ from cupid_engine.errors import (
 )
 from cupid_engine.featurize.config import FeaturizeConfig
 from cupid_engine.featurize.featurizer import Featurizer
-from cupid_engine.policies.base import Policy
-from cupid_engine.policies.samples import build_samples
+from torch import nn
+
+from cupid_engine.policies.task import batch_rows, resolve_task
 from cupid_engine.store import GradientStore, Run, RunConfig
 from cupid_engine.store.gradient_store import StoreUndo
 from cupid_engine.store.catalog import episode_fingerprint
@@ -64,12 +65,13 @@ _STORE_COLUMNS = ("episode_id", "split", "length", "success", "return", "tier", 
 
 
 # ----------------------------------------------------------------------------- inputs
-def open_inputs(source: Any, store: Any, policy: Any) -> tuple[Any, GradientStore, Policy, str | None]:
+def open_inputs(source: Any, store: Any, policy: Any) -> tuple[Any, GradientStore, nn.Module, str | None]:
     """Resolve paths: ``(source, store, policy, policy_path)``.
 
     ``source`` may be a path/URL (``data.open_source``) or an ``EpisodeSource``; ``store`` a
     path (opened with mode ``"a"``) or a :class:`GradientStore`; ``policy`` a checkpoint
-    directory (``policies.load_policy``) or a :class:`Policy`.
+    directory (``policies.load_policy``) or an ``nn.Module`` (an engine :class:`Policy`
+    or any module implementing the policy protocol, or the model of a separate task).
     """
     if isinstance(source, (str, os.PathLike)):
         from cupid_engine.data import open_source
@@ -81,16 +83,17 @@ def open_inputs(source: Any, store: Any, policy: Any) -> tuple[Any, GradientStor
         except (pa.ArrowException, ValueError, KeyError, OSError, EOFError) as exc:
             raise DataError(f"cannot open the dataset ({type(exc).__name__}: {one_line(exc)})",
                             where=os.fspath(source), hint="check the path and the dataset's files") from exc
-    if not isinstance(store, GradientStore):
-        store = GradientStore.open(store, mode="a")
     policy_path = None
     if isinstance(policy, (str, os.PathLike)):
         from cupid_engine.policies import load_policy
 
         policy_path = str(policy)
         policy = load_policy(policy_path)
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a Policy or a checkpoint path, got {type(policy).__name__}")
+    if not isinstance(policy, nn.Module):
+        raise TypeError(f"policy must be a torch module (a Policy or a policy-protocol module) or a checkpoint path, "
+                        f"got {type(policy).__name__}")
+    if not isinstance(store, GradientStore):  # last: a bad dataset or checkpoint creates no store
+        store = GradientStore.open(store, mode="a")
     return source, store, policy, policy_path
 
 
@@ -331,9 +334,13 @@ def shard_units(source: Any, store: GradientStore, shards: list[int]) -> dict[in
     return out
 
 
-def run_config(featurizer: Featurizer, config: FeaturizeConfig) -> RunConfig:
-    """The store :class:`RunConfig` of a featuriser run."""
-    return RunConfig(k=config.projection.k, dtype=config.dtype, featurizer=featurizer.describe())
+def run_config(featurizer: Featurizer, config: FeaturizeConfig, *, stored: RunConfig | None = None) -> RunConfig:
+    """The store :class:`RunConfig` of a featuriser run (an existing run's ``stored`` config
+    keeps its recorded description when :meth:`Featurizer.matches` it)."""
+    desc = featurizer.describe()
+    if stored is not None and stored.featurizer != desc and featurizer.matches(stored.featurizer):
+        desc = stored.featurizer
+    return RunConfig(k=config.projection.k, dtype=config.dtype, featurizer=desc)
 
 
 # ----------------------------------------------------------------------------- one shard
@@ -347,20 +354,49 @@ def _read_shard_episodes(source: Any, ids: list[str], unit: str | None) -> list:
     return [found[e] for e in ids]
 
 
-def _check_dims(samples: Any, policy: Policy) -> None:
-    """The dataset's observation/action widths must be the policy's (else a raw tensor error later)."""
-    cfg = policy.config
-    for name, want in (("obs_dim", getattr(cfg, "obs_dim", 0)), ("action_dim", getattr(cfg, "action_dim", 0))):
-        got = getattr(samples, name, None)
-        if want and isinstance(got, int) and len(samples) and got != want:
-            what = "observation" if name == "obs_dim" else "action"
-            eid = samples.episode_ids[0] if getattr(samples, "episode_ids", None) else "?"
-            raise DataError(
-                f"episode {eid!r}: {what} width {got} differs from the policy's {name} {want}",
-                where=f"field {what!r}" + (f" (keys {list(cfg.obs_keys)})" if what == "observation"
-                                            and getattr(cfg, "obs_keys", None) else ""),
-                hint="featurise with a policy trained on this kind of data",
-            )
+def _episode_at(starts: np.ndarray, episodes: list, row: int) -> tuple[str, int]:
+    i = int(np.searchsorted(starts, row, side="right")) - 1
+    return episodes[i].episode_id, row - int(starts[i])
+
+
+def _batches(episodes: list, featurizer: Featurizer, batch_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """``(first row, batch)`` of exactly ``batch_size`` consecutive step rows (the last
+    fewer), in episode then step order, crossing episode boundaries.
+
+    Batches come from the task's ``build_batch`` on groups of whole episodes; rows left
+    over after a batch are carried into the next, so at most one batch plus one episode
+    group is held at a time, and every batch holds the same rows as slicing the samples
+    of the whole shard would (same features to the bit for a given batch composition).
+    """
+    task, model = featurizer.task, featurizer.policy
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    pending: dict[str, torch.Tensor] | None = None
+    have, emitted, i = 0, 0, 0
+    while i < len(episodes) or have:
+        while have < batch_size and i < len(episodes):
+            group, rows = [], 0
+            while i < len(episodes) and (not group or have + rows < batch_size):
+                group.append(episodes[i])
+                rows += episodes[i].length
+                i += 1
+            where = f"episodes {group[0].episode_id!r}..{group[-1].episode_id!r}"
+            built = task.build_batch(group)
+            got = batch_rows(built, where=f"{type(task).__name__}.build_batch({where})")
+            if got != rows:
+                raise DataError(
+                    f"{type(task).__name__}.build_batch returned {got} rows for {rows} steps; the policy protocol "
+                    "needs one row per step, in episode then step order", where=where,
+                    hint="fix the task's build_batch",
+                )
+            built = {k: v.to(device) for k, v in built.items()}
+            pending = built if pending is None else {k: torch.cat((pending[k], built[k])) for k in built}
+            have += rows
+        take = min(batch_size, have)
+        batch = {k: v[:take] for k, v in pending.items()}
+        pending = {k: v[take:] for k, v in pending.items()}
+        have -= take
+        yield emitted, batch
+        emitted += take
 
 
 def compute_shard_features(
@@ -368,31 +404,28 @@ def compute_shard_features(
 ) -> np.ndarray:
     """``[rows, k]`` float32 features of the episodes' steps, in episode then step order.
 
-    Samples of all episodes are cut once and featurised in batches of ``batch_size``
-    that cross episode boundaries.
+    The task's batches are featurised ``batch_size`` rows at a time, crossing episode
+    boundaries (:func:`_batches`).
 
     Raises:
-        ValueError: non-finite features, naming the episode and step.
+        DataError: non-finite features, naming the episode and step; a batch builder
+            that does not return one row per step.
     """
-    policy = featurizer.policy
-    cfg = policy.config
-    samples = build_samples(episodes, n_obs_steps=cfg.n_obs_steps, horizon=cfg.horizon, obs_keys=cfg.obs_keys)
-    _check_dims(samples, policy)
-    n = len(samples)
+    lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(lengths) else np.zeros(0, np.int64)
+    n = int(lengths.sum())
     out = np.empty((n, featurizer.k), np.float32)
-    for a in range(0, n, batch_size):
-        b = min(n, a + batch_size)
-        phi = featurizer(policy.make_batch(samples, slice(a, b)), check_finite=False)  # on the policy's device
+    for a, batch in _batches(episodes, featurizer, batch_size):
+        phi = featurizer(batch, check_finite=False)  # on the model's device
         bad = ops.nonfinite_rows(phi)
         if bool(bad.any()):
-            r = a + int(bad.nonzero()[0, 0])
-            eid = samples.episode_ids[int(samples.episode_index[r])]
+            eid, step = _episode_at(starts, episodes, a + int(bad.nonzero()[0, 0]))
             raise DataError(
-                f"episode {eid!r} step {int(samples.step[r])}: non-finite feature (NaN/Inf gradient); "
+                f"episode {eid!r} step {step}: non-finite feature (NaN/Inf gradient); "
                 "nothing of its shard was written",
                 hint="check the policy checkpoint and the episode's values for NaN/Inf",
             )
-        out[a:b] = phi.detach().to(torch.float32).cpu().numpy()
+        out[a : a + phi.shape[0]] = phi.detach().to(torch.float32).cpu().numpy()
     return out
 
 
@@ -424,7 +457,7 @@ def featurize_shard(
     """
     t0 = time.perf_counter()
     run = store.run(run_name)
-    if run.config.featurizer != featurizer.describe():
+    if not featurizer.matches(run.config.featurizer):
         raise ValueError(f"run {run_name!r} was produced by another featuriser configuration")
     rows = store._shard_rows(shard_id, ["episode_id", "length", "fingerprint"])
     ids = rows.column(0).to_pylist()
@@ -468,7 +501,9 @@ def _prepare(
     store._check_writable()
     rc = run_config(featurizer, config)
     if run_name in store.runs():
-        store.run(run_name).check_config(rc)  # refuse before touching the catalog
+        existing = store.run(run_name)
+        rc = run_config(featurizer, config, stored=existing.config)
+        existing.check_config(rc)  # refuse before touching the catalog
     check_bounds(config, rows=0)  # k alone can be hopeless: say so before reading any data
     reg = register(source, store, shard_size=config.shard_size, split=split)
     if not reg.selected:

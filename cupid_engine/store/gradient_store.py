@@ -907,7 +907,11 @@ class StoreUndo:
             elif loc.read_bytes(relpath) != data:
                 loc.write_bytes(relpath, data)
         if self._link is not None:
-            os.replace(self._link, loc.path(_catalog.CATALOG_NAME))
+            cat = loc.path(_catalog.CATALOG_NAME)
+            if os.path.exists(cat) and os.path.samefile(self._link, cat):
+                os.remove(self._link)  # unchanged (rename() of two links to one file does nothing)
+            else:
+                os.replace(self._link, cat)
             self._link = None
         elif self._catalog is not None:
             loc.write_bytes(_catalog.CATALOG_NAME, self._catalog)
