@@ -71,6 +71,7 @@ def _configure_logging(*, verbose: bool) -> None:
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)  # also when handlers exist
     logging.getLogger("cupid_engine").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
