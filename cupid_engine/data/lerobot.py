@@ -202,6 +202,10 @@ class _Writer:
         if self.schema is None:
             png_keys = sorted(self.check.image_shapes) if self.image_format == "png" else []
             base = step_schema(self.check.obs_dims, self.check.action_dim, png_keys)
+            # lerobot stores shape-(1,) features as scalars (datasets.Value), not 1-lists.
+            for i, f in enumerate(base):
+                if pa.types.is_fixed_size_list(f.type) and f.type.list_size == 1:
+                    base = base.set(i, pa.field(f.name, pa.float32(), nullable=False))
             if self.image_format == "video":
                 for key in sorted(self.check.image_shapes):
                     for col, typ in _video_meta_columns(IMAGE_PREFIX + key):
@@ -218,7 +222,7 @@ class _Writer:
             "frame_index": pa.array(np.arange(T, dtype=np.int64)),
         }
         for key in sorted(ep.observations):
-            cols[OBS_PREFIX + key] = fixed_list(ep.observations[key])
+            cols[OBS_PREFIX + key] = _step_column(ep.observations[key])
         video_rows: dict[str, Any] = {}
         for key in sorted(ep.images):
             frames = ep.image_array(key)
@@ -242,7 +246,7 @@ class _Writer:
                         f"videos/{feat}/to_timestamp": (first + T) / self.fps,
                     }
                 )
-        cols[ACTION_COLUMN] = fixed_list(ep.actions)
+        cols[ACTION_COLUMN] = _step_column(ep.actions)
         cols["timestamp"] = pa.array((np.arange(T) / self.fps).astype(np.float32))
         cols["index"] = pa.array(np.arange(self.n_frames, self.n_frames + T, dtype=np.int64))
         cols["task_index"] = pa.array(np.full(T, task_index, np.int64))
@@ -395,6 +399,11 @@ EPISODES_META_SCHEMA = pa.schema(
     ]
 )
 """Leading ``meta/episodes`` columns (lerobot's); video, ``stats/*`` and ``meta/episodes/*`` columns follow."""
+
+
+def _step_column(arr: np.ndarray) -> pa.Array:
+    """``[T, d]`` -> ``fixed_size_list<float32>[d]``, or a float32 scalar column when ``d == 1``."""
+    return pa.array(np.ascontiguousarray(arr[:, 0], dtype=np.float32)) if arr.shape[1] == 1 else fixed_list(arr)
 
 
 def _video_meta_columns(feature: str) -> list[tuple[str, pa.DataType]]:
