@@ -45,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="leave these episodes out: a score table (.parquet) or ids, one a line")
     p.add_argument("--episodes", default=None, metavar="ID1,ID2",
                    help="train only on these comma-separated episode ids (or @FILE)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="per-episode loss weights: a table (.parquet or .csv) with 'episode_id' and a weight column; "
+                        "weight 0 drops an episode (trains at the fixed step budget like a subset)")
+    p.add_argument("--weight-column", default="weight", help="column of --weights holding the weights")
     p.add_argument("--obs-keys", default=None, metavar="K1,K2",
                    help="observation and camera keys to read (default: all, sorted); unknown keys are refused by name")
     p.add_argument("--size", default="default", choices=("tiny", "default", "large"),
@@ -99,6 +103,11 @@ def _train(args: argparse.Namespace) -> int:
     )
     selection = select_episodes(dataset.catalog(), args.data, split=args.split, keep=args.keep,
                                 exclude=args.exclude, episodes=args.episodes)
+    weights = None
+    if args.weights:
+        weights = read_weights(args.weights, args.weight_column, selection.ids)
+        selection.subset = True
+        selection.how += f", weighted by {args.weights}:{args.weight_column}"
     budget_note, budget = None, "steps" if args.steps is not None else "epochs"
     if selection.subset and args.steps is None and args.epochs is None:
         budget = "fixed"
@@ -113,7 +122,8 @@ def _train(args: argparse.Namespace) -> int:
     if selection.subset:
         print(f"train: {selection.describe()}" + (f"; {budget_note}" if budget_note else ""), file=sys.stderr)
     episodes = list(dataset.episodes(ids=selection.ids))
-    policy = train_policy(policy_config, episodes, train_config, progress=not args.no_progress)
+    policy = train_policy(policy_config, episodes, train_config, cluster_weights=weights,
+                          progress=not args.no_progress)
     path = save_policy(policy, args.out, overwrite=args.overwrite)
     info = policy.train_info
     print(json.dumps({
@@ -122,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
         "parameters": policy.num_parameters(),
         "episodes": len(episodes),
         "samples": info["num_samples"],
+        "kept_samples": info.get("num_kept", info["num_samples"]),
         "steps": info["steps"],
         "step_budget": budget,
         "selection": selection.describe(),
@@ -220,6 +231,48 @@ def select_episodes(catalog, data: str, *, split: str | None, keep: str | None, 
         raise ConfigError(f"no episodes left to train on ({how})", where=data)
     full = named is None and not exclude
     return Selection(ids=ids, subset=not full, how=how, reference_episodes=ref_eps, reference_samples=ref_samples)
+
+
+def read_weights(path: str, column: str, ids: list[str]) -> dict[str, float]:
+    """``episode id -> weight`` for ``ids`` from a Parquet or CSV table; every id needs a
+    finite weight >= 0 and at least one must be positive."""
+    import numpy as np
+    import pyarrow as pa
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--weights {path!r} is not a file")
+    try:
+        if path.endswith(".csv"):
+            import pyarrow.csv as pacsv
+
+            table = pacsv.read_csv(path)
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ConfigError(f"--weights {path!r} cannot be read as a table ({exc})") from None
+    for col in ("episode_id", column):
+        if col not in table.column_names:
+            raise ConfigError(f"--weights {path!r} has no column {col!r}", hint=f"columns: {table.column_names}")
+    raw = dict(zip((str(e) for e in table.column("episode_id").to_pylist()), table.column(column).to_pylist()))
+    missing = [e for e in ids if e not in raw]
+    if missing:
+        raise ConfigError(f"--weights {path!r} has no weight for {len(missing)} episode(s) to train on "
+                          f"(first: {missing[:3]})")
+    out = {}
+    for e in ids:
+        try:
+            w = float(raw[e])
+        except (TypeError, ValueError):
+            w = float("nan")
+        if not np.isfinite(w) or w < 0:
+            raise ConfigError(f"--weights {path!r}: episode {e!r} has weight {raw[e]!r}",
+                              hint=f"column {column!r} needs finite weights >= 0")
+        out[e] = w
+    if not any(w > 0 for w in out.values()):
+        raise ConfigError(f"--weights {path!r}: every episode to train on has weight 0")
+    return out
 
 
 def step_budget(samples: int, config) -> int:

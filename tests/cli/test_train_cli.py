@@ -61,3 +61,24 @@ def test_bad_selections_are_one_line_errors(loop, tmp_path, capsys):
         rc, _, err = _train(loop, tmp_path, capsys, "x", *args)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and needle in lines[0], (args, err)
+
+
+def test_weights_zero_equals_exclusion(loop, tmp_path, capsys):
+    ids = tmp_path / "removed.txt"
+    ids.write_text("demo_00\ndemo_03\ndemo_06\n")
+    csv = tmp_path / "w.csv"
+    csv.write_text("episode_id,w\n" + "".join(f"demo_{i:02d},{0 if i in (0, 3, 6) else 1}\n" for i in range(12)))
+    rc, excl, _ = _train(loop, tmp_path, capsys, "ex", "--exclude", str(ids), "--steps", "4")
+    assert rc == 0
+    rc, wtd, err = _train(loop, tmp_path, capsys, "wt", "--weights", str(csv), "--weight-column", "w", "--steps", "4")
+    assert rc == 0 and wtd["episodes"] == 12 and wtd["kept_samples"] == 9 * 12 and "weighted by" in err
+    # Weight 0 drops the samples before anything else: the same parameters as leaving them out.
+    assert wtd["content_hash"] == excl["content_hash"]
+    rc, wtd, err = _train(loop, tmp_path, capsys, "wt2", "--weights", str(csv), "--weight-column", "w")
+    assert rc == 0 and wtd["step_budget"] == "fixed"
+    assert wtd["steps"] == TrainConfig().epochs * math.ceil(FULL_SAMPLES / 64)
+    csv.write_text("episode_id,w\ndemo_00,1\n")
+    rc, _, err = _train(loop, tmp_path, capsys, "wt3", "--weights", str(csv), "--weight-column", "w")
+    assert rc == 2 and "no weight for 11 episode(s)" in err
+    rc, _, err = _train(loop, tmp_path, capsys, "wt4", "--weights", str(csv))
+    assert rc == 2 and "has no column 'weight'" in err
