@@ -12,7 +12,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-NAMES = ("projection", "store", "featurize", "query", "pipeline", "gpu")
+NAMES = ("projection", "store", "featurize", "query", "pipeline", "gpu", "fidelity")
 
 
 def _bench_dir() -> Path:

@@ -1,5 +1,10 @@
 """``cupid-engine generate``: scripted mixed-quality demonstrations as a dataset.
 
+``--scenario NAME`` instead generates a known-answer scenario
+(:mod:`cupid_engine.sim.scenarios`, e.g. ``lift-grasp``): two scripted strategies mixed
+2:1, the ground-truth label in each episode's metadata (``scenario_label``), to be rolled
+out under the scenario's shift with ``cupid-engine rollout --shift NAME``.
+
 Owns argument parsing and progress output only; the work is done by
 :func:`cupid_engine.sim.generate.generate_episodes` and
 :func:`cupid_engine.data.lerobot.write_dataset` (both imported lazily so ``--help`` never
@@ -22,7 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", required=True, help="lift, can (PickPlaceCan) or square (NutAssemblySquare)")
+    p.add_argument("--task", default=None, help="lift, can (PickPlaceCan) or square (NutAssemblySquare)")
+    p.add_argument(
+        "--scenario",
+        default=None,
+        help="known-answer scenario instead of tiers (lift-grasp, lift-sweep); needs --demos",
+    )
     p.add_argument("--demos", type=int, default=None, help="total demonstrations, split evenly over the tiers")
     p.add_argument(
         "--demos-per-tier", type=int, default=None, help="demonstrations per tier (instead of --demos)"
@@ -40,6 +50,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "size_scale (lift only), placement_scale; e.g. --vary mass_scale=0.5:2",
     )
     p.add_argument("--horizon", type=int, default=None, help="step limit per episode (default per task)")
+    p.add_argument(
+        "--obs",
+        default="state",
+        choices=("state", "image"),
+        help="image: also render camera images (offscreen, CPU, MUJOCO_GL=egl) by replaying the recorded "
+        "states in --render-workers processes; the low-dimensional state is kept beside them",
+    )
+    p.add_argument("--cameras", default="agentview,robot0_eye_in_hand", help="--obs image: robosuite camera names")
+    p.add_argument("--image-size", type=int, default=84, help="--obs image: image height and width in pixels")
+    p.add_argument("--render-workers", type=int, default=2, help="--obs image: rendering processes")
+    p.add_argument(
+        "--image-format",
+        default="png",
+        choices=("png", "video"),
+        help="--obs image: PNG frames in the Parquet files (lossless) or MP4 video per camera (H.264, lossy)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(handler=_generate)
 
@@ -51,6 +77,12 @@ def _generate(args: argparse.Namespace) -> int:
     from cupid_engine.sim.generate import generate_episodes
     from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task, parse_variation
 
+    if args.scenario is not None:
+        if args.obs != "state":
+            raise SystemExit("generate --scenario: --obs image is not available for scenarios yet (use --task)")
+        return _generate_scenario(args)
+    if args.task is None:
+        raise SystemExit("generate: give --task (or --scenario)")
     tiers = tuple(t.strip() for t in args.tiers.split(",") if t.strip())
     if not tiers:
         raise SystemExit("generate: --tiers is empty")
@@ -70,10 +102,21 @@ def _generate(args: argparse.Namespace) -> int:
     total = sum(per_tier.values())
     bar = tqdm(total=total, desc=f"generate {task}", unit="demo")
     n_success = 0
+    make = generate_episodes
+    if args.obs == "image":
+        import functools
+
+        from cupid_engine.sim.render import check_egl, generate_image_episodes
+
+        check_egl()  # one line naming the Debian packages when Mesa's EGL is missing
+        cameras = tuple(c.strip() for c in args.cameras.split(",") if c.strip())
+        make = functools.partial(
+            generate_image_episodes, cameras=cameras, size=args.image_size, workers=args.render_workers
+        )
 
     def stream():
         nonlocal n_success
-        for ep in generate_episodes(
+        for ep in make(
             task,
             demos_per_tier=per_tier,
             tiers=tiers,
@@ -88,8 +131,59 @@ def _generate(args: argparse.Namespace) -> int:
             yield ep
 
     try:
-        out = write_dataset(args.out, stream(), fps=CONTROL_FREQ, overwrite=args.overwrite)
+        out = write_dataset(
+            args.out, stream(), fps=CONTROL_FREQ, overwrite=args.overwrite, image_format=args.image_format
+        )
     finally:
         bar.close()
     logger.info("wrote %d episodes (%d successful) to %s", total, n_success, out)
+    return 0
+
+
+def _generate_scenario(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cupid_engine.data.lerobot import write_dataset
+    from cupid_engine.sim.scenarios import LABEL_KEY, generate_scenario, get_scenario
+    from cupid_engine.sim.tasks import CONTROL_FREQ
+
+    try:
+        sc = get_scenario(args.scenario)
+    except ValueError as e:
+        raise SystemExit(f"generate: {e}") from None
+    if args.demos is None or args.demos_per_tier is not None:
+        raise SystemExit("generate --scenario: give --demos (total; split by the scenario's ratio)")
+    ignored = [
+        name
+        for name, given in (
+            ("--task", args.task is not None and args.task != sc.task),
+            ("--vary", bool(args.vary)),
+            ("--horizon", args.horizon is not None and args.horizon != sc.horizon),
+            ("--keep-failures", args.keep_failures),
+        )
+        if given
+    ]
+    if ignored:
+        raise SystemExit(
+            f"generate --scenario {sc.name}: {', '.join(ignored)} cannot be combined with a scenario "
+            f"(task {sc.task}, horizon {sc.horizon}, no variation at training time)"
+        )
+    bar = tqdm(total=args.demos, desc=f"generate {sc.name}", unit="demo")
+    labels: dict[str, int] = {}
+
+    def stream():
+        for ep in generate_scenario(sc.name, demos=args.demos, seed=args.seed):
+            lab = ep.metadata[LABEL_KEY]
+            labels[lab] = labels.get(lab, 0) + 1
+            bar.update(1)
+            yield ep
+
+    try:
+        out = write_dataset(args.out, stream(), fps=CONTROL_FREQ, overwrite=args.overwrite)
+    finally:
+        bar.close()
+    print(
+        f"{args.demos} demonstrations of scenario {sc.name} ({labels}) -> {out}; "
+        f"roll out under the shift with: cupid-engine rollout --shift {sc.shift} --scenario {sc.name} ..."
+    )
     return 0

@@ -4,6 +4,12 @@ Owns argument parsing and progress output only; the work is done by
 :func:`cupid_engine.sim.rollout.run_rollouts` (on Ray actors when ``--workers`` > 1) and
 the result is written by :func:`cupid_engine.data.lerobot.write_dataset` as split
 ``rollout``. Heavy imports happen inside the handler.
+
+Known-answer scenarios (:mod:`cupid_engine.sim.scenarios`): ``--scenario NAME`` takes the
+task, the fixed horizon and the success criterion (``final``: judged at the last step) from
+the scenario; ``--shift NAME`` applies a rollout-time physical shift (``heavy``, or a
+scenario name for that scenario's shift). Rollouts run to the horizon unless
+``--success first`` (the default for plain tasks) asks to stop at the first success.
 """
 
 from __future__ import annotations
@@ -23,7 +29,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--policy", required=True, help="policy checkpoint folder (cupid-engine train --out)")
-    p.add_argument("--task", required=True, help="lift, can (PickPlaceCan) or square (NutAssemblySquare)")
+    p.add_argument("--task", default=None, help="lift, can (PickPlaceCan) or square (NutAssemblySquare)")
+    p.add_argument("--scenario", default=None, help="known-answer scenario: task, horizon and success criterion")
+    p.add_argument("--shift", default=None, help="rollout-time shift: heavy (cube mass x40) or a scenario name")
+    p.add_argument(
+        "--success",
+        choices=("first", "any", "final"),
+        default=None,
+        help="first: stop at the first successful step; any/final: run to the horizon and judge any step / "
+        "the last step (default: first for tasks, the scenario's criterion for --scenario)",
+    )
     p.add_argument("--episodes", type=int, required=True, help="number of rollouts")
     p.add_argument("--workers", type=int, default=1, help="parallel Ray actors (1 = in-process)")
     p.add_argument("--out", required=True, help="output dataset folder (LeRobot v3 layout)")
@@ -49,11 +64,26 @@ def _rollout(args: argparse.Namespace) -> int:
     from cupid_engine.sim.rollout import run_rollouts
     from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task, parse_variation
 
+    from cupid_engine.sim.scenarios import get_scenario, get_shift
+
     if args.episodes < 1:
         raise SystemExit("rollout: --episodes must be >= 1")
+    horizon, success_mode = args.horizon, args.success or "first"
     try:
-        task = canonical_task(args.task)
+        if args.scenario is not None:
+            sc = get_scenario(args.scenario)
+            if args.task is not None and canonical_task(args.task) != sc.task:
+                raise ValueError(f"--task {args.task} contradicts scenario {sc.name} (task {sc.task})")
+            task, horizon, success_mode = sc.task, horizon or sc.horizon, args.success or sc.success_mode
+        elif args.task is None:
+            raise ValueError("give --task or --scenario")
+        else:
+            task = canonical_task(args.task)
         variation = parse_variation(args.vary)
+        if args.shift is not None:
+            if variation is not None:
+                raise ValueError("--shift and --vary cannot be combined (both set the physics knobs)")
+            variation = get_shift(args.shift)
     except ValueError as e:
         raise SystemExit(f"rollout: {e}") from None
     bar = tqdm(total=args.episodes, desc=f"rollout {task}", unit="ep")
@@ -72,7 +102,8 @@ def _rollout(args: argparse.Namespace) -> int:
             episodes=args.episodes,
             seed=args.seed,
             workers=args.workers,
-            horizon=args.horizon,
+            horizon=horizon,
+            success_mode=success_mode,
             address=args.ray_address,
             variation=variation,
             progress=tick,

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from cupid_engine.scorers.base import Scorer, available_scorers, get_scorer, register
-from cupid_engine.scorers import baselines, cupid, qoq, quality, tracin, trak_traj  # noqa: F401  (registration)
+from cupid_engine.scorers import baselines, cupid, cupid_step, qoq, quality, tracin, trak_traj  # noqa: F401  (registration)
 from cupid_engine.scorers.datamodel import scorer as _datamodel  # noqa: F401,E402  (registration)
 from cupid_engine.scorers.preconditioner import Preconditioner, concat_checkpoints
 from cupid_engine.scorers.table import make_table, read_table, write_table

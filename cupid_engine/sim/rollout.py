@@ -86,6 +86,10 @@ class RolloutWorker:
         horizon: Step limit per episode.
         variation: Per-episode environment knob ranges.
         source: ``Episode.source`` of the rollouts (default ``rollout:{task}``).
+        success_mode: ``first`` (stop at the first successful step, the default),
+            ``any`` (run to the horizon; success if any step succeeded) or ``final`` (run
+            to the horizon; success of the last step), see
+            :data:`cupid_engine.sim.scenarios.SUCCESS_MODES`.
     """
 
     def __init__(
@@ -96,11 +100,17 @@ class RolloutWorker:
         horizon: int,
         variation: Variation | None = None,
         source: str | None = None,
+        success_mode: str = "first",
     ):
+        from cupid_engine.sim.scenarios import SUCCESS_MODES
+
         self.task = canonical_task(task)
         self.horizon = int(horizon)
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
+        if success_mode not in SUCCESS_MODES:
+            raise ValueError(f"success_mode must be one of {SUCCESS_MODES}, got {success_mode!r}")
+        self.success_mode = success_mode
         self.policy = resolve_policy(policy)
         self.env = SimEnv(self.task, variation=variation, horizon=self.horizon)
         cfg = getattr(self.policy, "config", None)
@@ -132,7 +142,8 @@ class RolloutWorker:
         return [self.run_one(s, i) for s, i in zip(episode_seeds, episode_ids)]
 
     def run_one(self, seed: int, episode_id: str) -> Episode:
-        """Run one episode from ``seed``; it stops at the first success or the horizon."""
+        """Run one episode from ``seed``; it stops at the horizon (or the first success
+        when ``success_mode`` is ``first``)."""
         env_ss, policy_ss = np.random.SeedSequence(int(seed)).spawn(2)
         obs = self.env.reset(int(env_ss.generate_state(1)[0]))
         generator = _make_generator(self.policy, int(policy_ss.generate_state(1)[0]))
@@ -143,7 +154,9 @@ class RolloutWorker:
         window = [np.concatenate([obs[k] for k in self.obs_keys])] * self.n_obs_steps
         actions: list[np.ndarray] = []
         success, reward_sum, queries, t = False, 0.0, 0, 0
-        while t < self.horizon and not success:
+        stop_early = self.success_mode == "first"
+        ever = False
+        while t < self.horizon and not (success and stop_early):
             chunk = np.asarray(self.policy.predict_action(np.stack(window), generator=generator), np.float32)
             queries += 1
             if chunk.ndim == 1:
@@ -154,15 +167,18 @@ class RolloutWorker:
                     f"expected [n_action_steps, {ACTION_DIM}]"
                 )
             for action in chunk:
-                if t >= self.horizon or success:
+                if t >= self.horizon or (success and stop_early):
                     break
                 for k in env_keys:
                     rows[k].append(obs[k])
                 actions.append(action)
                 obs, reward, success = self.env.step(action)
                 reward_sum += reward
+                ever = ever or success
                 t += 1
                 window = window[1:] + [np.concatenate([obs[k] for k in self.obs_keys])]
+        if self.success_mode == "any":
+            success = ever
         return Episode(
             episode_id=episode_id,
             observations={k: np.stack(v) for k, v in rows.items()},
@@ -183,6 +199,7 @@ class RolloutWorker:
                 "policy_queries": queries,
                 "env_knobs": dict(self.env.knobs),
                 "reward_sum": float(reward_sum),
+                "success_mode": self.success_mode,
             },
         )
 
@@ -202,6 +219,7 @@ def run_rollouts(
     variation: Variation | None = None,
     address: str | None = None,
     progress: Callable[[Episode], None] | None = None,
+    success_mode: str = "first",
 ) -> list[Episode]:
     """Roll a policy out for ``episodes`` seeded episodes.
 
@@ -217,6 +235,8 @@ def run_rollouts(
         variation: Per-episode environment knob ranges.
         address: Ray cluster address to join (default: a local Ray instance).
         progress: Called with each finished episode (in completion order).
+        success_mode: ``first``, ``any`` or ``final`` (see :class:`RolloutWorker`); only
+            ``first`` with ``workers > 1`` (the Ray actors build default workers).
 
     Returns:
         ``episodes`` episodes with ids ``{task}_rollout_{i:04d}``, ordered by ``i``;
@@ -233,7 +253,7 @@ def run_rollouts(
     seeds = [episode_seed(seed, i) for i in range(episodes)]
     ids = [f"{task}_rollout_{i:04d}" for i in range(episodes)]
     if workers == 1 and address is None:
-        worker = RolloutWorker(task, policy, horizon=horizon, variation=variation)
+        worker = RolloutWorker(task, policy, horizon=horizon, variation=variation, success_mode=success_mode)
         out = []
         try:
             for s, i in zip(seeds, ids):
@@ -244,6 +264,11 @@ def run_rollouts(
         finally:
             worker.close()
         return out
+    if success_mode != "first":
+        raise ValueError(
+            f"success_mode={success_mode!r} runs in-process only (workers=1); the Ray rollout "
+            "actors (cupid_engine.distributed.rollouts) stop at the first success"
+        )
     if hasattr(policy, "predict_action"):
         raise TypeError(
             "workers > 1 needs a checkpoint path or a picklable zero-argument factory; "

@@ -1,0 +1,394 @@
+"""Scenarios with a known answer: which demonstrations make the robot fail under a shift.
+
+A *brittle-strategy* scenario (the CUPID paper's "TuckBox" type, §6.2 and appendix A)
+mixes two scripted strategies 2:1. Both succeed at training conditions; under a physical
+shift applied only at rollout time the majority strategy fails and the minority keeps
+working. A curation method that links failures to the demonstrations behind them should
+rank the majority demonstrations lowest. The ground truth (which strategy each
+demonstration used) is written to the episode metadata (``scenario``, ``scenario_label``
+= ``majority``/``minority``, ``strategy_name``) and to nothing a featuriser or scorer
+reads: episodes carry no tier, every episode has the same length (the scenario horizon;
+the demonstrator holds its final pose until then), and success is judged at the final
+step, so neither length nor ``success`` reveals the strategy.
+
+Scenarios (all on robosuite Lift, the cheapest task, ≈150–220 steps/s):
+
+===============  ================================================================  =========
+scenario         strategies (majority 2 : minority 1)                              shift
+===============  ================================================================  =========
+``lift-grasp``   identical approach, lift and hold; they differ only in the final   ``heavy``
+                 centimetres of the descent: the majority closes the fingers 1.6 cm
+                 above the cube centre (a shallow grasp of the cube's top edge), the
+                 minority at the centre. Short-phase difference.
+``lift-sweep``   differ over most of the episode: the majority hovers off to the    ``heavy``
+                 side, descends diagonally, grasps shallow and carries the cube in
+                 a fast side-to-side sweep; the minority hovers straight above,
+                 grasps at the centre and lifts slowly, holding still.
+===============  ================================================================  =========
+
+Shift ``heavy``: cube mass × 40 (0.07 kg → ≈2.8 kg), applied only at rollout time
+(``cupid-engine rollout --shift heavy``). A shallow grasp holds a 70 g cube but not a
+2.8 kg one; a centre grasp holds both. (Friction changes do not separate the strategies
+on Lift: MuJoCo takes the larger friction of a contact pair, and the Panda finger pads'
+friction, 2.0, dominates the cube's.)
+
+Measured scripted success (``docs/fidelity.md``, :func:`scripted_success`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from cupid_engine.config import Config, check, field
+from cupid_engine.sim.tasks import ACTION_DIM, CONTROL_FREQ, SimEnv, Variation
+
+LABEL_KEY = "scenario_label"
+"""Episode-metadata key of the ground-truth label (``majority`` / ``minority``)."""
+
+SUCCESS_MODES = ("first", "any", "final")
+"""How an episode's success is judged: ``first`` stops at the first successful step (the
+built-in tasks' default); ``any`` runs to the horizon and succeeds if any step did;
+``final`` runs to the horizon and takes the last step's success."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LiftStrategy(Config):
+    """One scripted way of lifting the cube (a phase machine: hover, descend, close, lift)."""
+
+    hover_offset: tuple[float, float, float] = field(
+        (0.0, 0.0, 0.08), help="hover waypoint relative to the cube centre, metres"
+    )
+    grasp_dz: float = field(0.0, help="height of the grasp point above the cube centre, metres")
+    close_steps: int = field(12, help="steps the gripper closes in place before lifting")
+    lift_height: float = field(0.15, help="lift target above the grasp height, metres")
+    lift_speed: float = field(1.0, help="max |action| per axis while lifting (1.0 = 5 cm/step)")
+    sweep_amp: float = field(0.0, help="amplitude (m) of a side-to-side y sweep while carrying")
+    sweep_period: int = field(16, help="period (steps) of the carrying sweep")
+    noise_std: float = field(0.02, help="std of Gaussian noise on the position actions")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hover_offset", tuple(float(v) for v in self.hover_offset))
+        check(len(self.hover_offset) == 3, "hover_offset must have 3 entries")
+        check(self.close_steps >= 1, "close_steps must be >= 1")
+        check(0 < self.lift_speed <= 1, "lift_speed must be in (0, 1]")
+        check(self.sweep_amp >= 0 and self.sweep_period >= 2, "sweep_amp >= 0 and sweep_period >= 2")
+        check(self.noise_std >= 0, "noise_std must be >= 0")
+
+
+class LiftStrategyDemonstrator:
+    """Stateful scripted demonstrator of one :class:`LiftStrategy` on Lift.
+
+    Args:
+        strategy: The strategy.
+        rng: Source of the action noise.
+    """
+
+    def __init__(self, strategy: LiftStrategy, rng: np.random.Generator):
+        self.s = strategy
+        self.rng = rng
+        self.phase = "hover"
+        self._t = 0
+        self._grip = -1.0
+        self._z0: float | None = None
+        self._y0: float | None = None
+        self.phases: list[str] = []
+
+    def _goto(self, eef: np.ndarray, target: np.ndarray, speed: float = 1.0) -> np.ndarray:
+        return np.clip(10.0 * (target - eef), -speed, speed)
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """One ``[7]`` action for ``obs`` (advances the phase machine)."""
+        eef = np.asarray(obs["robot0_eef_pos"], np.float64)
+        cube = np.asarray(obs["cube_pos"], np.float64)
+        a = np.zeros(ACTION_DIM)
+        self._t += 1
+        self.phases.append(self.phase)
+        s = self.s
+        if self.phase == "hover":
+            tgt = cube + np.asarray(s.hover_offset)
+            a[:3] = self._goto(eef, tgt)
+            if np.linalg.norm(tgt - eef) < 0.015 or self._t > 40:
+                self.phase, self._t = "descend", 0
+        elif self.phase == "descend":
+            tgt = cube + np.array([0.0, 0.0, s.grasp_dz])
+            a[:3] = self._goto(eef, tgt)
+            if np.linalg.norm(tgt - eef) < 0.006 or self._t > 30:
+                self.phase, self._t = "close", 0
+        elif self.phase == "close":
+            self._grip = 1.0
+            if self._t >= s.close_steps:
+                self.phase, self._t = "lift", 0
+                self._z0, self._y0 = float(eef[2]), float(eef[1])
+        else:  # lift, then carry/hold until the horizon
+            tgt = np.array([eef[0], eef[1], self._z0 + s.lift_height])
+            if s.sweep_amp > 0:
+                tgt[1] = self._y0 + s.sweep_amp * math.sin(2 * math.pi * self._t / s.sweep_period)
+            a[:3] = self._goto(eef, tgt, s.lift_speed)
+        if s.noise_std > 0:
+            a[:3] += self.rng.normal(scale=s.noise_std, size=3)
+        a[6] = self._grip
+        return np.clip(a, -1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A known-answer curation scenario.
+
+    Attributes:
+        name: Scenario name (``cupid-engine generate --scenario NAME``).
+        task: Simulator task.
+        kind: ``brittle`` (a majority strategy fails under the shift).
+        description: One line for reports.
+        strategies: Label -> strategy (labels ``majority``, ``minority``).
+        ratio: Label -> share of the demonstrations.
+        shift: Name of the rollout-time shift (:data:`SHIFTS`).
+        known_bad: Label of the demonstrations a method should rank lowest.
+        horizon: Fixed episode length (demos and rollouts).
+        success_mode: One of :data:`SUCCESS_MODES`.
+    """
+
+    name: str
+    task: str
+    kind: str
+    description: str
+    strategies: dict[str, LiftStrategy]
+    ratio: dict[str, float]
+    shift: str
+    known_bad: str
+    horizon: int
+    success_mode: str = "final"
+
+    def counts(self, n: int) -> dict[str, int]:
+        """Demonstrations per label for ``n`` in total (rounded, summing to ``n``)."""
+        labels = list(self.ratio)
+        out = {lab: int(math.floor(n * self.ratio[lab] + 1e-9)) for lab in labels}
+        out[labels[0]] += n - sum(out.values())
+        return out
+
+
+SHIFTS: dict[str, Variation] = {
+    "heavy": Variation(mass_scale=(40.0, 40.0)),
+}
+"""Rollout-time shifts by name (``cupid-engine rollout --shift NAME``)."""
+
+_SHALLOW = 0.016
+
+SCENARIOS: dict[str, Scenario] = {
+    "lift-grasp": Scenario(
+        name="lift-grasp",
+        task="lift",
+        kind="brittle",
+        description="2:1 shallow (majority) vs centre (minority) grasp; identical approach/lift; shift: cube mass x40",
+        strategies={
+            "majority": LiftStrategy(grasp_dz=_SHALLOW),
+            "minority": LiftStrategy(grasp_dz=0.0),
+        },
+        ratio={"majority": 2 / 3, "minority": 1 / 3},
+        shift="heavy",
+        known_bad="majority",
+        horizon=100,
+    ),
+    "lift-sweep": Scenario(
+        name="lift-sweep",
+        task="lift",
+        kind="brittle",
+        description="2:1 side-approach + shallow grasp + fast sweep (majority) vs top-down centre grasp + slow "
+        "lift (minority); shift: cube mass x40",
+        strategies={
+            "majority": LiftStrategy(
+                hover_offset=(0.0, 0.06, 0.05), grasp_dz=_SHALLOW, lift_speed=1.0, sweep_amp=0.06
+            ),
+            "minority": LiftStrategy(hover_offset=(0.0, 0.0, 0.08), grasp_dz=0.0, lift_speed=0.3),
+        },
+        ratio={"majority": 2 / 3, "minority": 1 / 3},
+        shift="heavy",
+        known_bad="majority",
+        horizon=100,
+    ),
+}
+"""Built-in known-answer scenarios by name."""
+
+
+def get_scenario(name: str) -> Scenario:
+    """The scenario called ``name``.
+
+    Raises:
+        ValueError: For an unknown name (the message lists the known ones).
+    """
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; expected one of {sorted(SCENARIOS)}")
+    return SCENARIOS[name]
+
+
+def get_shift(name: str) -> Variation:
+    """The rollout-time variation of shift ``name`` (or of scenario ``name``'s shift)."""
+    if name in SCENARIOS:
+        name = SCENARIOS[name].shift
+    if name not in SHIFTS:
+        raise ValueError(f"unknown shift {name!r}; expected one of {sorted(SHIFTS)} or a scenario name")
+    return SHIFTS[name]
+
+
+def label_seed(seed: int, label: str, index: int) -> int:
+    """Episode seed of demonstration ``index`` of ``label`` (a 63-bit int, derived, never drawn)."""
+    code = sum(ord(c) * 31**i for i, c in enumerate(label)) % (1 << 31)
+    state = np.random.SeedSequence([int(seed), code, int(index)]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def judge(successes: list[bool], mode: str) -> bool:
+    """Episode success from per-step successes under ``mode`` (:data:`SUCCESS_MODES`)."""
+    if mode not in SUCCESS_MODES:
+        raise ValueError(f"success mode must be one of {SUCCESS_MODES}, got {mode!r}")
+    if not successes:
+        return False
+    return bool(successes[-1]) if mode == "final" else bool(any(successes))
+
+
+def run_strategy(
+    env: SimEnv, strategy: LiftStrategy, seed: int, *, horizon: int, success_mode: str = "final"
+) -> tuple[dict[str, np.ndarray], np.ndarray, bool, list[str]]:
+    """One scripted episode of ``strategy`` for exactly ``horizon`` steps (unless ``first``).
+
+    Returns:
+        ``(observations key -> [T, d], actions [T, 7], success, phase per step)``.
+    """
+    env_ss, demo_ss = np.random.SeedSequence(int(seed)).spawn(2)
+    obs = env.reset(int(env_ss.generate_state(1)[0]))
+    demo = LiftStrategyDemonstrator(strategy, np.random.default_rng(demo_ss))
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in env.obs_keys}
+    actions, succ = [], []
+    for _ in range(int(horizon)):
+        a = demo.act(obs)
+        for k in env.obs_keys:
+            rows[k].append(obs[k])
+        actions.append(a.astype(np.float32))
+        obs, _, s = env.step(a)
+        succ.append(s)
+        if s and success_mode == "first":
+            break
+    observations = {k: np.stack(v).astype(np.float32) for k, v in rows.items()}
+    return observations, np.stack(actions), judge(succ, success_mode), demo.phases
+
+
+def generate_scenario(
+    name: str,
+    *,
+    demos: int,
+    seed: int = 0,
+    max_attempts_factor: float = 3.0,
+    env: SimEnv | None = None,
+) -> Iterator[Any]:
+    """Yield the demonstrations of scenario ``name`` (training conditions: no shift).
+
+    Only successful attempts are kept (every strategy succeeds ≥ 90% unshifted, see
+    :func:`scripted_success`). Ids are ``{scenario}_{index:04d}`` with the labels
+    interleaved (majority, majority, minority, ...) so that ids reveal nothing.
+
+    Args:
+        name: Scenario name.
+        demos: Total demonstrations (split by the scenario's ratio).
+        seed: Base seed.
+        max_attempts_factor: Give up on a label after ``factor · n + 10`` attempts.
+        env: A reusable environment of the scenario's task without variation.
+
+    Yields:
+        :class:`~cupid_engine.data.episode.Episode` s, split ``train``, tier None, with
+        metadata ``scenario``, ``scenario_label`` and ``strategy_name`` (ground truth for
+        benchmarks only), the strategy parameters and the seed.
+    """
+    from cupid_engine.data.episode import Episode
+
+    sc = get_scenario(name)
+    counts = sc.counts(int(demos))
+    env = env or SimEnv(sc.task, horizon=sc.horizon)
+    made: dict[str, list[tuple]] = {}
+    for label, n in counts.items():
+        kept, attempt = [], 0
+        while len(kept) < n:
+            if attempt >= int(max_attempts_factor * n) + 10:
+                raise RuntimeError(f"{name}/{label}: only {len(kept)} of {attempt} attempts succeeded")
+            ep_seed = label_seed(seed, label, attempt)
+            obs, act, ok, _ = run_strategy(
+                env, sc.strategies[label], ep_seed, horizon=sc.horizon, success_mode=sc.success_mode
+            )
+            attempt += 1
+            if ok:
+                kept.append((obs, act, ep_seed, attempt - 1))
+        made[label] = kept
+    # Interleave labels deterministically by share, so ids carry no block structure.
+    order: list[str] = []
+    pos = {lab: 0 for lab in counts}
+    total = sum(counts.values())
+    for i in range(total):
+        lab = max(
+            (lab for lab in counts if pos[lab] < counts[lab]),
+            key=lambda lab: (counts[lab] * (i + 1) / total - pos[lab], -list(counts).index(lab)),
+        )
+        order.append(lab)
+        pos[lab] += 1
+    pos = {lab: 0 for lab in counts}
+    for i, lab in enumerate(order):
+        obs, act, ep_seed, attempt = made[lab][pos[lab]]
+        pos[lab] += 1
+        yield Episode(
+            episode_id=f"{name}_{i:04d}",
+            observations=obs,
+            actions=act,
+            split="train",
+            source=f"sim:{sc.task}",
+            task=sc.task,
+            success=True,
+            return_=1.0,
+            tier=None,
+            metadata={
+                "scenario": name,
+                LABEL_KEY: lab,
+                "strategy_name": lab,
+                "strategy": sc.strategies[lab].to_dict(),
+                "seed": int(seed),
+                "attempt": int(attempt),
+                "episode_seed": int(ep_seed),
+                "fps": CONTROL_FREQ,
+                "controller": "BASIC",
+                "obs_keys": list(env.obs_keys),
+                "horizon": sc.horizon,
+                "success_mode": sc.success_mode,
+            },
+        )
+
+
+def scripted_success(name: str, *, episodes: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Success rate of each scripted strategy of ``name`` without and with its shift.
+
+    Returns:
+        ``{"train": {label: rate}, "shift": {label: rate}}`` over ``episodes`` episodes
+        each (seeds disjoint from :func:`generate_scenario`'s).
+    """
+    sc = get_scenario(name)
+    out: dict[str, dict[str, float]] = {}
+    for cond, var in (("train", None), ("shift", get_shift(sc.shift))):
+        env = SimEnv(sc.task, variation=var, horizon=sc.horizon)
+        try:
+            out[cond] = {
+                lab: float(
+                    np.mean(
+                        [
+                            run_strategy(
+                                env, st, label_seed(seed + 7919, lab, i), horizon=sc.horizon,
+                                success_mode=sc.success_mode,
+                            )[2]
+                            for i in range(int(episodes))
+                        ]
+                    )
+                )
+                for lab, st in sc.strategies.items()
+            }
+        finally:
+            env.close()
+    return out
