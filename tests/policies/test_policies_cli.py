@@ -29,4 +29,4 @@ def test_cli_train_writes_loadable_checkpoint(tmp_path, capsys, episode_factory,
     assert main(["train", "--data", str(data), "--policy", kind, "--out", str(tmp_path / "x"),
                  "--obs-keys", "velocity"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown --obs-keys ['velocity']" in err[0] and "pos" in err[0]
+    assert len(err) == 1 and "['velocity'] not found" in err[0] and "pos" in err[0]
