@@ -10,6 +10,11 @@ task, the fixed horizon and the success criterion (``final``: judged at the last
 the scenario; ``--shift NAME`` applies a rollout-time physical shift (``heavy``, or a
 scenario name for that scenario's shift). Rollouts run to the horizon unless
 ``--success first`` (the default for plain tasks) asks to stop at the first success.
+
+``--env package.module:factory`` rolls out in your own environment: the factory takes no
+arguments and returns an object with ``obs_keys``, ``reset(seed) -> obs dict`` and
+``step(action) -> (obs dict, reward, success)`` (the full protocol is in
+:mod:`cupid_engine.sim.rollout`); give ``--horizon`` and ``--success any|final|first``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--policy", required=True, help="policy checkpoint folder (cupid-engine train --out)")
     p.add_argument("--task", default=None, help="lift, can (PickPlaceCan) or square (NutAssemblySquare)")
+    p.add_argument("--env", default=None, metavar="MODULE:FACTORY", help="your own environment (see description)")
     p.add_argument("--scenario", default=None, help="known-answer scenario: task, horizon and success criterion")
     p.add_argument("--shift", default=None, help="rollout-time shift: heavy (cube mass x40) or a scenario name")
     p.add_argument(
@@ -75,8 +81,14 @@ def _rollout(args: argparse.Namespace) -> int:
             if args.task is not None and canonical_task(args.task) != sc.task:
                 raise ValueError(f"--task {args.task} contradicts scenario {sc.name} (task {sc.task})")
             task, horizon, success_mode = sc.task, horizon or sc.horizon, args.success or sc.success_mode
+        elif args.env is not None:
+            if args.shift is not None or args.vary:
+                raise ValueError("--shift/--vary apply to built-in tasks; configure your own env in its factory")
+            if args.horizon is None:
+                raise ValueError("--env needs --horizon")
+            task = args.task or args.env.partition(":")[2]
         elif args.task is None:
-            raise ValueError("give --task or --scenario")
+            raise ValueError("give --task, --scenario or --env")
         else:
             task = canonical_task(args.task)
         variation = parse_variation(args.vary)
@@ -104,6 +116,7 @@ def _rollout(args: argparse.Namespace) -> int:
             workers=args.workers,
             horizon=horizon,
             success_mode=success_mode,
+            env=args.env,
             address=args.ray_address,
             variation=variation,
             progress=tick,

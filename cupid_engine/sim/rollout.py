@@ -19,7 +19,20 @@ generator=None) -> [n_action_steps, A]`` (unnormalised actions) and, optionally,
 
 Policies without ``config.obs_keys`` get the task's keys in sorted order (the
 ``Episode.obs_vector`` default they were trained with); the window is padded at the start
-by repeating the first observation. The generator handed to ``predict_action`` is a ``torch.Generator`` for torch modules, the
+by repeating the first observation.
+
+**Your own environment** (``env=`` here, ``cupid-engine rollout --env module:factory``):
+a zero-argument factory (or ``"package.module:factory"``) returning an object with
+
+* ``obs_keys``: the ordered observation keys (tuple of str);
+* ``reset(seed: int) -> dict[str, array]``: start an episode that depends only on
+  ``seed``; returns the observation (each key a 1-D array);
+* ``step(action [A]) -> (obs dict, reward: float, success: bool)``: the per-step success
+  criterion; with ``success_mode`` ``any``/``final`` the episode's success is any step's /
+  the last step's, with ``first`` the episode stops at the first successful step;
+* optional ``action_dim`` (default 7), ``knobs`` (dict stored in the metadata), ``close()``.
+
+The generator handed to ``predict_action`` is a ``torch.Generator`` for torch modules, the
 result of ``policy.make_generator(seed)`` where defined, else a
 ``numpy.random.Generator``.
 """
@@ -101,18 +114,22 @@ class RolloutWorker:
         variation: Variation | None = None,
         source: str | None = None,
         success_mode: str = "first",
+        env: Any = None,
     ):
         from cupid_engine.sim.scenarios import SUCCESS_MODES
 
-        self.task = canonical_task(task)
+        self.task = canonical_task(task) if env is None else str(task)
         self.horizon = int(horizon)
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
+        if env is not None and variation is not None:
+            raise ValueError("variation applies to the built-in tasks only; configure your own env in its factory")
         if success_mode not in SUCCESS_MODES:
             raise ValueError(f"success_mode must be one of {SUCCESS_MODES}, got {success_mode!r}")
         self.success_mode = success_mode
         self.policy = resolve_policy(policy)
-        self.env = SimEnv(self.task, variation=variation, horizon=self.horizon)
+        self.env = SimEnv(self.task, variation=variation, horizon=self.horizon) if env is None else make_user_env(env)
+        self.action_dim = int(getattr(self.env, "action_dim", ACTION_DIM))
         cfg = getattr(self.policy, "config", None)
         self.n_obs_steps = int(getattr(cfg, "n_obs_steps", 1) or 1)
         keys = getattr(cfg, "obs_keys", None)
@@ -125,7 +142,11 @@ class RolloutWorker:
                 f"policy obs_keys {missing} are not in task {self.task!r}'s observation "
                 f"vector {self.env.obs_keys}"
             )
-        dim = sum(d for k, d in OBS_KEYS[self.task] if k in self.obs_keys)
+        if env is None:
+            dim = sum(d for k, d in OBS_KEYS[self.task] if k in self.obs_keys)
+        else:  # a user env declares keys, not widths: read them off one observation
+            first = self.env.reset(0)
+            dim = sum(int(np.asarray(first[k]).size) for k in self.obs_keys)
         want = int(getattr(cfg, "obs_dim", 0) or 0)
         if want and want != dim:
             raise ValueError(
@@ -161,10 +182,10 @@ class RolloutWorker:
             queries += 1
             if chunk.ndim == 1:
                 chunk = chunk[None]
-            if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM or len(chunk) == 0:
+            if chunk.ndim != 2 or chunk.shape[1] != self.action_dim or len(chunk) == 0:
                 raise ValueError(
                     f"episode {episode_id!r}: policy returned actions of shape {chunk.shape}, "
-                    f"expected [n_action_steps, {ACTION_DIM}]"
+                    f"expected [n_action_steps, {self.action_dim}]"
                 )
             for action in chunk:
                 if t >= self.horizon or (success and stop_early):
@@ -197,7 +218,7 @@ class RolloutWorker:
                 "policy_obs_keys": list(self.obs_keys),
                 "n_obs_steps": self.n_obs_steps,
                 "policy_queries": queries,
-                "env_knobs": dict(self.env.knobs),
+                "env_knobs": dict(getattr(self.env, "knobs", {}) or {}),
                 "reward_sum": float(reward_sum),
                 "success_mode": self.success_mode,
             },
@@ -205,7 +226,32 @@ class RolloutWorker:
 
     def close(self) -> None:
         """Release the simulation."""
-        self.env.close()
+        if hasattr(self.env, "close"):
+            self.env.close()
+
+
+def make_user_env(factory: Any) -> Any:
+    """Build a user environment from a factory or a ``"module:factory"`` string and check
+    the protocol (see the module docstring).
+
+    Raises:
+        ValueError: A bad spec, or an object missing ``obs_keys``/``reset``/``step``.
+    """
+    if isinstance(factory, str):
+        import importlib
+
+        mod, sep, name = factory.partition(":")
+        if not sep or not mod or not name:
+            raise ValueError(f"env must be 'module:factory', got {factory!r}")
+        try:
+            factory = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot load env factory {mod}:{name} ({e})") from None
+    env = factory()
+    missing = [a for a in ("obs_keys", "reset", "step") if not hasattr(env, a)]
+    if missing:
+        raise ValueError(f"env from {factory!r} lacks {missing} (needs obs_keys, reset(seed), step(action))")
+    return env
 
 
 def run_rollouts(
@@ -220,6 +266,7 @@ def run_rollouts(
     address: str | None = None,
     progress: Callable[[Episode], None] | None = None,
     success_mode: str = "first",
+    env: Any = None,
 ) -> list[Episode]:
     """Roll a policy out for ``episodes`` seeded episodes.
 
@@ -237,6 +284,8 @@ def run_rollouts(
         progress: Called with each finished episode (in completion order).
         success_mode: ``first``, ``any`` or ``final`` (see :class:`RolloutWorker`); only
             ``first`` with ``workers > 1`` (the Ray actors build default workers).
+        env: Your own environment: a factory or ``"module:factory"`` (protocol in the
+            module docstring; in-process only); ``task`` is then just a name.
 
     Returns:
         ``episodes`` episodes with ids ``{task}_rollout_{i:04d}``, ordered by ``i``;
@@ -244,16 +293,20 @@ def run_rollouts(
     """
     from cupid_engine.sim.generate import DEFAULT_HORIZON
 
-    task = canonical_task(task)
+    task = canonical_task(task) if env is None else str(task)
     if episodes < 0:
         raise ValueError(f"episodes must be >= 0, got {episodes}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if env is not None and not horizon:
+        raise ValueError("a user env needs an explicit horizon")
     horizon = int(horizon or DEFAULT_HORIZON[task])
     seeds = [episode_seed(seed, i) for i in range(episodes)]
     ids = [f"{task}_rollout_{i:04d}" for i in range(episodes)]
     if workers == 1 and address is None:
-        worker = RolloutWorker(task, policy, horizon=horizon, variation=variation, success_mode=success_mode)
+        worker = RolloutWorker(
+            task, policy, horizon=horizon, variation=variation, success_mode=success_mode, env=env
+        )
         out = []
         try:
             for s, i in zip(seeds, ids):
@@ -264,10 +317,10 @@ def run_rollouts(
         finally:
             worker.close()
         return out
-    if success_mode != "first":
+    if success_mode != "first" or env is not None:
         raise ValueError(
-            f"success_mode={success_mode!r} runs in-process only (workers=1); the Ray rollout "
-            "actors (cupid_engine.distributed.rollouts) stop at the first success"
+            f"success_mode={success_mode!r} / a user env run in-process only (workers=1); the Ray "
+            "rollout actors (cupid_engine.distributed.rollouts) build built-in tasks that stop at the first success"
         )
     if hasattr(policy, "predict_action"):
         raise TypeError(

@@ -152,3 +152,39 @@ def test_strategy_config_roundtrip():
     assert type(st).from_dict(st.to_dict()) == st
     with pytest.raises(ValueError):
         dataclasses.replace(st, lift_speed=0.0)
+
+
+class _GoToGoal:
+    """A policy for PointReach (sorted keys: goal, pos)."""
+
+    def predict_action(self, window, *, generator=None):
+        obs = np.asarray(window)[-1]
+        return np.clip(10 * (obs[:2] - obs[2:4]), -1, 1)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["first", "any", "final"])
+def test_user_env_protocol(mode):
+    from cupid_engine.sim import run_rollouts
+
+    eps = run_rollouts(_GoToGoal(), "point", episodes=3, seed=0, horizon=40, success_mode=mode,
+                       env="cupid_engine.sim.point_env:PointReach")
+    assert all(e.success for e in eps)
+    assert all((e.length < 40) == (mode == "first") for e in eps)
+    assert eps[0].actions.shape[1] == 2 and set(eps[0].observations) == {"goal", "pos"}
+    again = run_rollouts(_GoToGoal(), "point", episodes=3, seed=0, horizon=40, success_mode=mode,
+                         env="cupid_engine.sim.point_env:PointReach")
+    np.testing.assert_array_equal(eps[2].actions, again[2].actions)
+
+
+def test_user_env_errors():
+    from cupid_engine.sim import run_rollouts
+    from cupid_engine.sim.rollout import make_user_env
+
+    with pytest.raises(ValueError, match="module:factory"):
+        make_user_env("nocolon")
+    with pytest.raises(ValueError, match="cannot load"):
+        make_user_env("cupid_engine.sim.point_env:Nope")
+    with pytest.raises(ValueError, match="lacks"):
+        make_user_env(lambda: object())
+    with pytest.raises(ValueError, match="horizon"):
+        run_rollouts(_GoToGoal(), "point", episodes=1, env="cupid_engine.sim.point_env:PointReach")
