@@ -1,4 +1,4 @@
-"""``cupid-engine train``: train an MLP or diffusion policy on a LeRobot dataset.
+"""``cupid-engine train``: train an MLP, diffusion, image-diffusion or transformer policy on a LeRobot dataset.
 
 A curated subset is one flag away: ``--keep curated.parquet`` (a score table from
 ``cupid-engine curate``, or a text file of episode ids) trains on exactly those episodes,
@@ -29,12 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` command to the CLI dispatcher."""
     p = subparsers.add_parser(
         "train",
-        help="train a policy (mlp or diffusion) by behaviour cloning",
+        help="train a policy (mlp, diffusion, diffusion-image, transformer) by behaviour cloning",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True, metavar="PATH", help="LeRobot dataset folder or fsspec URL")
-    p.add_argument("--policy", required=True, choices=("mlp", "diffusion"), help="policy kind")
+    p.add_argument("--policy", required=True, choices=("mlp", "diffusion", "diffusion-image", "transformer"),
+                   help="policy kind (diffusion-image and transformer read the dataset's cameras; the transformer "
+                        "also the task text)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--split", default=None,
                    help="train on episodes of this split ('all': every split; default 'train', or every split "
@@ -86,6 +88,18 @@ def _train(args: argparse.Namespace) -> int:
         if args.head:
             fields["head"] = args.head
         maker = {"tiny": MLPPolicyConfig.tiny, "default": MLPPolicyConfig, "large": MLPPolicyConfig.large}[args.size]
+    elif args.policy in ("diffusion-image", "transformer"):
+        from cupid_engine.policies.diffusion_image import DiffusionImagePolicyConfig
+        from cupid_engine.policies.transformer import TransformerPolicyConfig
+
+        if args.head or args.size == "large":
+            raise ConfigError(f"--head and --size large apply to --policy mlp only, not {args.policy}")
+        if not dataset.image_keys:
+            raise ConfigError(f"--policy {args.policy} needs camera images; the dataset has none", where=args.data,
+                              hint="train --policy mlp or diffusion on its low-dimensional keys")
+        fields["image_keys"] = tuple(dataset.image_keys)
+        cls = DiffusionImagePolicyConfig if args.policy == "diffusion-image" else TransformerPolicyConfig
+        maker = cls.tiny if args.size == "tiny" else cls
     else:
         if args.head:
             raise ConfigError("--head applies to --policy mlp only")

@@ -239,3 +239,22 @@ def test_defaults_at_84x84_have_resnet18_depth():
     assert policy_t.config.patches_per_image == 36
     batch = policy.make_batch(samples, [0, 1])
     assert policy(batch, output="square", draws=2).shape == (2,)
+
+
+@pytest.mark.parametrize("kind", ["diffusion-image", "transformer"])
+def test_cli_train_on_a_lerobot_image_dataset(tmp_path, capsys, kind):
+    from cupid_engine.cli import main
+    from cupid_engine.data.lerobot import write_dataset
+
+    data = write_dataset(tmp_path / "data", make_image_episodes(n=2, length=6, size=28))
+    out = tmp_path / "policy"
+    rc = main(["train", "--data", str(data), "--policy", kind, "--out", str(out), "--size", "tiny",
+               "--steps", "2", "--batch-size", "8", "--seed", "1", "--no-progress"])
+    assert rc == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 12 and summary["policy"] == kind
+    policy = load_policy(out)
+    assert policy.config.image_keys == ("agentview", "wrist") and policy.config.image_shape == (28, 28, 3)
+    assert policy_kind(policy) == kind
