@@ -10,6 +10,9 @@ shape of real episode sums, which share a few dominant gradient directions). For
   float32 ``torch.sum`` (every core), i.e. the time any exact scan must take;
 - hnsw (N ≤ ``--hnsw-max``): ``IndexHNSWFlat`` (M, efConstruction) build time, then for
   each efSearch the median latency and recall@10 against the exact answers.
+- sq8: the int8 scan (a quarter of the fp32 bytes) + exact re-ranking of ``--rerank``
+  candidates: median latency as a ratio to the fp32 scan floor, recall@10 against the
+  exact answers, and whether the returned scores equal the exact ones.
 
 Quality kernel: ``--rollout-steps`` × ``--demo-steps`` (default 20k × 45k, k = 1024)
 whitened step features cut into ragged episodes; the fused kernel (``cpu`` backend,
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="results per query")
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest N for which HNSW is built")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW M")
+    p.add_argument("--rerank", type=int, default=256, help="sq8: candidates re-ranked exactly per query")
+    p.add_argument("--skip-sq8", action="store_true", help="skip the int8-scan index")
     p.add_argument("--ef-construction", type=int, default=200, help="HNSW efConstruction")
     p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128, 256], help="HNSW efSearch values")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the bandwidth probe")
@@ -121,6 +126,8 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
         gen = torch.Generator().manual_seed(args.seed)
         basis = torch.randn(32, args.k, generator=gen)
         exact = InfluenceIndex(args.k)
+        sq8 = InfluenceIndex(args.k, kind="sq8", rerank=args.rerank) if not args.skip_sq8 else None
+        t_sq8 = 0.0
         hnsw = None
         if n <= args.hnsw_max:
             hnsw = InfluenceIndex(args.k, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
@@ -131,6 +138,10 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
             t = time.perf_counter()
             exact.add(block, ids)
             t_build += time.perf_counter() - t
+            if sq8 is not None:
+                t = time.perf_counter()
+                sq8.add(block, ids)
+                t_sq8 += time.perf_counter() - t
             if hnsw is not None:
                 t = time.perf_counter()
                 hnsw.add(block, ids)
@@ -138,12 +149,13 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
             row += len(block)
         q = next(_episode_sums(args.queries + 1, args.k, gen, basis))
         exact.search(q[:1], args.top)  # warm-up
-        lat, exact_ids = [], []
+        lat, exact_ids, exact_scores = [], [], []
         for i in range(args.queries):
             t = time.perf_counter()
-            _, ids = exact.search(q[i : i + 1], args.top)
+            sc, ids = exact.search(q[i : i + 1], args.top)
             lat.append(time.perf_counter() - t)
             exact_ids.append(ids[0])
+            exact_scores.append(dict(zip(ids[0], sc[0].tolist())))
         nbytes = n * args.k * 4
         floor = nbytes / (bandwidth["median_GBps"] * 1e9)
         res = {"kind": "exact", "n": n, "k": args.k, "latency_ms": _stats([x * 1e3 for x in lat]),
@@ -153,6 +165,25 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
         print(f"exact  N={n:>8} k={args.k}: median {res['latency_ms']['median']:.2f} ms "
               f"(p90 {res['latency_ms']['p90']:.2f}), floor {res['floor_ms']:.2f} ms, ratio {res['ratio_to_floor']:.2f}",
               flush=True)
+        if sq8 is not None:
+            sq8.search(q[:1], args.top)  # warm-up
+            lat, got, worst = [], [], 0.0
+            for i in range(args.queries):
+                t = time.perf_counter()
+                sc, ids = sq8.search(q[i : i + 1], args.top)
+                lat.append(time.perf_counter() - t)
+                got.append(ids[0])
+                for e, v in zip(ids[0], sc[0].tolist()):
+                    if e in exact_scores[i]:
+                        worst = max(worst, abs(v - exact_scores[i][e]) / max(abs(exact_scores[i][e]), 1e-30))
+            r = {"kind": "sq8", "n": n, "k": args.k, "rerank": args.rerank, "build_s": t_sq8,
+                 "latency_ms": _stats([x * 1e3 for x in lat]), "recall_at_10": recall_at_k(got, exact_ids),
+                 "bytes_scanned": n * args.k + n * 4, "ratio_to_fp32_floor": float(np.median(lat)) / floor,
+                 "max_rel_score_diff_vs_exact": worst}
+            results.append(r)
+            print(f"sq8    N={n:>8} rerank={args.rerank}: median {r['latency_ms']['median']:.2f} ms, "
+                  f"{r['ratio_to_fp32_floor']:.2f}x the fp32 floor, recall@10 {r['recall_at_10']:.3f}, "
+                  f"score diff vs exact {worst:.1e}", flush=True)
         if hnsw is not None:
             print(f"hnsw   N={n:>8}: built in {t_hnsw:.1f} s", flush=True)
             for ef in args.ef_search:
@@ -170,7 +201,7 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
                 results.append(r)
                 print(f"hnsw   N={n:>8} ef={ef:>4}: median {r['latency_ms']['median']:.3f} ms, "
                       f"recall@10 {r['recall_at_10']:.3f}", flush=True)
-        del exact, hnsw
+        del exact, hnsw, sq8
     return results
 
 
@@ -253,6 +284,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         acceptance["exact_within_2x_floor"] = {"n": largest, "value": ex["ratio_to_floor"], "target": 2.0,
                                                "pass": bool(ex["ratio_to_floor"] <= 2.0),
                                                "at_1e6": largest >= 1_000_000}
+        sq = [r for r in q if r["kind"] == "sq8" and r["n"] == largest]
+        if sq:
+            acceptance["sq8_half_floor_recall_0.99"] = {
+                "n": largest, "ratio_to_fp32_floor": sq[0]["ratio_to_fp32_floor"], "target_ratio": 0.5,
+                "recall_at_10": sq[0]["recall_at_10"], "target_recall": 0.99, "at_1e6": largest >= 1_000_000,
+                "pass": bool(sq[0]["ratio_to_fp32_floor"] <= 0.5 and sq[0]["recall_at_10"] >= 0.99)}
         hn = [r for r in q if r["kind"] == "hnsw"]
         if hn:
             nmax = max(r["n"] for r in hn)

@@ -7,6 +7,7 @@
 
 #include "cupid/kernels.h"
 #include "cupid/quality.h"
+#include "cupid/scan.h"
 #include "cupid/spectral.h"
 #ifdef CUPID_WITH_CUDA
 #include "cupid/cuda_kernels.h"
@@ -41,6 +42,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), "out[rows, freqs] = sum_j v[rows, n] * table[n, freqs] (complex, j ascending, no FMA).");
 
   // --- scorers (csrc/cpu/quality.cpp) ---
+  m.def("scan_int8_cpu", &cupid::scan_int8_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("codes"),
+        py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("q"), py::arg("scores"),
+        "scores[i] = scales[i] * <codes[i], q>: the int8 scan of the quantised query index.");
   m.def("quality_minmax_cpu", &cupid::quality_minmax_cpu, py::call_guard<py::gil_scoped_release>(),
         py::arg("r_ptr"), py::arg("r_off_ptr"), py::arg("m"), py::arg("d_ptr"), py::arg("d_off_ptr"), py::arg("n"),
         py::arg("k"), py::arg("maxmin_ptr"), py::arg("minmax_ptr"), py::arg("dtype"),

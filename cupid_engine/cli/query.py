@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run name (repeat for a checkpoint ensemble)")
     p.add_argument("--episode", required=True, help="rollout episode id")
     p.add_argument("--top", type=int, default=10, help="number of demonstrations (default 10, at least 1)")
-    p.add_argument("--kind", choices=("flat", "hnsw"), default="flat", help="exact (flat) or HNSW index")
+    p.add_argument("--kind", choices=("flat", "hnsw", "sq8"), default="flat",
+                   help="exact (flat), HNSW, or sq8 (int8 scan of 1/4 the bytes, best candidates re-ranked exactly)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (recall/latency)")
     p.add_argument("--oppose", action="store_true",
                    help="rank the demos that push hardest against the rollout's behaviour (sign -1)")

@@ -2,7 +2,10 @@
 
 Exact ``IndexFlatIP`` is the default (what CUPID's Ψ_π needs is an exact inner
 product); ``IndexHNSWFlat`` with METRIC_INNER_PRODUCT is the low-latency option, its
-recall measured against exact by :func:`recall_at_k` rather than assumed. An index is
+recall measured against exact by :func:`recall_at_k` rather than assumed. ``sq8`` scans
+int8 codes of the vectors (a quarter of the bytes, :mod:`cupid_engine.index.quantized`)
+and re-ranks the best ``rerank`` candidates exactly against the fp32 vectors, so the
+scores it returns are exact and only its recall is approximate (measured likewise). An index is
 saved as ``<kind>.faiss`` plus ``<kind>.json`` holding the episode ids (FAISS stores
 only row numbers) and a fingerprint of what it was built from, so a reopen against a
 changed run is detected and rebuilt instead of answering with stale rows.
@@ -28,9 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from cupid_engine.index.quantized import quantize_rows, scan
+
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "hnsw")
+KINDS = ("flat", "hnsw", "sq8")
 SMALL_BATCH = 16  # queries answered by a threaded matrix-vector scan instead of FAISS
 
 
@@ -45,25 +50,32 @@ class InfluenceIndex:
 
     Args:
         dim: Vector width.
-        kind: ``flat`` (exact) or ``hnsw``.
+        kind: ``flat`` (exact), ``hnsw`` or ``sq8`` (int8 scan + exact re-ranking).
         hnsw_m: HNSW graph degree M.
         ef_construction: HNSW build-time beam width.
         ef_search: HNSW query-time beam width (recall/latency trade-off).
         device: ``cpu`` (default) or ``gpu`` (faiss-gpu; flat only; same results).
+        rerank: ``sq8`` candidates re-ranked exactly per query (at least ``k``).
     """
 
     def __init__(
         self, dim: int, *, kind: str = "flat", hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
-        device: str = "cpu",
+        device: str = "cpu", rerank: int = 256,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
         if device not in ("cpu", "gpu"):
             raise ValueError("device must be 'cpu' or 'gpu'")
+        if not isinstance(rerank, int) or rerank < 1:
+            raise ValueError(f"rerank must be a positive int, got {rerank!r}")
         faiss = _faiss()
         self.dim, self.kind, self.device = int(dim), kind, device
-        self.params = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
-        if kind == "flat":
+        self.params = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search,
+                       "rerank": rerank}
+        # sq8 keeps the fp32 vectors (for exact re-ranking) beside their int8 codes.
+        self.codes = np.zeros((0, self.dim), np.int8) if kind == "sq8" else None
+        self.scales = np.zeros(0, np.float32) if kind == "sq8" else None
+        if kind in ("flat", "sq8"):
             self.index = faiss.IndexFlatIP(self.dim)
         else:
             self.index = faiss.IndexHNSWFlat(self.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -76,8 +88,8 @@ class InfluenceIndex:
 
     def vectors(self) -> torch.Tensor:
         """``[N, dim]`` float32 zero-copy view of a flat index's stored vectors."""
-        if self.kind != "flat":
-            raise ValueError("only a flat index stores its vectors verbatim")
+        if self.kind == "hnsw":
+            raise ValueError("an hnsw index does not expose its vectors verbatim")
         if self._view is None:
             n = self.index.ntotal
             buf = _faiss().rev_swig_ptr(self.index.get_xb(), n * self.dim)
@@ -105,6 +117,10 @@ class InfluenceIndex:
         if not np.isfinite(x).all():
             raise ValueError("index vectors contain NaN/Inf")
         self.index.add(x)
+        if self.kind == "sq8":
+            codes, scales = quantize_rows(x)
+            self.codes = np.concatenate([self.codes, codes])
+            self.scales = np.concatenate([self.scales, scales])
         self.ids.extend(str(i) for i in ids)
         self._search_index = None
         self._view = None  # the FAISS buffer may have moved
@@ -136,6 +152,8 @@ class InfluenceIndex:
         if not len(self):
             raise ValueError("the index is empty")
         k = min(int(k), len(self))
+        if self.kind == "sq8":
+            return self._search_sq8(q, k)
         if self.kind == "flat" and self.device == "cpu" and q.shape[0] <= SMALL_BATCH:
             vals, idx = torch.topk(self.vectors() @ torch.from_numpy(q).T, k, dim=0)  # [k, B]
             scores, rows = vals.T.contiguous().numpy(), idx.T.numpy()
@@ -143,15 +161,34 @@ class InfluenceIndex:
             scores, rows = self._searcher().search(q, k)
         return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
 
+    def _search_sq8(self, q: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Int8 scan for candidates, then exact fp32 scores of the candidates only."""
+        c = min(len(self), max(k, int(self.params["rerank"])))
+        vec = self.vectors()
+        scores = np.empty((q.shape[0], k), np.float32)
+        rows = np.empty((q.shape[0], k), np.int64)
+        for b in range(q.shape[0]):
+            approx = torch.from_numpy(scan(self.codes, self.scales, q[b]))
+            cand = torch.topk(approx, c).indices
+            exact = vec[cand] @ torch.from_numpy(q[b])
+            v, i = torch.topk(exact, k)
+            scores[b], rows[b] = v.numpy(), cand[i].numpy()
+        return scores, [[self.ids[r] for r in row] for row in rows]
+
     def save(self, folder: str | os.PathLike) -> None:
         """Write ``<kind>.faiss`` and ``<kind>.json`` into ``folder`` (atomically renamed)."""
         faiss = _faiss()
         os.makedirs(folder, exist_ok=True)
         base = os.path.join(folder, self.kind)
         faiss.write_index(self.index, base + ".faiss.tmp")
+        if self.kind == "sq8":
+            with open(base + ".codes.tmp", "wb") as f:
+                np.savez(f, codes=self.codes, scales=self.scales)
         with open(base + ".json.tmp", "w") as f:
             json.dump({"kind": self.kind, "dim": self.dim, "params": self.params, "meta": self.meta, "ids": self.ids}, f)
         os.replace(base + ".faiss.tmp", base + ".faiss")
+        if self.kind == "sq8":
+            os.replace(base + ".codes.tmp", base + ".codes.npz")
         os.replace(base + ".json.tmp", base + ".json")
 
     @classmethod
@@ -167,6 +204,11 @@ class InfluenceIndex:
             raise ValueError(f"{base}.faiss does not match its JSON ({out.index.ntotal} rows, {len(info['ids'])} ids)")
         if kind == "hnsw":
             out.index.hnsw.efSearch = int(info["params"]["ef_search"])
+        if kind == "sq8":
+            with np.load(base + ".codes.npz", allow_pickle=False) as z:
+                out.codes, out.scales = z["codes"], z["scales"]
+            if out.codes.shape != (out.index.ntotal, out.dim) or out.scales.shape != (out.index.ntotal,):
+                raise ValueError(f"{base}.codes.npz does not match {base}.faiss")
         out.ids = list(info["ids"])
         out.meta = dict(info["meta"])
         return out

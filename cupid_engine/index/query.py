@@ -153,7 +153,7 @@ def open_index(
     Args:
         store: Open store or path.
         run: Run name, or several (checkpoint ensemble).
-        kind: ``flat`` or ``hnsw``.
+        kind: ``flat`` (exact), ``hnsw`` or ``sq8`` (int8 scan, exact re-ranking).
         damping: Relative damping of the preconditioner.
         rebuild: Rebuild even if a valid saved index exists.
         save: Save a (re)built index beside the store when the store is a local folder.
@@ -191,6 +191,8 @@ def open_index(
                 save_index(idx, os.path.join(folder, INDEX_DIR, sub))
     if "ef_search" in params:
         idx.ef_search = params["ef_search"]
+    if "rerank" in params:  # query-time, like ef_search
+        idx.params["rerank"] = int(params["rerank"])
     _lru_put(_MEMORY_CACHE, key, store, idx, _CACHE_SIZE)
     return idx
 
@@ -298,10 +300,10 @@ def top_influencers(
             the failing behaviour instead of those that most oppose it.
         returns: ``pm1``, ``01`` or ``real`` (see ``scorers._inputs.returns_of``).
         damping: Relative damping of the preconditioner.
-        kind: ``flat`` (exact) or ``hnsw``.
+        kind: ``flat`` (exact), ``hnsw`` or ``sq8`` (int8 scan, exact re-ranking).
         steps: Top steps/pairs reported per demo.
         index: A prebuilt index (else :func:`open_index`).
-        **params: Index options (``ef_search``, ``hnsw_m``, ``device``, ...).
+        **params: Index options (``ef_search``, ``hnsw_m``, ``rerank``, ``device``, ...).
 
     Returns:
         An :class:`InfluenceResult`.
