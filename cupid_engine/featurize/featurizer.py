@@ -6,12 +6,17 @@ picks one of two implementations of ``phi(z) = P grad_theta f(z; theta)`` (DESIG
 * ``hooks`` (``featurize/hooks.py``): one batched forward + backward, layer inputs and
   output gradients captured by hooks, per-layer tensorsketches summed. Per-sample
   gradients never exist, so memory does not grow with the number of tracked parameters
-  beyond the model and its activations. Linear and plain Conv1d only.
+  beyond the model and its activations. Linear, Conv1d/Conv2d (groups=1), GroupNorm /
+  LayerNorm affine and Embedding layers; any other tracked parameter is refused by name.
 * ``vmap`` (``featurize/vmap.py``): torch.func per-sample gradients, flattened, then
   ``ops.project`` (dense / sparse / signshift). Any parameter; memory ``B * P``.
 
-Both produce ``[B, k]`` rows for the same store format; :meth:`Featurizer.describe` is
-the JSON recorded in ``RunConfig.featurizer`` so a run states exactly what produced it.
+The featuriser works on any ``nn.Module`` through the policy protocol
+(``policies/task.py``): a task gives the batch and ``output(model, batch, name, seed=,
+draws=) -> [B]``; the engine's own policies are their own task. Both paths produce
+``[B, k]`` rows for the same store format; :meth:`Featurizer.describe` is the JSON
+recorded in ``RunConfig.featurizer`` so a run states exactly what produced it, including
+which parameters were *not* tracked.
 Features depend only on each sample's own inputs (its window, action, ``episode_key``
 and ``step``), never on batch composition or order.
 """
@@ -28,11 +33,16 @@ from cupid_engine import ops
 from cupid_engine.featurize import hooks as _hooks
 from cupid_engine.featurize import vmap as _vmap
 from cupid_engine.featurize.config import FeaturizeConfig, ProjectionConfig, path_for_method
+import logging
+
+from torch import nn
+
 from cupid_engine.policies.base import Policy
-from cupid_engine.policies.checkpoint import compute_policy_hash
-from cupid_engine.policies.outputs import expand_for_output, output_from_expanded
 from cupid_engine.policies.samples import SampleSet
-from cupid_engine.policies.tracking import Track, tracked_modules, tracked_parameters
+from cupid_engine.policies.task import batch_rows, resolve_task, task_hash, task_uses_draws
+from cupid_engine.policies.tracking import Track, tracked_modules, tracked_parameters, untracked_parameters
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Featurizer", "FEATURIZER_VERSION", "exact_float32"]
 
@@ -70,27 +80,34 @@ def exact_float32(device: torch.device) -> Iterator[None]:
 
 
 class Featurizer:
-    """Map normalised batches of samples to projected per-sample gradients.
+    """Map batches of samples to projected per-sample gradients.
 
     Args:
-        policy: The policy; put in eval mode (features are taken at inference behaviour).
-        output: Output function name (``constants.OUTPUT_FUNCTIONS``, supported by the policy).
+        policy: The policy: a module that is its own task (the engine's policies, or any
+            module implementing the policy protocol); None when ``task`` is given. Put in
+            eval mode (features are taken at inference behaviour).
+        output: Output function name, one of the task's ``supported_outputs``.
         projection: The projection (method, k, seed, s, backend).
         track: ``"all"``, ``"head"`` or module names.
         path: ``"hooks"`` (tensorsketch) or ``"vmap"`` (dense/sparse/signshift).
-        draws: Diffusion noise draws per sample.
-        seed: Global seed of the diffusion noise draws.
+        draws: Noise draws per sample of Monte-Carlo outputs (diffusion).
+        seed: Global seed of the noise draws.
         policy_hash: Content hash recorded by :meth:`describe` (computed when None).
+        task: A policy-protocol task (``build_batch``, ``output``, ``supported_outputs``)
+            for a model the engine did not write.
+        model: The module whose parameters are attributed (default: ``policy``, or
+            ``task`` itself / ``task.model``).
 
     Raises:
         ValueError: method/path mismatch, unsupported output, unknown tracked names, or
             (hooks) a tracked module the hooks cannot handle (named) or a BatchNorm
             using batch statistics.
+        TypeError: a task that does not implement the protocol (naming what is missing).
     """
 
     def __init__(
         self,
-        policy: Policy,
+        policy: nn.Module | None,
         output: str,
         projection: ProjectionConfig,
         *,
@@ -99,6 +116,8 @@ class Featurizer:
         draws: int = 64,
         seed: int = 0,
         policy_hash: str | None = None,
+        task: Any = None,
+        model: nn.Module | None = None,
     ) -> None:
         if not isinstance(projection, ProjectionConfig):
             raise TypeError(f"projection must be a ProjectionConfig, got {type(projection).__name__}")
@@ -106,13 +125,16 @@ class Featurizer:
             raise ValueError(
                 f"projection method {projection.method!r} needs path {path_for_method(projection.method)!r}, got {path!r}"
             )
-        if output not in C.OUTPUT_FUNCTIONS or output not in policy.supported_outputs:
+        model, task = resolve_task(policy, task=task, model=model)
+        engine_policy = isinstance(task, Policy)
+        if output not in task.supported_outputs or (engine_policy and output not in C.OUTPUT_FUNCTIONS):
             raise ValueError(
-                f"output {output!r} is not supported by {type(policy).__name__}; supported: {policy.supported_outputs}"
+                f"output {output!r} is not supported by {type(task).__name__}; supported: {tuple(task.supported_outputs)}"
             )
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
-        self.policy = policy.eval()
+        self.policy = model.eval()
+        self.task = task
         self.output = output
         self.projection = projection
         self.track = track if isinstance(track, str) else tuple(track)
@@ -120,28 +142,41 @@ class Featurizer:
         self.draws = int(draws)
         self.seed = int(seed)
         self._policy_hash = policy_hash
+        self.layer_strategies: dict[str, dict[str, Any]] = {}
+        """Per hooked layer: ``{"strategy": "fft"|"dense"|"index", "T", "O", "I"}`` of the
+        last batch (how :func:`hooks.fused_tensorsketch` evaluated its sketch)."""
         if path == "hooks":
-            self.modules = tracked_modules(policy, self.track, hook_compatible=True)
-            _hooks.check_sample_independent(policy)
+            self.modules = tracked_modules(model, self.track, hook_compatible=True)
+            _hooks.check_sample_independent(model)
             self._seeds = {name: _hooks.layer_seed(projection.seed, name) for name, _ in self.modules}
+            self._by_name = dict(self.modules)
             self._workspace = _hooks._Workspace()
             if len(set(self._seeds.values())) != len(self._seeds):
                 raise ValueError("two tracked layer names hash to the same seed; rename a module")
             # Parameters are left as they are (requires_grad untouched): autograd.grad asks
             # for the tracked outputs' deltas only, so no parameter gradient is computed,
             # and the caller's policy is not mutated.
-            self.num_tracked = sum(p.numel() for _, m in self.modules for p in m.parameters(recurse=False))
+            self.num_tracked = sum(
+                p.numel() for _, m in self.modules for p in m.parameters(recurse=False) if p.requires_grad
+            )
         else:
-            self.params = tracked_parameters(policy, self.track)
+            self.params = tracked_parameters(model, self.track)
             self.order = list(self.params)
             self.num_tracked = sum(p.numel() for p in self.params.values())
+        self.untracked = untracked_parameters(model, self.track)
+        if self.untracked:
+            log.info("featurizer: %d parameter tensor(s) (%d values) not tracked: %s", len(self.untracked),
+                     sum(self.untracked.values()), list(self.untracked)[:20])
 
     @classmethod
-    def from_config(cls, policy: Policy, config: FeaturizeConfig, *, policy_hash: str | None = None) -> Featurizer:
+    def from_config(
+        cls, policy: nn.Module | None, config: FeaturizeConfig, *, policy_hash: str | None = None,
+        task: Any = None, model: nn.Module | None = None,
+    ) -> Featurizer:
         """A featuriser for ``config`` (projection, output, track, path, draws, seed)."""
         return cls(
             policy, config.output, config.projection, track=config.track, path=config.path,
-            draws=config.draws, seed=config.seed, policy_hash=policy_hash,
+            draws=config.draws, seed=config.seed, policy_hash=policy_hash, task=task, model=model,
         )
 
     @property
@@ -151,20 +186,28 @@ class Featurizer:
     @property
     def policy_hash(self) -> str:
         if self._policy_hash is None:
-            self._policy_hash = compute_policy_hash(self.policy)
+            self._policy_hash = task_hash(self.policy, self.task)
         return self._policy_hash
 
     def describe(self) -> dict[str, Any]:
         """JSON-safe description for ``RunConfig.featurizer``: everything that determines
-        the numbers (policy hash and class, output, draws, noise seed, tracked modules,
-        path, projection) and nothing that does not (batch size, backend, workers)."""
-        return {
+        the numbers (policy hash and class, output, draws, noise seed, tracked modules and
+        their parameter count, path, projection) and nothing that does not (batch size,
+        backend, workers, per-layer evaluation strategy).
+
+        Parameters that are not tracked (outside ``track``, or frozen) are listed by name
+        with their element counts under ``untracked_parameters``; the key is present only
+        when there are some, so runs that track everything keep their description. A task
+        that is not the model itself adds ``task_class``.
+        """
+        uses_draws = task_uses_draws(self.task)
+        out = {
             "version": FEATURIZER_VERSION,
             "policy_hash": self.policy_hash,
             "policy_class": type(self.policy).__name__,
             "output": self.output,
-            "draws": self.draws if self._uses_draws() else None,
-            "noise_seed": self.seed if self._uses_draws() else None,
+            "draws": self.draws if uses_draws else None,
+            "noise_seed": self.seed if uses_draws else None,
             "track": self.track if isinstance(self.track, str) else list(self.track),
             "tracked_modules": [n for n, _ in self.modules] if self.path == "hooks" else self.order,
             "num_tracked_parameters": int(self.num_tracked),
@@ -172,28 +215,53 @@ class Featurizer:
             "projection": self.projection.describe(),
             "layer_seeds": "stream_key(stream_key(seed, STREAM_LAYER), crc32(name))" if self.path == "hooks" else None,
         }
+        if self.untracked:
+            out["untracked_parameters"] = {"count": int(sum(self.untracked.values())), "tensors": dict(self.untracked)}
+        if self.task is not self.policy:
+            out["task_class"] = type(self.task).__name__
+        return out
 
-    def _uses_draws(self) -> bool:
-        from cupid_engine.policies.diffusion import DiffusionPolicy
+    def matches(self, stored: dict[str, Any]) -> bool:
+        """Whether a run's recorded description ``stored`` was produced by this featuriser.
 
-        return isinstance(self.policy, DiffusionPolicy)
+        Runs recorded before ``untracked_parameters`` was listed lack that purely
+        informational key; they match when everything else is equal (so such stores can
+        still be resumed and extended)."""
+        now = self.describe()
+        if stored == now:
+            return True
+        return "untracked_parameters" not in stored and stored == {
+            k: v for k, v in now.items() if k != "untracked_parameters"
+        }
 
     # ------------------------------------------------------------------ featurise
     def featurize_samples(self, samples: SampleSet, indices: Any = None) -> torch.Tensor:
         """``[B, k]`` features of raw samples (normalised here with the policy's normaliser)."""
         return self(self.policy.make_batch(samples, indices))
 
+    def featurize_episodes(self, episodes: Any) -> torch.Tensor:
+        """``[sum of lengths, k]`` features of every step of ``episodes`` (one batch, built by
+        the task's ``build_batch``)."""
+        return self(self.task.build_batch(list(episodes)))
+
+    def _float_ref(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return v
+        return next(self.policy.parameters())
+
     def __call__(self, batch: dict[str, torch.Tensor], *, check_finite: bool = True) -> torch.Tensor:
-        """Features of a normalised batch.
+        """Features of a model-ready batch.
 
         Args:
-            batch: ``obs [B, n_obs, D]``, ``action [B, H, A]``, ``episode_key [B]``, ``step [B]``.
+            batch: The task's batch (engine policies: ``obs [B, n_obs, D]``, ``action [B,
+                H, A]``, ``episode_key [B]``, ``step [B]``, normalised).
             check_finite: Raise on NaN/Inf features naming the batch rows.
 
         Returns:
             ``[B, k]`` float32 (float64 for a float64 policy and batch).
         """
-        with exact_float32(batch["obs"].device):
+        with exact_float32(self._float_ref(batch).device):
             out = self._hooks(batch) if self.path == "hooks" else self._vmap(batch)
         out = out.detach()
         if check_finite:
@@ -204,35 +272,57 @@ class Featurizer:
         return out
 
     def layer_factors(self, batch: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """Hook captures ``[(name, delta [B, T, O], x [B, T, I(+1)])]`` of one batch (hooks path)."""
+        """Hook captures ``[(name, delta [B, T, O], x [B, T, I])]`` of one batch (hooks path;
+        an Embedding's ``delta`` is its ``[B, T]`` token index, see ``HookCapture.factors``)."""
         if self.path != "hooks":
             raise ValueError("layer_factors needs path='hooks'")
-        n = batch["obs"].shape[0]
+        n = batch_rows(batch)
         with torch.enable_grad():
-            expanded, _ = expand_for_output(self.policy, batch, self.output, draws=self.draws, seed=self.seed)
             with _hooks.HookCapture(self.modules) as cap:
-                total = output_from_expanded(self.policy, expanded, self.output).sum()
+                values = self.task.output(self.policy, batch, self.output, seed=self.seed, draws=self.draws)
+                if tuple(values.shape) != (n,):
+                    raise ValueError(
+                        f"{type(self.task).__name__}.output({self.output!r}) returned shape {tuple(values.shape)}; "
+                        f"the policy protocol needs one value per batch row: [{n}]"
+                    )
+                total = values.sum()
             return cap.factors(total, n)
 
     def _hooks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        n = batch["obs"].shape[0]
-        factors = self.layer_factors(batch)
-        if not factors:  # no tracked layer influences the output: the gradient is 0
-            dtype = torch.float64 if batch["obs"].dtype == torch.float64 else torch.float32
-            return torch.zeros(n, self.k, dtype=dtype, device=batch["obs"].device)
-        return _hooks.fused_tensorsketch(
-            [(self._seeds[name], d, x) for name, d, x in factors], k=self.k, workspace=self._workspace
-        )
+        n = batch_rows(batch)
+        captured = self.layer_factors(batch)
+        if not captured:  # no tracked layer influences the output: the gradient is 0
+            ref = self._float_ref(batch)
+            dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+            return torch.zeros(n, self.k, dtype=dtype, device=ref.device)
+        factors, index_factors = [], []
+        strategies: dict[str, dict[str, Any]] = {}
+        for name, d, x in captured:
+            module = self._by_name[name]
+            if isinstance(module, nn.Embedding):
+                O = module.num_embeddings
+                index_factors.append((self._seeds[name], d, x, O))
+                strategies[name] = {"strategy": "index", "T": int(d.shape[1]), "O": O, "I": int(x.shape[2])}
+            else:
+                factors.append((self._seeds[name], d, x))
+                T, O, I = int(d.shape[1]), int(d.shape[2]), int(x.shape[2])
+                strategies[name] = {"strategy": _hooks.choose_strategy("auto", T, O, I, self.k), "T": T, "O": O, "I": I}
+        if strategies.keys() != self.layer_strategies.keys():
+            log.info("featurizer per-layer strategies: %s",
+                     {k: f"{v['strategy']} (T={v['T']}, O={v['O']}, I={v['I']})" for k, v in strategies.items()})
+        self.layer_strategies = strategies
+        return _hooks.fused_tensorsketch(factors, k=self.k, workspace=self._workspace, index_factors=index_factors)
 
     def _vmap(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        n = batch["obs"].shape[0]
-        itemsize = batch["obs"].element_size()
+        n = batch_rows(batch)
+        itemsize = self._float_ref(batch).element_size()
         chunk = max(1, min(n, _vmap.MAX_CHUNK_BYTES // max(1, self.num_tracked * itemsize)))
         outs = []
         p = self.projection
         for a in range(0, n, chunk):
             part = {key: v[a : a + chunk] for key, v in batch.items()}
-            grads = _vmap.per_sample_grads(self.policy, self.params, part, self.output, seed=self.seed, draws=self.draws)
+            grads = _vmap.per_sample_grads(self.policy, self.params, part, self.output, seed=self.seed,
+                                           draws=self.draws, task=self.task)
             flat = _vmap.flatten_grads(grads, self.order)
             outs.append(ops.project(flat, k=p.k, method=p.method, seed=p.seed, s=p.s, backend=p.backend, check_finite=False))
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -59,7 +59,7 @@ from cupid_engine.ops import reference
 from cupid_engine.ops import spectral
 
 __all__ = ["DFT_MAX_DIM", "STRATEGIES", "layer_seed", "check_sample_independent", "HookCapture", "unfold_conv1d",
-           "fused_tensorsketch"]
+           "unfold_conv2d", "gradient_matrix", "layer_matrix_shape", "choose_strategy", "fused_tensorsketch"]
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -97,14 +97,19 @@ def check_sample_independent(policy: nn.Module) -> None:
         )
 
 
-def _conv_padding(module: nn.Conv1d) -> tuple[int, int]:
+def _conv_padding(module: nn.Module) -> list[tuple[int, int]]:
+    """``(left, right)`` zero padding per spatial dim of a Conv1d/Conv2d."""
+    nd = len(module.kernel_size)
     pad = module.padding
     if isinstance(pad, str):
         if pad == "valid":
-            return 0, 0
-        total = module.dilation[0] * (module.kernel_size[0] - 1)  # "same" (stride 1)
-        return total // 2, total - total // 2
-    return pad[0], pad[0]
+            return [(0, 0)] * nd
+        out = []
+        for i in range(nd):  # "same" (stride 1): torch puts the odd extra element on the right
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            out.append((total // 2, total - total // 2))
+        return out
+    return [(p, p) for p in pad]
 
 
 def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = False) -> torch.Tensor:
@@ -124,7 +129,7 @@ def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = Fals
             f"Conv1d with groups={module.groups}, padding_mode={module.padding_mode!r} cannot be unfolded "
             "into a Linear: only groups=1 and zero padding are supported"
         )
-    left, right = _conv_padding(module)
+    (left, right), = _conv_padding(module)
     if left or right:
         x = F.pad(x, (left, right))
     K, d, st = module.kernel_size[0], module.dilation[0], module.stride[0]
@@ -137,11 +142,80 @@ def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = Fals
     return out
 
 
+def unfold_conv2d(module: nn.Conv2d, x: torch.Tensor, *, append_one: bool = False) -> torch.Tensor:
+    """im2col of a Conv2d input: ``[R, C_in, H, W] -> [R, H_out * W_out, C_in * kh * kw (+1)]``.
+
+    Column ``(c * kh + i) * kw + j`` holds input channel ``c`` at tap ``(i, j)``, matching
+    ``weight.reshape(C_out, -1)``; rows are output positions in row-major ``(h, w)``
+    order, matching ``delta.flatten(2)``. Padding (numbers, ``"same"``, ``"valid"``),
+    stride and dilation are honoured; a last column of ones is the bias input.
+
+    Raises:
+        ValueError: grouped convolutions or non-zero padding modes.
+    """
+    if module.groups != 1 or module.padding_mode != "zeros":
+        raise ValueError(
+            f"Conv2d with groups={module.groups}, padding_mode={module.padding_mode!r} cannot be unfolded "
+            "into a Linear: only groups=1 and zero padding are supported"
+        )
+    (top, bottom), (left, right) = _conv_padding(module)
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom))
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)  # [R, C*kh*kw, L]
+    R, n, L = cols.shape
+    out = torch.empty(R, L, n + int(append_one), dtype=x.dtype, device=x.device)
+    out[..., :n].copy_(cols.transpose(1, 2))
+    if append_one:
+        out[..., -1] = 1
+    return out
+
+
+def _has(module: nn.Module, pname: str) -> bool:
+    p = getattr(module, pname, None)
+    return isinstance(p, torch.Tensor) and p.requires_grad
+
+
+def layer_matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """``(O, I)`` of the per-sample gradient matrix the hook path sketches for ``module``.
+
+    The layout (the coordinates the tensorsketch hashes, see :func:`gradient_matrix`):
+
+    * Linear / Conv1d / Conv2d: ``[C_out, fan_in (+1)]``: ``weight.reshape(C_out, -1)``
+      with the bias (when trainable) as the last column;
+    * GroupNorm / LayerNorm: ``[n, #trainable of (weight, bias)]``: one column per
+      affine parameter, flattened (``n`` = channels / ``prod(normalized_shape)``);
+    * Embedding: ``[num_embeddings, embedding_dim]``, the weight itself.
+    """
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+        n = module.num_channels if isinstance(module, nn.GroupNorm) else math.prod(module.normalized_shape)
+        return n, int(_has(module, "weight")) + int(_has(module, "bias"))
+    w = module.weight
+    if isinstance(module, nn.Embedding):
+        return int(w.shape[0]), int(w.shape[1])
+    return int(w.shape[0]), int(w[0].numel()) + int(_has(module, "bias"))
+
+
+def gradient_matrix(module: nn.Module, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The per-sample gradient matrix ``[B, O, I]`` (:func:`layer_matrix_shape`) from
+    per-parameter gradients ``{"weight": [B, *w.shape], "bias": [B, *b.shape]}`` (the
+    torch.func path's output): the definition the hook sketch is tested against."""
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+        cols = [grads[p].reshape(grads[p].shape[0], -1) for p in ("weight", "bias") if _has(module, p)]
+        return torch.stack(cols, dim=-1)
+    w = grads["weight"]
+    if isinstance(module, nn.Embedding):
+        return w
+    m = w.reshape(w.shape[0], w.shape[1], -1)
+    if _has(module, "bias"):
+        m = torch.cat((m, grads["bias"].unsqueeze(-1)), dim=-1)
+    return m
+
+
 class HookCapture:
     """Forward hooks that keep the input and output of every tracked module.
 
     Use as a context manager around one forward pass; then :meth:`factors` runs the
-    backward and returns ``(name, delta [B, T, O], x [B, T, I(+1)])`` per captured call.
+    backward and returns the per-sample factors of every captured call.
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Module]]):
@@ -168,6 +242,11 @@ class HookCapture:
 
         return hook
 
+    def uncalled(self) -> list[tuple[str, nn.Module]]:
+        """Tracked modules whose forward did not run in the captured pass."""
+        called = {id(c[1]) for c in self._calls}
+        return [(n, m) for n, m in self.modules if id(m) not in called]
+
     def factors(self, total: torch.Tensor, groups: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """Backprop ``total`` and return the per-sample factors of every captured call.
 
@@ -177,35 +256,92 @@ class HookCapture:
                 per sample.
 
         Returns:
-            ``[(name, delta [B, T, O], x [B, T, I(+1)])]`` in capture order; calls whose
-            output does not influence ``total`` are left out (zero gradient).
+            ``[(name, delta, x)]`` in capture order with ``G_b = sum_t delta_bt x_bt^T``
+            the layer's per-sample gradient matrix (:func:`layer_matrix_shape`):
+            ``delta [B, T, O]`` and ``x [B, T, I]`` floats, except for an Embedding,
+            whose row factor is one-hot: ``delta`` is then the ``[B, T]`` int64 token
+            index (``-1``: a padding token, no gradient) and ``x [B, T, D]`` the output
+            gradient. Calls whose output does not influence ``total`` are left out (zero
+            gradient).
+
+        Raises:
+            ValueError: a tracked module that was not called although its parameters
+                influence ``total`` (used outside its forward: the hooks would miss it).
         """
         calls = [c for c in self._calls if c[3].requires_grad]
-        if not calls:
+        # Tracked modules never called: their parameters must not influence the output,
+        # else they are used functionally (e.g. MultiheadAttention.out_proj) and the hook
+        # path would silently leave them out.
+        ghost = [(n, p) for n, m in self.uncalled() for p in m.parameters(recurse=False) if p.requires_grad]
+        if not calls and not ghost:
             return []
-        grads = torch.autograd.grad(total, [c[3] for c in calls], allow_unused=True)
+        grads = torch.autograd.grad(
+            total, [c[3] for c in calls] + [p for _, p in ghost], allow_unused=True
+        )
+        used = sorted({n for (n, _), g in zip(ghost, grads[len(calls):]) if g is not None})
+        if used:
+            raise ValueError(
+                f"tracked modules {used} influence the output but their forward never ran: their parameters are "
+                "used outside the module (e.g. F.linear(x, module.weight), nn.MultiheadAttention's out_proj), "
+                "which the hook path cannot capture; call the module itself, leave it untracked, or use the "
+                "torch.func (vmap) path"
+            )
         out = []
-        for (name, module, x, _), delta in zip(calls, grads):
+        for (name, module, x, y), delta in zip(calls, grads):
             if delta is None:
                 continue
-            if isinstance(module, nn.Conv1d):
-                x = unfold_conv1d(module, x, append_one=module.bias is not None)  # [R, L_out, C_in*K (+1)]
-                delta = delta.transpose(1, 2)  # [R, C_out, L_out] -> [R, L_out, C_out]
-            else:  # Linear: [R, *, I] -> [R, T, I]
-                x = x.reshape(x.shape[0], -1, x.shape[-1])
-                delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-                if module.bias is not None:
-                    x = torch.cat((x, x.new_ones(x.shape[:-1] + (1,))), dim=-1)
-            rows = x.shape[0]
-            if rows % groups:
-                raise RuntimeError(f"module {name!r}: {rows} captured rows do not split into {groups} samples")
-            per = rows // groups
-            # Rows of one sample are contiguous: fold them into T.
-            x = x.reshape(groups, per * x.shape[1], x.shape[2])
-            delta = delta.reshape(groups, per * delta.shape[1], delta.shape[2])
-            out.append((name, delta, x))
+            out.append((name, *self._layer(name, module, x, y, delta, groups)))
         self._calls.clear()
         return out
+
+    @staticmethod
+    def _layer(
+        name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = x.shape[0]
+        if rows % groups:
+            raise RuntimeError(f"module {name!r}: {rows} captured rows do not split into {groups} samples")
+        per = rows // groups
+        if isinstance(module, nn.Embedding):
+            idx = x.reshape(groups, -1).long()
+            d = delta.reshape(groups, -1, delta.shape[-1])
+            if module.padding_idx is not None:  # torch gives the padding row no gradient
+                idx = torch.where(idx == module.padding_idx, -1, idx)
+            return idx, d
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            if isinstance(module, nn.GroupNorm):
+                xhat = F.group_norm(x, module.num_groups, eps=module.eps)
+                red = tuple(range(2, x.dim()))  # spatial dims: one gradient entry per channel
+                gw = (xhat * delta).sum(red) if red else xhat * delta  # [R, C]
+                gb = delta.sum(red) if red else delta
+            else:
+                xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+                nd = len(module.normalized_shape)
+                lead = tuple(range(1, x.dim() - nd))  # tokens etc. of one row
+                gw = (xhat * delta).sum(lead) if lead else xhat * delta
+                gb = delta.sum(lead) if lead else delta
+                gw, gb = gw.reshape(rows, -1), gb.reshape(rows, -1)
+            cols = [g for g, p in ((gw, "weight"), (gb, "bias")) if _has(module, p)]
+            G = torch.stack(cols, dim=-1).reshape(groups, per, gw.shape[1], len(cols)).sum(1)  # [B, n, c]
+            # G = sum_j G[:, j] e_j^T: a T = c factorisation, hashed like any other layer.
+            eye = torch.eye(len(cols), dtype=G.dtype, device=G.device).expand(groups, -1, -1)
+            return G.transpose(1, 2), eye
+        bias = _has(module, "bias")
+        if isinstance(module, nn.Conv1d):
+            x = unfold_conv1d(module, x, append_one=bias)  # [R, L_out, C_in*K (+1)]
+            delta = delta.transpose(1, 2)  # [R, C_out, L_out] -> [R, L_out, C_out]
+        elif isinstance(module, nn.Conv2d):
+            x = unfold_conv2d(module, x, append_one=bias)  # [R, H_out*W_out, C_in*kh*kw (+1)]
+            delta = delta.flatten(2).transpose(1, 2)  # [R, C_out, H', W'] -> [R, H'*W', C_out]
+        else:  # Linear: [R, *, I] -> [R, T, I]
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
+            if bias:
+                x = torch.cat((x, x.new_ones(x.shape[:-1] + (1,))), dim=-1)
+        # Rows of one sample are contiguous: fold them into T.
+        x = x.reshape(groups, per * x.shape[1], x.shape[2])
+        delta = delta.reshape(groups, per * delta.shape[1], delta.shape[2])
+        return delta, x
 
 
 DFT_MAX_DIM = 16
@@ -261,7 +397,7 @@ def _dense_table(seed: int, O: int, I: int, k: int) -> tuple[torch.Tensor, torch
     return ((b1[:, None] + b2[None, :]) % k).reshape(-1), (s1[:, None] * s2[None, :]).reshape(-1)
 
 
-def _choose(strategy: str, T: int, O: int, I: int, k: int) -> str:
+def choose_strategy(strategy: str, T: int, O: int, I: int, k: int) -> str:
     """``fft`` (sum_t of factor spectra) or ``dense`` (hash the layer's ``[O, I]`` gradient).
 
     ``dense`` forms one layer's per-sample gradient for the batch, so it is taken only
@@ -327,10 +463,11 @@ def fused_tensorsketch(
     k: int,
     strategy: str = "auto",
     workspace: _Workspace | None = None,
+    index_factors: Sequence[tuple[int, torch.Tensor, torch.Tensor, int]] = (),
 ) -> torch.Tensor:
     """Sum over layers of ``ops.tensorsketch(delta, x, k=k, seed=seed)``, evaluated cheaply.
 
-    Per layer, one of two exact evaluations of the same sketch (see :func:`_choose`):
+    Per layer, one of two exact evaluations of the same sketch (see :func:`choose_strategy`):
 
     * ``fft``: ``sum_t rfft(CS1(delta_t)) * rfft(CS2(x_t))``, spectra of all such layers
       accumulated and inverted by ONE ``irfft`` at the end (irfft is linear). The count
@@ -347,24 +484,43 @@ def fused_tensorsketch(
         strategy: ``auto`` (per layer, by cost), or force ``fft`` / ``dense`` (tests).
         workspace: Scratch buffers reused across calls (a :class:`Featurizer` keeps one);
             None allocates fresh ones.
+        index_factors: ``[(seed, idx [B, T] int64, x [B, T, I], O)]``: layers whose row
+            factor is one-hot (Embedding: ``G = sum_t e_{idx_t} x_t^T``, ``[O, I]``, index
+            ``-1`` contributes nothing). Hashed directly: entry ``(idx_t, i)`` goes to
+            bucket ``(h1(idx_t) + h2(i)) mod k`` with sign ``s1(idx_t) s2(i)``, i.e.
+            exactly ``reference.tensorsketch_materialized`` of the one-hot factorisation,
+            at ``O(T * I)`` per sample and no ``[O, I]`` matrix.
 
     Returns:
         ``[B, k]`` float32 (float64 for float64 inputs).
     """
-    if not factors:
+    if not factors and not index_factors:
         raise ValueError("no layer factors to sketch")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    delta0 = factors[0][1]
-    acc = torch.float64 if delta0.dtype == torch.float64 else torch.float32
+    x0 = factors[0][2] if factors else index_factors[0][2]
+    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
     cdtype = torch.complex128 if acc == torch.float64 else torch.complex64
-    B, device = delta0.shape[0], delta0.device
+    B, device = x0.shape[0], x0.device
     ws = workspace if workspace is not None else _Workspace()
     direct = None
+    for seed, idx, x, O in index_factors:
+        I = x.shape[2]
+        b1, s1 = _factor_hash(seed, C.STREAM_TS_OUT, O, k, acc)
+        b2, s2 = _factor_hash(seed, C.STREAM_TS_IN, I, k, acc)
+        b1, s1, b2, s2 = b1.to(device), s1.to(device), b2.to(device), s2.to(device)
+        valid = idx >= 0
+        safe = torch.where(valid, idx, 0)
+        row_sign = torch.where(valid, s1[safe], torch.zeros((), dtype=acc, device=device))  # [B, T]
+        bucket = (b1[safe].unsqueeze(-1) + b2) % k  # [B, T, I]
+        vals = x.to(acc) * row_sign.unsqueeze(-1) * s2
+        if direct is None:
+            direct = torch.zeros(B, k, dtype=acc, device=device)
+        direct.scatter_add_(1, bucket.reshape(B, -1), vals.reshape(B, -1))
     fft_layers = []
     for seed, delta, x in factors:
         T, O, I = delta.shape[1], delta.shape[2], x.shape[2]
-        if _choose(strategy, T, O, I, k) == "dense":
+        if choose_strategy(strategy, T, O, I, k) == "dense":
             G = torch.bmm(delta.to(acc).transpose(1, 2), x.to(acc)).reshape(B, O * I)  # [B, O, I] flattened
             bucket, sign = _dense_table(seed, O, I, k)
             G *= sign.to(device=device, dtype=acc)

@@ -21,8 +21,11 @@ datamodel trainers never see model code:
 * ``transformer``: :class:`TransformerPolicy`, Octo/ACT-like: patch + state + word-hash
   language tokens, self-attention from ``nn.Linear``, a diffusion head.
 * ``image_samples``: samples with camera frames and task-text tokens.
-* ``outputs``: the output functions ``loss``, ``logprob``, ``square``, ``energy`` and the
-  draw expansion the hook-based featuriser uses.
+* ``task``: the policy protocol (:class:`PolicyTask`): ``build_batch(episodes)`` +
+  ``output(model, batch, name, *, seed, draws) -> [B]``; the engine featurises, stores,
+  scores and queries any ``nn.Module`` through it. The policies here are their own task.
+* ``outputs``: the by-name view of the output functions ``loss``, ``logprob``,
+  ``square``, ``energy`` (methods of the policy classes) and the draw expansion.
 * ``tracking``: which modules/parameters are differentiated (``all``, ``head``, names).
 * ``training``: :func:`train_policy` with per-sample / per-cluster loss weights
   (weight 0 == removal), EMA, deterministic data order.
@@ -46,7 +49,8 @@ from cupid_engine.policies.outputs import (
 from cupid_engine.policies.registry import POLICIES, build_policy, make_policy_config, policy_kind
 from cupid_engine.policies.samples import SampleSet, build_samples, episode_key
 from cupid_engine.policies.transformer import TransformerPolicy, TransformerPolicyConfig
-from cupid_engine.policies.tracking import tracked_modules, tracked_parameters
+from cupid_engine.policies.task import PolicyTask, resolve_task, task_hash
+from cupid_engine.policies.tracking import hook_refusal, tracked_modules, tracked_parameters, untracked_parameters
 from cupid_engine.policies.training import TrainConfig, sample_weight_vector, train_policy
 
 __all__ = [
@@ -61,6 +65,7 @@ __all__ = [
     "Normalizer",
     "Policy",
     "PolicyConfig",
+    "PolicyTask",
     "SampleSet",
     "TrainConfig",
     "TransformerPolicy",
@@ -73,16 +78,20 @@ __all__ = [
     "expand_for_output",
     "functional_output",
     "get_output",
+    "hook_refusal",
     "load_policy",
     "make_policy_config",
     "output_from_expanded",
     "policy_hash",
     "policy_kind",
     "reduce_groups",
+    "resolve_task",
     "sample_weight_vector",
     "save_policy",
     "seeded_diffusion_noise",
+    "task_hash",
     "tracked_modules",
     "tracked_parameters",
     "train_policy",
+    "untracked_parameters",
 ]

@@ -11,9 +11,13 @@ Batches are dicts of tensors, always *normalised*:
 * ``episode_key``: ``[B]`` int64, ``step``: ``[B]`` int64 (identify the sample; seeded
   noise is derived from them, never from the batch position).
 
-``forward(batch, output=..., seed=..., draws=...)`` evaluates an output function
-(``outputs.py``), so ``torch.func.functional_call(policy, params, (batch,), kwargs)``
-works for every output without the caller knowing the policy class.
+Every policy implements the engine's policy protocol (``policies/task.py``) as its own
+task: ``build_batch(episodes)`` and ``output(model, batch, name, *, seed, draws)`` with
+``model is self``. The output functions are methods of the policy classes
+(``_output``), not a dispatch on the policy's type. ``forward(batch, output=...,
+seed=..., draws=...)`` evaluates an output, so ``torch.func.functional_call(policy,
+params, (batch,), kwargs)`` works for every output without the caller knowing the
+policy class.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 
 from cupid_engine.config import Config, check, field
+from cupid_engine.constants import OUTPUT_FUNCTIONS
 from cupid_engine.policies.normalizer import NORMALIZER_MODES, Normalizer
 
 
@@ -77,6 +82,8 @@ class Policy(nn.Module):
     config_class: type[PolicyConfig] = PolicyConfig
     #: Output functions (``constants.OUTPUT_FUNCTIONS``) this policy supports.
     supported_outputs: tuple[str, ...] = ()
+    #: Whether the outputs depend on the noise seed and draw count (policy protocol).
+    uses_noise_draws: bool = False
 
     def __init__(self, config: PolicyConfig):
         super().__init__()
@@ -105,12 +112,78 @@ class Policy(nn.Module):
         """Names (as in ``named_modules``) of the modules forming the action head."""
         raise NotImplementedError
 
+    def _output(self, batch: dict[str, torch.Tensor], name: str, *, seed: int, draws: int) -> torch.Tensor:
+        """Output function ``name`` (already checked as supported) on a normalised batch: ``[B]``."""
+        raise NotImplementedError
+
+    def output_hint(self, name: str) -> str:
+        """The tail of the error for an unsupported output ``name``: what is supported and why."""
+        return f"; supported: {self.supported_outputs}"
+
+    # -- the policy protocol (policies/task.py) ---------------------------------------
+    def check_output(self, name: str) -> None:
+        """Raise a ValueError unless ``name`` is an output function this policy supports."""
+        if name not in OUTPUT_FUNCTIONS:
+            raise ValueError(f"unknown output function {name!r}; choose one of {OUTPUT_FUNCTIONS}")
+        if name not in self.supported_outputs:
+            raise ValueError(
+                f"output {name!r} is not defined for {type(self).__name__}{self.output_hint(name)}"
+            )
+
+    def output(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], name: str, *, seed: int = 0, draws: int = 64
+    ) -> torch.Tensor:
+        """Output function ``name`` on a normalised batch: ``[B]`` (``model`` must be this
+        policy: an engine policy is its own task)."""
+        if model is not self:
+            raise ValueError(f"{type(self).__name__} is its own task: output() needs model=the policy itself")
+        self.check_output(name)
+        return self._output(batch, name, seed=seed, draws=draws)
+
+    def build_batch(self, episodes: Any) -> dict[str, torch.Tensor]:
+        """Normalised batch (on the policy's device) of one sample per step of ``episodes``,
+        in episode then step order: the policy protocol's batch builder."""
+        from cupid_engine.policies.samples import build_samples
+
+        c = self.config
+        samples = build_samples(episodes, n_obs_steps=c.n_obs_steps, horizon=c.horizon, obs_keys=c.obs_keys)
+        self.check_sample_dims(samples)
+        return self.make_batch(samples)
+
+    def check_sample_dims(self, samples: Any) -> None:
+        """Raise a ``DataError`` naming the first episode when the samples' observation or
+        action width is not the policy's (rather than a raw tensor error later)."""
+        from cupid_engine.errors import DataError
+
+        c = self.config
+        for name, want in (("obs_dim", c.obs_dim), ("action_dim", c.action_dim)):
+            got = getattr(samples, name)
+            if len(samples) and got != want:
+                what = "observation" if name == "obs_dim" else "action"
+                raise DataError(
+                    f"episode {samples.episode_ids[0]!r}: {what} width {got} differs from the policy's {name} {want}",
+                    where=f"field {what!r}" + (f" (keys {list(c.obs_keys)})" if what == "observation" and c.obs_keys
+                                                else ""),
+                    hint="featurise with a policy trained on this kind of data",
+                )
+
+    def expand_for_output(
+        self, batch: dict[str, torch.Tensor], name: str, *, draws: int = 64, seed: int = 0
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``(expanded, group_index [R])``: rows per sample of a Monte-Carlo output (see
+        ``outputs.expand_for_output``); the identity (one row per sample) here."""
+        self.check_output(name)
+        return batch, torch.arange(batch["obs"].shape[0], device=batch["obs"].device)
+
+    def output_rows(self, expanded: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Per-row contributions ``[R]`` of an expanded batch; the output itself here."""
+        self.check_output(name)
+        return self._output(expanded, name, seed=0, draws=1)
+
     # -- shared ---------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], output: str = "loss", seed: int = 0, draws: int = 64) -> torch.Tensor:
         """Evaluate output function ``output`` on a normalised batch: ``[B]``."""
-        from cupid_engine.policies.outputs import get_output
-
-        return get_output(output)(self, batch, seed=seed, draws=draws)
+        return self.output(self, batch, output, seed=seed, draws=draws)
 
     def make_batch(self, samples: Any, indices: Any = None) -> dict[str, torch.Tensor]:
         """Normalised batch of ``samples`` (a :class:`~cupid_engine.policies.samples.SampleSet`)

@@ -283,6 +283,7 @@ class DiffusionPolicy(Policy):
 
     config_class = DiffusionPolicyConfig
     supported_outputs = ("loss", "square", "energy")
+    uses_noise_draws = True
 
     def __init__(self, config: DiffusionPolicyConfig):
         super().__init__(config)
@@ -291,6 +292,60 @@ class DiffusionPolicy(Policy):
 
     def head_modules(self) -> list[str]:
         return ["model.final_conv"]
+
+    # -- output functions (policy protocol) ---------------------------------------------
+    def output_hint(self, name: str) -> str:
+        hint = " (logprob needs an MLP with head='gaussian'; for diffusion policies use 'square', CUPID Eq. 9)"
+        return f"; supported: {self.supported_outputs}{hint if name == 'logprob' else ''}"
+
+    def expand_for_output(
+        self, batch: dict[str, torch.Tensor], name: str, *, draws: int = 64, seed: int = 0
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Repeat each sample once per noise draw with its seeded ``noise [R, H, A]``,
+        ``timestep [R]`` and ``row_weight [R]`` (= 1/draws): rows ``b * draws .. (b+1) *
+        draws - 1`` are sample b's. Returns ``(expanded, group_index [R])``."""
+        self.check_output(name)
+        if draws < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
+        for key in ("episode_key", "step"):
+            if key not in batch:
+                raise ValueError(f"output {name!r} needs batch field {key!r} to seed its noise draws")
+        batch_size = batch["obs"].shape[0]
+        device = batch["obs"].device
+        c = self.config
+        noise, timestep = seeded_diffusion_noise(
+            batch["episode_key"], batch["step"], seed=seed, draws=draws, horizon=c.horizon,
+            action_dim=c.action_dim, num_train_timesteps=c.num_train_timesteps,
+        )
+        expanded = {k: v.repeat_interleave(draws, dim=0) for k, v in batch.items()}
+        expanded["noise"] = noise.reshape(batch_size * draws, *noise.shape[2:]).to(batch["obs"].dtype)
+        expanded["timestep"] = timestep.reshape(batch_size * draws)
+        # 1/draws per row, carried as data so that output_rows needs no side channel.
+        expanded["row_weight"] = torch.full((batch_size * draws,), 1.0 / draws, dtype=batch["obs"].dtype, device=device)
+        group_index = torch.arange(batch_size, device=device).repeat_interleave(draws)
+        return expanded, group_index
+
+    def output_rows(self, expanded: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Per-row contributions ``[R]`` (already divided by ``draws``) of an expanded batch."""
+        self.check_output(name)
+        if not {"noise", "timestep", "row_weight"} <= set(expanded):
+            raise ValueError("diffusion outputs need an expanded batch (see expand_for_output)")
+        rows = expanded["timestep"].shape[0]
+        eps_hat = self.predict_noise_for(expanded)
+        if name == "loss":
+            per_row = (eps_hat - expanded["noise"]).square().reshape(rows, -1).mean(1)
+        else:  # square and energy: the label-agnostic squared-norm surrogate
+            per_row = eps_hat.square().reshape(rows, -1).sum(1)
+        return per_row * expanded["row_weight"]
+
+    def _output(self, batch: dict[str, torch.Tensor], name: str, *, seed: int, draws: int) -> torch.Tensor:
+        """Mean over ``draws`` seeded (ε, t) draws (CUPID Eq. 9 for ``square``): ``[B]``."""
+        batch_size = batch["obs"].shape[0]
+        expanded, _ = self.expand_for_output(batch, name, draws=draws, seed=seed)
+        rows = self.output_rows(expanded, name)
+        # Rows of a sample are contiguous and equally many, so a reshape-sum replaces
+        # index_add: cheaper, and trivially vmap-compatible.
+        return rows.reshape(batch_size, -1).sum(1)
 
     def predict_noise(self, noisy_action: torch.Tensor, timestep: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """ε_θ: ``noisy_action [B, H, A]``, ``timestep [B]`` int64, normalised ``obs [B, n_obs, D]``

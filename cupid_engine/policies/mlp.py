@@ -107,6 +107,22 @@ class MLPPolicy(Policy):
     def head_modules(self) -> list[str]:
         return ["mean_head"] + (["log_std_head"] if self.log_std_head is not None else [])
 
+    def _output(self, batch: dict[str, torch.Tensor], name: str, *, seed: int, draws: int) -> torch.Tensor:
+        # Deterministic outputs: one row per sample, seed and draws unused.
+        if name == "loss":
+            return self.per_sample_loss(batch)
+        if name == "logprob":
+            return self.log_prob(batch)
+        return self.energy(batch)
+
+    def output_hint(self, name: str) -> str:
+        hint = ""
+        if name == "logprob":
+            hint = " (logprob needs an MLP with head='gaussian'; for diffusion policies use 'square', CUPID Eq. 9)"
+        elif name == "square":
+            hint = " (square is the diffusion surrogate; for MLP policies use 'loss', 'logprob' or 'energy')"
+        return f" with head={self.config.head!r}; supported: {self.supported_outputs}{hint}"
+
     def distribution_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised ``obs [B, n_obs, D]`` -> mean ``[B, H, A]`` and log-std ``[B, H, A]``
         (None for the deterministic head)."""

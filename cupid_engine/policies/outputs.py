@@ -1,5 +1,10 @@
 """Output functions f(z; θ) whose per-sample gradients the featuriser projects (DESIGN §1).
 
+The outputs themselves are methods of the policy classes (the policy protocol,
+``policies/task.py``: ``policy.output(policy, batch, name, seed=..., draws=...)``);
+this module keeps the by-name functional view of them and documents their semantics.
+Nothing here dispatches on a policy's class.
+
 Every output function has the signature ``fn(policy, batch, *, seed=0, draws=64) ->
 Tensor[B]`` on a *normalised* batch, and each sample's value depends only on that
 sample's own inputs (no batch statistics, no batch-position-dependent noise). That makes
@@ -40,29 +45,8 @@ import torch
 
 from cupid_engine.constants import OUTPUT_FUNCTIONS
 from cupid_engine.policies.base import Policy
-from cupid_engine.policies.diffusion import DiffusionPolicy, seeded_diffusion_noise
-from cupid_engine.policies.mlp import MLPPolicy
 
 OutputFn = Callable[..., torch.Tensor]
-
-
-def _check_supported(policy: Policy, name: str) -> None:
-    if name not in OUTPUT_FUNCTIONS:
-        raise ValueError(f"unknown output function {name!r}; choose one of {OUTPUT_FUNCTIONS}")
-    if name not in policy.supported_outputs:
-        hint = ""
-        if name == "logprob":
-            hint = (
-                " (logprob needs an MLP with head='gaussian'; for diffusion policies use 'square', "
-                "CUPID Eq. 9)"
-            )
-        elif name == "square":
-            hint = " (square is the diffusion surrogate; for MLP policies use 'loss', 'logprob' or 'energy')"
-        raise ValueError(
-            f"output {name!r} is not defined for {type(policy).__name__}"
-            f"{'' if not isinstance(policy, MLPPolicy) else ' with head=' + repr(policy.config.head)}; "
-            f"supported: {policy.supported_outputs}{hint}"
-        )
 
 
 def expand_for_output(
@@ -85,32 +69,7 @@ def expand_for_output(
         itself for MLPs) and ``group_index [R]`` int64, the sample each row belongs to.
         Rows of one sample are contiguous.
     """
-    _check_supported(policy, name)
-    batch_size = batch["obs"].shape[0]
-    device = batch["obs"].device
-    if not isinstance(policy, DiffusionPolicy):
-        return batch, torch.arange(batch_size, device=device)
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    for key in ("episode_key", "step"):
-        if key not in batch:
-            raise ValueError(f"output {name!r} needs batch field {key!r} to seed its noise draws")
-    noise, timestep = seeded_diffusion_noise(
-        batch["episode_key"],
-        batch["step"],
-        seed=seed,
-        draws=draws,
-        horizon=policy.config.horizon,
-        action_dim=policy.config.action_dim,
-        num_train_timesteps=policy.config.num_train_timesteps,
-    )
-    expanded = {k: v.repeat_interleave(draws, dim=0) for k, v in batch.items()}
-    expanded["noise"] = noise.reshape(batch_size * draws, *noise.shape[2:]).to(batch["obs"].dtype)
-    expanded["timestep"] = timestep.reshape(batch_size * draws)
-    # 1/draws per row, carried as data so that output_from_expanded needs no side channel.
-    expanded["row_weight"] = torch.full((batch_size * draws,), 1.0 / draws, dtype=batch["obs"].dtype, device=device)
-    group_index = torch.arange(batch_size, device=device).repeat_interleave(draws)
-    return expanded, group_index
+    return policy.expand_for_output(batch, name, draws=draws, seed=seed)
 
 
 def output_from_expanded(policy: Policy, expanded: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -124,23 +83,7 @@ def output_from_expanded(policy: Policy, expanded: dict[str, torch.Tensor], name
     Returns:
         ``[R]`` values (diffusion rows already divided by ``draws``).
     """
-    _check_supported(policy, name)
-    if isinstance(policy, DiffusionPolicy):
-        if not {"noise", "timestep", "row_weight"} <= set(expanded):
-            raise ValueError("diffusion outputs need an expanded batch (see expand_for_output)")
-        rows = expanded["timestep"].shape[0]
-        eps_hat = policy.predict_noise_for(expanded)
-        if name == "loss":
-            per_row = (eps_hat - expanded["noise"]).square().reshape(rows, -1).mean(1)
-        else:  # square and energy: the label-agnostic squared-norm surrogate
-            per_row = eps_hat.square().reshape(rows, -1).sum(1)
-        return per_row * expanded["row_weight"]
-    assert isinstance(policy, MLPPolicy)
-    if name == "loss":
-        return policy.per_sample_loss(expanded)
-    if name == "logprob":
-        return policy.log_prob(expanded)
-    return policy.energy(expanded)
+    return policy.output_rows(expanded, name)
 
 
 def reduce_groups(values: torch.Tensor, group_index: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -151,12 +94,7 @@ def reduce_groups(values: torch.Tensor, group_index: torch.Tensor, num_groups: i
 
 def _make(name: str) -> OutputFn:
     def fn(policy: Policy, batch: dict[str, torch.Tensor], *, seed: int = 0, draws: int = 64) -> torch.Tensor:
-        batch_size = batch["obs"].shape[0]
-        expanded, _ = expand_for_output(policy, batch, name, draws=draws, seed=seed)
-        rows = output_from_expanded(policy, expanded, name)
-        # Rows of a sample are contiguous and equally many, so a reshape-sum replaces
-        # index_add: cheaper, and trivially vmap-compatible.
-        return rows.reshape(batch_size, -1).sum(1)
+        return policy.output(policy, batch, name, seed=seed, draws=draws)
 
     fn.__name__ = f"output_{name}"
     fn.__doc__ = f"The {name!r} output function: ``fn(policy, batch, *, seed=0, draws=64) -> [B]``."

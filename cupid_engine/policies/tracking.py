@@ -2,12 +2,20 @@
 
 ``track`` is ``"all"``, ``"head"`` (``policy.head_modules()``) or a list of module names
 (as in ``named_modules``; a name selects the module and everything below it). The
-torch.func path can track any parameter; the hook path captures only ``nn.Linear`` and
-plain ``nn.Conv1d`` inputs and output gradients, so with ``hook_compatible=True`` any
-tracked module holding parameters of another kind (GroupNorm/LayerNorm affine,
-BatchNorm, Embedding, ConvTranspose, grouped convs, bare ``nn.Parameter``) is an error
-that names it, rather than a silent omission that would change the scores.
-Parameter-free modules (activations, Upsample, non-affine norms) are always fine.
+torch.func path can track any parameter. The hook path captures module calls, so with
+``hook_compatible=True`` every tracked module that owns parameters must be one of the
+layer types it has an exact per-sample formula for (:func:`hook_refusal`):
+
+* ``nn.Linear`` (any leading dims: attention built from Linear layers included),
+* ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and zero padding (im2col),
+* ``nn.GroupNorm`` / ``nn.LayerNorm`` affine parameters,
+* ``nn.Embedding`` (without ``max_norm`` or ``scale_grad_by_freq``).
+
+Anything else holding tracked parameters (``nn.MultiheadAttention``'s packed
+``in_proj_weight``, BatchNorm affine, ConvTranspose, grouped convs, a bare
+``nn.Parameter`` such as a positional embedding) is an error that names it, rather than
+a silent omission that would change the scores. Parameter-free modules (activations,
+Upsample, non-affine norms) are always fine.
 """
 
 from __future__ import annotations
@@ -20,14 +28,39 @@ from torch import nn
 Track = str | Sequence[str]
 
 
+def hook_refusal(module: nn.Module) -> str | None:
+    """Why the hook path cannot featurise ``module``'s own parameters (None: it can).
+
+    Exact types only: a subclass may override ``forward`` (e.g. the ``out_proj`` of
+    ``nn.MultiheadAttention``, whose weight is used functionally, never through its
+    forward), and the hook path captures forwards.
+    """
+    t = type(module)
+    trainable = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    if t is nn.MultiheadAttention:
+        return ("nn.MultiheadAttention uses its packed in_proj_weight and out_proj.weight inside "
+                "F.multi_head_attention_forward, out of the hooks' reach; build the attention from nn.Linear "
+                "q/k/v/out projections (hook-featurisable) or use the torch.func (vmap) path")
+    if t in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        if "weight" not in trainable:
+            return f"{t.__name__} with a frozen weight but a trainable bias is not supported; freeze both or neither"
+        if t is not nn.Linear and (module.groups != 1 or module.padding_mode != "zeros"):
+            return (f"{t.__name__} with groups={module.groups}, padding_mode={module.padding_mode!r}: only groups=1 "
+                    "and zero padding unfold into a Linear")
+        return None
+    if t in (nn.GroupNorm, nn.LayerNorm):
+        return None
+    if t is nn.Embedding:
+        if module.max_norm is not None:
+            return "nn.Embedding with max_norm renormalises its weight in place during the forward"
+        if module.scale_grad_by_freq:
+            return "nn.Embedding with scale_grad_by_freq scales gradients by batch-wide token counts (mixes samples)"
+        return None
+    return f"{t.__name__} is not a layer type the hook path has a per-sample formula for"
+
+
 def _hook_ok(module: nn.Module) -> bool:
-    if type(module) is nn.Linear:
-        return True
-    if type(module) is nn.Conv1d:
-        # The featuriser unfolds a Conv1d as a Linear over time: that is exact only for
-        # ungrouped convolutions with zero padding.
-        return module.groups == 1 and module.padding_mode == "zeros"
-    return False
+    return hook_refusal(module) is None
 
 
 def _selected_roots(policy: nn.Module, track: Track) -> list[str]:
@@ -54,7 +87,8 @@ def tracked_modules(
     Args:
         policy: The policy (any ``nn.Module``).
         track: ``"all"``, ``"head"``, a list of module names, or one module name as a string.
-        hook_compatible: Require every returned module to be a Linear or plain Conv1d.
+        hook_compatible: Require every returned module to be hook-featurisable
+            (:func:`hook_refusal`).
 
     Returns:
         ``(name, module)`` pairs in ``named_modules`` order, no duplicates.
@@ -83,14 +117,21 @@ def tracked_modules(
     if not out:
         raise ValueError(f"track={track!r} selects no trainable parameters")
     if hook_compatible:
-        bad = [f"{n} ({type(m).__name__})" for n, m in out if not _hook_ok(m)]
+        bad = [f"{n or '<root>'} ({type(m).__name__}: {hook_refusal(m)})" for n, m in out if not _hook_ok(m)]
         if bad:
             raise ValueError(
-                "hook-based featurisation handles only nn.Linear and plain nn.Conv1d, but these tracked "
-                f"modules hold other parameters: {bad}. Track a subset (e.g. track='head'), use the "
-                "torch.func featuriser, or build the policy without them (e.g. group_norm_affine=False)."
+                "hook-based featurisation handles nn.Linear, nn.Conv1d/nn.Conv2d (groups=1, zero padding), "
+                "GroupNorm/LayerNorm affine parameters and nn.Embedding, but these tracked modules hold other "
+                f"parameters: {bad}. Track a subset (e.g. track='head' or module names), use the torch.func "
+                "featuriser (a dense/sparse/signshift projection), or build the policy without them."
             )
     return out
+
+
+def untracked_parameters(policy: nn.Module, track: Track = "all") -> dict[str, int]:
+    """Fully qualified name -> element count of every parameter NOT tracked (frozen ones included)."""
+    tracked = {id(p) for p in tracked_parameters(policy, track).values()}
+    return {name: int(p.numel()) for name, p in policy.named_parameters() if id(p) not in tracked}
 
 
 def tracked_parameters(policy: nn.Module, track: Track = "all") -> dict[str, torch.Tensor]:

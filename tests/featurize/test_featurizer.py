@@ -173,8 +173,11 @@ def test_square_features_reproducible_and_order_independent(path):
 
 
 def test_unsupported_parametrised_layer_is_named():
+    # Affine GroupNorm is hook-featurisable now; a ConvTranspose1d is not, and is named.
     policy = DiffusionPolicy(DiffusionPolicyConfig.tiny(obs_dim=5, action_dim=3, group_norm_affine=True))
-    with pytest.raises(ValueError, match=r"down_modules\.0\.0\.blocks\.0\.1 \(GroupNorm\)"):
+    Featurizer(policy, "square", ProjectionConfig(k=64))
+    policy.model.final_block[0] = nn.ConvTranspose1d(16, 16, 5, padding=2)
+    with pytest.raises(ValueError, match=r"model\.final_block\.0 \(ConvTranspose1d"):
         Featurizer(policy, "square", ProjectionConfig(k=64))
     # The head alone is hook-compatible; the vmap path takes any parameter.
     Featurizer(policy, "square", ProjectionConfig(k=64), track="head")
