@@ -227,6 +227,7 @@ class Registration:
         shards: Catalog shards holding the selected episodes (old and new), sorted.
         splits: Episodes per split in the source (before the filter).
         unchecked: Known episodes whose stored fingerprint is unknown (older catalogs).
+        replaced: Known episodes with new content (``replace=True``): id -> fingerprint.
     """
 
     selected: int = 0
@@ -234,9 +235,12 @@ class Registration:
     shards: list[int] = dataclasses.field(default_factory=list)
     splits: dict[str, int] = dataclasses.field(default_factory=dict)
     unchecked: int = 0
+    replaced: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def register(source: Any, store: GradientStore, *, shard_size: int, split: str | None = None) -> Registration:
+def register(
+    source: Any, store: GradientStore, *, shard_size: int, split: str | None = None, replace: bool = False,
+) -> Registration:
     """Add the source's episodes missing from ``store``'s catalog, after reading and checking them.
 
     Every selected episode's data is read (unit by unit, streamed) before anything is
@@ -249,10 +253,12 @@ def register(source: Any, store: GradientStore, *, shard_size: int, split: str |
         store: The writable store.
         shard_size: Most episodes per new shard.
         split: Only episodes of this split (None: all).
+        replace: Accept new content under ids the store holds (same length only): their
+            new fingerprints go into ``Registration.replaced`` for :func:`apply_replacements`.
 
     Raises:
         DataError: unreadable or self-contradicting data (episode, field and unit named).
-        ContentChangedError: an id the store holds with other content.
+        ContentChangedError: an id the store holds with other content (unless ``replace``).
     """
     check_existing = store.num_episodes > 0
     old_shards = store.num_shards
@@ -274,7 +280,7 @@ def register(source: Any, store: GradientStore, *, shard_size: int, split: str |
             if check_existing:
                 known = store.contains(table.column("episode_id").to_pylist())
                 if known.any():
-                    _check_known(source, unit, store, table.filter(pa.array(known)), shards, out)
+                    _check_known(source, unit, store, table.filter(pa.array(known)), shards, out, replace)
                     table = table.filter(pa.array(~known))
             if table.num_rows:
                 yield table  # one plan group per unit: every shard lies inside one unit
@@ -286,24 +292,58 @@ def register(source: Any, store: GradientStore, *, shard_size: int, split: str |
 
 
 def _check_known(source: Any, unit: str | None, store: GradientStore, table: pa.Table, shards: set[int],
-                 out: Registration) -> None:
+                 out: Registration, replace: bool = False) -> None:
     """Episodes the store already holds must come with the content it holds (fingerprint)."""
     ids = table.column("episode_id").to_pylist()
-    stored = store.catalog_rows(ids, ["fingerprint", "source", "shard"])
+    stored = store.catalog_rows(ids, ["fingerprint", "source", "shard", "length"])
     shards.update(int(x) for x in np.unique(stored.column("shard").to_numpy()))
     have = stored.column("fingerprint")
     out.unchecked += have.null_count
     differs = pc.fill_null(pc.not_equal(have, table.column("fingerprint")), False)
-    if pc.any(differs).as_py():
-        i = int(np.argmax(np.asarray(differs.to_numpy(zero_copy_only=False), bool)))
-        src = stored.column("source")[i].as_py()
+    if not pc.any(differs).as_py():
+        return
+    rows = np.flatnonzero(np.asarray(differs.to_numpy(zero_copy_only=False), bool))
+    i = int(rows[0])
+    src = stored.column("source")[i].as_py()
+    if not replace:
         raise ContentChangedError(
             f"episode {ids[i]!r} is already in the store with other content"
             + (f" (stored from source {src!r})" if src else ""),
             where=_where(source, unit),
-            hint="give the dataset's episodes ids of their own, or featurise it into a new store "
-                 "(nothing was stored)",
+            hint="give the dataset's episodes ids of their own, featurise it into a new store, or pass "
+                 "--replace to rewrite the stored episodes (nothing was stored)",
         )
+    new_len, old_len = table.column("length").to_pylist(), stored.column("length").to_pylist()
+    fps = table.column("fingerprint").to_pylist()
+    for r in rows:
+        if new_len[r] != old_len[r]:
+            raise ContentChangedError(
+                f"episode {ids[r]!r} cannot be replaced: its length changed ({old_len[r]} -> {new_len[r]} steps) "
+                "and a store's shard plan is fixed", where=_where(source, unit),
+                hint="featurise the dataset into a new store (nothing was stored)",
+            )
+        out.replaced[ids[r]] = fps[r]
+
+
+def apply_replacements(store: GradientStore, replaced: dict[str, str], undo: StoreUndo | None = None) -> list[int]:
+    """Record replaced episodes' fingerprints and clear their shards in every run.
+
+    Returns:
+        The shards that must be featurised again (in every run).
+    """
+    if not replaced:
+        return []
+    shards = store.set_fingerprints(replaced)
+    for name in store.runs():
+        run = store.run(name)
+        if undo is not None:
+            for s in shards:
+                if s < run.num_shards:
+                    undo.remember(run.done_marker_path(s))
+        run.invalidate_shards([s for s in shards if s < run.num_shards])
+    log.warning("replaced the content of %d episode(s) (first: %s): shard(s) %s of every run are featurised again",
+                len(replaced), next(iter(replaced)), shards[:10])
+    return shards
 
 
 def register_episodes(source: Any, store: GradientStore, *, shard_size: int, split: str | None = None) -> int:
@@ -496,7 +536,7 @@ def prepare_run(
 
 def _prepare(
     source: Any, store: GradientStore, run_name: str, featurizer: Featurizer, config: FeaturizeConfig,
-    *, split: str | None = None,
+    *, split: str | None = None, replace: bool = False, undo: StoreUndo | None = None,
 ) -> tuple[Run, Registration]:
     store._check_writable()
     rc = run_config(featurizer, config)
@@ -505,7 +545,7 @@ def _prepare(
         rc = run_config(featurizer, config, stored=existing.config)
         existing.check_config(rc)  # refuse before touching the catalog
     check_bounds(config, rows=0)  # k alone can be hopeless: say so before reading any data
-    reg = register(source, store, shard_size=config.shard_size, split=split)
+    reg = register(source, store, shard_size=config.shard_size, split=split, replace=replace)
     if not reg.selected:
         have = ", ".join(f"{k} {v}" for k, v in sorted(reg.splits.items())) or "no episodes at all"
         raise DataError(
@@ -514,6 +554,7 @@ def _prepare(
         )
     if reg.added:
         log.info("registered %d new episodes", reg.added)
+    apply_replacements(store, reg.replaced, undo)
     if reg.unchecked:
         log.warning("%d episode(s) were registered before content fingerprints: their content is not checked",
                     reg.unchecked)
@@ -608,7 +649,7 @@ def featurize(
     store: Any,
     run_name: str,
     *,
-    policy: Any,
+    policy: Any = None,
     config: FeaturizeConfig | None = None,
     split: str | None = None,
     progress: bool = True,
@@ -616,6 +657,9 @@ def featurize(
     address: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
+    replace: bool = False,
+    task: Any = None,
+    model: Any = None,
 ) -> Run:
     """Featurise ``source`` into run ``run_name`` of ``store`` and finalize it.
 
@@ -623,8 +667,9 @@ def featurize(
         source: ``EpisodeSource`` or dataset path/URL.
         store: :class:`GradientStore` or store path/URL (created when missing).
         run_name: Run name (``runs/<name>``).
-        policy: :class:`Policy` or checkpoint directory (required as a path when
-            ``workers > 1`` or ``address`` is set: workers load it themselves).
+        policy: :class:`Policy` (or any module implementing the policy protocol) or
+            checkpoint directory (required as a path when ``workers > 1`` or ``address``
+            is set: workers load it themselves). None when ``task`` is given.
         config: :class:`FeaturizeConfig` (default: tensorsketch, k = 4096, ``loss``).
         split: Only episodes of this split (None: all).
         progress: tqdm progress bar over episodes.
@@ -637,6 +682,15 @@ def featurize(
         overwrite: Replace the gradient store at ``store`` (a local path) by a new one.
             The new store is built beside it and swapped in only on success; a folder
             that is not a gradient store is never deleted (refused).
+        replace: Episodes the store holds may come with new content (same length): their
+            fingerprints are updated and their shards featurised again in every run
+            (other runs become incomplete until featurised again). Without it, changed
+            content under a stored id is an error.
+        task: A policy-protocol task (``policies.PolicyTask``: ``build_batch``,
+            ``output``, ``supported_outputs``) for a model the engine did not write; the
+            engine never needs its class (in-process only).
+        model: The ``nn.Module`` whose parameters ``task`` attributes (default: the task
+            itself when it is a module, else ``task.model``).
 
     Returns:
         The finalized :class:`Run` (not finalized, with a warning, when the store holds
@@ -650,9 +704,13 @@ def featurize(
     if overwrite:
         return _featurize_overwrite(
             source, store, run_name, policy=policy, config=config, split=split, progress=progress,
-            workers=workers, address=address, device=device,
+            workers=workers, address=address, device=device, replace=replace, task=task, model=model,
         )
     undo_args = _store_state(store)
+    if task is not None:
+        if policy is not None:
+            raise TypeError("pass either policy= or task= (+ model=), not both")
+        policy, task = resolve_task(task=task, model=model)  # policy: the task's model
     source, store, policy_obj, policy_path = open_inputs(source, store, policy)
     # Until a shard is written, a failure puts the store back as it was (a store made
     # here is removed); once shards are written they are kept, and a rerun resumes.
@@ -661,10 +719,13 @@ def featurize(
     try:
         if device is not None:
             policy_obj = policy_obj.to(device)
-        featurizer = Featurizer.from_config(policy_obj, config)
+        if task is None:
+            featurizer = Featurizer.from_config(policy_obj, config)
+        else:
+            featurizer = Featurizer.from_config(None, config, task=task, model=policy_obj)
         if (workers > 1 or address is not None) and policy_path is None:
             raise ValueError("workers > 1 / address need policy as a checkpoint path (workers load it themselves)")
-        run, reg = _prepare(source, store, run_name, featurizer, config, split=split)
+        run, reg = _prepare(source, store, run_name, featurizer, config, split=split, replace=replace, undo=undo)
         covered = set(reg.shards)
         pending = [s for s in run.pending_shards() if s in covered]
         if workers > 1 or address is not None:

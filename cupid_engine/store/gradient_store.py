@@ -670,6 +670,46 @@ class GradientStore:
         self._index(refresh=True)
         return added
 
+    def set_fingerprints(self, fingerprints: dict[str, str]) -> list[int]:
+        """Record new content fingerprints of stored episodes (an explicit replace).
+
+        The catalog is rewritten row group by row group and swapped in atomically; no
+        row moves, so the shard plan is unchanged. The caller invalidates the shards.
+
+        Args:
+            fingerprints: episode id -> new fingerprint.
+
+        Returns:
+            The shards holding those episodes, sorted.
+
+        Raises:
+            StoreKeyError: an id the catalog lacks.
+        """
+        self._check_writable()
+        if not fingerprints:
+            return []
+        old = self._index(refresh=True)
+        pos = self.positions(list(fingerprints))
+        shards = sorted({int(x) for x in old.plan.shard_of(pos)})
+        wanted = pa.array(list(fingerprints), pa.string())
+        col = _catalog.CATALOG_SCHEMA.names.index("fingerprint")
+        sink = _CatalogSink(self._loc)
+        try:
+            for g in range(old.num_row_groups()):
+                part = old.row_group(g)
+                ids = part.column("episode_id")
+                if pc.any(pc.is_in(ids, value_set=wanted)).as_py():
+                    values = [fingerprints.get(e, f) for e, f in zip(ids.to_pylist(), part.column(col).to_pylist())]
+                    part = part.set_column(col, "fingerprint", pa.array(values, pa.string()))
+                sink.write(part)
+            sink.close()
+        except BaseException:
+            sink.discard()
+            raise
+        sink.commit()
+        self._index(refresh=True)
+        return shards
+
     # ------------------------------------------------------------------ runs
     def _runs_group(self) -> zarr.Group:
         return self._group[RUNS_GROUP]

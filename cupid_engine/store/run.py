@@ -304,6 +304,24 @@ class Run:
         done = self._done_flags()
         return [s for s in range(idx.num_shards) if s >= len(done) or not done[s]]
 
+    def done_marker_path(self, shard_id: int) -> str:
+        """Path of a shard's completion marker relative to the store root."""
+        key = self._array("done").metadata.encode_chunk_key((int(shard_id),))
+        return f"runs/{self.name}/done/{key}"
+
+    def invalidate_shards(self, shards: Sequence[int]) -> None:
+        """Clear the completion markers of ``shards`` (their episodes changed) and the finalized state.
+
+        The shards' features are then written again by the next featurisation; until
+        then the run is incomplete and reads of those episodes raise.
+        """
+        self.store._check_writable()
+        for s in shards:
+            if self.shard_done(int(s)):
+                self._put("done", int(s), [0], atomic=True)
+        if self._group.attrs.get("finalized") is not None:
+            del self._group.attrs["finalized"]
+
     def is_complete(self) -> bool:
         """True when every shard of the catalog is written."""
         return not self.pending_shards()

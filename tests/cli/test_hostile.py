@@ -178,6 +178,37 @@ def test_changed_content_under_a_stored_id_is_refused(world, tmp_path, store, ca
         assert _tree(store) == before
 
 
+def test_replace_rewrites_changed_episodes_in_every_run(world, tmp_path, store, capsys):
+    eps = world["demos"]
+    eps2 = [Episode(e.episode_id, {"pos": e.observations["pos"] + (0.5 if e.episode_id == "ep004" else 0.0)},
+                    e.actions, split=e.split, source=e.source) for e in eps]
+    changed = write_dataset(tmp_path / "changed", eps2, episodes_per_file=3)
+    other = _featurize_args(world, store, run="r-loss")
+    other[other.index("--output") + 1] = "loss"
+    assert main([str(a) for a in other]) == 0
+    old = GradientStore.open(store).run("r").step_features("ep004")
+    rc, _ = _cli(capsys, *_featurize_args(world, store, data=changed, extra=["--replace"]))
+    assert rc == 0
+    s = GradientStore.open(store)
+    new = s.run("r").step_features("ep004")
+    assert s.run("r").info()["finalized"] and not np.allclose(new, old)
+    np.testing.assert_array_equal(s.run("r").step_features("ep000"), GradientStore.open(world["base"]).run("r")
+                                  .step_features("ep000"))
+    info = s.run("r-loss").info()  # the other run's copy of ep004 is stale: its shard is to be redone
+    assert not info["finalized"] and info["shards_done"] == info["shards_total"] - 1
+    # Without --replace the (now stored) new content is accepted; the old one is refused.
+    line = _user_error(capsys, *_featurize_args(world, store, data=world["data"]))
+    assert "'ep004'" in line and "--replace" in line
+    # A replacement may not change an episode's length.
+    eps3 = eps2[:4] + [Episode("ep004", {"pos": eps2[4].observations["pos"][:-1]}, eps2[4].actions[:-1],
+                               split=eps2[4].split)] + eps2[5:]
+    shorter = write_dataset(tmp_path / "shorter", eps3, episodes_per_file=3)
+    before = _tree(store)
+    line = _user_error(capsys, *_featurize_args(world, store, data=shorter, extra=["--replace"]))
+    assert "'ep004'" in line and "length changed" in line
+    assert _tree(store) == before
+
+
 def test_colliding_ids_of_another_dataset_are_refused(world, tmp_path, store, capsys):
     other = write_dataset(tmp_path / "other", _episodes(3, seed=3, split="rollout"), episodes_per_file=3)
     before = _tree(store)
@@ -346,5 +377,8 @@ def test_read_only_store_answers_queries(world, tmp_path, capsys):
         assert "AVX" not in res.stderr and "faiss.loader" not in res.stderr, res.stderr
         assert _tree(store) == before and not (store / "index").exists()
         assert any(n.endswith(".faiss") for _, _, ns in os.walk(cache) for n in ns)
+        out = tmp_path / "scores.parquet"
+        assert main(["score", "cupid", "--store", str(store), "--run", "r", "--out", str(out)]) == 0
+        assert pq.read_table(out).num_rows == 4 and _tree(store) == before
     finally:
         subprocess.run(undo, check=True)
