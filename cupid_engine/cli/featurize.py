@@ -80,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the gradient store at --store by a new one (swapped in only on success; "
                         "a folder that is not a store is never deleted)")
+    p.add_argument("--replace", action="store_true",
+                   help="accept new content under episode ids the store holds (same length): their shards "
+                        "are featurised again in every run; without it, changed content is an error")
     p.set_defaults(handler=_featurize)
 
 
@@ -111,7 +114,7 @@ def _featurize(args: argparse.Namespace) -> int:
     run = featurize(
         data, args.store, args.run, policy=args.policy, config=config, split=args.split,
         progress=not args.no_progress, workers=args.workers, address=args.ray_address, device=args.device,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, replace=args.replace,
     )
     info = run.info()
     print(f"run {args.run!r} in {args.store}: k={config.projection.k}, method={config.projection.method}, "
