@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from cupid_engine.distributed._ray import ensure_ray
+from cupid_engine.distributed._ray import WorkerPool, credentials_env, ensure_ray, pool_size
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ class FeaturizeWorker:
         from cupid_engine.store import GradientStore
 
         torch.set_num_threads(int(config.get("threads", 1)))
+        if config.get("storage_options"):
+            from cupid_engine.store.options import apply_storage_options
+
+            apply_storage_options(config["storage_options"], config["store"], config.get("source"))
         self.config = FeaturizeConfig.from_dict(config["featurize"])
         path = config["policy_path"]
         policy = load_policy(path)
@@ -93,8 +97,11 @@ class FeaturizeWorker:
         self.source = source
 
     def info(self) -> dict[str, Any]:
-        """``{"pid", "peak_rss_kb", "host"}`` of this worker process."""
-        return {"pid": os.getpid(), "peak_rss_kb": peak_rss_kb(), "host": os.uname().nodename}
+        """``{"pid", "peak_rss_kb", "host", "node_id"}`` of this worker process."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"pid": os.getpid(), "peak_rss_kb": peak_rss_kb(), "host": os.uname().nodename, "node_id": node}
 
     def featurize_shard(self, shard_id: int, unit: str | None = None) -> dict[str, Any]:
         """Featurise and write one shard (skipped when its marker exists).
@@ -139,6 +146,8 @@ def featurize_distributed(
     in_flight: int = 2,
     on_workers: Callable[[list[dict[str, Any]]], None] | None = None,
     device: str | None = None,
+    start_timeout: float = 120.0,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Featurise pending shards of an existing run on ``workers`` Ray actors.
 
@@ -157,31 +166,40 @@ def featurize_distributed(
             shut down afterwards).
         progress: tqdm bar over episodes.
         threads_per_worker: torch intra-op threads per actor.
-        max_restarts: Actor restarts after a worker process dies.
-        max_task_retries: Retries of a task whose actor died.
+        max_restarts: Replacement workers started over the run after workers die.
+        max_task_retries: Times a shard may lose its worker (dead process or node) and be
+            re-queued to a survivor; beyond that the run fails naming the shards.
         in_flight: Tasks queued per actor (keeps workers busy between tasks).
-        on_workers: Called with every actor's ``info()`` (pid, peak RSS, host) once they
-            have started, before work is dispatched (monitoring, fault-injection tests).
+        on_workers: Called with every started actor's ``info()`` (pid, peak RSS, host,
+            node id) before work is dispatched (monitoring, fault-injection tests).
         device: Where each actor runs the policy (None: CPU); a ``cuda`` device makes
             each actor ask Ray for one GPU.
+        start_timeout: Seconds to wait for workers to be placed; the pool is capped at
+            what the cluster holds, runs with the workers that started, and raises a
+            ``TimeoutError`` naming the missing resources when none can start.
+        storage_options: fsspec options of a remote store and dataset (endpoint,
+            credentials...), passed to every worker; AWS/GCS credential variables of the
+            driver's environment are forwarded in the Ray ``runtime_env``.
 
     Returns:
         ``{"shards", "episodes", "rows", "skipped", "seconds" (all, Ray start included),
         "dispatch_seconds" (first task to last result), "workers": {pid: peak_rss_kb},
-        "driver_peak_rss_kb"}``.
+        "lost_workers", "driver_peak_rss_kb"}``.
     """
     import ray
 
     from cupid_engine.featurize.pipeline import shard_units
     from cupid_engine.store import GradientStore
 
+    storage_options = dict(storage_options or {})
     if not isinstance(store, GradientStore):
         store = GradientStore.open(store, mode="r+")
     run = store.run(run_name)
     todo = list(run.pending_shards() if shards is None else shards)
-    started = ensure_ray(address, workers)
+    started = ensure_ray(address, workers, env=credentials_env())
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"shards": 0, "episodes": 0, "rows": 0, "skipped": 0, "workers": {}}
+    summary: dict[str, Any] = {"shards": 0, "episodes": 0, "rows": 0, "skipped": 0, "workers": {}, "lost_workers": 0}
+    pool = None
     try:
         if not todo:
             return summary
@@ -190,60 +208,53 @@ def featurize_distributed(
         worker_config = {
             "policy_path": str(policy_path), "featurize": config.to_dict(), "store": store.url, "run": run_name,
             "source": str(source) if is_path else None, "threads": int(threads_per_worker), "device": device,
+            "storage_options": storage_options,
         }
-        # The source object is serialised once into the object store, not once per actor
-        # (and again on every restart).
+        # The source object is serialised once into the object store, not once per actor.
         source_ref = None if is_path else ray.put(source)
         gpus = 1 if device is not None and device.startswith("cuda") else 0
-        Actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=max_restarts, max_task_retries=max_task_retries)(
-            FeaturizeWorker
+        per_worker = {"CPU": 1.0, **({"GPU": 1.0} if gpus else {})}
+        # Ray never restarts or retries on its own (max_restarts=0): the pool re-queues a
+        # lost worker's shards itself, so they run on survivors instead of waiting for a
+        # restart that a shrunken cluster may never place.
+        Actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0)(FeaturizeWorker)
+        pool = WorkerPool(
+            lambda: Actor.remote(worker_config, source_ref),
+            lambda a: a.info.remote(),
+            lambda a, s: a.featurize_shard.remote(s, units.get(s)),
+            per_worker=per_worker, max_retries=max_task_retries, max_restarts=max_restarts,
+            start_timeout=start_timeout, in_flight=in_flight,
         )
-        actors = [Actor.remote(worker_config, source_ref) for _ in range(max(1, int(workers)))]
-        infos = ray.get([a.info.remote() for a in actors])
-        if on_workers is not None:
-            on_workers(infos)
+        pool.start(pool_size(workers, len(todo), per_worker), on_workers)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=int(store.shard_plan().counts()[todo].sum()), unit="ep",
-                       desc=f"featurize {run_name} ({len(actors)} workers)")
-        queue = list(reversed(todo))
+                       desc=f"featurize {run_name} ({len(pool.actors)} workers)")
         t_dispatch = time.perf_counter()
-        running: dict[Any, tuple[int, int]] = {}  # ref -> (actor index, shard)
 
-        def submit(i: int) -> None:
-            s = queue.pop()
-            running[actors[i].featurize_shard.remote(s, units.get(s))] = (i, s)
+        def on_result(shard: int, stats: dict[str, Any]) -> None:
+            summary["shards"] += 1
+            summary["episodes"] += stats["episodes"]
+            summary["rows"] += stats["rows"]
+            summary["skipped"] += int(stats["skipped"])
+            summary["workers"][stats["pid"]] = stats["peak_rss_kb"]
+            if bar is not None:
+                bar.update(stats["episodes"])
 
-        for _ in range(max(1, in_flight)):
-            for i in range(len(actors)):
-                if queue:
-                    submit(i)
         try:
-            while running:
-                ready, _ = ray.wait(list(running), num_returns=1)
-                for ref in ready:
-                    i, s = running.pop(ref)
-                    stats = ray.get(ref)  # re-raises a task error after Ray's retries
-                    summary["shards"] += 1
-                    summary["episodes"] += stats["episodes"]
-                    summary["rows"] += stats["rows"]
-                    summary["skipped"] += int(stats["skipped"])
-                    summary["workers"][stats["pid"]] = stats["peak_rss_kb"]
-                    if bar is not None:
-                        bar.update(stats["episodes"])
-                    if queue:
-                        submit(i)
+            pool.run(todo, on_result)
         finally:
             if bar is not None:
                 bar.close()
         summary["dispatch_seconds"] = time.perf_counter() - t_dispatch
-        for info in ray.get([a.info.remote() for a in actors]):
+        for info in pool.infos():
             summary["workers"][info["pid"]] = info["peak_rss_kb"]
-        for a in actors:
-            ray.kill(a)
+        summary["lost_workers"] = len(pool.lost)
     finally:
+        if pool is not None:
+            pool.shutdown()
         summary["seconds"] = time.perf_counter() - t0
         summary["driver_peak_rss_kb"] = peak_rss_kb()
         if started:

@@ -95,7 +95,7 @@ def test_killed_worker_is_retried_and_store_is_identical(tmp_path, checkpoint):
     summary = featurize_distributed(src, store, "r", policy_path=checkpoint, config=CFG, workers=2, progress=False,
                                     on_workers=kill_when_started)
     assert killed and 0 < killed["left"] < total, killed
-    assert killed["pid"] not in summary["workers"] or len(summary["workers"]) > 2  # a restarted process took over
+    assert summary["lost_workers"] == 1, summary  # its shards were re-queued to the survivor (or a replacement)
     run = store.run("r")
     assert run.is_complete()
     run.finalize()
