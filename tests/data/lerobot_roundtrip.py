@@ -132,6 +132,7 @@ def lerobot_side(out: pathlib.Path) -> None:
     assert again[again.num_frames - 1]["task"] == "a task lerobot added"
     assert again[0]["task"] == eps[0].task
     print("resume + add_frame + save_episode + finalize: reloaded with", again.meta.total_episodes, "episodes")
+    _check_layout_on_lerobot_datasets(out, eps)
     (out / "lerobot_ok.json").write_text(json.dumps({"lerobot": lerobot.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}))
 
 
@@ -183,6 +184,35 @@ def _compare_stats_with_lerobot(root, ds, eps) -> None:
             else:
                 np.testing.assert_allclose(ds.meta.stats[feat][stat], value, rtol=2e-5, atol=2e-6, err_msg=f"{feat} {stat}")
     print(f"per-episode stats equal lerobot's compute_episode_stats (quantiles within {worst_q:.2f} histogram bins); stats.json equals its aggregate_stats")
+
+
+def _check_layout_on_lerobot_datasets(out: pathlib.Path, eps) -> None:
+    """The layout checker of the tests, run on what lerobot itself wrote."""
+    from lerobot.datasets import LeRobotDataset
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from lerobot_v3_layout import check_v3_layout
+
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (5,), "names": None},
+        "observation.gripper": {"dtype": "float32", "shape": (1,), "names": None},
+        "action": {"dtype": "float32", "shape": (3,), "names": None},
+    }
+    if eps[0].images:
+        features["observation.images.agentview"] = {"dtype": "image", "shape": (12, 16, 3), "names": ["height", "width", "channels"]}
+    native = LeRobotDataset.create("local/native", fps=10, features=features, root=out / "native", use_videos=False)
+    for e in eps:
+        for t in range(e.length):
+            frame = {"observation.state": e.observations["state"][t], "observation.gripper": e.observations["gripper"][t], "action": e.actions[t], "task": e.task}
+            if e.images:
+                frame["observation.images.agentview"] = e.images["agentview"][t]
+            native.add_frame(frame)
+        native.save_episode()
+    native.finalize()
+    for name in ("native", "engine_ds", "deleted"):
+        problems = check_v3_layout(out / name)
+        assert not problems, (name, problems)
+    print("layout checker: no problems on lerobot's own dataset, on the engine's after resume, and on delete_episodes' output")
 
 
 def readback(out: pathlib.Path) -> None:
