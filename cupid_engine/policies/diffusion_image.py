@@ -116,10 +116,10 @@ class DiffusionImagePolicyConfig(DiffusionPolicyConfig):
 
     @classmethod
     def tiny(cls, **overrides: Any) -> DiffusionImagePolicyConfig:
-        """Width 4, one block per stage, horizon 8: for tests and smoke runs."""
+        """Width 4, three stages of one block, horizon 8: for tests and smoke runs (images >= 17 px)."""
         base = {
             "down_dims": (16, 32), "n_groups": 4, "diffusion_step_embed_dim": 16, "horizon": 8, "n_action_steps": 4,
-            "encoder_width": 4, "encoder_blocks": (1, 1, 1, 1), "num_keypoints": 8, "image_feature_dim": 16,
+            "encoder_width": 4, "encoder_blocks": (1, 1, 1), "num_keypoints": 8, "image_feature_dim": 16,
         }
         return cls(**{**base, **overrides})
 
@@ -322,6 +322,14 @@ class DiffusionImagePolicy(ImageDiffusionBase):
         c = config
         if c.image_shape[2] != 3:
             raise ValueError(f"image_shape {c.image_shape}: the encoders take RGB (C = 3)")
+        # Stem conv and max-pool halve the size, every later stage halves it again.
+        final = [math.ceil(side / 2 ** (len(c.encoder_blocks) + 1)) for side in c.image_shape[:2]]
+        if final == [1, 1]:
+            raise ValueError(
+                f"image_shape {c.image_shape} with {len(c.encoder_blocks)} ResNet stages leaves a 1x1 feature map: "
+                "the spatial softmax is then constant and no gradient reaches the encoder; use fewer "
+                "encoder_blocks or larger images"
+            )
         self.encoders = nn.ModuleList(
             ImageEncoder(c.encoder_width, c.encoder_blocks, c.num_keypoints, c.image_feature_dim)
             for _ in c.image_keys

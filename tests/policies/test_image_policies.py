@@ -205,10 +205,10 @@ def test_training_reduces_loss_and_is_deterministic(kind, tmp_path):
     with torch.no_grad():
         after, before = (float(p(batch, output="loss", draws=8).mean()) for p in (policy, init))
     assert after < 0.9 * before, (before, after)
-    again = train_policy(_tiny(kind), eps, TrainConfig(steps=30, batch_size=16, lr=3e-3, seed=5), progress=False)
-    assert compute_policy_hash(again) == compute_policy_hash(policy)
-    other = train_policy(_tiny(kind), eps, TrainConfig(steps=2, batch_size=16, lr=3e-3, seed=6), progress=False)
-    assert compute_policy_hash(other) != compute_policy_hash(policy)
+    short = [train_policy(_tiny(kind), eps, TrainConfig(steps=3, batch_size=16, lr=3e-3, seed=s), progress=False)
+             for s in (5, 5, 6)]
+    assert compute_policy_hash(short[0]) == compute_policy_hash(short[1])
+    assert compute_policy_hash(short[0]) != compute_policy_hash(short[2])
 
     assert policy_kind(policy) == kind
     path = save_policy(policy, tmp_path / "ckpt")
@@ -229,6 +229,10 @@ def test_config_round_trip_and_validation():
         TransformerPolicyConfig(d_model=30, num_heads=4)
     with pytest.raises(ValueError, match="image_shape"):
         DiffusionImagePolicyConfig(image_shape=(84, 84))
+    # 20x20 through four ResNet stages is a 1x1 map: a constant spatial softmax, refused.
+    with pytest.raises(ValueError, match="1x1 feature map"):
+        DiffusionImagePolicy(DiffusionImagePolicyConfig(obs_dim=2, action_dim=2, image_keys=("a",),
+                                                        image_shape=(20, 20, 3)))
 
 
 def test_defaults_at_84x84_have_resnet18_depth():
@@ -258,3 +262,75 @@ def test_cli_train_on_a_lerobot_image_dataset(tmp_path, capsys, kind):
     policy = load_policy(out)
     assert policy.config.image_keys == ("agentview", "wrist") and policy.config.image_shape == (28, 28, 3)
     assert policy_kind(policy) == kind
+
+
+# -- featurisation: the encode-once row layout gives the exact per-sample sketch ---------
+
+def _repeat_everything(policy):
+    """The same policy, but its draw expansion repeats obs/image/text per draw too (every
+    module then sees B * draws rows): the plain layout the encode-once one must equal."""
+    base = type(policy)
+
+    class RepeatAll(base):
+        def expand_for_output(self, batch, name, *, draws=64, seed=0):
+            expanded, groups = base.expand_for_output(self, batch, name, draws=draws, seed=seed)
+            return {k: (v.repeat_interleave(draws, 0) if k in ("obs", "image", "text") else v)
+                    for k, v in expanded.items()}, groups
+
+    clone = RepeatAll(policy.config).double()
+    clone.load_state_dict(policy.state_dict())
+    return clone
+
+
+def _double_batch(policy, samples, idx):
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in policy.make_batch(samples, idx).items()}
+
+
+@pytest.mark.parametrize("kind", ["diffusion-image", "transformer"])
+def test_hook_features_of_encode_once_equal_the_repeated_layout(kind):
+    from cupid_engine.featurize import Featurizer, ProjectionConfig
+
+    policy, samples = _built(kind, make_image_episodes(n=2, length=5))
+    policy = policy.double()
+    batch = _double_batch(policy, samples, [0, 4, 6])
+    try:
+        f = Featurizer(policy, "square", ProjectionConfig(k=64, seed=2), draws=3, seed=4, policy_hash="t")
+    except ValueError as exc:  # the hook path does not (yet) handle every layer type: name it
+        pytest.skip(f"hook path refuses a layer of {kind}: {exc}")
+    got = f(batch)
+    want = Featurizer(_repeat_everything(policy), "square", ProjectionConfig(k=64, seed=2), draws=3, seed=4,
+                      policy_hash="t")(batch)
+    assert got.dtype == torch.float64 and got.shape == (3, 64)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,track", [("diffusion-image", ["model"]), ("transformer", ["head"])])
+def test_hook_sketch_equals_exact_per_sample_gradients(kind, track):
+    """On the Linear/Conv1d part (whose gradient layout is [O, I(+1)]), the hook sketch of
+    the encode-once policy equals the reference sketch of exact per-sample gradients
+    (torch.func), float64."""
+    from cupid_engine.featurize import Featurizer, ProjectionConfig
+    from cupid_engine.featurize.hooks import layer_seed
+    from cupid_engine.featurize.vmap import per_sample_grads
+    from cupid_engine.ops import reference
+    from cupid_engine.policies.tracking import tracked_modules, tracked_parameters
+
+    policy, samples = _built(kind, make_image_episodes(n=2, length=5))
+    policy = policy.double()
+    batch = _double_batch(policy, samples, [1, 5, 8])
+    k, seed = 128, 3
+    got = Featurizer(policy, "square", ProjectionConfig(k=k, seed=seed), track=track, draws=3, seed=7,
+                     policy_hash="t")(batch)
+    grads = per_sample_grads(policy, tracked_parameters(policy, track), batch, "square", seed=7, draws=3)
+    want = torch.zeros(3, k, dtype=torch.float64)
+    for name, module in tracked_modules(policy, track):
+        w = grads[f"{name}.weight"].reshape(3, module.weight.shape[0], -1)
+        if module.bias is not None:
+            w = torch.cat((w, grads[f"{name}.bias"].unsqueeze(-1)), dim=-1)
+        eye = torch.eye(w.shape[1], dtype=w.dtype).expand(3, -1, -1)
+        want += reference.tensorsketch_materialized(eye, w, k=k, seed=layer_seed(seed, name))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    # The gradient reaches the encoder too (it is not detached by encoding once).
+    all_grads = per_sample_grads(policy, tracked_parameters(policy, "all"), batch, "square", seed=7, draws=3)
+    enc = [n for n in all_grads if n.startswith(("encoders.", "patch_embed."))]
+    assert enc and all(all_grads[n].abs().sum() > 0 for n in enc)
