@@ -143,6 +143,10 @@ class ImageSequence:
         """All frames, decoded: ``uint8 [T, H, W, C]``."""
         return self._range(0, self._shape[0])
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Decoders are closures over open readers; a pickled view travels as its pixels.
+        return (np.asarray, (self.numpy(),))
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = self.numpy()
         return arr if dtype is None else arr.astype(dtype)
