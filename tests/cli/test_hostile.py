@@ -297,6 +297,25 @@ def test_corrupt_data_file_names_the_file(world, tmp_path, capsys):
     assert not new.exists()
 
 
+def test_corrupt_dataset_metadata_names_the_dataset(world, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(world["data"], bad)
+    (bad / "meta" / "info.json").write_text("{truncated")
+    line = _user_error(capsys, *_featurize_args(world, tmp_path / "s.zarr", data=bad))
+    assert str(bad) in line and "JSONDecodeError" in line  # the reader does not say which JSON file
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_corrupt_store_chunk_names_the_episodes(world, store, capsys, tmp_path):
+    chunk = store / "runs" / "r" / "episodes" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    line = _user_error(capsys, "score", "cupid", "--store", store, "--run", "r", "--out", tmp_path / "o.parquet")
+    assert "corrupt chunk" in line and "'ep000'" in line
+    assert not (tmp_path / "o.parquet").exists()
+
+
 def test_bad_checkpoints_name_the_file(world, tmp_path, capsys):
     cfg_bad = tmp_path / "cfg"
     shutil.copytree(world["ckpt"], cfg_bad)
