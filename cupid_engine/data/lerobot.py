@@ -93,6 +93,8 @@ _ROW_GROUP_BYTES = 64 << 20
 # Step rows are buffered up to this many before a row group is written: big enough for
 # efficient Parquet, small enough that memory stays bounded whatever the episode count.
 _ROW_GROUP_ROWS = 65536
+# Step columns every LeRobot dataset has; the reader rebuilds them, so they are not "skipped".
+_BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 _NUMERIC_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "bool")
 
 
@@ -561,6 +563,12 @@ class LeRobotDataset:
         if clash:
             raise FormatError(f"{self.path}: keys {clash} name both a low-dimensional and an image feature")
         self._action_dim = _feature_width(feats[ACTION_COLUMN], ACTION_COLUMN, self.path)
+        used = {OBS_PREFIX + k for k in self._obs_dims} | {v[0] for v in self._image_specs.values()} | {ACTION_COLUMN}
+        self._skipped = {
+            name: f"{spec.get('dtype')} {spec.get('shape')}"
+            for name, spec in feats.items()
+            if isinstance(spec, dict) and name not in used and name not in _BOOKKEEPING
+        }
 
     def _read_meta_v3(self) -> pa.Table:
         pattern = join_inside(self._root, "meta/episodes", what=self.path) + "/chunk-*/file-*.parquet"
@@ -719,6 +727,12 @@ class LeRobotDataset:
     def obs_dims(self) -> dict[str, int]:
         """``observation key -> width``."""
         return dict(self._obs_dims)
+
+    @property
+    def skipped_fields(self) -> dict[str, str]:
+        """Features not read, ``name -> "dtype [shape]"``: anything but numeric or camera
+        ``observation.*`` features and ``action`` (e.g. ``next.reward``, strings)."""
+        return dict(self._skipped)
 
     @property
     def image_keys(self) -> list[str]:

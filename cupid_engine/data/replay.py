@@ -99,6 +99,11 @@ class ReplayBufferDataset:
         # Named explicitly, any other array is flattened per step (e.g. keypoints [N, 9, 2]).
         lowdim = [k for k, a in others.items() if k not in cameras and (obs_keys is not None or a.ndim <= 2)]
         self._obs_keys, self._image_keys = select_keys(obs_keys, lowdim, cameras, where=self.path)
+        self._skipped = {
+            f"data/{k}": f"{a.dtype} {list(a.shape[1:])} per step (not a vector)"
+            for k, a in sorted(others.items())
+            if obs_keys is None and k not in self._obs_keys and k not in self._image_keys
+        }
         for k in self._obs_keys + self._image_keys + [action_key]:
             if k not in self._arrays:
                 raise FormatError(f"{self.path}: no data/{k}")
@@ -117,6 +122,13 @@ class ReplayBufferDataset:
     @property
     def obs_keys(self) -> list[str]:
         return list(self._obs_keys)
+
+    @property
+    def skipped_fields(self) -> dict[str, str]:
+        """``data/*`` arrays the default selection leaves out (neither ``[N, d]`` vectors
+        nor cameras, e.g. keypoints ``[N, 9, 2]``), ``name -> "dtype [per-step shape] ..."``;
+        naming them in ``obs_keys`` reads them flattened per step."""
+        return dict(self._skipped)
 
     @property
     def obs_dims(self) -> dict[str, int]:

@@ -136,6 +136,7 @@ class RobomimicDataset:
             cameras = [k for k, d in datasets.items() if d.ndim == 4 and d.dtype == np.uint8]
             other = {k: f"{d.dtype} {list(d.shape[1:])}" for k, d in datasets.items() if k not in lowdim and k not in cameras}
             self._obs_keys, self._image_keys = select_keys(obs_keys, lowdim, cameras, where=str(self.path), skipped=other)
+            self._skipped = {f"obs/{k}": v for k, v in sorted(other.items())}
             self._obs_dims = {k: _width(first, f"obs/{k}", self.path) for k in self._obs_keys}
             self._image_shapes = {k: tuple(int(x) for x in datasets[k].shape[1:]) for k in self._image_keys}
             self._action_dim = _width(first, "actions", self.path)
@@ -203,6 +204,12 @@ class RobomimicDataset:
     @property
     def obs_keys(self) -> list[str]:
         return list(self._obs_keys)
+
+    @property
+    def skipped_fields(self) -> dict[str, str]:
+        """``obs/*`` datasets that are neither vectors nor uint8 cameras (e.g. float depth
+        maps), ``name -> "dtype [per-step shape]"``: never read."""
+        return dict(self._skipped)
 
     @property
     def obs_dims(self) -> dict[str, int]:
