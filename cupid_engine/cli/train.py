@@ -1,4 +1,5 @@
-"""``cupid-engine train``: train an MLP, diffusion, image-diffusion or transformer policy on a LeRobot dataset.
+"""``cupid-engine train``: train an MLP, diffusion, image-diffusion or transformer policy on a dataset
+(LeRobot, robomimic HDF5, RLDS/TFDS, diffusion_policy replay buffer: whatever ``open_source`` reads).
 
 A curated subset is one flag away: ``--keep curated.parquet`` (a score table from
 ``cupid-engine curate``, or a text file of episode ids) trains on exactly those episodes,
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, metavar="PATH", help="LeRobot dataset folder or fsspec URL")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="dataset path or URL (LeRobot, robomimic, RLDS, replay buffer; format detected)")
     p.add_argument("--policy", required=True, choices=("mlp", "diffusion", "diffusion-image", "transformer"),
                    help="policy kind (diffusion-image and transformer read the dataset's cameras; the transformer "
                         "also the task text)")
@@ -73,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cupid_engine.data.lerobot import open_dataset
+    from cupid_engine.data.sources import open_source
     from cupid_engine.policies.checkpoint import compute_policy_hash, save_policy
     from cupid_engine.policies.diffusion import DiffusionPolicyConfig
     from cupid_engine.policies.mlp import MLPPolicyConfig
@@ -82,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
     obs_keys = tuple(k.strip() for k in args.obs_keys.split(",") if k.strip()) if args.obs_keys else None
     # The reader selects the keys: an unknown one is refused naming it and listing the
     # dataset's low-dimensional and camera keys (UnknownKeyError, a one-line user error).
-    dataset = open_dataset(args.data, **({"obs_keys": obs_keys} if obs_keys else {}))
+    dataset = open_source(args.data, **({"obs_keys": obs_keys} if obs_keys else {}))
     fields: dict = {"obs_keys": tuple(dataset.obs_keys)}
     if args.policy == "mlp":
         if args.head:

@@ -97,7 +97,7 @@ def generate_stage(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 
 
 def train_stage(cfg: DemoConfig, out: Path, data_path: str) -> dict[str, Any]:
-    from cupid_engine.data import open_dataset
+    from cupid_engine.data import open_source
     from cupid_engine.policies import TrainConfig, save_policy, train_policy
     from cupid_engine.policies.registry import POLICIES
     from cupid_engine.sim.tasks import obs_keys
@@ -105,7 +105,7 @@ def train_stage(cfg: DemoConfig, out: Path, data_path: str) -> dict[str, Any]:
     path = out / "policy"
 
     def run() -> dict[str, Any]:
-        episodes = list(open_dataset(data_path).episodes(split="train"))
+        episodes = list(open_source(data_path).episodes(split="train"))
         pcls = POLICIES[cfg.policy][0]
         presets = {"tiny": pcls.tiny, "default": pcls, "large": getattr(pcls, "large", None)}
         if presets.get(cfg.policy_size) is None:
@@ -145,7 +145,7 @@ def rollout_stage(cfg: DemoConfig, out: Path, policy_path: str) -> dict[str, Any
 
 
 def featurize_stage(cfg: DemoConfig, out: Path, data_path: str, rollout_path: str, policy_path: str) -> dict[str, Any]:
-    from cupid_engine.data import open_dataset
+    from cupid_engine.data import open_source
     from cupid_engine.featurize import FeaturizeConfig, ProjectionConfig, featurize
     from cupid_engine.policies import load_policy
     from cupid_engine.store import GradientStore
@@ -156,8 +156,8 @@ def featurize_stage(cfg: DemoConfig, out: Path, data_path: str, rollout_path: st
         store = GradientStore.create(str(path), overwrite=True)
         policy = load_policy(policy_path)
         fcfg = FeaturizeConfig(output=cfg.output, projection=ProjectionConfig(method=cfg.method, k=cfg.k, seed=cfg.seed))
-        featurize(open_dataset(data_path), store, "base", policy=policy, config=fcfg)
-        run_ = featurize(open_dataset(rollout_path), store, "base", policy=policy, config=fcfg)
+        featurize(open_source(data_path), store, "base", policy=policy, config=fcfg)
+        run_ = featurize(open_source(rollout_path), store, "base", policy=policy, config=fcfg)
         return {"path": str(path), "k": run_.k, "gram_count": int(run_.gram_count)}
 
     return _stage(out, "featurize", {**cfg.to_dict(), "stage": "featurize"}, run)
