@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cupid_engine.constants import SPLITS
+from cupid_engine.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def catalog_dict(catalog: pa.Table, ids: Sequence[str] | None = None) -> dict[st
 def ids_in_split(catalog: pa.Table, split: str) -> list[str]:
     """Episode ids of one split, in catalog order."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; splits: {SPLITS}")
+        raise DataError(f"unknown split {split!r}; splits: {SPLITS}")
     return catalog.column("episode_id").filter(pc.fill_null(pc.equal(catalog.column("split"), split), False)).to_pylist()
 
 
@@ -64,7 +65,7 @@ def resolve_episodes(catalog: pa.Table, spec: str | Sequence[str] | None, *, def
             mask = pc.is_in(catalog.column("split"), value_set=pa.array(parts, pa.string()))
             return_ids = catalog.column("episode_id").filter(mask).to_pylist()
             if not return_ids:
-                raise ValueError(f"no episodes selected by {spec!r}")
+                raise DataError(f"no episodes selected by {spec!r}")
             return return_ids  # taken from the catalog: all known
         ids = [s.strip() for s in spec.split(",") if s.strip()]
     else:
@@ -73,9 +74,9 @@ def resolve_episodes(catalog: pa.Table, spec: str | Sequence[str] | None, *, def
     present = pc.is_in(pa.array(ids, pa.string()), value_set=catalog.column("episode_id")).to_pylist()
     unknown = [e for e, ok in zip(ids, present) if not ok]
     if unknown:
-        raise ValueError(f"episodes not in the catalog: {unknown[:5]}")
+        raise DataError(f"episodes not in the catalog: {unknown[:5]}")
     if not ids:
-        raise ValueError(f"no episodes selected by {spec!r}")
+        raise DataError(f"no episodes selected by {spec!r}")
     return ids
 
 
@@ -91,7 +92,7 @@ def returns_of(catalog: pa.Table, ids: Sequence[str], mode: str = "pm1") -> np.n
         ``[M]`` float64.
     """
     if mode not in RETURN_MODES:
-        raise ValueError(f"returns must be one of {RETURN_MODES}, got {mode!r}")
+        raise DataError(f"returns must be one of {RETURN_MODES}, got {mode!r}")
     rows = catalog_dict(catalog, ids)
     out = np.empty(len(ids), np.float64)
     for i, e in enumerate(ids):
@@ -99,12 +100,12 @@ def returns_of(catalog: pa.Table, ids: Sequence[str], mode: str = "pm1") -> np.n
         if mode == "real":
             val = row.get("return")
             if val is None or not np.isfinite(val):
-                raise ValueError(f"episode {e!r} has no finite 'return' in the catalog (returns='real')")
+                raise DataError(f"episode {e!r} has no finite 'return' in the catalog (returns='real')")
             out[i] = float(val)
         else:
             succ = row.get("success")
             if succ is None:
-                raise ValueError(f"episode {e!r} has no 'success' label in the catalog")
+                raise DataError(f"episode {e!r} has no 'success' label in the catalog")
             out[i] = (1.0 if succ else -1.0) if mode == "pm1" else (1.0 if succ else 0.0)
     return out
 

@@ -307,6 +307,9 @@ def test_corrupt_dataset_metadata_names_the_dataset(world, tmp_path, capsys):
 
 
 def test_corrupt_store_chunk_names_the_episodes(world, store, capsys, tmp_path):
+    line = _user_error(capsys, "score", "cupid", "--store", store, "--run", "r", "--out", tmp_path / "o.parquet")
+    assert "no episodes selected by 'rollout'" in line  # the demos-only store has no rollouts yet
+    assert main([str(a) for a in _featurize_args(world, store, data=world["rollouts"])]) == 0
     chunk = store / "runs" / "r" / "episodes" / "c" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[3] ^= 0xFF
