@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-column", default="weight", help="column of --weights holding the weights")
     p.add_argument("--obs-keys", default=None, metavar="K1,K2",
                    help="observation and camera keys to read (default: all, sorted); unknown keys are refused by name")
+    p.add_argument("--version", default=None, metavar="X.Y.Z",
+                   help="version folder to read when --data is a TFDS builder folder (default: the newest)")
     p.add_argument("--size", default="default", choices=("tiny", "default", "large"),
                    help="model size preset (large: ~8.5M-param MLP; diffusion has tiny/default only)")
     p.add_argument("--head", default=None, choices=("deterministic", "gaussian"), help="MLP action head")
@@ -84,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
     obs_keys = tuple(k.strip() for k in args.obs_keys.split(",") if k.strip()) if args.obs_keys else None
     # The reader selects the keys: an unknown one is refused naming it and listing the
     # dataset's low-dimensional and camera keys (UnknownKeyError, a one-line user error).
-    dataset = open_source(args.data, **({"obs_keys": obs_keys} if obs_keys else {}))
+    dataset = open_source(args.data, version=args.version, **({"obs_keys": obs_keys} if obs_keys else {}))
     fields: dict = {"obs_keys": tuple(dataset.obs_keys)}
     if args.policy == "mlp":
         if args.head:

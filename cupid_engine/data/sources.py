@@ -124,7 +124,8 @@ def open_source(path_or_url: str | os.PathLike, format: str = "auto", **options:
         path_or_url: Local path or fsspec URL (robomimic needs a local file).
         format: ``auto`` (see :func:`detect_format`), ``lerobot`` (v3.0 and v2.1),
             ``robomimic``, ``rlds`` or ``replay``.
-        **options: Passed to the reader (e.g. ``split_map``, ``success``, ``obs_keys``).
+        **options: Passed to the reader (e.g. ``split_map``, ``success``, ``obs_keys``;
+            ``version`` for a TFDS builder folder, ignored when None).
 
     Returns:
         A :class:`LeRobotDataset`, :class:`RobomimicDataset`, :class:`RLDSDataset` or
@@ -136,6 +137,10 @@ def open_source(path_or_url: str | os.PathLike, format: str = "auto", **options:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "auto":
         format = detect_format(path_or_url)
+    if options.get("version") is None:
+        options.pop("version", None)
+    elif format != "rlds":
+        raise ValueError(f"{path_or_url}: version= picks a TFDS builder version (RLDS); this is a {format} dataset")
     if format == "robomimic" and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path_or_url)) and not str(path_or_url).startswith("file://"):
         raise ValueError(f"{path_or_url}: robomimic files are read with h5py and must be local")
     if format == "robomimic" and str(path_or_url).startswith("file://"):

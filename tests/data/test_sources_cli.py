@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from cupid_engine.cli import main
-from cupid_engine.data import write_dataset, write_replay_buffer, write_rlds, write_robomimic
+from cupid_engine.data import open_source, write_dataset, write_replay_buffer, write_rlds, write_robomimic
 
 from .helpers import make_episodes
 from .test_skipped_fields import _replay_with_keypoints
@@ -44,3 +44,20 @@ def test_train_and_featurize_list_unread_fields_once(tmp_path, rng, capsys, capl
     notes = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
     # once per dataset and process (both commands ran in this process)
     assert len(notes) == 1 and "data/keypoint float32 [9, 2] per step" in notes[0], notes
+
+
+def test_train_version_of_a_builder_folder(tmp_path, rng, capsys):
+    builder = tmp_path / "rl"
+    write_rlds(builder / "1.0.0", make_episodes(rng, 3, splits=("train",)))
+    write_rlds(builder / "1.1.0", make_episodes(rng, 5, splits=("train",)))
+    base = ["train", "--data", str(builder), "--policy", "mlp", "--size", "tiny", "--steps", "1", "--no-progress"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out)["episodes"] == 5  # the newest
+    assert main([*base, "--out", str(tmp_path / "b"), "--version", "1.0.0"]) == 0
+    assert json.loads(capsys.readouterr().out)["episodes"] == 3
+    assert main([*base, "--out", str(tmp_path / "c"), "--version", "2.0"]) == 2
+    assert "no version '2.0' with shards (have ['1.0.0', '1.1.0'])" in capsys.readouterr().err
+    lerobot = write_dataset(tmp_path / "ds", make_episodes(rng, 2))
+    with pytest.raises(ValueError, match="version= picks a TFDS builder version"):
+        open_source(lerobot, version="1.0.0")
