@@ -172,6 +172,9 @@ class WorkerPool:
         in_flight: Items queued per actor.
     """
 
+    START_GRACE = 10.0
+    """Seconds the other actors get to start once the first one runs."""
+
     def __init__(self, make_actor: Callable[[], Any], ready: Callable[[Any], Any], submit: Callable[[Any, Any], Any], *,
                  per_worker: dict[str, float], max_retries: int = 3, max_restarts: int = 3,
                  start_timeout: float = 120.0, in_flight: int = 2) -> None:
@@ -182,6 +185,7 @@ class WorkerPool:
         self.starting: dict[Any, tuple[Any, float]] = {}  # info ref -> (actor, created at)
         self.actors: dict[Any, dict[str, Any]] = {}  # actor -> info
         self.lost: list[dict[str, Any]] = []  # infos of actors that died
+        self.start_errors: list[str] = []  # why actors failed to start (import errors, ...)
         self.log = logging.getLogger(__name__)
 
     def start(self, n: int, on_started: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
@@ -193,22 +197,22 @@ class WorkerPool:
             self._spawn()
         deadline = time.monotonic() + self.start_timeout
         while self.starting and time.monotonic() < deadline:
-            ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting),
-                                timeout=max(0.0, deadline - time.monotonic()))
+            ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             for ref in ready:
-                self._started(ref)
-            if ready and not self.starting:
-                break
-            if self.actors and not ready:
-                break
-            if self.actors:  # some run: give the rest a short grace period, not the full timeout
-                deadline = min(deadline, time.monotonic() + 5.0)
+                if self._started(ref) and len(self.actors) == 1:
+                    # One runs: the others get a short grace period, not the full timeout (an
+                    # actor the cluster cannot place would pend forever); late ones join the
+                    # pool from run() as they start.
+                    deadline = min(deadline, time.monotonic() + self.START_GRACE)
+        if not self.actors and self.start_errors:
+            self.shutdown()
+            raise RuntimeError(f"Ray workers failed to start: {self.start_errors[-1]}")
         if not self.actors:
             self.shutdown()
             raise TimeoutError(f"no Ray worker started within {self.start_timeout:g} s: each "
                                f"{resources_message(self.per_worker)}")
         if self.starting:
-            self.log.warning("%d of %d worker(s) not placed after waiting (%s); continuing with %d",
+            self.log.warning("%d of %d worker(s) not started yet (%s); continuing with %d",
                              len(self.starting), n, resources_message(self.per_worker), len(self.actors))
         if on_started is not None:
             on_started(list(self.actors.values()))
@@ -225,7 +229,8 @@ class WorkerPool:
             self.actors[actor] = ray.get(ref)
             return True
         except _lost_worker_errors() as exc:
-            self.log.warning("a worker died while starting: %s", _one_line(exc))
+            self.start_errors.append(_one_line(exc))
+            self.log.warning("a worker died while starting: %s", self.start_errors[-1])
             self._kill(actor)
             return False
 
