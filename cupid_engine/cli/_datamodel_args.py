@@ -1,13 +1,14 @@
 """Flags of ``cupid-engine score datamodel``, kept free of heavy imports.
 
 The ``score`` parser is built for every ``cupid-engine`` invocation (even ``--help``), so
-the flags cannot live in ``scorers.datamodel.scorer``, whose package imports torch and
-every scorer. ``scorers.datamodel.scorer`` re-exports them.
+the flags cannot live in ``datamodels.scorer``, whose package imports torch and
+every scorer. ``datamodels.scorer`` re-exports them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from cupid_engine.constants import CLUSTER_MODES
 from cupid_engine.constants import DATAMODEL_ESTIMATORS as ESTIMATORS
@@ -42,3 +43,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--last-k", type=int, help="metagradient: differentiate only the last K updates")
 
 
+
+
+def config_from_args(args: argparse.Namespace, extra: dict | None = None):
+    """A :class:`~cupid_engine.datamodels.scorer.DatamodelConfig` from parsed flags
+    (+ ``--set`` options, + target/episodes)."""
+    from cupid_engine.datamodels.scorer import DatamodelConfig
+
+    fields = dict(extra or {})
+    for flag, name in CLI_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            fields[name] = value
+    for name in ("target", "episodes"):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    return DatamodelConfig(**fields)
+
+
+def cli_score(args: argparse.Namespace) -> int:
+    """Handler body of ``cupid-engine score datamodel``: score and write ``args.out``."""
+    from cupid_engine.datamodels.scorer import DatamodelScorer
+    from cupid_engine.scorers.table import write_table
+    from cupid_engine.store import open_store
+
+    extra = {}
+    for pair in getattr(args, "options", None) or []:
+        key, _, value = pair.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    cfg = config_from_args(args, extra)
+    table = DatamodelScorer(cfg).score(open_store(args.store), args.run)
+    write_table(table, args.out)
+    print(f"datamodel ({cfg.estimator}): scored {table.num_rows} episodes -> {args.out}")
+    return 0

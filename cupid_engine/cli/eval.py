@@ -11,7 +11,7 @@ a later one reuses every finished training.
 Scores come from Parquet tables (``--scores [NAME=]PATH``, repeatable) and/or are
 computed here (``--methods cupid,trak-traj,tracin,datamodel,random``) from the dataset:
 a base training with checkpoints, gradient features in a store, the engine's scorers
-(:mod:`cupid_engine.scorers.datamodel.compare`). Example on the simulated benchmark::
+(:mod:`cupid_engine.datamodels.compare`). Example on the simulated benchmark::
 
     cupid-engine generate --task lift --demos 30 --out data/lift30
     cupid-engine eval lds --data data/lift30 --holdout-targets 6 --target-tier better \\
@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _policy_config(args: argparse.Namespace, obs_keys: tuple[str, ...] | None):
     from cupid_engine.policies.diffusion import DiffusionPolicyConfig
     from cupid_engine.policies.mlp import MLPPolicyConfig
-    from cupid_engine.scorers.datamodel.scorer import make_policy_config
+    from cupid_engine.datamodels.scorer import make_policy_config
 
     if args.policy_config:
         with open(args.policy_config, encoding="utf-8") as f:
@@ -145,9 +145,9 @@ def _lds(args: argparse.Namespace) -> int:
 
     from cupid_engine.policies.training import TrainConfig
     from cupid_engine.scorers._inputs import resolve_episodes
-    from cupid_engine.scorers.datamodel.compare import LDS_METHODS, CompareConfig, method_score_tables
-    from cupid_engine.scorers.datamodel.lds import format_lds_table, measure_subsets, random_reference
-    from cupid_engine.scorers.datamodel.scorer import _load
+    from cupid_engine.datamodels.compare import LDS_METHODS, CompareConfig, method_score_tables
+    from cupid_engine.datamodels.lds import format_lds_table, measure_subsets, random_reference
+    from cupid_engine.datamodels.scorer import _load
     from cupid_engine.scorers.table import read_table, table_config
 
     start = time.perf_counter()
@@ -208,7 +208,7 @@ def _lds(args: argparse.Namespace) -> int:
     if args.metric == "success":
         if not args.task:
             raise SystemExit("error: --metric success needs --task")
-        from cupid_engine.scorers.datamodel.metrics import sim_success_metric
+        from cupid_engine.datamodels.metrics import sim_success_metric
 
         metric = sim_success_metric(args.task, episodes=args.metric_episodes, seed=args.seed)
     progress = not args.no_progress

@@ -72,7 +72,7 @@ def _score(args: argparse.Namespace) -> int:
     from cupid_engine.scorers import get_scorer, score, write_table
 
     if args.method == "datamodel":
-        from cupid_engine.scorers.datamodel.scorer import cli_score
+        from cupid_engine.cli._datamodel_args import cli_score
 
         return cli_score(args)
     try:

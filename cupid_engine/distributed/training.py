@@ -1,7 +1,7 @@
 """Subset trainings on Ray actors (the regression datamodel estimator and LDS).
 
 Each actor receives the subset function once (a picklable
-:class:`~cupid_engine.scorers.datamodel.regression.SubsetTrainer`: configs, samples,
+:class:`~cupid_engine.datamodels.regression.SubsetTrainer`: configs, samples,
 clusters and the metric; trained models never cross processes) and evaluates masks one
 at a time, whichever actor is free taking the next mask. A training depends only on its
 mask and the (seeded) configs, so the schedule never changes the numbers: results equal

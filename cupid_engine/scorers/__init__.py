@@ -1,7 +1,7 @@
 """Scoring methods: which demonstrations help or hurt a policy.
 
 Every method is a :class:`~cupid_engine.scorers.base.Scorer` registered by name
-(``available_scorers()``): ``cupid``, ``cupid-quality``, ``qoq``, ``trak-traj``,
+(``available_scorers()``): ``cupid``, ``cupid-step``, ``cupid-quality``, ``qoq``, ``trak-traj``,
 ``tracin`` and the baselines ``random``, ``length``, ``loss``, ``success-sim`` and
 ``oracle``. Each module keeps the method's math in pure array functions (tested
 without a store) and a thin adapter reading what it needs from a gradient-store run:
@@ -24,7 +24,6 @@ import pyarrow as pa
 
 from cupid_engine.scorers.base import Scorer, available_scorers, get_scorer, register
 from cupid_engine.scorers import baselines, cupid, cupid_step, qoq, quality, tracin, trak_traj  # noqa: F401  (registration)
-from cupid_engine.scorers.datamodel import scorer as _datamodel  # noqa: F401,E402  (registration)
 from cupid_engine.scorers.preconditioner import Preconditioner, concat_checkpoints
 from cupid_engine.scorers.table import make_table, read_table, write_table
 

@@ -11,6 +11,7 @@ enumerate methods without importing each module by name.
 from __future__ import annotations
 
 import abc
+import importlib
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -18,6 +19,12 @@ import pyarrow as pa
 from cupid_engine.config import Config
 
 _REGISTRY: dict[str, type["Scorer"]] = {}
+
+# Scorers that live above this package (they retrain policies and run rollouts, so they
+# may import policies, sim and distributed) register themselves when imported; their
+# names are known here so that :func:`get_scorer` imports them on first use, without
+# this package importing upward.
+_PLUGINS: dict[str, str] = {"datamodel": "cupid_engine.datamodels.scorer"}
 
 
 class Scorer(abc.ABC):
@@ -64,6 +71,8 @@ def register(cls: type[Scorer]) -> type[Scorer]:
 
 def get_scorer(name: str) -> type[Scorer]:
     """The scorer class registered as ``name``; raises ``KeyError`` listing the known ones."""
+    if name not in _REGISTRY and name in _PLUGINS:
+        importlib.import_module(_PLUGINS[name])
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -71,5 +80,5 @@ def get_scorer(name: str) -> type[Scorer]:
 
 
 def available_scorers() -> list[str]:
-    """Sorted names of every registered scorer."""
-    return sorted(_REGISTRY)
+    """Sorted names of every registered scorer (plugins included, imported or not)."""
+    return sorted(set(_REGISTRY) | set(_PLUGINS))

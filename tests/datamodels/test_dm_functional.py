@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cupid_engine.scorers.datamodel.functional import (
+from cupid_engine.datamodels.functional import (
     FunctionalAdam,
     FunctionalSGD,
     functional_train,

@@ -20,11 +20,11 @@ from cupid_engine.data.episode import Episode
 from cupid_engine.policies.mlp import MLPPolicyConfig
 from cupid_engine.policies.samples import build_samples
 from cupid_engine.policies.training import TrainConfig, train_policy
-from cupid_engine.scorers.datamodel.clusters import make_clusters
-from cupid_engine.scorers.datamodel.compare import checkpoint_steps, sampled_steps
-from cupid_engine.scorers.datamodel.lds import format_lds_table, measure_subsets, random_reference, run_lds_many
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric
-from cupid_engine.scorers.datamodel.regression import SubsetTrainer, fraction_masks
+from cupid_engine.datamodels.clusters import make_clusters
+from cupid_engine.datamodels.compare import checkpoint_steps, sampled_steps
+from cupid_engine.datamodels.lds import format_lds_table, measure_subsets, random_reference, run_lds_many
+from cupid_engine.datamodels.metrics import ProxyMetric
+from cupid_engine.datamodels.regression import SubsetTrainer, fraction_masks
 from cupid_engine.scorers.table import make_table, write_table
 
 

@@ -10,9 +10,9 @@ import pytest
 from dm_helpers import make_episodes
 
 from cupid_engine.policies import MLPPolicyConfig, TrainConfig, build_samples
-from cupid_engine.scorers.datamodel.clusters import make_clusters
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric
-from cupid_engine.scorers.datamodel.regression import (
+from cupid_engine.datamodels.clusters import make_clusters
+from cupid_engine.datamodels.metrics import ProxyMetric
+from cupid_engine.datamodels.regression import (
     RegressionConfig,
     SubsetCache,
     SubsetTrainer,
@@ -151,7 +151,7 @@ def test_sigkilled_process_resumes(tmp_path):
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from dm_helpers import SlowPlanted\n"
-        "from cupid_engine.scorers.datamodel.regression import evaluate_subsets, sample_masks\n"
+        "from cupid_engine.datamodels.regression import evaluate_subsets, sample_masks\n"
         f"fn = SlowPlanted(np.load({str(tmp_path / 'effects.npy')!r}), {str(tmp_path / 'calls1')!r}, delay=0.3)\n"
         f"evaluate_subsets(fn, sample_masks(8, 40, seed=0), cache_dir={str(tmp_path / 'cache')!r})\n"
     )

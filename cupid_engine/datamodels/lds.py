@@ -8,7 +8,7 @@ and averaged over targets, with a percentile bootstrap confidence interval over 
 
 :func:`linear_datamodeling_score` is the statistic on given masks and measurements;
 :func:`run_lds` trains the subsets with the regression estimator's machinery
-(:class:`~cupid_engine.scorers.datamodel.regression.SubsetTrainer`, the on-disk cache,
+(:class:`~cupid_engine.datamodels.regression.SubsetTrainer`, the on-disk cache,
 in process or on Ray actors) and then computes it.
 """
 
@@ -28,9 +28,9 @@ from cupid_engine.data.episode import Episode
 from cupid_engine.policies.base import PolicyConfig
 from cupid_engine.policies.samples import build_samples
 from cupid_engine.policies.training import TrainConfig
-from cupid_engine.scorers.datamodel.clusters import make_clusters
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric
-from cupid_engine.scorers.datamodel.regression import SubsetTrainer, evaluate_subsets, fraction_masks
+from cupid_engine.datamodels.clusters import make_clusters
+from cupid_engine.datamodels.metrics import ProxyMetric
+from cupid_engine.datamodels.regression import SubsetTrainer, evaluate_subsets, fraction_masks
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def measure_subsets(
         seed: Seed of the subsets.
         metric: Override of the metric (``metric(policy) -> float | [T]`` with a
             ``fingerprint()``), e.g. a rollout success rate
-            (:func:`~cupid_engine.scorers.datamodel.metrics.sim_success_metric`).
+            (:func:`~cupid_engine.datamodels.metrics.sim_success_metric`).
         cache_dir: Subset-training cache (shared with the regression estimator).
         workers: 1 = in process, W > 1 = Ray actors.
         address: Ray cluster address.

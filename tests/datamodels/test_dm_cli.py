@@ -14,7 +14,8 @@ from dm_helpers import make_episodes
 
 from cupid_engine.cli import main
 from cupid_engine.data import write_dataset
-from cupid_engine.scorers.datamodel.scorer import DatamodelScorer, add_arguments, config_from_args
+from cupid_engine.cli._datamodel_args import add_arguments, config_from_args
+from cupid_engine.datamodels.scorer import DatamodelScorer
 from cupid_engine.scorers.table import read_table, write_table
 from cupid_engine.store import create_store, open_store
 
@@ -69,7 +70,7 @@ def test_eval_lds_command(setup, capsys):
             "--out", str(tmp_path / "lds.json")]
     assert main(argv) == 0
     out = json.loads((tmp_path / "lds.json").read_text())
-    from cupid_engine.scorers.datamodel.regression import fraction_masks
+    from cupid_engine.datamodels.regression import fraction_masks
 
     distinct = len(np.unique(fraction_masks(5, 4, fraction=0.6, seed=0), axis=0))
     (res,) = out["results"]
@@ -82,7 +83,7 @@ def test_eval_lds_command(setup, capsys):
 
 def test_score_command_reaches_the_registered_scorer(setup):
     # `cupid-engine score datamodel --set ...` works through the score command's generic
-    # path once cupid_engine.scorers.datamodel.scorer is imported (registration).
+    # path once cupid_engine.datamodels.scorer is imported (registration).
     tmp_path, train_ids = setup
     out = tmp_path / "dm.parquet"
     argv = ["score", "datamodel", "--store", str(tmp_path / "s.zarr"), "--run", "base", "--out", str(out),
@@ -105,7 +106,7 @@ def test_cli_score_with_datamodel_flags(setup):
                               "--estimator", "regression", "--data", str(tmp_path / "ds"), "--steps", "4",
                               "--batch-size", "8", "--subsets", "4", "--cache", str(tmp_path / "c"),
                               "--set", "ridge=0.1"])
-    from cupid_engine.scorers.datamodel.scorer import cli_score
+    from cupid_engine.cli._datamodel_args import cli_score
 
     assert cli_score(args) == 0
     table = read_table(out)
@@ -115,8 +116,8 @@ def test_cli_score_with_datamodel_flags(setup):
 @pytest.mark.parametrize("estimator", ["regression", "metagradient"])
 def test_target_half_in_training(estimator):
     from cupid_engine.policies import MLPPolicyConfig, TrainConfig
-    from cupid_engine.scorers.datamodel.regression import RegressionConfig
-    from cupid_engine.scorers.datamodel.scorer import datamodel_scores
+    from cupid_engine.datamodels.regression import RegressionConfig
+    from cupid_engine.datamodels.scorer import datamodel_scores
 
     train = make_episodes(n=4, length=5)
     target = make_episodes(n=4, length=5, seed=6, prefix="tg")

@@ -9,8 +9,8 @@ import torch
 from dm_helpers import make_episodes
 
 from cupid_engine.policies import MLPPolicyConfig, TrainConfig, build_samples, train_policy
-from cupid_engine.scorers.datamodel.clusters import ClusterConfig, make_clusters
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric, RolloutMetric
+from cupid_engine.datamodels.clusters import ClusterConfig, make_clusters
+from cupid_engine.datamodels.metrics import ProxyMetric, RolloutMetric
 
 
 def test_trajectory_and_subtrajectory_clusters():

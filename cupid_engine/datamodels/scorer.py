@@ -5,14 +5,13 @@ store only for its catalog (which episodes are training / target demonstrations)
 loads the episodes themselves from the dataset named by ``data``. Scores are per
 cluster; an episode's score is the sum over its clusters (the datamodel is additive).
 
-Entry points: :func:`datamodel_scores` (library), :class:`DatamodelScorer` (registered
-as ``datamodel`` in the scorer registry), and :func:`add_arguments` / :func:`cli_score`
-for ``cupid-engine score datamodel``.
+Entry points: :func:`datamodel_scores` (library) and :class:`DatamodelScorer` (registered
+as ``datamodel`` in the scorer registry, which imports this module on first use). The
+command line lives in ``cupid_engine/cli/_datamodel_args.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -28,11 +27,11 @@ from cupid_engine.policies.base import PolicyConfig
 from cupid_engine.policies.samples import build_samples
 from cupid_engine.policies.training import OPTIMIZERS, TrainConfig
 from cupid_engine.scorers.base import Scorer, register
-from cupid_engine.scorers.datamodel.clusters import CLUSTER_MODES, ClusterConfig, make_clusters, with_fixed_cluster
-from cupid_engine.scorers.datamodel.metagradient import DTYPES, MetagradientConfig, metagradient_scores
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric
-from cupid_engine.scorers.datamodel.regression import RegressionConfig, SubsetTrainer, regression_scores
-from cupid_engine.scorers.datamodel.selection import concat_samples
+from cupid_engine.datamodels.clusters import CLUSTER_MODES, ClusterConfig, make_clusters, with_fixed_cluster
+from cupid_engine.datamodels.metagradient import DTYPES, MetagradientConfig, metagradient_scores
+from cupid_engine.datamodels.metrics import ProxyMetric
+from cupid_engine.datamodels.regression import RegressionConfig, SubsetTrainer, regression_scores
+from cupid_engine.datamodels.selection import concat_samples
 from cupid_engine.scorers.table import make_table
 
 log = logging.getLogger(__name__)
@@ -230,41 +229,3 @@ class DatamodelScorer(Scorer):
             step_weights=inputs.get("step_weights"), splits=splits, config=cfg,
             target_in_training=cfg.target_in_training,
         )
-
-
-# -- CLI hooks for ``cupid-engine score datamodel`` ------------------------------------
-from cupid_engine.cli._datamodel_args import CLI_FIELDS as _CLI_FIELDS  # noqa: E402
-from cupid_engine.cli._datamodel_args import add_arguments  # noqa: E402,F401
-
-
-def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> DatamodelConfig:
-    """A :class:`DatamodelConfig` from parsed flags (+ ``--set`` options, + target/episodes)."""
-    fields = dict(extra or {})
-    for flag, name in _CLI_FIELDS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            fields[name] = value
-    for name in ("target", "episodes"):
-        value = getattr(args, name, None)
-        if value is not None:
-            fields[name] = value
-    return DatamodelConfig(**fields)
-
-
-def cli_score(args: argparse.Namespace) -> int:
-    """Handler body of ``cupid-engine score datamodel``: score and write ``args.out``."""
-    from cupid_engine.scorers.table import write_table
-    from cupid_engine.store import open_store
-
-    extra = {}
-    for pair in getattr(args, "options", None) or []:
-        key, _, value = pair.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
-    cfg = config_from_args(args, extra)
-    table = DatamodelScorer(cfg).score(open_store(args.store), args.run)
-    write_table(table, args.out)
-    print(f"datamodel ({cfg.estimator}): scored {table.num_rows} episodes -> {args.out}")
-    return 0

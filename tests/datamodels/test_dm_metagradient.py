@@ -10,9 +10,9 @@ from dm_helpers import make_episodes
 
 from cupid_engine.policies import MLPPolicyConfig, TrainConfig, build_samples, train_policy
 # Submodule imports: they resolve even where an editable install predates the package.
-from cupid_engine.scorers.datamodel.clusters import ClusterConfig, make_clusters
-from cupid_engine.scorers.datamodel.metagradient import MetagradientConfig, metagradient_scores
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric
+from cupid_engine.datamodels.clusters import ClusterConfig, make_clusters
+from cupid_engine.datamodels.metagradient import MetagradientConfig, metagradient_scores
+from cupid_engine.datamodels.metrics import ProxyMetric
 
 
 def _setup(mode="trajectory", n=5, length=10):
@@ -65,7 +65,7 @@ def test_policy_metagradient_matches_finite_differences():
     mc = MetagradientConfig(segments=3, dtype="float64")
     res = metagradient_scores(POLICY, samples, clusters, metric, tc, mc)
     # Finite differences through the same functional trainer with perturbed weights.
-    from cupid_engine.scorers.datamodel.metagradient import _functional_problem
+    from cupid_engine.datamodels.metagradient import _functional_problem
 
     prob = _functional_problem(POLICY, samples, clusters, metric, tc, mc)
     eps = 1e-6
@@ -121,7 +121,7 @@ def test_diffusion_policy_seeded_noise_checkpoint_matches_unroll():
 def test_diffusion_metagradient_in_float64_matches_float32():
     # float64 diffusion policies used to fail (the timestep embedding stayed float32).
     from cupid_engine.policies.diffusion import DiffusionPolicyConfig
-    from cupid_engine.scorers.datamodel.scorer import datamodel_scores
+    from cupid_engine.datamodels.scorer import datamodel_scores
 
     train = make_episodes(n=4, length=10)
     target = make_episodes(n=2, length=10, seed=5, prefix="tg")

@@ -36,8 +36,8 @@ from cupid_engine.policies.base import PolicyConfig
 from cupid_engine.policies.normalizer import Normalizer
 from cupid_engine.policies.samples import SampleSet
 from cupid_engine.policies.training import TrainConfig, train_policy
-from cupid_engine.scorers.datamodel.clusters import Clusters
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric, metric_values
+from cupid_engine.datamodels.clusters import Clusters
+from cupid_engine.datamodels.metrics import ProxyMetric, metric_values
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class SubsetTrainer:
         train_config: Training settings shared by every subset; ``steps`` must be set
             (with ``epochs`` a smaller subset would get fewer updates).
         metric: ``metric(policy) -> float | [n_targets]`` with a ``fingerprint()``
-            (:class:`~cupid_engine.scorers.datamodel.metrics.ProxyMetric`, RolloutMetric).
+            (:class:`~cupid_engine.datamodels.metrics.ProxyMetric`, RolloutMetric).
             A ProxyMetric without ``action_scale`` is bound to the action scale of the
             normaliser fitted on *all* training samples, so every subset policy (each
             with its own normaliser) is measured in the same units.

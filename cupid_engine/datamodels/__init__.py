@@ -20,21 +20,25 @@ training clusters as the sum of per-cluster scores. Modules:
 * ``compare``: the score tables of cupid, trak-traj, tracin, datamodel and random
   computed from a dataset (base training with checkpoints, a gradient store, the
   scorers) for ``cupid-engine eval lds --methods``.
-* ``scorer``: the ``datamodel`` scorer (registry), :func:`datamodel_scores` and the
-  ``score datamodel`` CLI hooks.
+* ``scorer``: the ``datamodel`` scorer (registry) and :func:`datamodel_scores`.
+
+The package sits above ``scorers``, ``policies``, ``featurize``, ``sim`` and
+``distributed``: it retrains policies and runs rollouts. The scorer registry imports
+``datamodels.scorer`` by name on first use of ``datamodel``; the CLI flags live in
+``cli/_datamodel_args.py``.
 
 Subset trainings on Ray live in :mod:`cupid_engine.distributed.training` (the only
 place Ray is imported, lazily).
 """
 
-from cupid_engine.scorers.datamodel.clusters import (
+from cupid_engine.datamodels.clusters import (
     CLUSTER_MODES,
     ClusterConfig,
     Clusters,
     make_clusters,
     with_fixed_cluster,
 )
-from cupid_engine.scorers.datamodel.functional import (
+from cupid_engine.datamodels.functional import (
     FunctionalAdam,
     FunctionalOptimizer,
     FunctionalSGD,
@@ -42,8 +46,8 @@ from cupid_engine.scorers.datamodel.functional import (
     make_optimizer,
     reverse_metagradient,
 )
-from cupid_engine.scorers.datamodel.metagradient import MetagradientConfig, MetagradientResult, metagradient_scores
-from cupid_engine.scorers.datamodel.lds import (
+from cupid_engine.datamodels.metagradient import MetagradientConfig, MetagradientResult, metagradient_scores
+from cupid_engine.datamodels.lds import (
     LDSResult,
     LDSSubsets,
     format_lds_table,
@@ -53,9 +57,9 @@ from cupid_engine.scorers.datamodel.lds import (
     run_lds,
     run_lds_many,
 )
-from cupid_engine.scorers.datamodel.compare import LDS_METHODS, CompareConfig, method_score_tables
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric, RolloutMetric, sim_success_metric
-from cupid_engine.scorers.datamodel.regression import (
+from cupid_engine.datamodels.compare import LDS_METHODS, CompareConfig, method_score_tables
+from cupid_engine.datamodels.metrics import ProxyMetric, RolloutMetric, sim_success_metric
+from cupid_engine.datamodels.regression import (
     LinearDatamodel,
     RegressionConfig,
     RegressionResult,
@@ -67,14 +71,12 @@ from cupid_engine.scorers.datamodel.regression import (
     regression_scores,
     sample_masks,
 )
-from cupid_engine.scorers.datamodel.scorer import (
+from cupid_engine.datamodels.scorer import (
     DatamodelConfig,
     DatamodelScorer,
-    add_arguments,
-    cli_score,
     datamodel_scores,
 )
-from cupid_engine.scorers.datamodel.selection import (
+from cupid_engine.datamodels.selection import (
     CoTrainSampler,
     concat_samples,
     cotrain_policy,
@@ -105,8 +107,6 @@ __all__ = [
     "RolloutMetric",
     "SubsetCache",
     "SubsetTrainer",
-    "add_arguments",
-    "cli_score",
     "concat_samples",
     "cotrain_policy",
     "datamodel_scores",

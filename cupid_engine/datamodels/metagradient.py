@@ -3,7 +3,7 @@
 Each cluster ``c`` gets a loss weight ``w_c``; training with ``w`` gives θ_T(w), and the
 score of cluster c is ``dM̂(θ_T(w))/dw_c`` at ``w = 1``: the exact influence of
 up-weighting the cluster, computed by reverse mode through the whole training run
-(:func:`~cupid_engine.scorers.datamodel.functional.reverse_metagradient`).
+(:func:`~cupid_engine.datamodels.functional.reverse_metagradient`).
 
 The training run mirrors :func:`cupid_engine.policies.train_policy` at ``w = 1``: the
 same initialisation (``seed``), normaliser (fitted on all training samples and then held
@@ -44,14 +44,14 @@ from cupid_engine.policies.outputs import functional_output
 from cupid_engine.policies.registry import build_policy
 from cupid_engine.policies.samples import SampleSet
 from cupid_engine.policies.training import TrainConfig, resolve_config
-from cupid_engine.scorers.datamodel.clusters import Clusters
-from cupid_engine.scorers.datamodel.functional import (
+from cupid_engine.datamodels.clusters import Clusters
+from cupid_engine.datamodels.functional import (
     FunctionalOptimizer,
     functional_train,
     make_optimizer,
     reverse_metagradient,
 )
-from cupid_engine.scorers.datamodel.metrics import ProxyMetric
+from cupid_engine.datamodels.metrics import ProxyMetric
 
 log = logging.getLogger(__name__)
 

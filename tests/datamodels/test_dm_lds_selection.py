@@ -9,10 +9,10 @@ import torch
 from dm_helpers import make_episodes
 
 from cupid_engine.policies import MLPPolicyConfig, TrainConfig, build_samples
-from cupid_engine.scorers.datamodel.clusters import make_clusters
-from cupid_engine.scorers.datamodel.lds import linear_datamodeling_score, run_lds
-from cupid_engine.scorers.datamodel.regression import fraction_masks
-from cupid_engine.scorers.datamodel.selection import CoTrainSampler, cotrain_policy, select_top, selected_samples
+from cupid_engine.datamodels.clusters import make_clusters
+from cupid_engine.datamodels.lds import linear_datamodeling_score, run_lds
+from cupid_engine.datamodels.regression import fraction_masks
+from cupid_engine.datamodels.selection import CoTrainSampler, cotrain_policy, select_top, selected_samples
 from cupid_engine.scorers.table import make_table
 
 

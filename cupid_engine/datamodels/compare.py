@@ -205,8 +205,8 @@ def method_score_tables(
         tables.update(_store_scores(store_methods, train, target, policy_config, train_config, cfg, folder, info,
                                     progress))
     if "datamodel" in methods:
-        from cupid_engine.scorers.datamodel.regression import RegressionConfig
-        from cupid_engine.scorers.datamodel.scorer import datamodel_scores
+        from cupid_engine.datamodels.regression import RegressionConfig
+        from cupid_engine.datamodels.scorer import datamodel_scores
 
         reg = RegressionConfig(num_subsets=cfg.datamodel_subsets, seed=seed + cfg.datamodel_seed_offset,
                                ridge=cfg.datamodel_ridge, workers=workers, address=address,

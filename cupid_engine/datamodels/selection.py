@@ -19,7 +19,7 @@ from cupid_engine.policies.base import Policy, PolicyConfig
 from cupid_engine.policies.registry import build_policy
 from cupid_engine.policies.samples import SampleSet
 from cupid_engine.policies.training import TrainConfig, ema_update, resolve_config
-from cupid_engine.scorers.datamodel.clusters import Clusters
+from cupid_engine.datamodels.clusters import Clusters
 
 log = logging.getLogger(__name__)
 
