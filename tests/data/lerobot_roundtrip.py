@@ -22,6 +22,19 @@ import sys
 import numpy as np
 
 TASKS = ["lift the cube", "stack the red block on the green one"]
+VIDEO = "--video" in sys.argv  # the camera as an MP4 video feature (lossy) instead of PNG images
+IMAGES = VIDEO or "--images" in sys.argv
+
+
+def _frames(rng, T):
+    """Smooth moving gradients: noise would measure the codec, not the layout."""
+    if not VIDEO:
+        return rng.integers(0, 256, (T, 12, 16, 3), dtype=np.uint8)
+    y, x = np.mgrid[0:32, 0:32]
+    phase = rng.uniform(0, 6)
+    return np.stack(
+        [np.stack([128 + 100 * np.sin(x / 6 + phase + t / 3), 128 + 100 * np.cos(y / 5 + t / 4), np.full_like(x, 40 * (t % 5), dtype=float)], -1) for t in range(T)]
+    ).astype(np.uint8)
 
 
 class _Ep:
@@ -40,7 +53,7 @@ def _episodes():
     out = []
     for i in range(6):
         T = int(rng.integers(3, 9))
-        images = {"agentview": rng.integers(0, 256, (T, 12, 16, 3), dtype=np.uint8)} if "--images" in sys.argv else {}
+        images = {"agentview": _frames(rng, T)} if IMAGES else {}
         out.append(
             _Ep(
                 episode_id=f"demo_{i}",
@@ -63,7 +76,7 @@ def write(out: pathlib.Path) -> None:
     from cupid_engine.data import Episode, write_dataset
 
     eps = [Episode(**{k: v for k, v in e.__dict__.items()}) for e in _episodes()]
-    path = write_dataset(out / "engine_ds", eps, fps=10, episodes_per_file=4, overwrite=True)
+    path = write_dataset(out / "engine_ds", eps, fps=10, episodes_per_file=4, overwrite=True, image_format="video" if VIDEO else "png")
     print("wrote", path)
 
 
@@ -75,7 +88,8 @@ def lerobot_side(out: pathlib.Path) -> None:
 
     print("lerobot", lerobot.__version__, "torch", torch.__version__, "python", sys.version.split()[0])
     root = out / "engine_ds"
-    ds = LeRobotDataset("local/engine_ds", root=root)
+    backend = {"video_backend": "pyav"} if VIDEO else {}  # torchcodec needs a system FFmpeg
+    ds = LeRobotDataset("local/engine_ds", root=root, **backend)
     eps = _episodes()
     assert ds.meta.total_episodes == len(eps), ds.meta.total_episodes
     assert ds.num_frames == sum(e.length for e in eps), ds.num_frames
@@ -88,7 +102,7 @@ def lerobot_side(out: pathlib.Path) -> None:
     np.testing.assert_allclose(ds.meta.stats["observation.state"]["std"], allstate.std(0), rtol=1e-5, atol=1e-6)
     print("LeRobotDataset: episodes", ds.meta.total_episodes, "frames", ds.num_frames, "stats keys", sorted(ds.meta.stats))
     _compare_stats_with_lerobot(root, ds, eps)
-    k = 0
+    k, psnrs = 0, []
     for e in eps:
         for t in range(e.length):
             item = ds[k]
@@ -97,9 +111,15 @@ def lerobot_side(out: pathlib.Path) -> None:
             np.testing.assert_array_equal(item["action"].numpy(), e.actions[t])
             if e.images:
                 got = (item["observation.images.agentview"].numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0)
-                np.testing.assert_array_equal(got, e.images["agentview"][t])
+                if VIDEO:
+                    psnrs.append(_psnr(got, e.images["agentview"][t]))
+                else:
+                    np.testing.assert_array_equal(got, e.images["agentview"][t])
             k += 1
     print("every frame: task string, observation.state and action equal to the engine's episodes")
+    if psnrs:
+        assert min(psnrs) > 30, min(psnrs)
+        print(f"video frames decoded by lerobot (pyav): PSNR vs the source frames min {min(psnrs):.1f} dB, mean {np.mean(psnrs):.1f} dB")
 
     deleted = delete_episodes(ds, episode_indices=[1, 3], output_dir=out / "deleted", repo_id="local/deleted")
     keep = [e for i, e in enumerate(eps) if i not in (1, 3)]
@@ -113,7 +133,7 @@ def lerobot_side(out: pathlib.Path) -> None:
             k += 1
     print("delete_episodes([1, 3]):", deleted.meta.total_episodes, "episodes left, tasks and actions equal")
 
-    resumed = LeRobotDataset.resume("local/engine_ds", root=root)
+    resumed = LeRobotDataset.resume("local/engine_ds", root=root, **backend)
     extra_state = np.arange(15, dtype=np.float32).reshape(3, 5) / 10
     for t in range(3):
         frame = {
@@ -123,17 +143,22 @@ def lerobot_side(out: pathlib.Path) -> None:
             "task": "a task lerobot added",
         }
         if eps[0].images:
-            frame["observation.images.agentview"] = np.zeros((12, 16, 3), np.uint8)
+            frame["observation.images.agentview"] = np.zeros(eps[0].images["agentview"].shape[1:], np.uint8)
         resumed.add_frame(frame)
     resumed.save_episode()
     resumed.finalize()
-    again = LeRobotDataset("local/engine_ds", root=root)
+    again = LeRobotDataset("local/engine_ds", root=root, **backend)
     assert again.meta.total_episodes == len(eps) + 1
     assert again[again.num_frames - 1]["task"] == "a task lerobot added"
     assert again[0]["task"] == eps[0].task
     print("resume + add_frame + save_episode + finalize: reloaded with", again.meta.total_episodes, "episodes")
     _check_layout_on_lerobot_datasets(out, eps)
     (out / "lerobot_ok.json").write_text(json.dumps({"lerobot": lerobot.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}))
+
+
+def _psnr(a, b) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def _compare_stats_with_lerobot(root, ds, eps) -> None:
@@ -199,8 +224,10 @@ def _check_layout_on_lerobot_datasets(out: pathlib.Path, eps) -> None:
         "action": {"dtype": "float32", "shape": (3,), "names": None},
     }
     if eps[0].images:
-        features["observation.images.agentview"] = {"dtype": "image", "shape": (12, 16, 3), "names": ["height", "width", "channels"]}
-    native = LeRobotDataset.create("local/native", fps=10, features=features, root=out / "native", use_videos=False)
+        features["observation.images.agentview"] = {
+            "dtype": "video" if VIDEO else "image", "shape": eps[0].images["agentview"].shape[1:], "names": ["height", "width", "channels"]
+        }
+    native = LeRobotDataset.create("local/native", fps=10, features=features, root=out / "native", use_videos=VIDEO)
     for e in eps:
         for t in range(e.length):
             frame = {"observation.state": e.observations["state"][t], "observation.gripper": e.observations["gripper"][t], "action": e.actions[t], "task": e.task}
