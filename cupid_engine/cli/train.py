@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="version folder to read when --data is a TFDS builder folder (default: the newest)")
     p.add_argument("--size", default="default", choices=("tiny", "default", "large"),
                    help="model size preset (large: ~8.5M-param MLP; diffusion has tiny/default only)")
+    p.add_argument("--encoder-weights", default=None, metavar="FILE[:PREFIX]",
+                   help="diffusion-image: initialise every camera encoder from a local safetensors file (tensors "
+                        "under PREFIX, e.g. model.safetensors:encoders.0. of another policy); default random init")
     p.add_argument("--head", default=None, choices=("deterministic", "gaussian"), help="MLP action head")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs (default: TrainConfig's; on a subset this trains by epochs, not the fixed step budget)")
@@ -140,8 +143,23 @@ def _train(args: argparse.Namespace) -> int:
     if selection.subset:
         print(f"train: {selection.describe()}" + (f"; {budget_note}" if budget_note else ""), file=sys.stderr)
     episodes = list(dataset.episodes(ids=selection.ids))
+    init = None
+    if args.encoder_weights:
+        if args.policy != "diffusion-image":
+            raise ConfigError(f"--encoder-weights applies to --policy diffusion-image, not {args.policy}")
+        file, _, prefix = args.encoder_weights.partition(":")
+        if not os.path.isfile(file):
+            raise ConfigError(f"--encoder-weights {file!r} is not a local file", hint="give a .safetensors file")
+
+        def init(policy) -> None:
+            try:
+                policy.load_encoder_weights(file, prefix=prefix)
+            except ValueError as exc:
+                raise ConfigError(f"--encoder-weights: {exc}",
+                                  hint="PREFIX must select one ImageEncoder's tensors, e.g. encoders.0.") from None
+
     policy = train_policy(policy_config, episodes, train_config, cluster_weights=weights,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, init=init)
     path = save_policy(policy, args.out, overwrite=args.overwrite)
     info = policy.train_info
     print(json.dumps({

@@ -342,6 +342,23 @@ class DiffusionImagePolicy(ImageDiffusionBase):
     def head_modules(self) -> list[str]:
         return ["model.final_conv"]
 
+    def load_encoder_weights(self, path: str, prefix: str = "") -> None:
+        """Initialise every camera's encoder from a local safetensors file (no download).
+
+        Args:
+            path: A ``.safetensors`` file holding an :class:`ImageEncoder` state dict under
+                ``prefix`` (e.g. ``"encoders.0."`` of another policy's ``model.safetensors``).
+            prefix: Name prefix of the encoder's tensors in the file.
+
+        Raises:
+            FileNotFoundError, ValueError: see :func:`~cupid_engine.policies.vision.load_encoder_weights`
+                (every missing, unexpected or mis-shaped tensor is named).
+        """
+        from cupid_engine.policies.vision import load_encoder_weights
+
+        for encoder in self.encoders:
+            load_encoder_weights(encoder, path, prefix=prefix)
+
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         obs, img = batch["obs"], batch["image"]
         B, n_obs = obs.shape[:2]

@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,7 @@ def train_policy(
     clusters: Sequence[int] | np.ndarray | torch.Tensor | None = None,
     normalizer: Normalizer | None = None,
     progress: bool = True,
+    init: Callable[[Policy], Any] | None = None,
 ) -> Policy:
     """Train a policy from scratch by behaviour cloning.
 
@@ -181,6 +182,8 @@ def train_policy(
             instead of fitting its own on the kept samples (e.g. the full training set's,
             so that policies trained on subsets share one normalised space).
         progress: Show a tqdm progress bar.
+        init: Called on the freshly initialised policy before training, e.g. to load
+            encoder weights from a local file (``DiffusionImagePolicy.load_encoder_weights``).
 
     Returns:
         The trained policy in eval mode on ``train_config.device``, with the normaliser fitted
@@ -201,6 +204,8 @@ def train_policy(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         policy = build_policy(config)
+    if init is not None:
+        init(policy)
     if normalizer is None:
         policy.normalizer.fit(samples.obs[kept], samples.action[kept])
     else:

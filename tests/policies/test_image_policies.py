@@ -334,3 +334,27 @@ def test_hook_sketch_equals_exact_per_sample_gradients(kind, track):
     all_grads = per_sample_grads(policy, tracked_parameters(policy, "all"), batch, "square", seed=7, draws=3)
     enc = [n for n in all_grads if n.startswith(("encoders.", "patch_embed."))]
     assert enc and all(all_grads[n].abs().sum() > 0 for n in enc)
+
+
+def test_cli_encoder_weights_from_another_checkpoint(tmp_path, capsys):
+    """--encoder-weights FILE:PREFIX initialises every camera's encoder from a local file."""
+    from cupid_engine.cli import main
+    from cupid_engine.data.lerobot import write_dataset
+    from safetensors.torch import load_file
+
+    data = write_dataset(tmp_path / "data", make_image_episodes(n=2, length=4, size=28))
+    common = ["--data", str(data), "--policy", "diffusion-image", "--size", "tiny", "--batch-size", "8",
+              "--no-progress", "--lr", "1e-12"]
+    assert main(["train", *common, "--out", str(tmp_path / "a"), "--steps", "1", "--seed", "1"]) == 0
+    src = tmp_path / "a" / "model.safetensors"
+    assert main(["train", *common, "--out", str(tmp_path / "b"), "--steps", "1", "--seed", "2",
+                 "--encoder-weights", f"{src}:encoders.0."]) == 0
+    a, b = load_file(str(src)), load_file(str(tmp_path / "b" / "model.safetensors"))
+    w = "encoders.{}.backbone.conv1.weight"
+    # lr 1e-12: the trained weights are the initial ones up to rounding.
+    torch.testing.assert_close(b[w.format(1)], a[w.format(0)], rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(b["model.final_conv.weight"], a["model.final_conv.weight"])
+    capsys.readouterr()
+    assert main(["train", *common, "--out", str(tmp_path / "c"), "--steps", "1",
+                 "--encoder-weights", f"{src}:nothing."]) == 2
+    assert "missing" in capsys.readouterr().err
