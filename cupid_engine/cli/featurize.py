@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "featurize", help="project per-sample gradients of a policy into a gradient store", description=__doc__
     )
-    p.add_argument("--policy", required=True, help="policy checkpoint directory (cupid-engine train --out)")
+    p.add_argument("--policy", required=True,
+                   help="policy checkpoint directory (cupid-engine train --out), or module:factory / file.py:factory "
+                        "returning any nn.Module with a policy-protocol task (cupid_engine.policies.PolicyTask)")
     p.add_argument("--data", required=True, help="dataset path or URL (LeRobot, robomimic, RLDS, replay buffer)")
     p.add_argument("--store", required=True, help="gradient store path or URL (created when missing)")
     p.add_argument("--run", required=True, help="run name inside the store")
@@ -89,10 +91,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _featurize(args: argparse.Namespace) -> int:
     from cupid_engine.featurize import FeaturizeConfig, featurize
     from cupid_engine.policies import load_policy
+    from cupid_engine.policies.task import is_task_spec, load_task_spec
 
     output = args.output
+    policy_kw: dict = {"policy": args.policy}
+    if is_task_spec(args.policy):  # a policy the engine did not write: module:factory
+        from cupid_engine.errors import ConfigError
+
+        try:
+            model, task = load_task_spec(args.policy)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc), where="--policy",
+                              hint="give a checkpoint directory or module:factory returning a policy-protocol task"
+                              ) from None
+        policy_kw = {"task": task, "model": model}
     if output is None:
-        policy = load_policy(args.policy)
+        policy = policy_kw.get("task") or load_policy(args.policy)
         output, why = default_output(policy)
         print(f"featurize: output {output!r} (default for {type(policy).__name__}: {why}; "
               "choose another with --output)", file=sys.stderr)
@@ -112,7 +126,7 @@ def _featurize(args: argparse.Namespace) -> int:
         # Opened here so the reader selects the keys (and refuses unknown ones by name).
         data = open_source(args.data, obs_keys=[k.strip() for k in args.obs_keys.split(",") if k.strip()])
     run = featurize(
-        data, args.store, args.run, policy=args.policy, config=config, split=args.split,
+        data, args.store, args.run, **policy_kw, config=config, split=args.split,
         progress=not args.no_progress, workers=args.workers, address=args.ray_address, device=args.device,
         overwrite=args.overwrite, replace=args.replace,
     )

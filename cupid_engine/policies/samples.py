@@ -9,6 +9,9 @@ convention so every step of every episode yields exactly one sample:
 * the action chunk ``action[t .. t + horizon - 1]`` repeats the last action where it
   runs off the end.
 
+Camera frames (``Episode.images``) follow the same window convention through
+:func:`image_windows`, kept ``uint8`` so an image policy converts them on its device.
+
 Samples carry ``episode_key`` (a 31-bit hash of the episode id, stable across processes
 and machines because it uses hashlib, never Python's salted ``hash``) and ``step``: the
 pair identifies a sample independently of batch order, which is what the seeded noise of
@@ -224,3 +227,43 @@ def build_samples(
         episode_ids=ids,
         obs_keys=tuple(keys or ()),
     )
+
+
+def image_windows(
+    episodes: Sequence[Episode], keys: Sequence[str], *, n_obs_steps: int = 1
+) -> dict[str, torch.Tensor]:
+    """Camera frames of every step's observation window, in episode then step order.
+
+    The window convention is :func:`build_samples`' (the first frame repeats where the
+    window runs off the start), so row ``i`` here is sample ``i`` there. Frames stay
+    ``uint8`` (a policy converts and normalises them on its device); lazily decoded
+    sequences (``data.episode.ImageSequence``) are decoded here, one episode at a time.
+
+    Args:
+        episodes: The episodes (a sequence: read once per key).
+        keys: Camera keys of ``Episode.images``.
+        n_obs_steps: Observation window length.
+
+    Returns:
+        ``key -> uint8 [N, n_obs, H, W, C]`` with ``N`` the sum of episode lengths.
+
+    Raises:
+        ValueError: a missing camera key or a frame shape that differs from the first
+            episode's (episode and key named).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        parts, shape = [], None
+        for ep in episodes:
+            if key not in ep.images:
+                raise ValueError(f"episode {ep.episode_id!r}: missing field 'images.{key}' (have {sorted(ep.images)})")
+            frames = np.asarray(ep.images[key], dtype=np.uint8)
+            if shape is None:
+                shape = frames.shape[1:]
+            elif frames.shape[1:] != shape:
+                raise ValueError(f"episode {ep.episode_id!r}: field 'images.{key}' has frames {frames.shape[1:]}, "
+                                 f"expected {shape} (from the first episode)")
+            obs_idx, _ = window_indices(ep.length, n_obs_steps, 1)
+            parts.append(frames[obs_idx])
+        out[key] = torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, dtype=torch.uint8)
+    return out

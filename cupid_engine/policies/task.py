@@ -42,7 +42,11 @@ pair and checks the protocol with messages that name what is missing.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,7 +55,7 @@ from torch import nn
 
 from cupid_engine.data.episode import Episode
 
-__all__ = ["PolicyTask", "resolve_task", "task_hash", "task_uses_draws", "batch_rows"]
+__all__ = ["PolicyTask", "batch_rows", "load_task_spec", "resolve_task", "task_hash", "task_uses_draws"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -160,8 +164,10 @@ def task_hash(model: nn.Module, task: Any) -> str:
         return compute_policy_hash(model)
     h = hashlib.sha256()
     meta = {
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
+        # Class names without their module: the same code imported as "pkg.mod" or loaded
+        # from "file.py" (cupid-engine featurize --policy file.py:factory) hashes the same.
+        "model_class": type(model).__qualname__,
+        "task_class": type(task).__qualname__,
         "task": task.describe() if callable(getattr(task, "describe", None)) else None,
     }
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
@@ -170,3 +176,49 @@ def task_hash(model: nn.Module, task: Any) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def is_task_spec(spec: str) -> bool:
+    """Whether ``spec`` reads as ``module:factory`` (or ``path/to/file.py:factory``) rather
+    than a checkpoint path."""
+    if not isinstance(spec, str) or ":" not in spec or os.path.exists(spec):
+        return False
+    mod, _, fn = spec.rpartition(":")
+    return bool(mod) and fn.isidentifier() and "://" not in spec
+
+
+def load_task_spec(spec: str) -> tuple[nn.Module, Any]:
+    """``(model, task)`` from ``"module:factory"`` or ``"path/to/file.py:factory"``.
+
+    ``factory()`` is called without arguments and returns a module that is its own task,
+    a ``(model, task)`` pair, or a task with a ``model`` attribute (see
+    :func:`resolve_task`).
+
+    Raises:
+        ValueError: a malformed spec, a module or file that does not import, a missing
+            or non-callable factory (each named).
+        TypeError: what the factory returned does not implement the protocol.
+    """
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name.isidentifier():
+        raise ValueError(f"policy spec {spec!r} is not 'module:factory' or 'file.py:factory'")
+    try:
+        if mod_name.endswith(".py"):
+            if not os.path.isfile(mod_name):
+                raise FileNotFoundError(mod_name)
+            name = "_cupid_task_" + hashlib.sha1(os.path.abspath(mod_name).encode()).hexdigest()[:12]
+            spec_obj = importlib.util.spec_from_file_location(name, mod_name)
+            module = importlib.util.module_from_spec(spec_obj)
+            sys.modules[name] = module  # dataclasses and pickling look classes up here
+            spec_obj.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except Exception as exc:  # the user's module: any failure is reported with its cause
+        raise ValueError(f"policy spec {spec!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc})") from exc
+    factory = getattr(module, fn_name, None)
+    if not callable(factory):
+        raise ValueError(f"policy spec {spec!r}: {mod_name!r} has no callable {fn_name!r}")
+    made = factory()
+    if isinstance(made, tuple) and len(made) == 2:
+        return resolve_task(task=made[1], model=made[0])
+    return resolve_task(task=made)

@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cupid_engine import constants as C
-from cupid_engine.featurize import Featurizer, ProjectionConfig, fused_tensorsketch, layer_seed
-from cupid_engine.featurize.hooks import gradient_matrix, layer_matrix_shape
-from cupid_engine.featurize.vmap import per_sample_grads
-from cupid_engine.ops import reference
-from cupid_engine.policies import tracked_modules, tracked_parameters
+from cupid_engine.featurize import Featurizer, ProjectionConfig, fused_tensorsketch
+
+from fz_helpers import explicit_sketch
 
 K = 96
 SEED = 5
@@ -34,29 +31,8 @@ class RowTask:
         return torch.tanh(y).square().flatten(1).sum(1)
 
 
-def _hash_matrix(G: torch.Tensor, seed: int, k: int) -> torch.Tensor:
-    """Tensorsketch of a materialised ``[B, O, I]`` gradient: bucket ``(h1(o) + h2(i)) mod k``."""
-    B, O, I = G.shape
-    b1, s1 = reference.countsketch_buckets(seed, C.STREAM_TS_OUT, O, k)
-    b2, s2 = reference.countsketch_buckets(seed, C.STREAM_TS_IN, I, k)
-    bucket = ((b1[:, None] + b2[None, :]) % k).reshape(-1)
-    sign = (s1[:, None] * s2[None, :]).reshape(-1).to(G.dtype)
-    return torch.zeros(B, k, dtype=G.dtype).index_add_(1, bucket, G.reshape(B, -1) * sign)
-
-
 def _explicit(model, task, batch, output="f", *, k=K, seed=SEED, track="all"):
-    """Sum over tracked modules of the hashed exact per-sample gradient matrix (vmap)."""
-    params = tracked_parameters(model, track)
-    grads = per_sample_grads(model, params, batch, output, task=task)
-    out = None
-    for name, module in tracked_modules(model, track):
-        g = {pn: grads[f"{name}.{pn}" if name else pn] for pn, p in module.named_parameters(recurse=False)
-             if p.requires_grad}
-        G = gradient_matrix(module, g)
-        assert tuple(G.shape[1:]) == layer_matrix_shape(module)
-        part = _hash_matrix(G, layer_seed(seed, name), k)
-        out = part if out is None else out + part
-    return out
+    return explicit_sketch(model, task, batch, output, k=k, seed=seed, track=track)
 
 
 def _check(model, x, *, strategies=("fft", "dense")):
