@@ -717,6 +717,7 @@ def featurize(
     undo = StoreUndo(store, **undo_args)
     pending: list[int] = []
     try:
+        check_bounds(config, rows=0)  # before the featuriser allocates anything of size k
         if device is not None:
             policy_obj = policy_obj.to(device)
         if task is None:
