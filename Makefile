@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml | $(PY)
 	@echo "==> installing build tools"
 	$(PIP) install -q scikit-build-core==1.1.2 pybind11==3.1.0
 	@echo "==> installing cupid_engine dependencies (ray, sim, triton, peers, dev)"
-	$(PIP) install -q --no-build-isolation -e ".[ray,sim,gpu,peers,dev]"
+	$(PIP) install -q --no-build-isolation -e ".[ray,sim,gpu,peers,dev,s3,gcs]"
 	@echo "==> installing robosuite==1.5.2 (--no-deps)"
 	$(PIP) install -q --no-deps robosuite==1.5.2
 	@touch $(STAMP)
