@@ -153,7 +153,26 @@ def lerobot_side(out: pathlib.Path) -> None:
     assert again[0]["task"] == eps[0].task
     print("resume + add_frame + save_episode + finalize: reloaded with", again.meta.total_episodes, "episodes")
     _check_layout_on_lerobot_datasets(out, eps)
+    _visualise(out, backend)
     (out / "lerobot_ok.json").write_text(json.dumps({"lerobot": lerobot.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}))
+
+
+def _visualise(out: pathlib.Path, backend: dict) -> None:
+    """lerobot's visualiser (lerobot-dataset-viz) on the engine's dataset, saved to .rrd files."""
+    try:
+        from lerobot.scripts.lerobot_dataset_viz import visualize_dataset
+    except ImportError as exc:  # lerobot[viz] (rerun-sdk) not installed
+        print("visualiser not run:", exc)
+        return
+    from lerobot.datasets import LeRobotDataset
+
+    ds = LeRobotDataset("local/engine_ds", root=out / "engine_ds", **backend)
+    sizes = []
+    for ep in range(ds.meta.total_episodes):
+        rrd = visualize_dataset(ds, episode_index=ep, batch_size=4, num_workers=0, save=True, output_dir=out / "viz")
+        assert rrd.exists() and rrd.stat().st_size > 0
+        sizes.append(rrd.stat().st_size)
+    print(f"lerobot-dataset-viz (save mode): one .rrd per episode for all {len(sizes)} episodes ({min(sizes)}-{max(sizes)} bytes)")
 
 
 def _psnr(a, b) -> float:
