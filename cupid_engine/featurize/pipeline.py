@@ -260,12 +260,15 @@ def register(
         DataError: unreadable or self-contradicting data (episode, field and unit named).
         ContentChangedError: an id the store holds with other content (unless ``replace``).
     """
-    check_existing = store.num_episodes > 0
-    old_shards = store.num_shards
     out = Registration()
     shards: set[int] = set()
+    before: list[int] = []
 
     def new_rows() -> Iterator[pa.Table]:
+        # Read under the store's catalog lock (append_episodes holds it while consuming
+        # this): another driver's episodes registered meanwhile count as known.
+        check_existing = store.num_episodes > 0
+        before.append(store.num_shards)
         for unit, table in unit_tables(source):
             table = _store_rows(table)
             if table.num_rows:
@@ -286,7 +289,8 @@ def register(
                 yield table  # one plan group per unit: every shard lies inside one unit
 
     out.added = store.append_episodes(new_rows(), shard_size=shard_size)
-    shards.update(range(old_shards, store.num_shards))
+    if out.added:
+        shards.update(range(before[0], store.num_shards))
     out.shards = sorted(shards)
     return out
 
@@ -337,6 +341,7 @@ def apply_replacements(store: GradientStore, replaced: dict[str, str], undo: Sto
     for name in store.runs():
         run = store.run(name)
         if undo is not None:
+            undo.remember_run(name)
             for s in shards:
                 if s < run.num_shards:
                     undo.remember(run.done_marker_path(s))
@@ -714,7 +719,7 @@ def featurize(
     source, store, policy_obj, policy_path = open_inputs(source, store, policy)
     # Until a shard is written, a failure puts the store back as it was (a store made
     # here is removed); once shards are written they are kept, and a rerun resumes.
-    undo = StoreUndo(store, **undo_args)
+    undo = StoreUndo(store, run=run_name, **undo_args)
     pending: list[int] = []
     try:
         check_bounds(config, rows=0)  # before the featuriser allocates anything of size k

@@ -15,13 +15,16 @@ This module owns opening/creating the store (local paths and fsspec URLs), the c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import io
 import json
+import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -43,6 +46,8 @@ from cupid_engine.errors import (
 )
 from cupid_engine.store import catalog as _catalog
 from cupid_engine.store.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 ATTR_KEY = "cupid_engine"
 """Group attribute holding the store's own metadata (kind, schema version, chunking)."""
@@ -418,6 +423,8 @@ class GradientStore:
         self.chunk_rows = int(meta["chunk_rows"])
         self.episode_chunk_rows = int(meta["episode_chunk_rows"])
         self._snapshot: _CatalogSnapshot | None = None
+        self._locked = False
+        self._committed: set[tuple | None] = set()  # catalog versions this handle wrote
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -635,6 +642,10 @@ class GradientStore:
         self._check_writable()
         if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size <= 0:
             raise ConfigError(f"shard_size must be a positive int, got {shard_size!r}")
+        with self.catalog_lock():
+            return self._append_locked(tables, shard_size)
+
+    def _append_locked(self, tables: Iterable[pa.Table], shard_size: int) -> int:
         old = self._index(refresh=True)
         state = _catalog.PlanState(old.total_rows, old.total_slots, old.num_shards)
         sink = _CatalogSink(self._loc)
@@ -666,9 +677,34 @@ class GradientStore:
         except BaseException:
             sink.discard()
             raise
-        sink.commit()
-        self._index(refresh=True)
+        self._commit(sink)
         return added
+
+    @contextlib.contextmanager
+    def catalog_lock(self) -> Iterator[None]:
+        """Hold the store's catalog lock (``flock`` on the store folder; re-entrant per handle).
+
+        Two drivers appending at once would each rewrite the catalog from the version they
+        read, and the second rename would drop the first's episodes; under the lock the
+        second reads the first's catalog. Stores behind fsspec URLs are not locked.
+        """
+        if not self._loc.is_local or self._locked:
+            yield
+            return
+        fd = os.open(self._loc.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._locked = True
+            yield
+        finally:
+            self._locked = False
+            os.close(fd)  # releases the lock
+
+    def _commit(self, sink: _CatalogSink) -> None:
+        """Swap in a written catalog and remember it as this handle's own (see :class:`StoreUndo`)."""
+        sink.commit()
+        self._committed.add(_stamp(self._loc))
+        self._index(refresh=True)
 
     def set_fingerprints(self, fingerprints: dict[str, str]) -> list[int]:
         """Record new content fingerprints of stored episodes (an explicit replace).
@@ -688,6 +724,10 @@ class GradientStore:
         self._check_writable()
         if not fingerprints:
             return []
+        with self.catalog_lock():
+            return self._set_fingerprints_locked(fingerprints)
+
+    def _set_fingerprints_locked(self, fingerprints: dict[str, str]) -> list[int]:
         old = self._index(refresh=True)
         pos = self.positions(list(fingerprints))
         shards = sorted({int(x) for x in old.plan.shard_of(pos)})
@@ -706,8 +746,7 @@ class GradientStore:
         except BaseException:
             sink.discard()
             raise
-        sink.commit()
-        self._index(refresh=True)
+        self._commit(sink)
         return shards
 
     # ------------------------------------------------------------------ runs
@@ -884,21 +923,26 @@ class StoreUndo:
     """Puts a store back as it was before a command, when the command fails early.
 
     Remembers the catalog (a hard link for local stores: no copy), the metadata files
-    (``zarr.json``) of every run and the runs that exist; :meth:`restore` puts the
-    catalog and metadata back byte for byte and removes runs created since. Chunk files
-    are not covered: a caller restores only while no shard was written, and otherwise
-    keeps the finished shards (resume). A store created by the command is removed whole.
+    (``zarr.json``) of the command's run, and whether that run existed; :meth:`restore`
+    puts them back byte for byte and removes the run if the command created it. Files of
+    other runs are only touched when remembered explicitly (:meth:`remember`), and a
+    catalog another process changed meanwhile is left alone. Chunk files are not
+    covered: a caller restores only while no shard was written, and otherwise keeps the
+    finished shards (resume). A store created by the command is removed whole.
 
     Args:
         store: The open, writable store.
+        run: The run the command writes (None: none).
         created: The command created the store (restore removes it).
         had_folder: The store's folder existed (empty) before it was created.
     """
 
-    def __init__(self, store: GradientStore, *, created: bool = False, had_folder: bool = False) -> None:
+    def __init__(self, store: GradientStore, *, run: str | None = None, created: bool = False,
+                 had_folder: bool = False) -> None:
         self._store, self._loc = store, store._loc
         self.created, self.had_folder = created, had_folder
-        self._runs = set(store.runs())
+        self._run = run
+        self._run_existed = run is not None and run in store.runs()
         self._files: dict[str, bytes | None] = {}
         self._link: str | None = None
         self._catalog: bytes | None = None
@@ -915,11 +959,15 @@ class StoreUndo:
                 self._link = None
         if self._link is None:
             self._catalog = self._loc.read_bytes(_catalog.CATALOG_NAME)
-        for name in self._runs:
-            base = f"{RUNS_GROUP}/{name}"
-            self.remember(f"{base}/zarr.json")
-            for arr in self._store.run(name)._array_names():
-                self.remember(f"{base}/{arr}/zarr.json")
+        if self._run_existed:
+            self.remember_run(self._run)
+
+    def remember_run(self, name: str) -> None:
+        """Remember the metadata files (group and arrays) of run ``name``."""
+        base = f"{RUNS_GROUP}/{name}"
+        self.remember(f"{base}/zarr.json")
+        for arr in self._store.run(name)._array_names():
+            self.remember(f"{base}/{arr}/zarr.json")
 
     def remember(self, relpath: str) -> None:
         """Keep the current bytes of a small file (None: absent) to put back on restore."""
@@ -934,8 +982,8 @@ class StoreUndo:
             if self.had_folder and loc.is_local:
                 os.makedirs(loc.root, exist_ok=True)
             return
-        for name in set(self._store.runs()) - self._runs:
-            path = loc.path(f"{RUNS_GROUP}/{name}")
+        if self._run is not None and not self._run_existed and self._run in self._store.runs():
+            path = loc.path(f"{RUNS_GROUP}/{self._run}")
             if loc.is_local:
                 shutil.rmtree(path, ignore_errors=True)
             elif loc.fs.exists(path):
@@ -946,15 +994,20 @@ class StoreUndo:
                     loc.fs.rm(loc.path(relpath))
             elif loc.read_bytes(relpath) != data:
                 loc.write_bytes(relpath, data)
-        if self._link is not None:
-            cat = loc.path(_catalog.CATALOG_NAME)
-            if os.path.exists(cat) and os.path.samefile(self._link, cat):
-                os.remove(self._link)  # unchanged (rename() of two links to one file does nothing)
-            else:
-                os.replace(self._link, cat)
-            self._link = None
-        elif self._catalog is not None:
-            loc.write_bytes(_catalog.CATALOG_NAME, self._catalog)
+        with self._store.catalog_lock():
+            if self._link is not None:
+                cat = loc.path(_catalog.CATALOG_NAME)
+                if os.path.exists(cat) and os.path.samefile(self._link, cat):
+                    os.remove(self._link)  # unchanged (rename() of two links to one file does nothing)
+                elif _stamp(loc) in self._store._committed:
+                    os.replace(self._link, cat)
+                else:  # another process appended since: its episodes must not be dropped
+                    log.warning("%s: the catalog was changed by another process since this command began; "
+                                "it is left as it is", loc.url)
+                    os.remove(self._link)
+                self._link = None
+            elif self._catalog is not None:
+                loc.write_bytes(_catalog.CATALOG_NAME, self._catalog)
         self._store._snapshot = None
 
     def release(self) -> None:
@@ -962,6 +1015,17 @@ class StoreUndo:
         if self._link is not None and os.path.exists(self._link):
             os.remove(self._link)
         self._link = None
+
+
+def _stamp(loc: _Location) -> tuple | None:
+    """``(inode, size, mtime_ns)`` of a local catalog file (None when not local or absent)."""
+    if not loc.is_local:
+        return None
+    try:
+        st = os.stat(loc.path(_catalog.CATALOG_NAME))
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _table_bytes(table: pa.Table) -> bytes:

@@ -88,13 +88,27 @@ def test_open_names_what_is_missing(tmp_path):
 # ---------------------------------------------------------------- undo
 def test_undo_puts_catalog_and_runs_back_byte_for_byte(store):
     before = _tree(store.url)
-    undo = StoreUndo(store)
-    store.add_episodes(episode_table(5, prefix="new"), shard_size=2)
-    store.run("r").sync()  # grows the run's arrays (their zarr.json)
-    store.create_run("other", RunConfig(k=K))
+    for name in ("r", "other"):  # an existing run grown, a new run created
+        undo = StoreUndo(store, run=name)
+        store.add_episodes(episode_table(5, prefix="new"), shard_size=2)
+        if name == "r":
+            store.run("r").sync()  # grows the run's arrays (their zarr.json)
+        else:
+            store.create_run("other", RunConfig(k=K))
+        undo.restore()
+        assert _tree(store.url) == before
+        assert store.num_episodes == 7 and store.runs() == ["r"]
+
+
+def test_undo_leaves_another_process_catalog_and_runs_alone(store):
+    undo = StoreUndo(store, run="mine")
+    other = open_store(store.url, mode="a")  # another driver: its own handle
+    other.add_episodes(episode_table(2, prefix="theirs"), shard_size=2)
+    other.create_run("theirs", RunConfig(k=K))
     undo.restore()
-    assert _tree(store.url) == before
-    assert store.num_episodes == 7 and store.runs() == ["r"]
+    st = open_store(store.url)
+    assert st.num_episodes == 9 and "theirs" in st.runs()
+    assert not [n for n in os.listdir(store.url) if ".undo-" in n]
 
 
 def test_undo_of_an_unchanged_store_leaves_nothing_behind(store):
