@@ -260,17 +260,21 @@ class RobomimicDataset:
         if unit not in self.shards():
             raise KeyError(f"{unit!r} is not a shard of {self.path}")
         a, b = (int(x) for x in unit.split(":"))
-        with self._open() as f:
-            for name in self._demos[a:b]:
-                yield self._episode(f["data"][name], name)
+        for name in self._demos[a:b]:
+            yield self._read_demo(name)
 
     def episodes(self, ids: Iterable[str] | None = None, split: str | None = None) -> Iterator[Episode]:
         """Stream episodes in demo order, one demo in memory at a time."""
         rows = selected_rows(self.catalog(), ids, split)
+        for r in rows:
+            yield self._read_demo(self._demos[r])
+
+    def _read_demo(self, name: str) -> Episode:
+        # The file is opened per demo and closed before the episode is handed out: an HDF5
+        # file held open across a long stream pinned heap memory (peak RSS grew with the
+        # number of episodes read, 313 -> 654 MiB from 20 to 200 image demos).
         with self._open() as f:
-            for r in rows:
-                name = self._demos[r]
-                yield self._episode(f["data"][name], name)
+            return self._episode(f["data"][name], name)
 
     # -- demos ------------------------------------------------------------------------
 
