@@ -221,10 +221,10 @@ class ImageDiffusionBase(DiffusionPolicy):
     def expand_for_output(
         self, batch: dict[str, torch.Tensor], name: str, *, draws: int = 64, seed: int = 0
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Like :func:`cupid_engine.policies.outputs.expand_for_output`, but ``obs``, ``image``
-        and ``text`` keep one row per sample (the encoder runs once per sample)."""
-        if name not in self.supported_outputs:
-            raise ValueError(f"output {name!r} is not defined for {type(self).__name__}; supported: {self.supported_outputs}")
+        """Like :meth:`DiffusionPolicy.expand_for_output`, but ``obs``, ``image`` and ``text``
+        keep one row per sample (the encoder runs once per sample): ``(expanded,
+        group_index [R])`` with ``R = B * draws``."""
+        self.check_output(name)
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
         for key in ("episode_key", "step"):
@@ -244,8 +244,7 @@ class ImageDiffusionBase(DiffusionPolicy):
 
     def output_rows(self, expanded: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """Per-row values ``[R]`` (already divided by ``draws``) of output ``name``."""
-        if name not in self.supported_outputs:
-            raise ValueError(f"output {name!r} is not defined for {type(self).__name__}; supported: {self.supported_outputs}")
+        self.check_output(name)
         if not {"noise", "timestep", "row_weight"} <= set(expanded):
             raise ValueError("diffusion outputs need an expanded batch (see expand_for_output)")
         rows = expanded["timestep"].shape[0]

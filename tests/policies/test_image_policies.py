@@ -153,6 +153,8 @@ def test_shapes_outputs_and_batch_checks(kind):
     assert chunk.shape == (3, c.horizon, c.action_dim) and chunk.abs().max() <= 1.0 + 1e-5
     raw = policy.predict_action_batch(samples.batch([0, 1]), generator=torch.Generator().manual_seed(0))
     assert raw.shape == (2, c.n_action_steps, c.action_dim)
+    with pytest.raises(ValueError, match="'logprob' is not defined"):
+        policy(batch, output="logprob")
     bad = {**batch, "image": batch["image"][:, :, :1]}
     with pytest.raises(ValueError, match="'image'"):
         policy.per_sample_loss(bad)
