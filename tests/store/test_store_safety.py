@@ -183,3 +183,30 @@ def test_finalized_means_the_gram_covers_the_current_catalog(store):
     assert run.finalized_current() and run.info()["finalized"]
     store.add_episodes(episode_table(2, prefix="late"), shard_size=2)
     assert not run.finalized_current() and not run.info()["finalized"]
+
+
+def _append_slowly(url: str, prefix: str) -> None:
+    import time
+
+    st = open_store(url, mode="a")
+
+    def tables():
+        for i in range(3):
+            time.sleep(0.05)  # widen the window in which the other driver runs
+            yield episode_table(4, prefix=f"{prefix}{i}")
+
+    st.append_episodes(tables(), shard_size=2)
+
+
+def test_two_drivers_appending_at_once_keep_both(store):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_slowly, args=(store.url, p)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ids = open_store(store.url).episode_ids()
+    assert len(ids) == 7 + 24 and len(set(ids)) == len(ids)
