@@ -7,6 +7,8 @@ Public ops (the only supported entry points):
   (random signs + per-chunk cyclic shifts) method.
 * :func:`tensorsketch` — the layer-factored sketch of ``sum_t delta_t x_t^T`` from hook
   captures, without ever forming the per-sample gradient.
+* :func:`quality_minmax` — the CUPID-Quality reductions (a segmented GEMM with a
+  min/max epilogue; ``ops/quality.py``), on the ``torch``, ``cpu`` and ``triton`` backends.
 * :func:`available_backends`.
 
 Backends (``backend=``): ``torch`` (``ops/reference.py``, the readable spec, any device),
@@ -34,7 +36,7 @@ from cupid_engine import constants as C
 from cupid_engine.ops import registry as _registry
 from cupid_engine.ops.registry import Backend
 
-__all__ = ["project", "tensorsketch", "available_backends", "nonfinite_rows"]
+__all__ = ["project", "tensorsketch", "quality_minmax", "available_backends", "nonfinite_rows"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -61,7 +63,10 @@ def _cpu_available() -> bool:
     return cpu_backend.is_available()
 
 
-_registry.register(Backend("torch", ("cpu", "cuda"), "cupid_engine.ops.torch_backend", lambda: True, "", 10))
+_ALL_OPS = ("project", "tensorsketch", "quality_minmax")
+_registry.register(
+    Backend("torch", ("cpu", "cuda"), "cupid_engine.ops.torch_backend", lambda: True, "", 10, ops=_ALL_OPS)
+)
 _registry.register(
     Backend(
         "cpu",
@@ -71,6 +76,7 @@ _registry.register(
         "the C++ extension cupid_engine._C is not built: run `make` or "
         "`pip install --no-build-isolation -e .` (needs a C++17 compiler, CMake and OpenMP)",
         30,
+        ops=_ALL_OPS,
     )
 )
 _registry.register(
@@ -83,6 +89,7 @@ _registry.register(
         "(or set TRITON_INTERPRET=1 before importing triton, for tests on CPU)",
         20,
         auto_devices=("cuda",),
+        ops=_ALL_OPS,
     )
 )
 _registry.register(
@@ -234,3 +241,7 @@ def tensorsketch(
     if check_finite:
         _check_finite(out, "tensorsketch")
     return out
+
+
+# The quality op lives in its own module (it imports the registry filled in above).
+from cupid_engine.ops.quality import quality_minmax  # noqa: E402

@@ -1,7 +1,8 @@
 """The ``cpu`` backend: host wrappers of the C++ kernels in ``csrc/cpu``.
 
 The C++ module takes raw pointers, so every check on device, dtype, contiguity and shape
-happens here before a pointer leaves Python. The tensorsketch FFT stage runs in
+happens here (or, for ``quality_minmax``, in ``ops/quality.py``) before a pointer leaves
+Python. The tensorsketch FFT stage runs in
 ``torch.fft`` (pocketfft on CPU): the C++ kernel fuses the hashing scatter, which is the
 part torch cannot do without index tensors.
 """
@@ -90,3 +91,23 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) ->
 def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     cs1, cs2 = countsketch_pair(delta, x, k, seed)
     return reference.circular_convolve_sum(cs1, cs2, k)
+
+
+def quality_minmax(
+    r: torch.Tensor, r_off: torch.Tensor, d: torch.Tensor, d_off: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ quality kernel on inputs checked by ``ops.quality.check_quality_inputs``."""
+    _check(r, "R")
+    _check(d, "D")
+    if r.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"cpu backend: quality_minmax takes float32 or float64 features, got {r.dtype}")
+    r, d = r.contiguous(), d.contiguous()
+    r_off, d_off = r_off.to("cpu", torch.int64).contiguous(), d_off.to("cpu", torch.int64).contiguous()
+    m, n = r_off.numel() - 1, d_off.numel() - 1
+    maxmin = torch.empty(m, n, dtype=r.dtype)
+    minmax = torch.empty(m, n, dtype=r.dtype)
+    _C().quality_minmax_cpu(
+        r.data_ptr(), r_off.data_ptr(), m, d.data_ptr(), d_off.data_ptr(), n, r.shape[1],
+        maxmin.data_ptr(), minmax.data_ptr(), _DTYPES[r.dtype],
+    )
+    return maxmin, minmax

@@ -1,8 +1,8 @@
-"""Backend registry of the projection ops.
+"""Backend registry of the ops.
 
-A backend is a named implementation of ``project`` and ``tensorsketch`` for some
-devices. ``backend="auto"`` picks the highest-priority available backend for the input's
-device and logs the choice once; an explicitly requested backend that is missing raises
+A backend is a named implementation of some ops (``project``, ``tensorsketch``,
+``quality_minmax``) for some devices. ``backend="auto"`` picks the highest-priority
+available backend implementing the op for the input's device and logs the choice once; an explicitly requested backend that is missing raises
 with an install hint. There is no silent fallback: a failing fast backend is an error,
 never a quiet switch to another implementation.
 """
@@ -32,6 +32,7 @@ class Backend:
         auto_devices: Device types on which ``auto`` may choose it (default: ``devices``).
             The Triton interpreter runs on CPU for tests but is never an automatic CPU
             choice, so the rule lives here, before the choice is logged.
+        ops: The ops its module implements (a function of that name each).
     """
 
     name: str
@@ -41,6 +42,10 @@ class Backend:
     install_hint: str
     priority: int
     auto_devices: tuple[str, ...] | None = None
+    ops: tuple[str, ...] = ("project", "tensorsketch")
+
+    def supports(self, op: str) -> bool:
+        return op in self.ops
 
     def may_auto(self, device_type: str) -> bool:
         return self.priority > 0 and device_type in (self.devices if self.auto_devices is None else self.auto_devices)
@@ -77,13 +82,18 @@ def resolve(name: str, device_type: str, op: str) -> Backend:
         backend = get(name)
         if not backend.is_available():
             raise RuntimeError(f"backend {name!r} is not available: {backend.install_hint}")
+        if not backend.supports(op):
+            raise ValueError(
+                f"backend {name!r} does not implement {op} (backends that do: "
+                f"{sorted(b.name for b in _REGISTRY.values() if b.supports(op))})"
+            )
         if device_type not in backend.devices:
             raise ValueError(
                 f"backend {name!r} does not run on {device_type!r} tensors (it supports {list(backend.devices)})"
             )
         return backend
     candidates = [
-        b for b in _REGISTRY.values() if b.may_auto(device_type) and b.is_available()
+        b for b in _REGISTRY.values() if b.supports(op) and b.may_auto(device_type) and b.is_available()
     ]
     if not candidates:
         raise RuntimeError(f"no backend available for {op} on {device_type!r} tensors")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cupid_engine.ops import reference
+from cupid_engine.ops import reference, reference_quality
 
 
 def project(x: torch.Tensor, k: int, method: str, seed: int, s: int) -> torch.Tensor:
@@ -13,3 +13,9 @@ def project(x: torch.Tensor, k: int, method: str, seed: int, s: int) -> torch.Te
 
 def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return reference.tensorsketch(delta, x, k=k, seed=seed)
+
+
+def quality_minmax(
+    r: torch.Tensor, r_off: torch.Tensor, d: torch.Tensor, d_off: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference_quality.quality_minmax(r, r_off, d, d_off)

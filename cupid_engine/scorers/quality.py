@@ -1,4 +1,4 @@
-"""CUPID-Quality (Agia et al., Eq. 6; DESIGN §1) and its fused min/max kernel.
+"""CUPID-Quality (Agia et al., Eq. 6; DESIGN §1): the scorer over the fused min/max op.
 
 For a rollout τ and a demo ξ with A = Ψ_τ Ψ_ξᵀ (whitened step features, |τ|×|ξ|):
 
@@ -10,27 +10,15 @@ min-max normalisation over the scored set (α = 1 is CUPID, α = 1/2 CUPID-Quali
 ``weighting="official"`` reproduces the official notebook instead:
 0.5·norm(Ψ_π) + 0.25·norm(−Σ_τ minmax) + 0.25·norm(Σ_τ maxmin).
 
-The per-pair reductions come from :func:`quality_minmax`, a segmented GEMM with a
-min/max epilogue over all rollout steps R ``[Mr, K]`` and demo steps D ``[Nd, K]``:
-A is never stored, neither per pair nor for all steps. Backends:
-
-- ``torch``: the readable reference; multiplies R by a block of demo columns at a time
-  (memory O(Mr × block)) and reduces with ``scatter_reduce``. Also the test oracle.
-- ``cpu``: the C++ kernel (``csrc/cpu/quality.cpp``): OpenMP over tiles of whole
-  demos, packed panels, per-row running min/max; extra memory O(tile) per thread.
-- ``triton``: ``cupid_engine/ops/triton/quality.py``, one program per (rollout, demo)
-  pair, tiled over steps and k (GPU; runs under ``TRITON_INTERPRET=1`` in tests).
-
-``backend="auto"`` picks ``triton`` for CUDA tensors and ``cpu`` for CPU tensors when the
-extension is built (else ``torch``) and logs the choice once; an explicit backend that is missing raises. All backends agree to float
-rounding; in float64 they agree with the brute-force double loop.
+The per-pair reductions come from the op :func:`cupid_engine.ops.quality.quality_minmax`
+(a segmented GEMM with a min/max epilogue, A never stored; ``torch``, ``cpu`` and
+``triton`` backends through the ops registry). It is re-exported here, with its
+reference and naive baselines, for existing callers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
 from typing import Any
 
 import numpy as np
@@ -38,172 +26,20 @@ import pyarrow as pa
 import torch
 
 from cupid_engine.config import Config, check, field
+from cupid_engine.ops.quality import (  # noqa: F401 - re-exported for existing callers
+    BACKENDS,
+    check_quality_inputs,
+    quality_minmax,
+    quality_minmax_naive,
+    quality_minmax_reference,
+)
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.cupid import CupidConfig, CupidScorer, episode_lengths
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 from cupid_engine.scorers.table import make_table
 
-log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch", "cpu", "triton")
 WEIGHTINGS = ("alpha", "official")
-_CPU_DTYPES = {torch.float32: 0, torch.float64: 3}
-
-
-def _offsets(off: Any, rows: int, name: str) -> torch.Tensor:
-    o = torch.as_tensor(np.asarray(off), dtype=torch.int64).contiguous()
-    if o.ndim != 1 or o.numel() < 2:
-        raise ValueError(f"{name} offsets must be [S + 1] with S >= 1")
-    if int(o[0]) != 0 or int(o[-1]) != rows:
-        raise ValueError(f"{name} offsets must start at 0 and end at {rows} rows, got {int(o[0])}..{int(o[-1])}")
-    if bool((o[1:] <= o[:-1]).any()):
-        raise ValueError(f"{name} offsets have an empty segment (every episode needs >= 1 step)")
-    return o
-
-
-def check_quality_inputs(
-    r: torch.Tensor, r_off: Any, d: torch.Tensor, d_off: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate shapes/dtypes/offsets shared by every backend; returns contiguous tensors."""
-    r, d = torch.as_tensor(r), torch.as_tensor(d)
-    if r.ndim != 2 or d.ndim != 2 or r.shape[1] != d.shape[1]:
-        raise ValueError(f"need R [Mr, K] and D [Nd, K] with equal K, got {tuple(r.shape)} and {tuple(d.shape)}")
-    if r.dtype != d.dtype or r.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"R and D must share dtype float32 or float64, got {r.dtype} and {d.dtype}")
-    return r.contiguous(), _offsets(r_off, r.shape[0], "rollout"), d.contiguous(), _offsets(d_off, d.shape[0], "demo")
-
-
-def quality_minmax_reference(
-    r: torch.Tensor, r_off: Any, d: torch.Tensor, d_off: Any, *, block_elems: int = 1 << 24
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: per (rollout, demo) max-min and min-max of A, blockwise.
-
-    Args:
-        r: ``[Mr, K]`` all rollout step features (rollouts concatenated).
-        r_off: ``[m + 1]`` rollout offsets into ``r``.
-        d: ``[Nd, K]`` all demo step features.
-        d_off: ``[N + 1]`` demo offsets into ``d``.
-        block_elems: Bound on Mr × (demo columns per block), i.e. on the A block held.
-
-    Returns:
-        ``(maxmin [m, N], minmax [m, N])`` in the input dtype.
-    """
-    r, ro, d, do = check_quality_inputs(r, r_off, d, d_off)
-    m, n, rows = ro.numel() - 1, do.numel() - 1, r.shape[0]
-    row_seg = torch.repeat_interleave(torch.arange(m), ro[1:] - ro[:-1])  # [Mr]
-    col_seg = torch.repeat_interleave(torch.arange(n), do[1:] - do[:-1])  # [Nd]
-    maxmin = torch.empty(m, n, dtype=r.dtype)
-    minmax = torch.empty(m, n, dtype=r.dtype)
-    cols_per_block = max(1, block_elems // max(rows, 1))
-    e0 = 0
-    while e0 < n:
-        # Whole demos per block; at least one even if it is longer than the budget.
-        e1 = e0 + 1
-        while e1 < n and int(do[e1 + 1] - do[e0]) <= cols_per_block:
-            e1 += 1
-        c0, c1 = int(do[e0]), int(do[e1])
-        a = r @ d[c0:c1].T  # [Mr, cols] — one block of A, never the whole
-        idx = (col_seg[c0:c1] - e0).expand(rows, -1)
-        inf = torch.full((rows, e1 - e0), float("inf"), dtype=r.dtype)
-        row_min = inf.scatter_reduce(1, idx, a, "amin", include_self=True)  # min over z ∈ ξ
-        row_max = (-inf).scatter_reduce(1, idx, a, "amax", include_self=True)  # max over z ∈ ξ
-        ridx = row_seg[:, None].expand(-1, e1 - e0)
-        big = torch.full((m, e1 - e0), float("inf"), dtype=r.dtype)
-        maxmin[:, e0:e1] = (-big).scatter_reduce(0, ridx, row_min, "amax", include_self=True)
-        minmax[:, e0:e1] = big.scatter_reduce(0, ridx, row_max, "amin", include_self=True)
-        e0 = e1
-    return maxmin, minmax
-
-
-def quality_minmax_naive(r: torch.Tensor, r_off: Any, d: torch.Tensor, d_off: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair materialisation of A via torch matmul (the baseline the benchmark beats)."""
-    r, ro, d, do = check_quality_inputs(r, r_off, d, d_off)
-    m, n = ro.numel() - 1, do.numel() - 1
-    maxmin = torch.empty(m, n, dtype=r.dtype)
-    minmax = torch.empty(m, n, dtype=r.dtype)
-    for t in range(m):
-        rt = r[int(ro[t]) : int(ro[t + 1])]
-        for e in range(n):
-            a = rt @ d[int(do[e]) : int(do[e + 1])].T
-            maxmin[t, e] = a.amin(1).amax()
-            minmax[t, e] = a.amax(1).amin()
-    return maxmin, minmax
-
-
-def cpu_available() -> bool:
-    """Whether the C++ extension with the quality kernel is importable."""
-    try:
-        from cupid_engine import _C  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(_C, "quality_minmax_cpu")
-
-
-def quality_minmax_cpu(r: torch.Tensor, r_off: Any, d: torch.Tensor, d_off: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C++ fused kernel; same contract as :func:`quality_minmax_reference`."""
-    r, ro, d, do = check_quality_inputs(r, r_off, d, d_off)
-    if r.device.type != "cpu" or d.device.type != "cpu":
-        raise ValueError("cpu backend: R and D must be CPU tensors")
-    if not cpu_available():
-        raise ImportError(
-            "the C++ quality kernel is not built: run `pip install --no-build-isolation -e .` in the repo"
-        )
-    from cupid_engine import _C
-
-    m, n = ro.numel() - 1, do.numel() - 1
-    maxmin = torch.empty(m, n, dtype=r.dtype)
-    minmax = torch.empty(m, n, dtype=r.dtype)
-    _C.quality_minmax_cpu(
-        r.data_ptr(), ro.data_ptr(), m, d.data_ptr(), do.data_ptr(), n, r.shape[1],
-        maxmin.data_ptr(), minmax.data_ptr(), _CPU_DTYPES[r.dtype],
-    )
-    return maxmin, minmax
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _log_auto_choice(choice: str) -> None:
-    log.info("cupid-quality: backend='auto' uses %r", choice)
-
-
-def quality_minmax(
-    r: torch.Tensor, r_off: Any, d: torch.Tensor, d_off: Any, *, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (rollout, demo) ``max_i min_j A`` and ``min_i max_j A`` without storing A.
-
-    Args:
-        r: ``[Mr, K]`` rollout step features, rollouts concatenated.
-        r_off: ``[m + 1]`` int offsets of the rollouts in ``r``.
-        d: ``[Nd, K]`` demo step features, demos concatenated.
-        d_off: ``[N + 1]`` int offsets of the demos in ``d``.
-        backend: ``auto``, ``torch``, ``cpu`` or ``triton``.
-
-    Returns:
-        ``(maxmin [m, N], minmax [m, N])`` in the dtype of ``r``.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if torch.as_tensor(r).device.type == "cuda":
-            backend = "triton" if _triton_importable() else "torch"
-        else:
-            backend = "cpu" if cpu_available() else "torch"
-        _log_auto_choice(backend)
-    if backend == "torch":
-        return quality_minmax_reference(r, r_off, d, d_off)
-    if backend == "cpu":
-        return quality_minmax_cpu(r, r_off, d, d_off)
-    from cupid_engine.ops.triton.quality import quality_minmax_triton
-
-    return quality_minmax_triton(r, r_off, d, d_off)
 
 
 def minmax_normalize(x: np.ndarray) -> np.ndarray:
@@ -282,7 +118,10 @@ class CupidQualityScorer(Scorer):
 
     def reductions(self, store: Any, run: str) -> tuple[list[str], np.ndarray, np.ndarray]:
         """``(demo ids, maxmin [m, N], minmax [m, N])``, demos streamed in step blocks."""
+        from cupid_engine.scorers._cache import cached
+
         cfg = self.config
+        store = cached(store)  # each steps chunk and shard marker read once (remote stores)
         r = store.run(run)
         cat = store.catalog()
         pre = Preconditioner.from_run(r, damping=cfg.damping)
@@ -307,7 +146,10 @@ class CupidQualityScorer(Scorer):
         return demos, maxmin, minmax
 
     def score(self, store: Any, run: str, **inputs: Any) -> pa.Table:
+        from cupid_engine.scorers._cache import cached
+
         cfg = self.config
+        store = cached(store)  # one cache for the quality term and the CUPID term
         ids, maxmin, minmax = self.reductions(store, run)
         perf_ids, perf = CupidScorer(
             normalization=cfg.normalization, returns=cfg.returns, damping=cfg.damping,

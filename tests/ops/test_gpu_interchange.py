@@ -71,7 +71,7 @@ def test_quality_kernel_on_gpu(rng):
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("triton runs under the interpreter in this process")
-    from cupid_engine.scorers.quality import quality_minmax, quality_minmax_naive
+    from cupid_engine.ops.quality import quality_minmax, quality_minmax_naive
 
     rl, dl = [1, 3, 17, 2, 70], [5, 1, 40, 3, 301, 2, 1, 7]
     r = torch.as_tensor(rng.standard_normal((sum(rl), 45)), dtype=torch.float32)
@@ -81,3 +81,11 @@ def test_quality_kernel_on_gpu(rng):
     got = quality_minmax(r.cuda(), ro, d.cuda(), do, backend="triton")
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.double().cpu().numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
+    # `auto` on CUDA tensors is the Triton kernel; the torch reference runs on the GPU too
+    # (its segment indices live on the input's device), float64 included.
+    auto = quality_minmax(r.cuda(), ro, d.cuda(), do)
+    assert all(torch.equal(a, b) for a, b in zip(auto, got))
+    ref = quality_minmax(r.double().cuda(), ro, d.double().cuda(), do, backend="torch")
+    for g, w in zip(ref, want):
+        assert g.device.type == "cuda"
+        np.testing.assert_allclose(g.cpu().numpy(), w.numpy(), rtol=1e-12, atol=1e-12)

@@ -1,6 +1,7 @@
 """Triton kernel of the CUPID-Quality reductions (GPU; CPU under ``TRITON_INTERPRET=1``).
 
-Same contract as ``cupid_engine.scorers.quality.quality_minmax_reference`` (the spec):
+The ``triton`` backend of ``cupid_engine.ops.quality.quality_minmax``; same contract as
+the spec ``cupid_engine.ops.reference_quality.quality_minmax``:
 for every (rollout τ, demo ξ) pair, ``maxmin = max_{z'} min_{z} A`` and
 ``minmax = min_{z'} max_{z} A`` with A = Ψ_τ Ψ_ξᵀ, never storing A.
 
@@ -72,22 +73,25 @@ def _config(k: int) -> dict[str, int]:
     return {"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 32 if k >= 32 else 16, "num_warps": 4}
 
 
-def quality_minmax_triton(r: torch.Tensor, r_off, d: torch.Tensor, d_off) -> tuple[torch.Tensor, torch.Tensor]:
+def quality_minmax(
+    r: torch.Tensor, r_off: torch.Tensor, d: torch.Tensor, d_off: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(maxmin [m, N], minmax [m, N])`` float32 for R ``[Mr, K]``, D ``[Nd, K]`` (float32).
 
-    Offsets are ``[m + 1]`` / ``[N + 1]`` integer arrays (checked: 0 first, row count last,
-    no empty segment). Inputs must be on a CUDA device, or anywhere under the interpreter.
+    Inputs as checked by ``ops.quality.check_quality_inputs`` (contiguous features,
+    ``[m + 1]`` / ``[N + 1]`` int64 offsets: 0 first, row count last, no empty segment).
+    Features must be on a CUDA device, or anywhere under the interpreter.
     """
-    from cupid_engine.scorers.quality import check_quality_inputs
-
-    r, ro, d, do = check_quality_inputs(r, r_off, d, d_off)
-    if r.dtype != torch.float32:
-        raise TypeError(f"triton quality kernel takes float32 features, got {r.dtype}")
+    r, d = r.contiguous(), d.contiguous()
+    if r.dtype != torch.float32 or d.dtype != torch.float32:
+        raise TypeError(
+            f"triton quality kernel takes float32 features, got {r.dtype}; use backend='torch' for float64 on GPU"
+        )
     if not _interpret() and (r.device.type != "cuda" or d.device.type != "cuda"):
         raise ValueError("triton backend: R and D must be CUDA tensors (or set TRITON_INTERPRET=1 before importing triton)")
     if r.device != d.device:
         raise ValueError(f"R is on {r.device}, D on {d.device}")
-    ro, do = ro.to(r.device, torch.int64), do.to(r.device, torch.int64)
+    ro, do = r_off.to(r.device, torch.int64), d_off.to(r.device, torch.int64)
     m, n, k = ro.numel() - 1, do.numel() - 1, r.shape[1]
     maxmin = torch.empty(m, n, dtype=torch.float32, device=r.device)
     minmax = torch.empty(m, n, dtype=torch.float32, device=r.device)
