@@ -161,10 +161,15 @@ def unfold_conv2d(module: nn.Conv2d, x: torch.Tensor, *, append_one: bool = Fals
     (top, bottom), (left, right) = _conv_padding(module)
     if top or bottom or left or right:
         x = F.pad(x, (left, right, top, bottom))
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)  # [R, C*kh*kw, L]
-    R, n, L = cols.shape
-    out = torch.empty(R, L, n + int(append_one), dtype=x.dtype, device=x.device)
-    out[..., :n].copy_(cols.transpose(1, 2))
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    # A strided window view copied once into place: F.unfold (aten::im2col) is a slow
+    # single-threaded loop on CPU (~6x the conv's forward time at 84x84 here), and its
+    # [R, C*kh*kw, L] layout would need a second, transposing copy.
+    win = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # [R, C, Ho, Wo, kh, kw]
+    R, C, Ho, Wo = win.shape[:4]
+    n = C * kh * kw
+    out = torch.empty(R, Ho * Wo, n + int(append_one), dtype=x.dtype, device=x.device)
+    out[..., :n].unflatten(1, (Ho, Wo)).unflatten(-1, (C, kh, kw)).copy_(win.permute(0, 2, 3, 1, 4, 5))
     if append_one:
         out[..., -1] = 1
     return out
