@@ -52,6 +52,13 @@ def _open(store: Any) -> Any:
     return open_store(store)
 
 
+def cached(store: Any) -> Any:
+    """``store`` with chunk-cached step reads for one call (``scorers._cache``)."""
+    from cupid_engine.scorers._cache import cached as _cached
+
+    return _cached(store)
+
+
 def score(method: str, *, store: Any, run: str, **options: Any) -> pa.Table:
     """Score episodes of ``store``/``run`` with a registered method.
 
@@ -68,4 +75,5 @@ def score(method: str, *, store: Any, run: str, **options: Any) -> pa.Table:
     """
     cls = get_scorer(method)
     inputs = {k: options.pop(k) for k in _INPUT_OPTIONS if k in options}
-    return cls(**options).score(_open(store), run, **inputs)
+    # Chunk-aligned cached reads for the call (each steps chunk and marker fetched once).
+    return cls(**options).score(cached(_open(store)), run, **inputs)
