@@ -2,12 +2,15 @@
 
 * ``config``: :class:`ProjectionConfig` and :class:`FeaturizeConfig` (frozen, validated,
   recorded in every run).
-* ``hooks``: the hook path, tensorsketch of per-layer captures (Linear, Conv1d unfolded
-  over time), fused over layers in the frequency domain; per-sample gradients are never
-  formed, so memory is independent of the number of tracked parameters.
+* ``hooks``: the hook path, tensorsketch of per-layer captures (Linear, Conv1d/Conv2d
+  unfolded, GroupNorm/LayerNorm affine, Embedding), fused over layers in the frequency
+  domain or hashed per layer, whichever is cheaper; per-sample gradients of the whole
+  model are never formed, so memory is independent of the number of tracked parameters.
+  Any other tracked parameter is refused by name.
 * ``vmap``: the torch.func path, explicit per-sample gradients + ``ops.project``
   (dense/sparse/signshift); also the reference the hook path is tested against.
-* ``featurizer``: :class:`Featurizer`, one object for both paths, with ``describe()``.
+* ``featurizer``: :class:`Featurizer`, one object for both paths, with ``describe()``;
+  it works on any ``nn.Module`` through the policy protocol (``policies.PolicyTask``).
 * ``pipeline``: :func:`featurize` (register -> run -> stream shards -> finalize, resumable)
   and :func:`featurize_shard`, the unit of work of the Ray workers.
 * ``synthetic``: :class:`SyntheticSource`, deterministic episodes generated on the fly

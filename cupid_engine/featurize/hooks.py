@@ -4,7 +4,17 @@ For a Linear layer the per-sample gradient of sample b is ``G_b = sum_t delta_bt
 (``[O, I]``; ``x`` gets an appended 1 when the layer has a bias, so the last column of
 ``G_b`` is the bias gradient). A Conv1d is a Linear over time on the unfolded input
 (``x_unfold [B, L_out, C_in * kernel]``, ``delta [B, L_out, C_out]``), so the same formula
-holds with ``T = L_out``. Both factors come from one batched forward and backward:
+holds with ``T = L_out``; a Conv2d likewise over its ``H_out * W_out`` output positions
+(im2col). Every other supported layer is written in the same factored form
+(:func:`layer_matrix_shape` gives each layer's ``[O, I]`` layout):
+
+* GroupNorm / LayerNorm affine: ``G_b[c] = (sum_pos xhat * delta, sum_pos delta)`` per
+  channel (``xhat`` recomputed from the captured input), a ``[C, 2]`` matrix written as
+  ``sum_j G[:, j] e_j^T`` (``T = 2``);
+* Embedding: ``G_b = sum_t e_{idx_t} delta_t^T``, hashed directly from the token indices
+  (the one-hot factor is never formed).
+
+Both factors come from one batched forward and backward:
 
 * a forward hook on every tracked module keeps its input ``x`` and its output tensor;
 * ``torch.autograd.grad(sum_b f_b, outputs)`` returns ``delta`` for every tracked output
@@ -13,7 +23,7 @@ holds with ``T = L_out``. Both factors come from one batched forward and backwar
 Why ``sum_b f_b`` gives *per-sample* deltas: ``d(sum_b f_b)/d out_b = d f_b / d out_b``
 whenever row b of a module's output influences no other sample's output, i.e. when
 samples do not interact inside the network. Every layer of our policies is row-wise
-(Linear, Conv1d over a sample's own time axis, GroupNorm/LayerNorm per sample). A
+(Linear, Conv1d/Conv2d over a sample's own time/space axes, GroupNorm/LayerNorm per sample). A
 BatchNorm that normalises with *batch* statistics breaks this: every output row then
 depends on every input row, the captured delta mixes samples, and the sketch would be
 silently wrong. Such BatchNorms (training mode, or ``track_running_stats=False``) are
