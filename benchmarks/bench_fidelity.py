@@ -249,7 +249,12 @@ def score_store(store: Path, scorers: list[str], ids: list[str], seed: int) -> d
             opts["validation"] = "failed-rollouts"
         if name == "random":
             opts["seed"] = seed
-        table = ce.score(name, store=str(store), run="base", **opts)
+        try:
+            table = ce.score(name, store=str(store), run="base", **opts)
+        except ValueError as e:  # e.g. a contrast with no successful rollout: recorded, never hidden
+            print(f"  scorer {name} cannot score this store: {e}", flush=True)
+            out[name] = str(e)
+            continue
         m = dict(zip(table.column("episode_id").to_pylist(), table.column("score").to_pylist()))
         out[name] = np.array([m[i] for i in ids], np.float64)
     return out
@@ -260,7 +265,8 @@ def score_store(store: Path, scorers: list[str], ids: list[str], seed: int) -> d
 
 
 def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]:
-    policy = {"type": "mlp", "hidden_sizes": tuple(args.hidden), "steps": args.steps, "batch_size": args.batch_size}
+    policy = {"type": "mlp", "hidden_sizes": tuple(args.hidden), "steps": args.steps, "batch_size": args.batch_size,
+              "horizon": args.chunk, "n_action_steps": args.action_steps or args.chunk}
     feature = {"output": args.output, "k": args.k, "method": "tensorsketch"}
     pl = Pipeline(Path(args.work), scenario, demos=args.demos, data_seed=args.data_seed, policy=policy, feature=feature)
     t0 = time.time()
@@ -291,6 +297,10 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
         scores = score_store(store, list(args.scorers), ids, seed)
         row: dict[str, Any] = {"seed": seed, "base_success_scoring_rollouts": s_base, "scorers": {}}
         for name, s in scores.items():
+            if isinstance(s, str):
+                row["scorers"][name] = {"auroc": float("nan"), "auroc_ci": [float("nan")] * 2, "removed_bad": None,
+                                        "error": s}
+                continue
             a = auroc(s, bad)
             lo, hi = auroc_ci(s, bad, seed=seed)
             row["scorers"][name] = {"auroc": a, "auroc_ci": [lo, hi], "removed_bad": removed_bad(s, bad, k, seed=seed)}
@@ -301,7 +311,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
             rng = np.random.default_rng(seed)
             kept_sets["random"] = list(rng.choice(ids, n - k, replace=False))
             for name, s in scores.items():
-                if name == "random":
+                if name == "random" or isinstance(s, str):
                     continue
                 order = np.argsort(-s, kind="stable")
                 kept_sets[name] = [ids[i] for i in order[: n - k]]
@@ -322,7 +332,8 @@ def summarise(results: list[dict[str, Any]], default_scorer: str) -> dict[str, A
     for r in results:
         for name in r["per_seed"][0]["scorers"]:
             aucs = [s["scorers"][name]["auroc"] for s in r["per_seed"]]
-            rb = [s["scorers"][name]["removed_bad"] for s in r["per_seed"]]
+            rb = [np.nan if s["scorers"][name]["removed_bad"] is None else s["scorers"][name]["removed_bad"]
+                  for s in r["per_seed"]]
             r.setdefault("summary", {})[name] = {"auroc_mean": float(np.mean(aucs)), "removed_bad_mean": float(np.mean(rb))}
         if "curated_success" in r["per_seed"][0]:
             pooled = {}
@@ -361,6 +372,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3000, help="optimiser steps of EVERY policy (fixed budget)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="MLP widths")
+    p.add_argument("--chunk", type=int, default=1, help="MLP action-chunk length (policy horizon)")
+    p.add_argument("--action-steps", type=int, default=None, help="actions executed per query (default: --chunk)")
     p.add_argument("--output", default="energy", help="featuriser output function")
     p.add_argument("--k", type=int, default=1024, help="projection size")
     p.add_argument("--work", default=None, help="cache folder (default: a temporary folder for --quick, "

@@ -20,10 +20,12 @@ scenario         strategies (majority 2 : minority 1)                           
                  centimetres of the descent: the majority closes the fingers 1.6 cm
                  above the cube centre (a shallow grasp of the cube's top edge), the
                  minority at the centre. Short-phase difference.
-``lift-sweep``   differ over most of the episode: the majority hovers off to the    ``heavy``
-                 side, descends diagonally, grasps shallow and carries the cube in
-                 a fast side-to-side sweep; the minority hovers straight above,
-                 grasps at the centre and lifts slowly, holding still.
+``lift-sweep``   differ over most of the episode: the majority hovers 12 cm above   ``heavy``
+                 the cube, grasps shallow and carries the cube in a fast
+                 side-to-side sweep (±6 cm) until the end; the minority hovers
+                 8 cm above, grasps at the centre, lifts slowly and holds still.
+                 (A side approach was tried first: it knocked the cube in 55% of
+                 unshifted episodes, so it was dropped.)
 ===============  ================================================================  =========
 
 Shift ``heavy``: cube mass × 40 (0.07 kg → ≈2.8 kg), applied only at rollout time
@@ -197,11 +199,11 @@ SCENARIOS: dict[str, Scenario] = {
         name="lift-sweep",
         task="lift",
         kind="brittle",
-        description="2:1 side-approach + shallow grasp + fast sweep (majority) vs top-down centre grasp + slow "
-        "lift (minority); shift: cube mass x40",
+        description="2:1 high hover + shallow grasp + fast side-to-side carry (majority) vs low hover + centre "
+        "grasp + slow lift, held still (minority); shift: cube mass x40",
         strategies={
             "majority": LiftStrategy(
-                hover_offset=(0.0, 0.06, 0.05), grasp_dz=_SHALLOW, lift_speed=1.0, sweep_amp=0.06
+                hover_offset=(0.0, 0.0, 0.12), grasp_dz=_SHALLOW, lift_speed=1.0, sweep_amp=0.06
             ),
             "minority": LiftStrategy(hover_offset=(0.0, 0.0, 0.08), grasp_dz=0.0, lift_speed=0.3),
         },
