@@ -730,7 +730,11 @@ def featurize(
         else:
             featurizer = Featurizer.from_config(None, config, task=task, model=policy_obj)
         if (workers > 1 or address is not None) and policy_path is None:
-            raise ValueError("workers > 1 / address need policy as a checkpoint path (workers load it themselves)")
+            raise ValueError(
+                "workers > 1 / address need policy as a checkpoint path (workers load it themselves)"
+                + ("; a task= object (a policy the engine did not write) is featurised in this process: "
+                   "use workers=1" if task is not None else "")
+            )
         run, reg = _prepare(source, store, run_name, featurizer, config, split=split, replace=replace, undo=undo)
         covered = set(reg.shards)
         pending = [s for s in run.pending_shards() if s in covered]
