@@ -133,4 +133,12 @@ def _featurize(args: argparse.Namespace) -> int:
     info = run.info()
     print(f"run {args.run!r} in {args.store}: k={config.projection.k}, method={config.projection.method}, "
           f"output={output}, shards {info['shards_done']}/{info['shards_total']}, finalized={info['finalized']}")
+    desc = run.config.featurizer
+    skipped = desc.get("untracked_parameters")
+    line = f"tracked {desc['num_tracked_parameters']:,} parameters in {len(desc['tracked_modules'])} tensors/modules"
+    if skipped:
+        names = list(skipped["tensors"])
+        line += (f"; NOT tracked: {skipped['count']:,} parameters in {len(names)} tensors "
+                 f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    print(line)
     return 0

@@ -221,6 +221,31 @@ class Featurizer:
             out["task_class"] = type(self.task).__name__
         return out
 
+    def parameter_report(self) -> list[dict[str, Any]]:
+        """One row per parameter tensor of the model: ``name``, ``shape``, ``count``,
+        ``module`` (its type), ``tracked`` and, when not tracked, ``why`` (``frozen`` or
+        ``outside track``); on the hook path tracked rows carry the ``strategy`` of the
+        last batch when known. Nothing is left out: the counts add up to the model's."""
+        tracked = set(self.params) if self.path == "vmap" else {
+            f"{n}.{pn}" if n else pn for n, m in self.modules for pn, p in m.named_parameters(recurse=False)
+            if p.requires_grad
+        }
+        owner = {}
+        for mname, module in self.policy.named_modules():
+            for pn, _ in module.named_parameters(recurse=False):
+                owner.setdefault(f"{mname}.{pn}" if mname else pn, (mname, type(module).__name__))
+        rows = []
+        for name, p in self.policy.named_parameters():
+            mname, mtype = owner.get(name, ("", "?"))
+            row: dict[str, Any] = {"name": name, "shape": tuple(p.shape), "count": int(p.numel()), "module": mtype,
+                                   "tracked": name in tracked}
+            if not row["tracked"]:
+                row["why"] = "frozen" if not p.requires_grad else "outside track"
+            elif mname in self.layer_strategies:
+                row["strategy"] = self.layer_strategies[mname]["strategy"]
+            rows.append(row)
+        return rows
+
     def matches(self, stored: dict[str, Any]) -> bool:
         """Whether a run's recorded description ``stored`` was produced by this featuriser.
 

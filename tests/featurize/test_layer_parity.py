@@ -238,3 +238,18 @@ def test_describe_lists_untracked_and_frozen_parameters():
     # Everything tracked: no untracked entry at all.
     assert "untracked_parameters" not in Featurizer(None, "f", ProjectionConfig(k=K), task=RowTask(),
                                                     model=Mixed().double()).describe()
+
+
+def test_parameter_report_accounts_for_every_parameter():
+    model = Mixed().double()
+    model.gn.weight.requires_grad_(False)
+    f = Featurizer(None, "f", ProjectionConfig(k=K), task=RowTask(), model=model, track=["c1", "gn", "c2"])
+    f({"x": torch.randn(2, 3, 7, 9, dtype=torch.float64)})
+    rows = {r["name"]: r for r in f.parameter_report()}
+    assert sum(r["count"] for r in rows.values()) == sum(p.numel() for p in model.parameters())
+    assert rows["gn.weight"]["why"] == "frozen" and rows["head.weight"]["why"] == "outside track"
+    assert rows["gn.bias"]["tracked"] and rows["gn.bias"]["module"] == "GroupNorm"
+    assert rows["c1.weight"]["strategy"] in ("fft", "dense") and rows["c1.weight"]["shape"] == (8, 3, 5, 5)
+    tracked = sum(r["count"] for r in rows.values() if r["tracked"])
+    assert tracked == f.num_tracked == f.describe()["num_tracked_parameters"]
+    assert f.describe()["untracked_parameters"]["count"] == 8 + 7 * 4 + 4
