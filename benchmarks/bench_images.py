@@ -119,6 +119,50 @@ def featurize_child(path: str, policy: str, store: str, shard_size: int) -> dict
     }
 
 
+def psnr_report(path: str, out: pathlib.Path) -> list[dict]:
+    """Video and JPEG fidelity on a dataset's frames: re-encode, decode, PSNR per frame."""
+    import io
+
+    from PIL import Image
+
+    from cupid_engine.data import open_source, write_dataset
+    from cupid_engine.data.episode import decode_image
+
+    src = open_source(path)
+    episodes = list(src.episodes())
+    rows = []
+    for codec in ("libx264", "libsvtav1"):
+        target = out / f"psnr-{codec}"
+        shutil.rmtree(target, ignore_errors=True)
+        t0 = time.perf_counter()
+        write_dataset(target, episodes, image_format="video", video_codec=codec)
+        wrote = time.perf_counter() - t0
+        disk = sum(f.stat().st_size for f in (target / "videos").rglob("*.mp4"))
+        for key in src.image_keys:
+            values = []
+            for a, b in zip(episodes, open_source(target).episodes()):
+                x, y = a.image_array(key).astype(np.float64), b.image_array(key).astype(np.float64)
+                mse = ((x - y) ** 2).reshape(len(x), -1).mean(1)
+                values.extend((10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))).tolist())
+            rows.append({"encoding": f"video {codec} crf 18 yuv420p", "camera": key, "min_db": min(values),
+                         "mean_db": float(np.mean(values)), "frames": len(values), "video_mib": disk / 2**20,
+                         "write_s": wrote})
+    for key in src.image_keys:
+        values = []
+        for a in episodes:
+            for frame in a.image_array(key):
+                buf = io.BytesIO()
+                Image.fromarray(frame).save(buf, format="JPEG", quality=95)
+                y = decode_image(buf.getvalue()).astype(np.float64)
+                mse = float(((frame.astype(np.float64) - y) ** 2).mean())
+                values.append(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+        rows.append({"encoding": "JPEG quality 95 (Pillow)", "camera": key, "min_db": min(values),
+                     "mean_db": float(np.mean(values)), "frames": len(values)})
+    for r in rows:
+        print(json.dumps(r))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", default="20,200", help="two comma-separated sizes, >= 10x apart")
@@ -131,10 +175,15 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--featurize", action="store_true",
                     help="also featurise each dataset with a tiny diffusion-image policy (store shards of --per-file episodes)")
+    ap.add_argument("--psnr", default=None, metavar="DATASET",
+                    help="instead: PSNR of video (libx264, libsvtav1) and JPEG re-encodings of this image dataset's frames")
     ap.add_argument("--read", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--policy", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.psnr:
+        psnr_report(args.psnr, pathlib.Path(args.out))
+        return
     if args.read and args.policy:
         print(json.dumps(featurize_child(args.read, args.policy, args.store, args.per_file)))
         return
