@@ -432,7 +432,8 @@ def write_rlds(
     """Write episodes as an RLDS dataset folder: ``features.json`` plus TFRecord shards.
 
     Episodes are streamed (validated, encoded and written one at a time) into
-    ``<name>-<split>.tfrecord-XXXXX-of-YYYYY`` files per split (holdout is written as
+    ``<name>-<split>.tfrecord-XXXXX-of-YYYYY`` files per split, with the TFDS
+    ``dataset_info.json`` that ``tfds.builder_from_directory`` reads (holdout is written as
     TFDS's ``val``); shards are renamed once their count is known.
 
     Returns:
@@ -482,7 +483,27 @@ def write_rlds(
             os.replace(t, path / f"{name}-{split}.tfrecord-{i:05d}-of-{len(tmps):05d}")
     spec = features_json(check.obs_dims, check.action_dim, action_keys=action_keys, image_shapes=check.image_shapes)
     (path / "features.json").write_text(json.dumps(spec, indent=1))
+    (path / "dataset_info.json").write_text(json.dumps(_dataset_info(path, name, written, counts, episodes_per_shard), indent=2))
     return path
+
+
+def _dataset_info(path: pathlib.Path, name: str, written: Mapping[str, list], counts: Mapping[str, int], per_shard: int) -> dict[str, Any]:
+    """TFDS ``dataset_info.json`` for the shards just written (``tfds.builder_from_directory``
+    needs it beside ``features.json``); the version is the folder name when it is one."""
+    splits = []
+    for split, tmps in sorted(written.items()):
+        n = len(tmps)
+        files = [path / f"{name}-{split}.tfrecord-{i:05d}-of-{n:05d}" for i in range(n)]
+        splits.append(
+            {
+                "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+                "name": split,
+                "numBytes": str(sum(f.stat().st_size for f in files)),
+                "shardLengths": [str(min(per_shard, counts[split] - i * per_shard)) for i in range(n)],
+            }
+        )
+    version = path.name if VERSION_RE.match(path.name) and path.name.count(".") == 2 else "1.0.0"
+    return {"fileFormat": "tfrecord", "name": name, "splits": splits, "version": version}
 
 
 # ----------------------------------------------------------------------------- reader

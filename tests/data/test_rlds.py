@@ -98,7 +98,7 @@ def test_round_trip_exact(tmp_path, rng):
     eps = make_episodes(rng, 7)
     root = write_rlds(tmp_path / "mine", iter(eps), name="mine", episodes_per_shard=2)
     names = sorted(p.name for p in root.iterdir())
-    assert names == ["features.json"] + [f"mine-train.tfrecord-{i:05d}-of-00002" for i in range(2)] + [
+    assert names == ["dataset_info.json", "features.json"] + [f"mine-train.tfrecord-{i:05d}-of-00002" for i in range(2)] + [
         f"mine-val.tfrecord-{i:05d}-of-00002" for i in range(2)
     ]
     ds = RLDSDataset(root)
@@ -292,6 +292,6 @@ def test_failed_overwrite_keeps_old(tmp_path, rng):
     with pytest.raises(EpisodeError):
         write_rlds(root, bad, overwrite=True)
     assert len(list(RLDSDataset(root).episodes())) == 2
-    assert sorted(p.name for p in root.iterdir()) == ["dataset-train.tfrecord-00000-of-00001", "features.json"]
+    assert sorted(p.name for p in root.iterdir()) == ["dataset-train.tfrecord-00000-of-00001", "dataset_info.json", "features.json"]
     write_rlds(root, make_episodes(rng, 3, splits=("train",)), overwrite=True)
     assert len(list(RLDSDataset(root).episodes())) == 3

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cupid_engine.data import FormatError, RLDSDataset, detect_format, open_source
-from cupid_engine.data.rlds import Example, encode_episode_example, features_json, write_tfrecord
+from cupid_engine.data.rlds import Example, encode_episode_example, features_json, write_rlds, write_tfrecord
 
 from .helpers import assert_same_episode, make_episodes
 
@@ -144,3 +144,18 @@ def test_embeddings_and_non_vector_tensors_are_reported_not_read(tmp_path, rng, 
         np.testing.assert_array_equal(ep.observations["orientation_matrix"], cols["steps/observation/orientation_matrix"].reshape(ep.length, 9))
         np.testing.assert_array_equal(ep.observations["natural_language_embedding"], cols["steps/observation/natural_language_embedding"])
     assert "steps/observation/natural_language_embedding" not in chosen.skipped_fields
+
+
+def test_writer_adds_the_tfds_dataset_info(tmp_path, rng):
+    """tfds.builder_from_directory needs dataset_info.json beside features.json."""
+    eps = make_episodes(rng, 5)  # 3 train, 2 holdout (written as TFDS "val")
+    root = write_rlds(tmp_path / "mine" / "2.1.0", eps, name="mine", episodes_per_shard=2)
+    info = json.loads((root / "dataset_info.json").read_text())
+    assert info["name"] == "mine" and info["version"] == "2.1.0" and info["fileFormat"] == "tfrecord"
+    splits = {s["name"]: s for s in info["splits"]}
+    assert splits["train"]["shardLengths"] == ["2", "1"] and splits["val"]["shardLengths"] == ["2"]
+    assert all(s["filepathTemplate"] == "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}" for s in info["splits"])
+    size = sum(p.stat().st_size for p in root.glob("mine-train.tfrecord-*"))
+    assert splits["train"]["numBytes"] == str(size)
+    assert len(RLDSDataset(tmp_path / "mine")) == 5
+    assert json.loads((write_rlds(tmp_path / "plain", eps[:1]) / "dataset_info.json").read_text())["version"] == "1.0.0"
