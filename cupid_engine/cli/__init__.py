@@ -29,7 +29,37 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"{__name__}.{mod.name}")
         module.register(sub)
+    _add_storage_options(parser)
     return parser
+
+
+# Flags naming a store or dataset location: a command with any of them gets --storage-options.
+_LOCATION_FLAGS = ("--store", "--data", "--rollout-data", "--dataset", "--out", "--source")
+
+
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command that opens a store or dataset a ``--storage-options`` flag."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _add_storage_options(child)
+    if any(flag in parser._option_string_actions for flag in _LOCATION_FLAGS) and \
+            "--storage-options" not in parser._option_string_actions:
+        parser.add_argument(
+            "--storage-options", metavar="JSON", default=None,
+            help='fsspec options of remote stores/datasets (s3://, gs://): a JSON object, e.g. '
+                 '\'{"endpoint_url": "http://127.0.0.1:5055"}\', or @FILE; keyed by protocol '
+                 '(\'{"s3": {...}}\') to set several. Also reaches Ray workers.')
+
+
+def _apply_storage_options(args: argparse.Namespace) -> None:
+    text = getattr(args, "storage_options", None)
+    if text is None:
+        return
+    from cupid_engine.store.options import apply_storage_options, parse_storage_options
+
+    urls = [getattr(args, f.lstrip("-").replace("-", "_"), None) for f in _LOCATION_FLAGS]
+    apply_storage_options(parse_storage_options(text), *[u for u in urls if isinstance(u, str)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(verbose=args.verbose)
     try:
+        _apply_storage_options(args)
         rc = args.handler(args)
     except KeyboardInterrupt:
         if debug:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import urllib.parse
@@ -65,6 +66,23 @@ def store_folder(store: Any) -> str | None:
             if "://" not in p and os.path.isdir(p):
                 return p
     return None
+
+
+def remote_cache_folder(store: Any, fp: dict[str, Any]) -> str | None:
+    """Local folder for the index of a remote store (``s3://``, ``gs://`` ...), None otherwise.
+
+    ``$CUPID_ENGINE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/cupid_engine``, else
+    ``~/.cache/cupid_engine``) ``/remote/<sha of the URL and the runs' fingerprint>``: the
+    fingerprint holds each run's config hash, Gram count and Gram checksum and the training
+    ids, so a changed run gets a new folder and a query never rebuilds an unchanged index.
+    """
+    url = getattr(store, "url", None)
+    if not isinstance(url, str) or "://" not in url or url.startswith("file://"):
+        return None
+    root = os.environ.get("CUPID_ENGINE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cupid_engine")
+    key = hashlib.sha256((url.rstrip("/") + "\x00" + json.dumps(fp, sort_keys=True, default=str)).encode()).hexdigest()
+    return os.path.join(root, "remote", key[:24])
 
 
 def _run_key(store: Any, name: str) -> tuple:
@@ -177,6 +195,8 @@ def open_index(
     idx = None if rebuild else _lru_get(_MEMORY_CACHE, key)
     if idx is None:
         fp = fingerprint(store, runs, damping, ids)
+        if folder is None:  # a remote store: a local cache keyed by the run's content hash
+            folder = remote_cache_folder(store, fp)
         # Saved beside the store, or in the user's cache when the store is read-only.
         for saved in [] if rebuild or folder is None else saved_folders(os.path.join(folder, INDEX_DIR, sub), kind):
             loaded = InfluenceIndex.load(saved, kind, device=params.get("device", "cpu"))

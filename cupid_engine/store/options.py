@@ -19,7 +19,13 @@ import pathlib
 import re
 from typing import Any
 
-__all__ = ["parse_storage_options", "apply_storage_options", "protocol_of"]
+from cupid_engine.errors import ConfigError
+
+__all__ = ["parse_storage_options", "apply_storage_options", "protocol_of", "MissingFilesystemError"]
+
+
+class MissingFilesystemError(ConfigError, ImportError):
+    """The fsspec implementation of a URL's protocol is not installed (names the extra)."""
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _KNOWN = ("s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "memory", "file")
@@ -36,7 +42,7 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     """``--storage-options`` value: a JSON object, or ``@path`` of a JSON file; None -> ``{}``.
 
     Raises:
-        ValueError: not JSON, or not an object (the message names the flag and the file).
+        ConfigError: not JSON, or not an object (the message names the flag and the file).
     """
     if text is None or text == "":
         return {}
@@ -47,13 +53,13 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ValueError(f"{where}: cannot read ({exc.strerror})") from None
+            raise ConfigError(f"{where}: cannot read ({exc.strerror})") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise ConfigError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: must be a JSON object, got {type(value).__name__}")
+        raise ConfigError(f"{where}: must be a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -65,7 +71,7 @@ def check_backend(protocol: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(pkg[0]) is None:
-        raise ImportError(f"{protocol}:// URLs need {pkg[0]}: pip install 'cupid_engine[{pkg[1]}]'")
+        raise MissingFilesystemError(f"{protocol}:// URLs need {pkg[0]}", hint=f"pip install 'cupid_engine[{pkg[1]}]'")
 
 
 def apply_storage_options(options: dict[str, Any] | None, *urls: Any) -> dict[str, dict[str, Any]]:
@@ -80,8 +86,8 @@ def apply_storage_options(options: dict[str, Any] | None, *urls: Any) -> dict[st
         ``{protocol: options}`` as registered.
 
     Raises:
-        ValueError: flat options but no remote URL to apply them to.
-        ImportError: the protocol's filesystem package is not installed (names the extra).
+        ConfigError: flat options but no remote URL to apply them to.
+        MissingFilesystemError: the protocol's filesystem package is not installed (names the extra).
     """
     import fsspec.config
 
@@ -94,8 +100,8 @@ def apply_storage_options(options: dict[str, Any] | None, *urls: Any) -> dict[st
         per = {p.lower(): dict(v) for p, v in options.items()}
     else:
         if not protocols:
-            raise ValueError("--storage-options given but no store or dataset is a remote URL (s3://, gs://, ...); "
-                             'key them by protocol ({"s3": {...}}) to set them anyway')
+            raise ConfigError("--storage-options given but no store or dataset is a remote URL (s3://, gs://, ...)",
+                              hint='key them by protocol ({"s3": {...}}) to set them anyway')
         per = {p: dict(options) for p in protocols}
     for p, opts in per.items():
         check_backend(p)
