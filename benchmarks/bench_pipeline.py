@@ -201,9 +201,18 @@ def run(args: argparse.Namespace) -> dict:
         acceptance["million_total_minutes"] = criterion(
             (r["featurize_s"] + r["finalize_s"] + r["score_s"] + r["index_build_s"]) / 60, 30, higher_is_better=False)
         acceptance["million_top_influencers_ms"] = criterion(r["query_ms"], 1000, higher_is_better=False)
-    print("acceptance:")
-    for key, v in acceptance.items():
-        print(f"  {key}: {v['value']:.4g} (target {v['target']}) {'PASS' if v['pass'] else 'FAIL'}")
+    if len(rows) == 1:
+        # One scale measures throughput and memory; flatness needs two scales to compare.
+        r = rows[0]
+        workers = [round(v) for v in r["worker_peak_rss_mib"]]
+        print(f"one scale ({r['episodes']} episodes): {r['episodes_per_s']:.4g} episodes/s overall, "
+              f"{r['steady_episodes_per_s']:.4g} steady; driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB, "
+              f"worker peak RSS {workers} MiB; store {r['store_bytes_per_step']:.4g} bytes/step "
+              "(flatness rows need two or more scales: --episodes A,B)")
+    if acceptance:
+        print("acceptance:")
+        for key, v in acceptance.items():
+            print(f"  {key}: {v['value']:.4g} (target {v['target']}) {'PASS' if v['pass'] else 'FAIL'}")
     payload = {"machine": info, "results": rows, "acceptance": acceptance}
     write_json(args.json, payload)
     return payload
