@@ -25,7 +25,13 @@
   const main = () => document.getElementById("main");
 
   function esc(s) { return String(s == null ? "" : s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c])); }
-  function fmt(x, d) { if (x == null) return "–"; if (typeof x !== "number") return esc(x); const a = Math.abs(x); return (a !== 0 && (a < 1e-3 || a >= 1e5)) ? x.toExponential(d || 2) : x.toFixed(d == null ? 3 : d); }
+  function fmt(x, d) {
+    if (x == null) return "–";
+    if (typeof x !== "number") return esc(x);
+    const a = Math.abs(x);
+    if (a !== 0 && (a < 1e-3 || a >= 1e4)) return x.toExponential(d == null ? 2 : Math.min(d, 2));
+    return x.toFixed(a >= 100 ? Math.min(d == null ? 3 : d, 1) : (d == null ? 3 : d));
+  }
   function outcome(s) { return s == null ? '<span class="muted">unknown</span>' : (s ? '<span class="ok">success</span>' : '<span class="fail">failure</span>'); }
   function labelText(l) { const k = Object.keys(l || {}); return k.length ? k.map((x) => esc(x) + "=" + esc(l[x])).join(", ") : '<span class="muted">–</span>'; }
   function svg(tag, attrs, parent) { const e = document.createElementNS(SVGNS, tag); for (const k in attrs) e.setAttribute(k, attrs[k]); if (parent) parent.appendChild(e); return e; }
