@@ -57,36 +57,50 @@ def _sub(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package."""
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        out[".".join(rel.parts[:-1] if path.name == "__init__.py" else rel.parts)] = path
+    return out
+
+
+def _import_targets(mod: str, path: Path, mods: dict[str, Path]):
+    """``(line, target)`` for every import in ``path``: ``from pkg import x`` names the
+    submodule ``pkg.x`` when there is one, else ``pkg``; the compiled ``_C`` is a leaf."""
+    package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node.lineno, a.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                root = ".".join(base + ([node.module] if node.module else []))
+            else:
+                root = node.module or ""
+            for a in node.names:
+                full = f"{root}.{a.name}"
+                if full == "cupid_engine._C":
+                    yield node.lineno, full
+                else:
+                    yield node.lineno, full if full in mods else root
+
+
 def _imports() -> dict[tuple[str, str], list[str]]:
     """(importer subpackage, imported subpackage or third-party root) -> ["file:line", ...]."""
     arrows: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-    for path in sorted(PKG.rglob("*.py")):
+    mods = _modules()
+    for mod, path in mods.items():
+        here = _sub(mod)
         rel = path.relative_to(PKG.parent)
-        mod = ".".join(rel.with_suffix("").parts)
-        is_pkg = path.name == "__init__.py"
-        if is_pkg:
-            mod = mod.rsplit(".", 1)[0]
-        here = _sub(mod) if mod != "cupid_engine" else "__init__"
-        package = mod if is_pkg else mod.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    root = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    root = node.module or ""
-                # `from cupid_engine import x` imports the submodule x (or a name of the facade).
-                targets = [f"{root}.{a.name}" for a in node.names] if root == "cupid_engine" else [root]
-            for t in targets:
-                if t.startswith("cupid_engine."):
-                    there = _sub(t)
-                    if there != here:
-                        arrows[(here, there)].append(f"{rel}:{node.lineno}")
-                elif t.split(".")[0] in THIRD_PARTY:
-                    arrows[(here, t.split(".")[0])].append(f"{rel}:{node.lineno}")
+        for line, t in _import_targets(mod, path, mods):
+            if t.startswith("cupid_engine."):
+                if _sub(t) != here:
+                    arrows[(here, _sub(t))].append(f"{rel}:{line}")
+            elif t.split(".")[0] in THIRD_PARTY:
+                arrows[(here, t.split(".")[0])].append(f"{rel}:{line}")
     return arrows
 
 
@@ -120,33 +134,9 @@ def test_every_subpackage_has_a_floor():
 
 
 def _file_graph() -> dict[str, set[str]]:
-    """Module -> modules of the package it imports (any depth; submodule if it is one)."""
-    mods = {}
-    for path in PKG.rglob("*.py"):
-        rel = path.relative_to(PKG.parent).with_suffix("")
-        mod = ".".join(rel.parts[:-1] if path.name == "__init__.py" else rel.parts)
-        mods[mod] = path
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    for mod, path in mods.items():
-        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    root = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    root = node.module or ""
-                # `from pkg import x`: the submodule x if there is one, else pkg itself; the
-                # compiled extension `_C` is a leaf outside the graph.
-                names = [f"{root}.{a.name}" if f"{root}.{a.name}" in mods else root for a in node.names
-                         if not (root == "cupid_engine" and a.name == "_C")]
-            for n in names:
-                if n in mods and n != mod:
-                    graph[mod].add(n)
-    return graph
+    """Module -> modules of the package it imports (any depth)."""
+    mods = _modules()
+    return {m: {t for _, t in _import_targets(m, p, mods) if t in mods and t != m} for m, p in mods.items()}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
