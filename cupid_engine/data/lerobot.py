@@ -286,15 +286,16 @@ class _Writer:
     def _episode_stats(self, ep: Episode, task_index: int) -> dict[str, dict[str, np.ndarray]]:
         """lerobot's per-episode stats of every feature this episode writes."""
         T = ep.length
-        out = {OBS_PREFIX + k: lerobot_meta.vector_stats(v) for k, v in sorted(ep.observations.items())}
+        vectors: dict[str, np.ndarray] = {OBS_PREFIX + k: v for k, v in sorted(ep.observations.items())}
+        vectors[ACTION_COLUMN] = ep.actions
+        vectors["timestamp"] = (np.arange(T) / self.fps).astype(np.float32)
+        vectors["frame_index"] = np.arange(T)
+        vectors["episode_index"] = np.full(T, self.n_episodes)
+        vectors["index"] = np.arange(self.n_frames, self.n_frames + T)
+        vectors["task_index"] = np.full(T, task_index)
+        out = lerobot_meta.vector_stats_many(vectors)
         for k in sorted(ep.images):
             out[IMAGE_PREFIX + k] = lerobot_meta.image_stats(ep.images[k])
-        out[ACTION_COLUMN] = lerobot_meta.vector_stats(ep.actions)
-        out["timestamp"] = lerobot_meta.vector_stats((np.arange(T) / self.fps).astype(np.float32))
-        out["frame_index"] = lerobot_meta.vector_stats(np.arange(T))
-        out["episode_index"] = lerobot_meta.vector_stats(np.full(T, self.n_episodes))
-        out["index"] = lerobot_meta.vector_stats(np.arange(self.n_frames, self.n_frames + T))
-        out["task_index"] = lerobot_meta.vector_stats(np.full(T, task_index))
         return out
 
     def _next_file(self) -> None:

@@ -183,3 +183,23 @@ def test_stats_definitions(rng):
     np.testing.assert_allclose(im["mean"][:, 0, 0], frames.reshape(-1, 3).mean(0) / 255)
     big = rng.integers(0, 256, (250, 320, 310, 1), dtype=np.uint8)
     assert image_stats(big)["count"].tolist() == [100]  # lerobot samples max(100, T^0.75) frames
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 10, 30, 99, 100, 101, 257])
+def test_quantiles_are_numpys_inverted_cdf(rng, n):
+    x = rng.standard_normal((n, 3))
+    s = vector_stats(x)
+    for key, q in (("q01", 0.01), ("q10", 0.10), ("q50", 0.50), ("q90", 0.90), ("q99", 0.99)):
+        np.testing.assert_array_equal(s[key], np.quantile(x, q, axis=0, method="inverted_cdf"))
+
+
+def test_stats_of_several_features_at_once_equal_one_by_one(rng):
+    from cupid_engine.data.lerobot_meta import vector_stats_many
+
+    feats = {"a": rng.standard_normal((6, 4)), "b": rng.standard_normal(6).astype(np.float32), "c": np.arange(6)}
+    many = vector_stats_many(feats)
+    for name, values in feats.items():
+        one = vector_stats(values)
+        assert many[name].keys() == one.keys()
+        for k in one:
+            np.testing.assert_array_equal(many[name][k], one[k], err_msg=f"{name} {k}")
