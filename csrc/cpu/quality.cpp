@@ -4,11 +4,12 @@
 // every finished register tile into per-(rollout row, demo) running minima/maxima, so A
 // is never stored:
 //
-// * Register tile: kMV vectors of rollout rows (MR = 4 x 16 floats = 64 rows, 32 doubles)
-//   by kNR = 6 demo columns: 24 accumulators, plus 4 row vectors and one broadcast, fit
-//   the 32 AVX-512 registers (GCC/Clang vector extensions; AVX2/SSE code where -march
-//   allows no more, with the same arithmetic). Rows run along the vector lanes so that the
-//   min over a demo's columns is a lane-wise min: no horizontal reductions per tile.
+// * Register tile: kMV vectors of rollout rows (with AVX-512: MR = 4 x 16 floats = 64
+//   rows, 32 doubles) by kNR = 6 demo columns: 24 accumulators, plus 4 row vectors and one
+//   broadcast, fit the 32 AVX-512 registers (GCC/Clang vector extensions; with AVX2 or SSE
+//   a 2-vector x 6 tile for their 16 registers, the same arithmetic). Rows run along the
+//   vector lanes so that the min over a demo's columns is a lane-wise min: no horizontal
+//   reductions per tile.
 // * Packing: the rollout rows of a block are packed once as [MR-row panel][k][MR] and the
 //   demo columns of a tile as [NR-column panel][k][NR] (zero-padded), so every load in the
 //   inner loop is contiguous.
@@ -40,8 +41,18 @@
 namespace cupid {
 namespace {
 
-constexpr int kVecBytes = 64;         // one 512-bit vector (two 256-bit halves without AVX-512)
-constexpr int kMV = 4;                // row vectors per register tile
+// Register tile: kMV row vectors x kNR demo columns of accumulators, plus kMV row vectors
+// and one broadcast, must fit the vector registers: 32 with AVX-512, 16 otherwise.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kMV = 4;  // 24 accumulators + 5 of 32 registers
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kMV = 2;  // 12 accumulators + 3 of 16 registers
+#else
+constexpr int kVecBytes = 16;
+constexpr int kMV = 2;
+#endif
 constexpr int kNR = 6;                // demo columns per register tile
 constexpr int64_t kKC = 128;          // k slice: MR x kKC row panel (32 KiB) stays in L1
 constexpr int64_t kNC = 240;          // demo columns per packed tile (a multiple of kNR)
