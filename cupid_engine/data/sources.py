@@ -25,6 +25,7 @@ from cupid_engine.data.replay import ReplayBufferDataset
 from cupid_engine.data.rlds import SHARD_RE, RLDSDataset, builder_versions
 from cupid_engine.data.robomimic import RobomimicDataset
 from cupid_engine.data.schema import FormatError
+from cupid_engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def open_source(path_or_url: str | os.PathLike, format: str = "auto", **options:
     if options.get("version") is None:
         options.pop("version", None)
     elif format != "rlds":
-        raise ValueError(f"{path_or_url}: version= picks a TFDS builder version (RLDS); this is a {format} dataset")
+        raise ConfigError(f"{path_or_url}: version= picks a TFDS builder version (RLDS); this is a {format} dataset")
     if format == "robomimic" and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path_or_url)) and not str(path_or_url).startswith("file://"):
         raise ValueError(f"{path_or_url}: robomimic files are read with h5py and must be local")
     if format == "robomimic" and str(path_or_url).startswith("file://"):

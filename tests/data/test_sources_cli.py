@@ -61,3 +61,5 @@ def test_train_version_of_a_builder_folder(tmp_path, rng, capsys):
     lerobot = write_dataset(tmp_path / "ds", make_episodes(rng, 2))
     with pytest.raises(ValueError, match="version= picks a TFDS builder version"):
         open_source(lerobot, version="1.0.0")
+    assert main(["train", "--data", str(lerobot), "--policy", "mlp", "--out", str(tmp_path / "d"), "--version", "1.0.0"]) == 2
+    assert "this is a lerobot dataset" in capsys.readouterr().err  # one line, no traceback
