@@ -242,9 +242,12 @@ class _CatalogSnapshot:
                     raise FileNotFoundError(path)
                 handle = io.BytesIO(data)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{loc.url} lacks {_catalog.CATALOG_NAME}") from None
-        self._file = pq.ParquetFile(handle)
-        names = self._file.schema_arrow.names
+            raise _Damaged("the store lacks its catalog", where=path, hint=_DAMAGED) from None
+        try:
+            self._file = pq.ParquetFile(handle)
+            names = self._file.schema_arrow.names
+        except (pa.ArrowException, OSError) as exc:
+            raise StoreError(f"cannot read the catalog ({exc})", where=path, hint=_DAMAGED) from None
         self._legacy = names == _catalog.LEGACY_NAMES  # written before episode fingerprints
         if names != _catalog.CATALOG_SCHEMA.names and not self._legacy:
             raise StoreError(f"catalog columns {names} do not match the schema",
@@ -386,6 +389,13 @@ class _CatalogSnapshot:
         return self.ids(*self.shard_range(shard_id))
 
 
+_DAMAGED = "the store is damaged: restore it from a copy or featurise into a new store"
+
+
+class _Damaged(StoreError, FileNotFoundError):
+    """A file every store has is missing."""
+
+
 class StoreKeyError(StoreError, KeyError):
     """An episode id or run the store lacks (a ``KeyError`` for callers that catch one)."""
 
@@ -491,7 +501,11 @@ class GradientStore:
                                      hint="give the path of a store made by cupid-engine featurize")
             raise StoreNotFoundError(f"no gradient store at {loc.url}",
                                      hint="create one with cupid-engine featurize --store PATH")
-        group = zarr.open_group(loc.zarr_target, mode="r" if mode == "r" else "r+")
+        try:
+            group = zarr.open_group(loc.zarr_target, mode="r" if mode == "r" else "r+")
+        except (ValueError, KeyError, TypeError) as exc:  # zarr.json that is not JSON / not Zarr metadata
+            raise StoreError(f"cannot read the store's Zarr metadata ({type(exc).__name__}: {exc})",
+                             where=loc.path("zarr.json"), hint=_DAMAGED) from None
         return cls(loc, group, mode)
 
     # ------------------------------------------------------------------ properties

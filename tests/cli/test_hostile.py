@@ -319,6 +319,17 @@ def test_corrupt_store_chunk_names_the_episodes(world, store, capsys, tmp_path):
     assert not (tmp_path / "o.parquet").exists()
 
 
+@pytest.mark.parametrize("damage", ["catalog.parquet", "zarr.json"])
+def test_damaged_store_files_are_named(world, store, capsys, damage):
+    path = store / damage
+    path.write_bytes(path.read_bytes()[:40])
+    before = _tree(store)
+    for argv in (["store", "info", store], _featurize_args(world, store, run="new")):
+        line = _user_error(capsys, *argv)
+        assert str(path) in line and "damaged" in line
+    assert _tree(store) == before
+
+
 def test_bad_checkpoints_name_the_file(world, tmp_path, capsys):
     cfg_bad = tmp_path / "cfg"
     shutil.copytree(world["ckpt"], cfg_bad)
