@@ -123,6 +123,66 @@ class _Job:
     object_pos: np.ndarray
 
 
+class CameraRenderer:
+    """Frames of a :class:`SimEnv`'s cameras in its current state (live, e.g. for rollouts
+    of image policies; the replay workers use it too).
+
+    MuJoCo picks its GL backend when it is first imported, so the process must have
+    ``MUJOCO_GL=egl`` before robosuite or mujoco is imported (robosuite's loader in
+    ``sim.tasks`` defaults it to ``disable``); otherwise construction raises
+    :class:`RenderUnavailable` saying so.
+
+    Args:
+        env: The environment whose scene is drawn.
+        cameras: Camera names.
+        size: Height and width of every frame.
+    """
+
+    def __init__(self, env: SimEnv, cameras: Sequence[str] = CAMERAS, size: int = DEFAULT_SIZE) -> None:
+        import mujoco
+
+        self._mujoco, self.env, self.cameras, self.size = mujoco, env, tuple(cameras), int(size)
+        model = env.env.sim.model._model
+        names = {model.camera(i).name for i in range(model.ncam)}
+        missing = [c for c in self.cameras if c not in names]
+        if missing:
+            raise ValueError(f"task {env.task!r} has no camera {missing} (has {sorted(names)})")
+        gl = os.environ.get("MUJOCO_GL", "")
+        if gl.lower() not in ("egl", "osmesa", "glfw"):
+            raise RenderUnavailable(
+                f"offscreen rendering needs MUJOCO_GL=egl in this process (it is {gl or 'unset'!r})",
+                hint="set it before robosuite/mujoco is first imported, or render with render_episodes (worker processes)",
+            )
+        try:
+            self._renderer = mujoco.Renderer(model, self.size, self.size)
+        except Exception as exc:  # EGL/GL failures come as several unrelated types
+            raise RenderUnavailable(
+                f"cannot create a MUJOCO_GL={gl} offscreen renderer ({type(exc).__name__}: {exc})",
+                hint=f"install the Debian packages {EGL_PACKAGES}",
+            ) from None
+        # Reflections double the cost of software rendering (the scene is drawn twice):
+        # without them the table no longer mirrors the arm (Lift agentview: 4.6% of pixels
+        # differ, by <= 12 levels; the wrist view is unchanged) at 35 instead of 70 ms CPU
+        # per 84x84 frame. Shadows change no pixel of these scenes; off as well.
+        self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+        self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+
+    def __call__(self) -> dict[str, np.ndarray]:
+        """``camera -> uint8 [size, size, 3]`` of the current state (upright)."""
+        data = self.env.env.sim.data._data
+        out = {}
+        for c in self.cameras:
+            self._renderer.update_scene(data, camera=c)
+            out[c] = self._renderer.render()
+        return out
+
+    def close(self) -> None:
+        """Release the GL context (explicitly: EGL teardown by the garbage collector is noisy)."""
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -139,25 +199,15 @@ def _render_job(job: _Job) -> tuple[dict[str, np.ndarray], tuple[float, float]]:
     os.environ.setdefault("LP_NUM_THREADS", "1")
     import mujoco
 
-    key = (job.task, repr(sorted(job.variation.items())), job.horizon, job.size)
+    key = (job.task, repr(sorted(job.variation.items())), job.horizon, job.size, job.cameras)
     if _WORKER.get("key") != key:
         _close_worker()
         env = SimEnv(job.task, variation=Variation.from_dict(job.variation), horizon=job.horizon)
-        model = env.env.sim.model._model
         try:
-            renderer = mujoco.Renderer(model, job.size, job.size)
-        except Exception as exc:  # EGL/GL failures come as several unrelated types
+            renderer = CameraRenderer(env, job.cameras, job.size)
+        except BaseException:
             env.close()
-            raise RenderUnavailable(
-                f"cannot create a MUJOCO_GL=egl offscreen renderer ({type(exc).__name__}: {exc})",
-                hint=f"install the Debian packages {EGL_PACKAGES}",
-            ) from None
-        # Reflections double the cost of software rendering (the scene is drawn twice):
-        # without them the table no longer mirrors the arm (Lift agentview: 4.6% of pixels
-        # differ, by <= 12 levels; the wrist view is unchanged) at 35 instead of 70 ms CPU
-        # per 84x84 frame. Shadows change no pixel of these scenes; off as well.
-        renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
-        renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+            raise
         _WORKER.update(key=key, env=env, renderer=renderer)
         if not _WORKER.get("atexit"):
             import atexit
@@ -167,10 +217,6 @@ def _render_job(job: _Job) -> tuple[dict[str, np.ndarray], tuple[float, float]]:
             _WORKER["atexit"] = True
     env, renderer = _WORKER["env"], _WORKER["renderer"]
     model, data = env.env.sim.model._model, env.env.sim.data._data
-    names = {model.camera(i).name for i in range(model.ncam)}
-    missing = [c for c in job.cameras if c not in names]
-    if missing:
-        raise ValueError(f"task {job.task!r} has no camera {missing} (has {sorted(names)})")
     # Object geometry (size_scale) must be the episode's for the images to show it.
     env.knobs = dict(job.knobs)
     env._apply_physics_knobs()
@@ -187,9 +233,8 @@ def _render_job(job: _Job) -> tuple[dict[str, np.ndarray], tuple[float, float]]:
                 f"episode {job.episode_id!r}, step {t}: the replayed state puts the object {err:.4f} m "
                 "from the recorded observation; the recording does not match this episode"
             )
-        for c in job.cameras:
-            renderer.update_scene(data, camera=c)
-            frames[c][t] = renderer.render()
+        for c, frame in renderer().items():
+            frames[c][t] = frame
     return frames, (time.perf_counter() - t0, time.process_time() - c0)
 
 

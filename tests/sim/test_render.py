@@ -52,3 +52,14 @@ def test_replayed_states_render_both_cameras():
     assert a.metadata["render"]["cameras"] == ["agentview", "robot0_eye_in_hand"]
     with pytest.raises(RuntimeError, match=r"episode 'lift_better_0001', step 0: the replayed state puts the object"):
         next(out)
+
+
+@pytest.mark.sim
+def test_live_renderer_needs_egl_in_this_process(sim_env, monkeypatch):
+    from cupid_engine.sim.render import CameraRenderer, RenderUnavailable
+
+    monkeypatch.setenv("MUJOCO_GL", "disable")
+    with pytest.raises(RenderUnavailable, match="needs MUJOCO_GL=egl in this process .*'disable'"):
+        CameraRenderer(sim_env("lift"))
+    with pytest.raises(ValueError, match=r"no camera \['frontcam'\]"):
+        CameraRenderer(sim_env("lift"), cameras=("frontcam",))
