@@ -11,6 +11,7 @@ enumerate methods without importing each module by name.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 from typing import Any, ClassVar
 
@@ -41,7 +42,14 @@ class Scorer(abc.ABC):
         if config is not None and options:
             raise TypeError("pass either a config or keyword options, not both")
         if config is None:
-            config = self.config_cls(**options)
+            try:
+                config = self.config_cls(**options)
+            except TypeError as exc:  # an unknown option, or a value of the wrong type (e.g. "abc" >= 0)
+                from cupid_engine.errors import ConfigError
+
+                known = [f.name for f in dataclasses.fields(self.config_cls)]
+                raise ConfigError(f"{self.name}: invalid options {options} ({exc})",
+                                  hint=f"options of {self.name}: {known}") from None
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{self.name} expects a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config = config

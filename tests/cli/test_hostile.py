@@ -353,6 +353,13 @@ def test_missing_and_foreign_stores(world, tmp_path, capsys):
     assert "LeRobot dataset" in line
 
 
+@pytest.mark.parametrize("option,needle", [("damping=abc", "'abc'"), ("dampin=1", "dampin")])
+def test_bad_scorer_options_are_one_line(world, tmp_path, capsys, option, needle):
+    line = _user_error(capsys, "score", "cupid", "--store", world["base"], "--run", "r", "--out",
+                       tmp_path / "o.parquet", "--set", option)
+    assert needle in line and "damping" in line
+
+
 # ----------------------------------------------------------------------------- the error path itself
 def test_debug_shows_the_traceback(tmp_path):
     from cupid_engine.errors import UserError
