@@ -889,7 +889,7 @@ class LeRobotDataset:
             raise FormatError(f"{self.path}: info.json has no positive fps, needed to locate video frames")
         fs, what = self._fs, f"{self.path}: episode {eid!r}, {feat}"
         return ImageSequence(
-            (T, h, w, c), frames=lambda a, b: decode_segment(fs, path, start, a, b, fps, what=what), what=what
+            (T, h, w, c), frames=lambda a, b: decode_segment(fs, path, start, a, b, fps, what=what, frame_size=(h, w)), what=what
         )
 
 

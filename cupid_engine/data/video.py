@@ -30,7 +30,8 @@ class VideoWriter:
 
     Args:
         path: Output file.
-        height, width: Frame size (odd sizes are fine: the encoder pads internally).
+        height, width: Frame size. yuv420p needs even sizes: odd ones are padded by one
+            edge row/column, which :func:`decode_segment` crops away again.
         fps: Frame rate; frame ``k`` has time ``k / fps``.
         codec: FFmpeg encoder name (``libx264``, ``libsvtav1``, ...).
         crf: Constant rate factor (quality; lower is better).
@@ -50,7 +51,7 @@ class VideoWriter:
         except (ValueError, av.error.FFmpegError) as exc:
             self._container.close()
             raise ValueError(f"video codec {codec!r} is not available in this PyAV build ({exc})") from None
-        self._stream.width, self._stream.height = self.width, self.height
+        self._stream.width, self._stream.height = self.width + self.width % 2, self.height + self.height % 2
         self._stream.pix_fmt = "yuv420p"
         self._time_base = Fraction(1, self.fps)
         self._stream.options = {"crf": str(int(crf)), "g": str(DEFAULT_GOP)}
@@ -64,6 +65,8 @@ class VideoWriter:
             raise ValueError(f"{self.path}: frames must be uint8 [n, {self.height}, {self.width}, 3], got {frames.dtype} {frames.shape}")
         if frames.shape[3] == 1:
             frames = np.repeat(frames, 3, axis=3)
+        if self.height % 2 or self.width % 2:
+            frames = np.pad(frames, ((0, 0), (0, self.height % 2), (0, self.width % 2), (0, 0)), mode="edge")
         for f in frames:
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
             vf.pts = self.n_frames
@@ -82,7 +85,10 @@ class VideoWriter:
         self._container = None
 
 
-def decode_segment(fs: Any, path: str, from_timestamp: float, start: int, stop: int, fps: float, *, what: str) -> np.ndarray:
+def decode_segment(
+    fs: Any, path: str, from_timestamp: float, start: int, stop: int, fps: float, *, what: str,
+    frame_size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Decode frames ``start .. stop-1`` of the episode beginning at ``from_timestamp``.
 
     Args:
@@ -92,6 +98,8 @@ def decode_segment(fs: Any, path: str, from_timestamp: float, start: int, stop: 
         start, stop: Frame range within the episode.
         fps: Frames per second of the dataset.
         what: Named in errors (dataset, episode, camera).
+        frame_size: ``(H, W)`` the dataset declares; frames decoded one row/column larger
+            (the even-size padding of :class:`VideoWriter`) are cropped to it.
 
     Returns:
         ``uint8 [stop - start, H, W, 3]``.
@@ -118,7 +126,10 @@ def decode_segment(fs: Any, path: str, from_timestamp: float, start: int, stop: 
                     continue
                 if k >= stop:
                     break
-                out[k - start] = frame.to_ndarray(format="rgb24")
+                img = frame.to_ndarray(format="rgb24")
+                if frame_size is not None and img.shape[0] - frame_size[0] in (0, 1) and img.shape[1] - frame_size[1] in (0, 1):
+                    img = img[: frame_size[0], : frame_size[1]]
+                out[k - start] = img
     except (av.error.FFmpegError, OSError) as exc:
         raise FormatError(f"{what}: cannot decode video {path!r} ({exc})") from None
     missing = [start + i for i, fr in enumerate(out) if fr is None]

@@ -63,3 +63,22 @@ def test_live_renderer_needs_egl_in_this_process(sim_env, monkeypatch):
         CameraRenderer(sim_env("lift"))
     with pytest.raises(ValueError, match=r"no camera \['frontcam'\]"):
         CameraRenderer(sim_env("lift"), cameras=("frontcam",))
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+def test_cli_generate_obs_image(tmp_path):
+    pytest.importorskip("robosuite")
+    from cupid_engine.cli import main
+    from cupid_engine.data import open_dataset
+
+    common = ["generate", "--task", "lift", "--demos", "1", "--tiers", "okay", "--horizon", "6", "--keep-failures"]
+    assert main([*common, "--out", str(tmp_path / "state")]) == 0
+    assert main([*common, "--obs", "image", "--image-size", "20", "--render-workers", "1",
+                 "--image-format", "video", "--out", str(tmp_path / "image")]) == 0
+    state, image = open_dataset(tmp_path / "state"), open_dataset(tmp_path / "image")
+    assert image.image_keys == ["agentview", "robot0_eye_in_hand"] and state.image_keys == []
+    assert image.image_shapes["agentview"] == (20, 20, 3)
+    a, b = next(state.episodes()), next(image.episodes())
+    np.testing.assert_array_equal(a.actions, b.actions)  # the same demonstration, plus frames
+    assert b.image_array("robot0_eye_in_hand").shape == (6, 20, 20, 3)
