@@ -61,14 +61,23 @@ def check_egl() -> None:
     Raises:
         RenderUnavailable: Naming the missing library and the Debian packages to install.
     """
-    for lib in ("libEGL.so.1", "libEGL_mesa.so.0"):
+    def loads(lib: str) -> bool:
         try:
             ctypes.CDLL(lib)
+            return True
         except OSError:
-            raise RenderUnavailable(
-                f"offscreen rendering (MUJOCO_GL=egl) needs Mesa's EGL but {lib} is missing",
-                hint=f"install the Debian packages {EGL_PACKAGES}",
-            ) from None
+            return False
+
+    # libEGL.so.1 is the dispatcher; a vendor library does the drawing: Mesa's (software,
+    # what these CPU machines use) or NVIDIA's on GPU machines.
+    missing = [lib for lib in ("libEGL.so.1",) if not loads(lib)]
+    if not missing and not any(loads(v) for v in ("libEGL_mesa.so.0", "libEGL_nvidia.so.0")):
+        missing = ["libEGL_mesa.so.0"]
+    if missing:
+        raise RenderUnavailable(
+            f"offscreen rendering (MUJOCO_GL=egl) needs Mesa's EGL but {missing[0]} is missing",
+            hint=f"install the Debian packages {EGL_PACKAGES}",
+        )
 
 
 class StateRecordingEnv(SimEnv):

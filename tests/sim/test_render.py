@@ -82,3 +82,15 @@ def test_cli_generate_obs_image(tmp_path):
     a, b = next(state.episodes()), next(image.episodes())
     np.testing.assert_array_equal(a.actions, b.actions)  # the same demonstration, plus frames
     assert b.image_array("robot0_eye_in_hand").shape == (6, 20, 20, 3)
+
+
+def test_missing_egl_vendor_is_named(monkeypatch):
+    from cupid_engine.sim import render
+
+    def only_dispatcher(name, *a, **k):
+        if name != "libEGL.so.1":
+            raise OSError(name)
+
+    monkeypatch.setattr(render.ctypes, "CDLL", only_dispatcher)
+    with pytest.raises(render.RenderUnavailable, match="libEGL_mesa.so.0 is missing.*libegl-mesa0 libgl1-mesa-dri"):
+        render.check_egl()
