@@ -160,3 +160,11 @@ def test_build_batch_with_wrong_row_count_is_refused(byo, dataset, tmp_path):
     cfg = FeaturizeConfig.for_method(k=16, output="square", draws=2)
     with pytest.raises(ValueError, match="build_batch returned .* rows for .* steps"):
         featurize(str(data), tmp_path / "s.zarr", "base", task=Short(model), model=model, config=cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_example_runs_end_to_end(byo, tmp_path, capsys):
+    byo.main(["--out", str(tmp_path), "--steps", "3", "--draws", "2"])
+    out = capsys.readouterr().out
+    assert "task LeRobotDiffusionTask" in out and "lowest CUPID scores" in out and "top influencers of rollout" in out
+    assert (tmp_path / "policy.safetensors").is_file() and (tmp_path / "store.zarr").is_dir()
