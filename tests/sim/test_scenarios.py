@@ -188,3 +188,30 @@ def test_user_env_errors():
         make_user_env(lambda: object())
     with pytest.raises(ValueError, match="horizon"):
         run_rollouts(_GoToGoal(), "point", episodes=1, env="cupid_engine.sim.point_env:PointReach")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--scenario", "nope", "--demos", "3", "--out", "X"], "unknown scenario"),
+        (["generate", "--scenario", "lift-grasp", "--demos", "3", "--vary", "mass_scale=2", "--out", "X"],
+         "--vary cannot be combined"),
+        (["generate", "--scenario", "lift-grasp", "--demos-per-tier", "3", "--out", "X"], "give --demos"),
+        (["rollout", "--policy", "P", "--scenario", "lift-grasp", "--shift", "nope", "--episodes", "1", "--out", "X"],
+         "unknown shift"),
+        (["rollout", "--policy", "P", "--scenario", "lift-grasp", "--task", "can", "--episodes", "1", "--out", "X"],
+         "contradicts"),
+        (["rollout", "--policy", "P", "--env", "a:b", "--shift", "heavy", "--horizon", "5", "--episodes", "1",
+          "--out", "X"], "configure your own env"),
+        (["rollout", "--policy", "P", "--env", "a:b", "--episodes", "1", "--out", "X"], "--env needs --horizon"),
+    ],
+)
+def test_cli_scenario_errors_are_one_line(argv, message, tmp_path, capsys):
+    from cupid_engine.cli import main
+
+    argv = [str(tmp_path / "x") if a == "X" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err + str(e.value)
+    assert message in err
+    assert not (tmp_path / "x").exists()
