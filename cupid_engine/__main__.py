@@ -2,4 +2,6 @@ import sys
 
 from cupid_engine.cli import main
 
-sys.exit(main())
+# Guarded: spawned worker processes (render and Ray helpers) re-import the main module.
+if __name__ == "__main__":
+    sys.exit(main())
