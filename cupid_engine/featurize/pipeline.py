@@ -633,19 +633,23 @@ def check_bounds(
             )
 
 
+class _NoDevice(ConfigError, RuntimeError):
+    """The requested device is not there (a ``RuntimeError`` for callers that catch one)."""
+
+
 def check_device(device: str | None) -> str | None:
     """``device`` validated (None passes through); a missing CUDA device raises with a hint."""
     if device is None:
         return None
     try:
         dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a torch device", where="--device", hint="use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU (torch {torch.__version__}); "
-                           "install a CUDA build of torch or featurise with device='cpu'")
+        raise _NoDevice(f"device {device!r} requested but torch sees no CUDA GPU (torch {torch.__version__})",
+                        where="--device", hint="install a CUDA build of torch or featurise with device='cpu'")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+        raise ConfigError(f"device must be cpu or cuda[:N], got {device!r}", where="--device")
     return str(dev)
 
 
@@ -725,10 +729,16 @@ def featurize(
         check_bounds(config, rows=0)  # before the featuriser allocates anything of size k
         if device is not None:
             policy_obj = policy_obj.to(device)
-        if task is None:
-            featurizer = Featurizer.from_config(policy_obj, config)
-        else:
-            featurizer = Featurizer.from_config(None, config, task=task, model=policy_obj)
+        try:
+            if task is None:
+                featurizer = Featurizer.from_config(policy_obj, config)
+            else:
+                featurizer = Featurizer.from_config(None, config, task=task, model=policy_obj)
+        except UserError:
+            raise
+        except ValueError as exc:  # the config does not fit this policy (track names, output, method/path)
+            raise ConfigError(f"the featuriser config does not fit the policy ({one_line(exc)})",
+                              where="--track/--output/--method", hint="see cupid-engine featurize --help") from None
         if (workers > 1 or address is not None) and policy_path is None:
             raise ValueError(
                 "workers > 1 / address need policy as a checkpoint path (workers load it themselves)"

@@ -353,6 +353,14 @@ def test_missing_and_foreign_stores(world, tmp_path, capsys):
     assert "LeRobot dataset" in line
 
 
+@pytest.mark.parametrize("extra,needle", [(["--track", "nosuchmodule"], "nosuchmodule"),
+                                          (["--device", "tpu"], "--device"), (["--batch-size", "0"], "batch_size")])
+def test_bad_featurize_options_are_one_line(world, tmp_path, capsys, extra, needle):
+    line = _user_error(capsys, *_featurize_args(world, tmp_path / "s.zarr", extra=extra))
+    assert needle in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
 @pytest.mark.parametrize("option,needle", [("damping=abc", "'abc'"), ("dampin=1", "dampin")])
 def test_bad_scorer_options_are_one_line(world, tmp_path, capsys, option, needle):
     line = _user_error(capsys, "score", "cupid", "--store", world["base"], "--run", "r", "--out",
