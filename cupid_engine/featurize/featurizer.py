@@ -97,6 +97,12 @@ class Featurizer:
             for a model the engine did not write.
         model: The module whose parameters are attributed (default: ``policy``, or
             ``task`` itself / ``task.model``).
+        verify: Hook path: on the first batch, check the captured per-sample gradients
+            of its first and last sample against plain autograd on that sample alone
+            (:meth:`verify_hooks`), so a model that breaks the protocol's contract
+            (rows mixed or reordered inside the model, a tracked weight also used outside
+            its module) is refused instead of sketched wrongly. Costs two single-sample
+            backward passes once; never changes the features.
 
     Raises:
         ValueError: method/path mismatch, unsupported output, unknown tracked names, or
@@ -118,6 +124,7 @@ class Featurizer:
         policy_hash: str | None = None,
         task: Any = None,
         model: nn.Module | None = None,
+        verify: bool = True,
     ) -> None:
         if not isinstance(projection, ProjectionConfig):
             raise TypeError(f"projection must be a ProjectionConfig, got {type(projection).__name__}")
@@ -142,6 +149,7 @@ class Featurizer:
         self.draws = int(draws)
         self.seed = int(seed)
         self._policy_hash = policy_hash
+        self._verify = bool(verify)
         self.layer_strategies: dict[str, dict[str, Any]] = {}
         """Per hooked layer: ``{"strategy": "fft"|"dense"|"index", "T", "O", "I"}`` of the
         last batch (how :func:`hooks.fused_tensorsketch` evaluated its sketch)."""
@@ -316,6 +324,9 @@ class Featurizer:
     def _hooks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch_rows(batch)
         captured = self.layer_factors(batch)
+        if self._verify:
+            self.verify_hooks(batch, captured)
+            self._verify = False
         if not captured:  # no tracked layer influences the output: the gradient is 0
             ref = self._float_ref(batch)
             dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
@@ -337,6 +348,59 @@ class Featurizer:
                      {k: f"{v['strategy']} (T={v['T']}, O={v['O']}, I={v['I']})" for k, v in strategies.items()})
         self.layer_strategies = strategies
         return _hooks.fused_tensorsketch(factors, k=self.k, workspace=self._workspace, index_factors=index_factors)
+
+    def verify_hooks(self, batch: dict[str, torch.Tensor], captured: list | None = None, *,
+                     rows: tuple[int, ...] | None = None) -> None:
+        """Check the hook captures against autograd on single samples (hook path).
+
+        For each row ``b`` checked (default: the first and the last), the per-sample
+        gradient matrix of every tracked module formed from the batch's captures must
+        equal ``autograd.grad`` of ``output(batch[b:b+1])`` laid out the same way
+        (``hooks.gradient_matrix``), to ``1e-3`` relative (``1e-8`` in float64).
+
+        Raises:
+            ValueError: naming the modules that differ and the likely cause.
+        """
+        n = batch_rows(batch)
+        captured = self.layer_factors(batch) if captured is None else captured
+        rows = tuple(sorted({0, n - 1})) if rows is None else rows
+        tol = 1e-8 if self._float_ref(batch).dtype == torch.float64 else 1e-3
+        bad: dict[str, float] = {}
+        for b in rows:
+            hook_g: dict[str, torch.Tensor] = {}
+            for name, d, x in captured:
+                module = self._by_name[name]
+                if isinstance(module, nn.Embedding):
+                    keep = d[b] >= 0
+                    g = x.new_zeros(module.num_embeddings, x.shape[2]).index_add_(0, d[b][keep], x[b][keep])
+                else:
+                    g = d[b].transpose(0, 1) @ x[b]
+                hook_g[name] = hook_g[name] + g if name in hook_g else g
+            one = {k: v[b : b + 1] for k, v in batch.items()}
+            params = [(n_, pn, p) for n_, m in self.modules for pn, p in m.named_parameters(recurse=False)
+                      if p.requires_grad]
+            with torch.enable_grad():
+                total = self.task.output(self.policy, one, self.output, seed=self.seed, draws=self.draws).sum()
+                grads = torch.autograd.grad(total, [p for _, _, p in params], allow_unused=True)
+            per: dict[str, dict[str, torch.Tensor]] = {}
+            for (name, pn, p), g in zip(params, grads):
+                per.setdefault(name, {})[pn] = (torch.zeros_like(p) if g is None else g).unsqueeze(0)
+            for name, module in self.modules:
+                want = _hooks.gradient_matrix(module, per[name])[0]
+                got = hook_g.get(name, torch.zeros_like(want)).to(want.dtype)
+                err = float((got - want).norm()) / max(float(want.norm()), 1e-30)
+                if float((got - want).norm()) > tol * float(want.norm()) + 1e-12 and err > bad.get(name, 0.0):
+                    bad[name] = err
+        if bad:
+            worst = sorted(bad.items(), key=lambda kv: -kv[1])[:8]
+            raise ValueError(
+                f"hook-path check failed: the per-sample gradients captured for tracked modules "
+                f"{[f'{k} (rel. error {v:.2g})' for k, v in worst]} differ from autograd on a single sample. The "
+                f"model breaks the policy protocol's contract (policies/task.py): a tracked weight also used outside "
+                f"its module (tied weights), rows of different samples mixed or reordered inside the model "
+                f"(sequence-first layouts, batch statistics), or an output that is not deterministic given the "
+                f"seed. Fix the model/task, track other modules, or use the torch.func (vmap) path."
+            )
 
     def _vmap(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch_rows(batch)

@@ -253,3 +253,34 @@ def test_parameter_report_accounts_for_every_parameter():
     tracked = sum(r["count"] for r in rows.values() if r["tracked"])
     assert tracked == f.num_tracked == f.describe()["num_tracked_parameters"]
     assert f.describe()["untracked_parameters"]["count"] == 8 + 7 * 4 + 4
+
+
+def test_first_batch_check_catches_tied_weights_and_reordered_rows():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 4)
+            self.mix = nn.Linear(4, 4)
+
+        def forward(self, tokens):  # the embedding weight is also the output projection
+            return F.linear(torch.tanh(self.mix(self.emb(tokens))), self.emb.weight)
+
+    tokens = torch.randint(0, 9, (3, 5), generator=torch.Generator().manual_seed(0))
+    f = Featurizer(None, "f", ProjectionConfig(k=K), task=RowTask(), model=Tied().double())
+    with pytest.raises(ValueError, match=r"hook-path check failed.*'emb \(rel"):
+        f({"x": tokens})
+
+    class SeqFirst(nn.Module):  # a Linear applied to a [T, B, D] layout: rows of samples interleaved
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):  # x [B, T, D] -> [T, B, D] -> Linear -> back
+            return self.lin(x.transpose(0, 1).reshape(-1, 4)).reshape(x.shape[1], x.shape[0], 3).transpose(0, 1)
+
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    f = Featurizer(None, "f", ProjectionConfig(k=K), task=RowTask(), model=SeqFirst().double())
+    with pytest.raises(ValueError, match=r"hook-path check failed.*'lin \(rel"):
+        f({"x": x})
+    # Switched off, the same (wrong) sketch is produced without complaint: the check is what guards it.
+    Featurizer(None, "f", ProjectionConfig(k=K), task=RowTask(), model=SeqFirst().double(), verify=False)({"x": x})
