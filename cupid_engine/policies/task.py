@@ -25,12 +25,16 @@ Contract that makes a task featurisable (checked where it can be, documented whe
 2. **Rows stay contiguous inside the model**: a tracked module called on a tensor whose
    leading dimension is ``m * B`` holds sample b's rows at ``b*m .. (b+1)*m - 1`` (e.g.
    ``x.repeat_interleave(draws, 0)`` or ``x.reshape(B * T, D)``; *not* a sequence-first
-   ``[T, B, D]`` layout). The hook path relies on it; the torch.func path does not, and
-   the parity tests compare the two.
+   ``[T, B, D]`` layout). The hook path relies on it; the torch.func path does not.
 3. **Parameters are used through their modules**: the hook path captures module calls;
    a tracked parameter used outside its module's ``forward`` (``F.linear(x,
-   emb.weight)``, ``nn.MultiheadAttention.out_proj``) is detected on the first batch and
-   refused by name rather than silently left out.
+   emb.weight)``, ``nn.MultiheadAttention.out_proj``) cannot be captured.
+
+Layer types the hooks have no formula for are refused by name when the featuriser is
+built; 2 and 3 (and determinism given the seed) are checked on the first batch: the
+captured per-sample gradients of its first and last sample must equal autograd on that
+sample alone (``Featurizer(verify=True)``, the default), else the featuriser refuses,
+naming the modules.
 
 The engine's own :class:`~cupid_engine.policies.base.Policy` classes are their own task
 (``model is task``). A policy the engine did not write is featurised by passing a task
