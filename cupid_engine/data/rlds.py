@@ -8,18 +8,11 @@ concatenated over steps: ``steps/observation/<key>``, ``steps/action`` (or a dic
 ``steps/action/<key>``), ``steps/is_first``, ``steps/is_last``, ``steps/is_terminal``,
 ``steps/reward``, ``steps/language_instruction``, plus ``episode_metadata/<key>``.
 
-This module owns:
-
-* a TFRecord reader that checks both CRCs of every record (masked CRC32C of the 8-byte
-  length, then of the payload) and bounds the length before allocating, so a corrupt or
-  truncated shard raises :class:`TFRecordError` naming the file and record index instead
-  of returning garbage or exhausting memory;
-* the ``tf.train.Example`` protobuf classes, built at runtime from a
-  ``FileDescriptorProto`` in a private descriptor pool (no protoc, no TensorFlow, no
-  clash with TensorFlow's own classes if it is installed);
-* :class:`RLDSDataset`, the streaming reader (one record, i.e. one episode, in memory);
-* writers for fixtures and exports: :func:`write_tfrecord`, :func:`encode_episode_example`,
-  :func:`features_json` and :func:`write_rlds`.
+This module owns :class:`RLDSDataset`, the streaming reader (one record, i.e. one
+episode, in memory). Its parts live beside it: TFRecord framing and CRCs in
+:mod:`cupid_engine.data.tfrecord`, the ``tf.train.Example`` classes and TFDS feature
+spec in :mod:`cupid_engine.data.rlds_spec`, the writer in
+:mod:`cupid_engine.data.rlds_writer`; their public names are re-exported here.
 
 Dict actions are flattened to one ``[T, A]`` vector in sorted key order unless
 ``action_keys`` gives the order. Observations keep the features whose per-step shape has
@@ -34,479 +27,70 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import re
-import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
-import crc32c
 import numpy as np
 import pyarrow as pa
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from cupid_engine.data._util import NATIVE_SPLIT_MAP, filter_stream, map_split, select_keys, task_from_instructions, url_to_fs
-from cupid_engine.data.episode import Episode, ImageSequence, decode_image, encode_png
+from cupid_engine.data.episode import Episode, ImageSequence, decode_image
+from cupid_engine.data.rlds_spec import (
+    META_FIELDS,
+    SHARD_RE,
+    VERSION_RE,
+    BytesList,
+    Example,
+    Feature,
+    Features,
+    FeatureSpec,
+    FloatList,
+    Int64List,
+    features_json,
+    parse_example,
+    parse_features_json,
+)
+from cupid_engine.data.rlds_writer import encode_episode_example, write_rlds
 from cupid_engine.data.schema import (
     EPISODE_SCHEMA,
-    EpisodeValidator,
     FormatError,
     episode_row,
-    metadata_json,
     parse_metadata,
     validate_episode,
 )
+from cupid_engine.data.tfrecord import DEFAULT_MAX_RECORD_BYTES, TFRecordError, iter_tfrecord, masked_crc32c, write_tfrecord
 
-DEFAULT_MAX_RECORD_BYTES = 1 << 30
+__all__ = [
+    "SHARD_RE",
+    "VERSION_RE",
+    "BytesList",
+    "Example",
+    "Feature",
+    "FeatureSpec",
+    "Features",
+    "FloatList",
+    "Int64List",
+    "RLDSDataset",
+    "TFRecordError",
+    "builder_versions",
+    "encode_episode_example",
+    "features_json",
+    "iter_tfrecord",
+    "masked_crc32c",
+    "open_rlds",
+    "parse_example",
+    "parse_features_json",
+    "resolve_builder_version",
+    "shard_names",
+    "write_rlds",
+    "write_tfrecord",
+]
+
 SUCCESS_MODES = ("terminal", "reward", "none")
-# TFDS names shards NAME-SPLIT.tfrecord-00000-of-00128; rlds' EpisodeWriter leaves out -of-N.
-SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<split>[A-Za-z0-9_]+)\.tfrecord-(?P<index>\d{5})(?:-of-(?P<count>\d{5}))?$")
-VERSION_RE = re.compile(r"^\d+(\.\d+)*$")
-"""A TFDS version folder (``1.0.0``) inside a builder folder."""
-# Episode-level fields our writer adds under episode_metadata/ so a round trip is exact.
-_META_FIELDS = ("episode_id", "source", "tier", "metadata")
 # Step-level text features read as the episode's language instruction, in order of preference.
 LANGUAGE_FEATURES = ("steps/language_instruction", "steps/observation/natural_language_instruction")
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF")
-_CRC_MASK_DELTA = 0xA282EAD8
-
-
-class TFRecordError(FormatError):
-    """A TFRecord file is corrupt or truncated; the message names the file and record."""
-
-
-# ----------------------------------------------------------------------------- TFRecord
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC32C: ``((crc >> 15) | (crc << 17)) + 0xa282ead8 mod 2^32``."""
-    crc = crc32c.crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
-
-
-def iter_tfrecord(
-    path: str | os.PathLike,
-    *,
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-    fs: Any = None,
-) -> Iterator[bytes]:
-    """Yield the records of one TFRecord file, verifying both CRCs of each.
-
-    Args:
-        path: File path (or a path inside ``fs``).
-        max_record_bytes: Largest record accepted; a larger length field is treated as
-            corruption before any allocation.
-        fs: Optional fsspec filesystem (default: the one ``path`` names).
-
-    Raises:
-        TFRecordError: Naming the file, record index and byte offset, on a CRC mismatch,
-            an oversized length or a truncated record.
-    """
-    if fs is None:
-        fs, path = url_to_fs(path)
-    with fs.open(str(path), "rb") as f:
-        yield from _records(f, str(path), max_record_bytes)
-
-
-def _records(f: BinaryIO, name: str, max_record_bytes: int) -> Iterator[bytes]:
-    index, offset = 0, 0
-    while True:
-        header = f.read(12)
-        if not header:
-            return
-        where = f"{name}: record {index} (byte offset {offset})"
-        if len(header) < 12:
-            raise TFRecordError(f"{where}: truncated header ({len(header)} of 12 bytes)")
-        length_bytes = header[:8]
-        (length,) = struct.unpack("<Q", length_bytes)
-        (length_crc,) = struct.unpack("<I", header[8:])
-        if masked_crc32c(length_bytes) != length_crc:
-            raise TFRecordError(f"{where}: length CRC mismatch (corrupt header)")
-        if length > max_record_bytes:
-            raise TFRecordError(f"{where}: length {length} exceeds max_record_bytes={max_record_bytes}")
-        data = f.read(length)
-        if len(data) < length:
-            raise TFRecordError(f"{where}: truncated data ({len(data)} of {length} bytes)")
-        footer = f.read(4)
-        if len(footer) < 4:
-            raise TFRecordError(f"{where}: truncated data CRC ({len(footer)} of 4 bytes)")
-        if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-            raise TFRecordError(f"{where}: data CRC mismatch (corrupt payload)")
-        yield data
-        index += 1
-        offset += 16 + length
-
-
-def write_tfrecord(path: str | os.PathLike, examples_bytes: Iterable[bytes]) -> pathlib.Path:
-    """Write serialised records to a TFRecord file (length, masked CRCs, payload).
-
-    Returns:
-        The file path.
-    """
-    path = pathlib.Path(path)
-    with open(path, "wb") as f:
-        for data in examples_bytes:
-            data = bytes(data)
-            length = struct.pack("<Q", len(data))
-            f.write(length + struct.pack("<I", masked_crc32c(length)))
-            f.write(data + struct.pack("<I", masked_crc32c(data)))
-    return path
-
-
-# ----------------------------------------------------------------------------- protobuf
-
-
-def _build_example_classes() -> dict[str, type]:
-    """tensorflow/core/example/{feature,example}.proto as runtime message classes."""
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="cupid_engine/tensorflow_example.proto", package="tensorflow", syntax="proto3"
-    )
-
-    def message(name: str, fields: Sequence[tuple], parent: Any = None) -> Any:
-        msg = (parent.nested_type if parent is not None else fdp.message_type).add(name=name)
-        for fname, number, ftype, label, type_name, oneof in fields:
-            field = msg.field.add(name=fname, number=number, type=ftype, label=label)
-            if type_name:
-                field.type_name = type_name
-            if oneof is not None:
-                field.oneof_index = oneof
-        return msg
-
-    rep, opt = F.LABEL_REPEATED, F.LABEL_OPTIONAL
-    message("BytesList", [("value", 1, F.TYPE_BYTES, rep, None, None)])
-    message("FloatList", [("value", 1, F.TYPE_FLOAT, rep, None, None)])
-    message("Int64List", [("value", 1, F.TYPE_INT64, rep, None, None)])
-    feature = message(
-        "Feature",
-        [
-            ("bytes_list", 1, F.TYPE_MESSAGE, opt, ".tensorflow.BytesList", 0),
-            ("float_list", 2, F.TYPE_MESSAGE, opt, ".tensorflow.FloatList", 0),
-            ("int64_list", 3, F.TYPE_MESSAGE, opt, ".tensorflow.Int64List", 0),
-        ],
-    )
-    feature.oneof_decl.add(name="kind")
-    features = message("Features", [("feature", 1, F.TYPE_MESSAGE, rep, ".tensorflow.Features.FeatureEntry", None)])
-    entry = message(
-        "FeatureEntry",
-        [("key", 1, F.TYPE_STRING, opt, None, None), ("value", 2, F.TYPE_MESSAGE, opt, ".tensorflow.Feature", None)],
-        parent=features,
-    )
-    entry.options.map_entry = True
-    message("Example", [("features", 1, F.TYPE_MESSAGE, opt, ".tensorflow.Features", None)])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    classes = message_factory.GetMessageClassesForFiles([fdp.name], pool)
-    return {name.split(".")[-1]: cls for name, cls in classes.items()}
-
-
-_CLASSES = _build_example_classes()
-Example = _CLASSES["Example"]
-Features = _CLASSES["Features"]
-Feature = _CLASSES["Feature"]
-BytesList = _CLASSES["BytesList"]
-FloatList = _CLASSES["FloatList"]
-Int64List = _CLASSES["Int64List"]
-
-
-def parse_example(data: bytes) -> dict[str, tuple[str, Any]]:
-    """Decode a serialised ``tf.train.Example`` into ``key -> (kind, values)``.
-
-    ``kind`` is ``"float"`` (float32 array), ``"int64"`` (int64 array) or ``"bytes"``
-    (list of bytes); features with no value set have kind ``"empty"``.
-    """
-    ex = Example()
-    ex.ParseFromString(data)
-    out: dict[str, tuple[str, Any]] = {}
-    for key, feat in ex.features.feature.items():
-        kind = feat.WhichOneof("kind")
-        if kind == "float_list":
-            out[key] = ("float", np.asarray(feat.float_list.value, dtype=np.float32))
-        elif kind == "int64_list":
-            out[key] = ("int64", np.asarray(feat.int64_list.value, dtype=np.int64))
-        elif kind == "bytes_list":
-            out[key] = ("bytes", list(feat.bytes_list.value))
-        else:
-            out[key] = ("empty", None)
-    return out
-
-
-# ----------------------------------------------------------------------------- feature spec
-
-
-class FeatureSpec:
-    """One leaf of a TFDS feature spec.
-
-    Attributes:
-        kind: ``tensor``, ``image``, ``text`` or the TFDS class name for anything else.
-        shape: Per-step (or per-episode) shape; ``-1`` for unknown dimensions.
-        dtype: NumPy dtype name (``float32``, ``bool``, ...).
-    """
-
-    __slots__ = ("kind", "shape", "dtype")
-
-    def __init__(self, kind: str, shape: tuple[int, ...], dtype: str) -> None:
-        self.kind, self.shape, self.dtype = kind, shape, dtype
-
-    def __repr__(self) -> str:
-        return f"FeatureSpec({self.kind!r}, {self.shape}, {self.dtype!r})"
-
-
-def parse_features_json(spec: Mapping[str, Any]) -> dict[str, FeatureSpec]:
-    """Flatten a TFDS ``features.json`` into ``"steps/observation/state" -> FeatureSpec``."""
-    out: dict[str, FeatureSpec] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if not isinstance(node, Mapping):
-            raise FormatError(f"features.json: node {prefix!r} is not an object")
-        if "featuresDict" in node:
-            for k, v in node["featuresDict"].get("features", {}).items():
-                walk(v, f"{prefix}/{k}" if prefix else k)
-        elif "sequence" in node:
-            walk(node["sequence"].get("feature", {}), prefix)
-        elif "tensor" in node:
-            t = node["tensor"]
-            out[prefix] = FeatureSpec("tensor", _dims(t.get("shape", {}), prefix), str(t.get("dtype", "float32")))
-        elif "image" in node:
-            t = node["image"]
-            out[prefix] = FeatureSpec("image", _dims(t.get("shape", {}), prefix), str(t.get("dtype", "uint8")))
-        elif "text" in node:
-            out[prefix] = FeatureSpec("text", (), "string")
-        else:
-            cls = str(node.get("pythonClassName", "unknown")).rsplit(".", 1)[-1]
-            out[prefix] = FeatureSpec(cls, (), "unknown")
-
-    walk(spec, "")
-    return out
-
-
-def _dims(shape: Any, where: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(d) for d in (shape or {}).get("dimensions", []))
-    except (TypeError, ValueError):
-        raise FormatError(f"features.json: feature {where!r} has a bad shape {shape!r}") from None
-
-
-def features_json(
-    obs_dims: Mapping[str, int],
-    action_dim: int | None = None,
-    *,
-    action_keys: Mapping[str, int] | None = None,
-    image_shapes: Mapping[str, Sequence[int]] | None = None,
-) -> dict[str, Any]:
-    """A TFDS ``features.json`` for episodes written by :func:`encode_episode_example`.
-
-    Args:
-        obs_dims: ``observation key -> width``.
-        action_dim: Width of a vector ``steps/action`` (when ``action_keys`` is None).
-        action_keys: ``name -> width`` of a dict action, in vector order.
-        image_shapes: ``camera key -> (H, W, C)``, written as PNG ``Image`` features.
-    """
-    ns = "tensorflow_datasets.core.features."
-
-    def tensor(shape: Sequence[int], dtype: str = "float32") -> dict[str, Any]:
-        cls = "scalar.Scalar" if not shape else "tensor_feature.Tensor"
-        return {
-            "pythonClassName": ns + cls,
-            "tensor": {"shape": {"dimensions": [str(s) for s in shape]}, "dtype": dtype, "encoding": "none"},
-        }
-
-    def fdict(features: Mapping[str, Any]) -> dict[str, Any]:
-        return {"pythonClassName": ns + "features_dict.FeaturesDict", "featuresDict": {"features": dict(features)}}
-
-    text = {"pythonClassName": ns + "text_feature.Text", "text": {}}
-    if action_keys is not None:
-        action = fdict({k: tensor([w]) for k, w in action_keys.items()})
-    elif action_dim is not None:
-        action = tensor([action_dim])
-    else:
-        raise ValueError("give action_dim or action_keys")
-    def image(shape: Sequence[int]) -> dict[str, Any]:
-        return {
-            "pythonClassName": ns + "image_feature.Image",
-            "image": {"shape": {"dimensions": [str(int(s)) for s in shape]}, "dtype": "uint8", "encodingFormat": "png"},
-        }
-
-    observation = {k: tensor([d]) for k, d in obs_dims.items()}
-    observation.update({k: image(s) for k, s in (image_shapes or {}).items()})
-    steps = fdict(
-        {
-            "observation": fdict(observation),
-            "action": action,
-            "reward": tensor([]),
-            "discount": tensor([]),
-            "is_first": tensor([], "bool"),
-            "is_last": tensor([], "bool"),
-            "is_terminal": tensor([], "bool"),
-            "language_instruction": text,
-        }
-    )
-    meta = fdict({k: text for k in _META_FIELDS})
-    return fdict(
-        {
-            "steps": {"pythonClassName": ns + "dataset_feature.Dataset", "sequence": {"feature": steps, "length": "-1"}},
-            "episode_metadata": meta,
-        }
-    )
-
-
-# ----------------------------------------------------------------------------- encoding
-
-
-def encode_episode_example(episode: Episode, *, action_keys: Mapping[str, int] | None = None) -> bytes:
-    """Serialise an episode as one RLDS ``tf.train.Example`` (the OXE layout).
-
-    ``steps/reward`` is 0 except the last step, which carries ``return_`` (or 1.0 for a
-    success when ``return_`` is None); ``steps/is_terminal`` is set on the last step of a
-    success. The task is written per step as ``steps/language_instruction``; the id,
-    source, tier and metadata go under ``episode_metadata/``.
-
-    Args:
-        episode: The episode.
-        action_keys: Write a dict action instead of a vector: ``name -> width``, whose
-            widths split ``episode.actions`` columns in this order.
-    """
-    T = episode.length
-    ex = Example()
-    feats = ex.features.feature
-
-    def put_float(key: str, arr: np.ndarray) -> None:
-        feats[key].float_list.value.extend(np.asarray(arr, np.float32).reshape(-1).tolist())
-
-    def put_int(key: str, arr: np.ndarray) -> None:
-        feats[key].int64_list.value.extend(np.asarray(arr, np.int64).reshape(-1).tolist())
-
-    def put_bytes(key: str, values: Sequence[bytes]) -> None:
-        feats[key].bytes_list.value.extend(values)
-
-    for k, v in episode.observations.items():
-        put_float(f"steps/observation/{k}", v)
-    for k in episode.images:
-        # TFDS Image: one encoded image per step; PNG so the pixels come back exactly.
-        put_bytes(f"steps/observation/{k}", [encode_png(f) for f in episode.image_array(k)])
-    if action_keys is None:
-        put_float("steps/action", episode.actions)
-    else:
-        if sum(action_keys.values()) != episode.actions.shape[1]:
-            raise ValueError(
-                f"episode {episode.episode_id!r}: action_keys widths sum to {sum(action_keys.values())}, "
-                f"actions have {episode.actions.shape[1]}"
-            )
-        start = 0
-        for k, w in action_keys.items():
-            put_float(f"steps/action/{k}", episode.actions[:, start : start + w])
-            start += w
-    reward = np.zeros(T, np.float32)
-    if T:
-        reward[-1] = episode.return_ if episode.return_ is not None else float(bool(episode.success))
-    flags = {name: np.zeros(T, np.int64) for name in ("is_first", "is_last", "is_terminal")}
-    if T:
-        flags["is_first"][0] = flags["is_last"][-1] = 1
-        flags["is_terminal"][-1] = int(bool(episode.success))
-    put_float("steps/reward", reward)
-    put_float("steps/discount", np.ones(T, np.float32))
-    for name, v in flags.items():
-        put_int(f"steps/{name}", v)
-    put_bytes("steps/language_instruction", [episode.task.encode("utf-8")] * T)
-    put_bytes("episode_metadata/episode_id", [episode.episode_id.encode("utf-8")])
-    put_bytes("episode_metadata/source", [episode.source.encode("utf-8")])
-    if episode.tier is not None:
-        put_bytes("episode_metadata/tier", [episode.tier.encode("utf-8")])
-    put_bytes("episode_metadata/metadata", [metadata_json(episode).encode("utf-8")])
-    return ex.SerializeToString()
-
-
-_SPLIT_TO_NATIVE = {"train": "train", "holdout": "val", "validation": "validation", "rollout": "rollout", "target": "target"}
-
-
-def write_rlds(
-    path: str | os.PathLike,
-    episodes: Iterable[Episode],
-    *,
-    name: str = "dataset",
-    episodes_per_shard: int = 100,
-    action_keys: Mapping[str, int] | None = None,
-    overwrite: bool = False,
-) -> pathlib.Path:
-    """Write episodes as an RLDS dataset folder: ``features.json`` plus TFRecord shards.
-
-    Episodes are streamed (validated, encoded and written one at a time) into
-    ``<name>-<split>.tfrecord-XXXXX-of-YYYYY`` files per split, with the TFDS
-    ``dataset_info.json`` that ``tfds.builder_from_directory`` reads (holdout is written as
-    TFDS's ``val``); shards are renamed once their count is known.
-
-    Returns:
-        The dataset folder.
-    """
-    path = pathlib.Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if episodes_per_shard <= 0:
-        raise ValueError("episodes_per_shard must be positive")
-    path.mkdir(parents=True, exist_ok=True)
-    check = EpisodeValidator()
-    written: dict[str, list[pathlib.Path]] = {}
-    counts: dict[str, int] = {}
-    handles: dict[str, BinaryIO] = {}
-    try:
-        for ep in episodes:
-            check(ep)
-            split = _SPLIT_TO_NATIVE[ep.split]
-            n = counts.get(split, 0)
-            if n % episodes_per_shard == 0:
-                if split in handles:
-                    handles.pop(split).close()
-                tmp = path / f".{name}-{split}.part-{len(written.get(split, [])):05d}"
-                written.setdefault(split, []).append(tmp)
-                handles[split] = open(tmp, "wb")
-            data = encode_episode_example(ep, action_keys=action_keys)
-            length = struct.pack("<Q", len(data))
-            handles[split].write(length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data)))
-            counts[split] = n + 1
-    except BaseException:
-        for h in handles.values():
-            h.close()
-        for tmps in written.values():
-            for t in tmps:
-                t.unlink(missing_ok=True)
-        raise
-    for h in handles.values():
-        h.close()
-    if check.obs_dims is None:
-        raise ValueError("write_rlds got no episodes")
-    # Old shards go only once the new ones are complete, so a failed overwrite loses nothing.
-    for old in path.glob("*.tfrecord-*"):
-        old.unlink()
-    for split, tmps in written.items():
-        for i, t in enumerate(tmps):
-            os.replace(t, path / f"{name}-{split}.tfrecord-{i:05d}-of-{len(tmps):05d}")
-    spec = features_json(check.obs_dims, check.action_dim, action_keys=action_keys, image_shapes=check.image_shapes)
-    (path / "features.json").write_text(json.dumps(spec, indent=1))
-    (path / "dataset_info.json").write_text(json.dumps(_dataset_info(path, name, written, counts, episodes_per_shard), indent=2))
-    return path
-
-
-def _dataset_info(path: pathlib.Path, name: str, written: Mapping[str, list], counts: Mapping[str, int], per_shard: int) -> dict[str, Any]:
-    """TFDS ``dataset_info.json`` for the shards just written (``tfds.builder_from_directory``
-    needs it beside ``features.json``); the version is the folder name when it is one."""
-    splits = []
-    for split, tmps in sorted(written.items()):
-        n = len(tmps)
-        files = [path / f"{name}-{split}.tfrecord-{i:05d}-of-{n:05d}" for i in range(n)]
-        splits.append(
-            {
-                "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-                "name": split,
-                "numBytes": str(sum(f.stat().st_size for f in files)),
-                "shardLengths": [str(min(per_shard, counts[split] - i * per_shard)) for i in range(n)],
-            }
-        )
-    version = path.name if VERSION_RE.match(path.name) and path.name.count(".") == 2 else "1.0.0"
-    return {"fileFormat": "tfrecord", "name": name, "splits": splits, "version": version}
-
-
-# ----------------------------------------------------------------------------- reader
 
 
 class RLDSDataset:
@@ -844,7 +428,7 @@ class RLDSDataset:
         else:
             metadata = {}
             for k, (kind, v) in feats.items():
-                if k.startswith("episode_metadata/") and k[17:] not in _META_FIELDS:
+                if k.startswith("episode_metadata/") and k[17:] not in META_FIELDS:
                     if kind == "bytes" and len(v) == 1:
                         metadata[k[17:]] = v[0].decode("utf-8", errors="replace")
                     elif kind in ("float", "int64") and len(v) == 1:
