@@ -309,20 +309,6 @@ def generate_scenario(
     sc = get_scenario(name)
     counts = sc.counts(int(demos))
     env = env or SimEnv(sc.task, horizon=sc.horizon)
-    made: dict[str, list[tuple]] = {}
-    for label, n in counts.items():
-        kept, attempt = [], 0
-        while len(kept) < n:
-            if attempt >= int(max_attempts_factor * n) + 10:
-                raise RuntimeError(f"{name}/{label}: only {len(kept)} of {attempt} attempts succeeded")
-            ep_seed = label_seed(seed, label, attempt)
-            obs, act, ok, _ = run_strategy(
-                env, sc.strategies[label], ep_seed, horizon=sc.horizon, success_mode=sc.success_mode
-            )
-            attempt += 1
-            if ok:
-                kept.append((obs, act, ep_seed, attempt - 1))
-        made[label] = kept
     # Interleave labels deterministically by share, so ids carry no block structure.
     order: list[str] = []
     pos = {lab: 0 for lab in counts}
@@ -334,10 +320,23 @@ def generate_scenario(
         )
         order.append(lab)
         pos[lab] += 1
-    pos = {lab: 0 for lab in counts}
+    # Each label has its own attempt sequence (seeds depend on label and attempt only), so
+    # generating in interleaved order streams episodes without changing any of them.
+    attempts = {lab: 0 for lab in counts}
+    kept = {lab: 0 for lab in counts}
     for i, lab in enumerate(order):
-        obs, act, ep_seed, attempt = made[lab][pos[lab]]
-        pos[lab] += 1
+        while True:
+            if attempts[lab] >= int(max_attempts_factor * counts[lab]) + 10:
+                raise RuntimeError(f"{name}/{lab}: only {kept[lab]} of {attempts[lab]} attempts succeeded")
+            ep_seed = label_seed(seed, lab, attempts[lab])
+            obs, act, ok, _ = run_strategy(
+                env, sc.strategies[lab], ep_seed, horizon=sc.horizon, success_mode=sc.success_mode
+            )
+            attempts[lab] += 1
+            if ok:
+                break
+        kept[lab] += 1
+        attempt = attempts[lab] - 1
         yield Episode(
             episode_id=f"{name}_{i:04d}",
             observations=obs,
