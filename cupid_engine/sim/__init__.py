@@ -13,7 +13,11 @@ Modules:
   observation vectors, per-episode variation knobs and seed-only-dependent resets.
 * ``demonstrators``: scripted operators with quality tiers ``better``/``okay``/``worse``.
 * ``generate``: mixed-quality demonstration datasets (``cupid-engine generate``).
-* ``rollout``: seeded policy rollouts with success labels (``cupid-engine rollout``).
+* ``rollout``: seeded policy rollouts with success labels (``cupid-engine rollout``),
+  success judged at the first, any or the final step, in a built-in task or your own
+  environment (``--env module:factory``; ``point_env`` is the reference example).
+* ``scenarios``: known-answer curation scenarios (two strategies mixed 2:1, one brittle
+  under a rollout-time shift; ``generate --scenario``, ``rollout --shift``).
 * ``scripted_policy``: a memoryless scripted Lift policy behind the learned-policy
   interface (reference policy for rollouts).
 
