@@ -1,10 +1,17 @@
-"""Small helpers shared by the readers: filesystems, safe paths, selection by id/split."""
+"""Small helpers shared by the readers and writers: filesystems, safe paths, selection by
+id/split, duplicate ids, and the build-beside-then-swap write."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
+import pathlib
 import posixpath
+import shutil
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -170,3 +177,41 @@ def filter_stream(episodes: Iterable[Episode], ids: Iterable[str] | None, split:
     if wanted is not None and seen != wanted:
         missing = sorted(wanted - seen)
         raise KeyError(f"episode ids not in dataset: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+
+
+def first_duplicate(values: Sequence[Hashable]) -> Hashable | None:
+    """The first value of ``values`` (in order) that occurs more than once, else None.
+
+    One counting pass: readers check catalogs of millions of ids, where
+    ``values.count`` per element would be quadratic.
+    """
+    counts = collections.Counter(values)
+    return next((v for v in values if counts[v] > 1), None)
+
+
+@contextlib.contextmanager
+def build_then_swap(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yield a fresh hidden path beside ``path`` to build into; swap it in on success.
+
+    A failed write loses nothing: on any exception the partial build is removed and
+    ``path`` is untouched. A built folder replaces an existing ``path`` by moving the old
+    one aside first (``os.replace`` cannot replace a non-empty folder) and deleting it
+    after the swap; a built file replaces ``path`` with one ``os.replace``. The caller
+    decides beforehand whether ``path`` may be replaced, and creates its parent.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cupid_engine.data import lerobot_meta
-from cupid_engine.data._util import NATIVE_SPLIT_MAP, join_inside, map_split, select_keys, selected_rows, url_to_fs
+from cupid_engine.data._util import NATIVE_SPLIT_MAP, first_duplicate, join_inside, map_split, select_keys, selected_rows, url_to_fs
 from cupid_engine.data.episode import Episode, ImageSequence
 from cupid_engine.data.lerobot_writer import (
     CHUNKS_SIZE,
@@ -301,8 +301,7 @@ class LeRobotDataset:
             },
             schema=EPISODE_SCHEMA,
         )
-        if len(set(ids)) != n:
-            dup = next(e for e in ids if ids.count(e) > 1)
+        if (dup := first_duplicate(ids)) is not None:
             raise FormatError(f"{self.path}: duplicate episode_id {dup!r} in the episode metadata")
         return table
 

@@ -47,8 +47,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,6 +56,7 @@ import pyarrow.parquet as pq
 
 from cupid_engine.constants import SCHEMA_VERSION
 from cupid_engine.data import lerobot_meta
+from cupid_engine.data._util import build_then_swap
 from cupid_engine.data.episode import Episode, encode_png
 from cupid_engine.data.schema import (
     ACTION_COLUMN,
@@ -135,22 +134,11 @@ def write_dataset(
         if not path.is_dir() or (any(path.iterdir()) and not (path / "meta" / "info.json").is_file()):
             raise FileExistsError(f"{path} is not a LeRobot dataset; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    try:
+    with build_then_swap(path) as tmp:
         _write(
             tmp, episodes, fps=int(fps), episodes_per_file=int(episodes_per_file),
             image_format=image_format, video_codec=video_codec,
         )
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

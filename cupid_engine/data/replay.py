@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -31,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from cupid_engine.data._util import check_split, select_keys, selected_rows
+from cupid_engine.data._util import build_then_swap, check_split, select_keys, selected_rows
 from cupid_engine.data.episode import Episode, ImageSequence
 from cupid_engine.data.schema import EPISODE_SCHEMA, EpisodeValidator, FormatError, validate_episode
 
@@ -263,9 +261,8 @@ def write_replay_buffer(
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and swapped in at the end: a failed overwrite loses nothing.
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     check = EpisodeValidator()
-    try:
+    with build_then_swap(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
         data, meta = root.require_group("data"), root.require_group("meta")
         arrays: dict[str, Any] = {}
@@ -292,14 +289,4 @@ def write_replay_buffer(
         if not ends:
             raise ValueError("write_replay_buffer got no episodes")
         meta.create_array("episode_ends", shape=(len(ends),), chunks=(max(len(ends), 1),), dtype="int64")[:] = np.asarray(ends, np.int64)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

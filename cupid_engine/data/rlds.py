@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 from google.protobuf.message import DecodeError
 
-from cupid_engine.data._util import NATIVE_SPLIT_MAP, filter_stream, map_split, select_keys, task_from_instructions, url_to_fs
+from cupid_engine.data._util import NATIVE_SPLIT_MAP, filter_stream, first_duplicate, map_split, select_keys, task_from_instructions, url_to_fs
 from cupid_engine.data.episode import Episode, ImageSequence, decode_image
 from cupid_engine.data.rlds_spec import (
     META_FIELDS,
@@ -339,8 +339,7 @@ class RLDSDataset:
         if self._catalog is None:
             rows = [episode_row(ep) for u in self._shards for ep in self._iter(u, arrays=False)]
             ids = [r["episode_id"] for r in rows]
-            if len(set(ids)) != len(ids):
-                dup = next(e for e in ids if ids.count(e) > 1)
+            if (dup := first_duplicate(ids)) is not None:
                 raise FormatError(f"{self.path}: duplicate episode_id {dup!r}")
             self._catalog = pa.Table.from_pylist(rows, schema=EPISODE_SCHEMA)
         return self._catalog

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from cupid_engine.constants import SPLITS, TIERS
-from cupid_engine.data._util import select_keys, selected_rows
+from cupid_engine.data._util import build_then_swap, first_duplicate, select_keys, selected_rows
 from cupid_engine.data.episode import Episode, ImageSequence
 from cupid_engine.data.schema import (
     EPISODE_SCHEMA,
@@ -161,8 +161,7 @@ class RobomimicDataset:
             unknown = [v for v in values if v not in demos]
             if unknown:
                 raise FormatError(f"{self.path}: mask/{key} names demos that do not exist: {unknown[:5]}")
-            if len(set(values)) != len(values):
-                dup = next(v for v in values if values.count(v) > 1)
+            if (dup := first_duplicate(values)) is not None:
                 raise FormatError(f"{self.path}: mask/{key} lists {dup} more than once")
             out[key] = values
         return out
@@ -245,8 +244,7 @@ class RobomimicDataset:
                 for name in self._demos:
                     rows.append(self._row(f["data"][name], name))
             ids = [r["episode_id"] for r in rows]
-            if len(set(ids)) != len(ids):
-                dup = next(e for e in ids if ids.count(e) > 1)
+            if (dup := first_duplicate(ids)) is not None:
                 raise FormatError(f"{self.path}: duplicate episode_id {dup!r}")
             self._catalog = pa.Table.from_pylist(rows, schema=EPISODE_SCHEMA)
         return self._catalog
@@ -495,8 +493,7 @@ def write_robomimic(
     check = EpisodeValidator()
     demo_of: dict[str, str] = {}
     derived: dict[str, list[str]] = {}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with build_then_swap(path) as tmp:
         with h5py.File(tmp, "w") as f:
             data = f.create_group("data")
             data.attrs["env_args"] = json.dumps(dict(env_args or {}))
@@ -543,8 +540,4 @@ def write_robomimic(
                 mask_group.create_dataset(key, data=np.array([demo_of[e].encode() for e in ids], dtype="S"))
         if not demo_of:
             raise ValueError("write_robomimic got no episodes")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
