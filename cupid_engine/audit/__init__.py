@@ -4,8 +4,12 @@ Modules, one role each:
 
 * :mod:`~cupid_engine.audit.stats` -- paired seed-level statistics (t, Wilcoxon, sign,
   sign-flip permutation, bootstrap CI, Cohen's d_z, P(mu > 0)): ``paired_summary``.
-* :mod:`~cupid_engine.audit.protocol` -- ``AuditConfig`` (TOML), the ``Learner``
-  protocol and the resumable, cached ``AuditRunner``.
+* :mod:`~cupid_engine.audit.config` -- ``AuditConfig`` (TOML).
+* :mod:`~cupid_engine.audit.learner` -- the ``Learner`` protocol (all model code).
+* :mod:`~cupid_engine.audit.cache` -- the atomic on-disk cache of checkpoints, scores
+  and evaluations.
+* :mod:`~cupid_engine.audit.protocol` -- the resumable, cached ``AuditRunner`` and its
+  pruning rules.
 * :mod:`~cupid_engine.audit.gates` -- the four gates and the decision table
   (deploy / candidate signal / do not claim): ``evaluate_audit``.
 * :mod:`~cupid_engine.audit.report` -- ``write_report`` (index.html, PNGs, audit.json).
@@ -24,9 +28,9 @@ from typing import Any
 _EXPORTS = {
     "PairedStats": "stats",
     "paired_summary": "stats",
-    "AuditConfig": "protocol",
+    "AuditConfig": "config",
     "AuditRunner": "protocol",
-    "Learner": "protocol",
+    "Learner": "learner",
     "AuditData": "results",
     "Condition": "results",
     "AuditResult": "gates",

@@ -1,4 +1,4 @@
-"""The audit protocol: configuration, the ``Learner`` protocol and the resumable runner.
+"""The audit protocol: the resumable runner and its pruning rules.
 
 For every seed (primary block and held-out block) and every prune ratio the
 :class:`AuditRunner`:
@@ -26,29 +26,36 @@ A learner module used by ``cupid-engine audit --learner sim`` must define
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
-import os
 import shutil
 import threading
-import tomllib
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
+from cupid_engine.audit.cache import CACHE_SCHEMA, AuditCache, digest
+from cupid_engine.audit.config import AuditConfig
+from cupid_engine.audit.learner import Learner
 from cupid_engine.audit.results import FULL, HELDOUT, LENGTH, PRIMARY, RANDOM, AuditData, Condition
-from cupid_engine.config import Config, check, field
+from cupid_engine.config import check
+
+__all__ = [
+    "BUILTIN_RULES",
+    "CACHE_SCHEMA",
+    "AuditCache",
+    "AuditConfig",
+    "AuditRunner",
+    "Learner",
+    "episode_table",
+    "n_pruned",
+    "prune_lowest",
+    "prune_random",
+]
 
 logger = logging.getLogger(__name__)
-
-CACHE_SCHEMA = 1
-"""Version of the cache layout; part of every key so a layout change never reuses entries."""
 
 _STREAM_RANDOM_PRUNE = 5001
 _STREAM_TIEBREAK = 5002
@@ -57,145 +64,6 @@ _STREAM_TIEBREAK = 5002
 
 BUILTIN_RULES = (RANDOM, LENGTH)
 """Rules the runner computes itself from ``episode_info`` (never asked of the learner)."""
-
-
-@runtime_checkable
-class Learner(Protocol):
-    """Everything model-specific the audit needs; the runner holds no model code.
-
-    Contract (the runner relies on each point):
-
-    * ``fingerprint()`` -- a short string that changes whenever the learner would produce
-      different numbers for the same call (dataset content, code version, planted
-      effects ...). It is part of every cache key.
-    * ``episode_info()`` -- the training episodes: a mapping (or ``pyarrow.Table``) with
-      columns ``episode_id`` (str), ``length`` (steps) and ``tier`` (``better``/``okay``/
-      ``worse`` or empty when unknown). Its order is irrelevant.
-    * ``train(episode_ids, seed, workdir)`` -- train a policy *from scratch* on exactly
-      ``episode_ids`` with training seed ``seed`` and the same optimisation budget
-      (number of gradient steps, not epochs) whatever the subset size, and write the
-      checkpoint into the existing empty directory ``workdir``. Files must reference
-      each other by relative paths: the runner renames ``workdir`` into the cache when
-      ``train`` returns, which is what makes the checkpoint count as finished.
-    * ``score(model_dir, method, seed)`` -- score every training episode with
-      ``method`` (any name except the built-ins ``random`` and ``length``) using the
-      policy saved in ``model_dir``; return ``{episode_id: score}`` with **higher =
-      keep**. Must be deterministic given its arguments (the resume check relies on it).
-    * ``evaluate(model_dir, seed, rollouts)`` -- closed-loop success rate in ``[0, 1]``
-      of the saved policy over ``rollouts`` rollouts whose initial states derive from
-      ``seed`` only (so two policies of the same seed see the same initial states).
-
-    With ``workers > 1`` the runner calls one learner from several threads (one seed per
-    thread); a learner that is not thread-safe must be run with ``workers = 1``.
-    """
-
-    def fingerprint(self) -> str: ...
-
-    def episode_info(self) -> Any: ...
-
-    def train(self, episode_ids: Sequence[str], seed: int, workdir: Path) -> None: ...
-
-    def score(self, model_dir: Path, method: str, seed: int) -> Mapping[str, float]: ...
-
-    def evaluate(self, model_dir: Path, seed: int, rollouts: int) -> float: ...
-
-
-def _tuple_of(kind: type, values: Any) -> tuple:
-    return tuple(kind(v) for v in values)
-
-
-@dataclasses.dataclass(frozen=True)
-class AuditConfig(Config):
-    """Declarative description of one audit (loadable from TOML, see :meth:`from_toml`)."""
-
-    task: str = field(help="task name (lift, can, square ...), passed to the learner")
-    dataset: str = field(help="dataset identifier or path, interpreted by the learner")
-    methods: tuple[str, ...] = field(help="pruning methods under audit (e.g. cupid, qoq)")
-    seeds: tuple[int, ...] = field(help="primary seed block (gates 1, 2)")
-    policy: dict = field(
-        default_factory=dict, help="policy: {'type': 'mlp'|'diffusion', ...train config}"
-    )
-    baselines: tuple[str, ...] = field(
-        default=(LENGTH, "loss", "tracin"), help="cheap baselines for gate 2 (length is built in)"
-    )
-    prune_ratios: tuple[float, ...] = field(default=(0.1,), help="fractions of episodes pruned")
-    heldout_seeds: tuple[int, ...] = field(default=(), help="held-out seed block (gate 3)")
-    rollouts: int = field(default=50, help="evaluation rollouts per condition")
-    workers: int = field(default=1, help="seeds run concurrently (threads; learner must be thread-safe)")
-    cache_dir: str = field(default="audit_cache", help="cache of checkpoints, scores and evaluations")
-    alpha: float = field(default=0.05, help="one-sided significance level of every gate")
-    permutations: int = field(default=50_000, help="sign-flip permutation draws")
-    bootstrap: int = field(default=10_000, help="bootstrap resamples of the mean delta")
-    stats_seed: int = field(default=0, help="seed of the permutation and bootstrap streams")
-    noninferiority_margin: float = field(
-        default=0.0, help="gate 2: a baseline whose mean success exceeds the method's by more wins"
-    )
-    length_jaccard_flag: float = field(
-        default=0.7, help="gate 4: flag when Jaccard(method, length pruned sets) >= this"
-    )
-    length_spearman_flag: float = field(
-        default=0.8, help="gate 4: flag when |Spearman(score, length)| >= this"
-    )
-    learner_options: dict = field(default_factory=dict, help="free options for the learner")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", _tuple_of(str, self.methods))
-        object.__setattr__(self, "baselines", _tuple_of(str, self.baselines))
-        object.__setattr__(self, "seeds", _tuple_of(int, self.seeds))
-        object.__setattr__(self, "heldout_seeds", _tuple_of(int, self.heldout_seeds))
-        object.__setattr__(self, "prune_ratios", _tuple_of(float, self.prune_ratios))
-        check(bool(self.task), "task must be non-empty")
-        check(len(self.methods) > 0, "at least one method is required")
-        check(RANDOM not in self.methods and RANDOM not in self.baselines,
-              "random is the matched comparator of every rule; do not list it")
-        check(FULL not in self.methods and FULL not in self.baselines, f"'{FULL}' is reserved")
-        check(len(set(self.methods)) == len(self.methods), "methods must be unique")
-        check(len(set(self.baselines)) == len(self.baselines), "baselines must be unique")
-        check(len(self.seeds) > 0, "at least one primary seed is required")
-        check(len(set(self.seeds) | set(self.heldout_seeds)) == len(self.seeds) + len(self.heldout_seeds),
-              "seeds and heldout_seeds must be distinct")
-        check(len(self.prune_ratios) > 0, "at least one prune ratio is required")
-        check(all(0.0 < r < 1.0 for r in self.prune_ratios), "prune ratios must be in (0, 1)")
-        check(len(set(self.prune_ratios)) == len(self.prune_ratios), "prune ratios must be unique")
-        check(self.rollouts >= 1, "rollouts must be >= 1")
-        check(self.workers >= 1, "workers must be >= 1")
-        check(0.0 < self.alpha < 0.5, "alpha must be in (0, 0.5)")
-        check(self.permutations >= 1 and self.bootstrap >= 1, "permutations and bootstrap must be >= 1")
-        check(self.noninferiority_margin >= 0.0, "noninferiority_margin must be >= 0")
-        check(0.0 < self.length_jaccard_flag <= 1.0, "length_jaccard_flag must be in (0, 1]")
-        check(0.0 < self.length_spearman_flag <= 1.0, "length_spearman_flag must be in (0, 1]")
-        check(isinstance(self.policy, dict), "policy must be a table")
-        check(not self.policy or "type" in self.policy, "policy needs a 'type' (mlp, diffusion ...)")
-
-    @property
-    def rules(self) -> tuple[str, ...]:
-        """Methods then baselines, without duplicates (a rule listed in both runs once)."""
-        return tuple(dict.fromkeys(self.methods + self.baselines))
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> "AuditConfig":
-        """Load a config from TOML.
-
-        Top-level keys are the field names; ``[policy]`` and ``[learner_options]`` are
-        tables. ``keep_ratios = [...]`` may replace ``prune_ratios`` (``prune = 1 -
-        keep``). A relative ``cache_dir`` is made absolute against the current working
-        directory (like ``--out``), so the config records where its cache lives.
-        """
-        path = Path(path)
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-        data = dict(data.get("audit", data))
-        if "keep_ratios" in data:
-            check("prune_ratios" not in data, "give prune_ratios or keep_ratios, not both")
-            data["prune_ratios"] = [round(1.0 - float(k), 12) for k in data.pop("keep_ratios")]
-        cache = Path(data.get("cache_dir", "audit_cache"))
-        if not cache.is_absolute():
-            cache = cache.resolve()
-        data["cache_dir"] = str(cache)
-        for key in ("methods", "baselines", "seeds", "heldout_seeds", "prune_ratios"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls.from_dict(data)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -245,101 +113,6 @@ def prune_random(ids: Sequence[str], k: int, seed: int, ratio: float) -> list[st
     return sorted(ids[i] for i in pick)
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-class AuditCache:
-    """On-disk cache of checkpoints (dirs), score tables (Parquet) and evaluations (JSON).
-
-    Layout under ``root``: ``train/<key>/{meta.json, checkpoint/}``,
-    ``scores/<key>.parquet`` and ``evals/<key>.json``. An entry exists only once it is
-    complete: each is built under a ``.tmp-*`` sibling and renamed into place. A process
-    killed by a signal can leave such a sibling behind; it is never read (only final
-    names are) and may be deleted at any time.
-    """
-
-    def __init__(self, root: str | os.PathLike, subset: Mapping[str, Any]):
-        self.root = Path(root)
-        self.subset = dict(subset)
-        for sub in ("train", "scores", "evals"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    def key(self, kind: str, **parts: Any) -> str:
-        """Cache key: hash of (schema, kind, config subset, parts)."""
-        return _digest({"schema": CACHE_SCHEMA, "kind": kind, "subset": self.subset, **parts})
-
-    # -- checkpoints
-    def train_dir(self, key: str) -> Path:
-        return self.root / "train" / key
-
-    def has_train(self, key: str) -> bool:
-        return (self.train_dir(key) / "meta.json").is_file()
-
-    def train_meta(self, key: str) -> dict[str, Any]:
-        with open(self.train_dir(key) / "meta.json") as fh:
-            return json.load(fh)
-
-    def commit_train(self, key: str, tmp: Path, meta: Mapping[str, Any]) -> Path:
-        """Write ``meta.json`` into ``tmp`` and rename it to the final entry."""
-        _write_json_atomic(tmp / "meta.json", dict(meta))
-        final = self.train_dir(key)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another worker finished the same condition first; its entry is equivalent.
-            if not self.has_train(key):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
-
-    def new_tmp(self, key: str) -> Path:
-        tmp = self.root / "train" / f".{key}.tmp-{uuid.uuid4().hex}"
-        tmp.mkdir(parents=True)
-        return tmp
-
-    # -- scores
-    def load_scores(self, key: str) -> dict[str, float] | None:
-        path = self.root / "scores" / f"{key}.parquet"
-        if not path.is_file():
-            return None
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(path).to_pydict()
-        return {e: float(s) for e, s in zip(t["episode_id"], t["score"])}
-
-    def save_scores(self, key: str, scores: Mapping[str, float]) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        ids = sorted(scores)
-        table = pa.table({"episode_id": ids, "score": [float(scores[e]) for e in ids]})
-        path = self.root / "scores" / f"{key}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-
-    # -- evaluations
-    def load_eval(self, key: str) -> dict[str, Any] | None:
-        path = self.root / "evals" / f"{key}.json"
-        if not path.is_file():
-            return None
-        with open(path) as fh:
-            return json.load(fh)
-
-    def save_eval(self, key: str, record: Mapping[str, Any]) -> None:
-        _write_json_atomic(self.root / "evals" / f"{key}.json", dict(record))
-
-
 # ---------------------------------------------------------------------------- runner
 class AuditRunner:
     """Runs (or resumes) every condition of an :class:`AuditConfig` with a :class:`Learner`.
@@ -376,7 +149,7 @@ class AuditRunner:
     # -- one cached step each
     def _trained(self, seed: int, method: str, ratio: float, kept: list[str]) -> Path:
         key = self.cache.key("train", seed=seed, method=method, ratio=ratio)
-        kept_hash = _digest(sorted(kept))
+        kept_hash = digest(sorted(kept))
         if self.cache.has_train(key):
             meta = self.cache.train_meta(key)
             if meta.get("kept_hash") != kept_hash:
@@ -417,7 +190,7 @@ class AuditRunner:
         # The kept set is part of the key so that an evaluation never outlives the
         # checkpoint it measured (e.g. after a stale entry was deleted and retrained).
         key = self.cache.key("eval", seed=seed, method=method, ratio=ratio, rollouts=self.config.rollouts,
-                             kept_hash=_digest(sorted(kept)))
+                             kept_hash=digest(sorted(kept)))
         cached = self.cache.load_eval(key)
         if cached is not None:
             return float(cached["success"])
