@@ -8,7 +8,7 @@ and averaged over targets, with a percentile bootstrap confidence interval over 
 
 :func:`linear_datamodeling_score` is the statistic on given masks and measurements;
 :func:`run_lds` trains the subsets with the regression estimator's machinery
-(:class:`~cupid_engine.datamodels.regression.SubsetTrainer`, the on-disk cache,
+(:class:`~cupid_engine.datamodels.subsets.SubsetTrainer`, the on-disk cache,
 in process or on Ray actors) and then computes it.
 """
 
@@ -30,7 +30,7 @@ from cupid_engine.policies.samples import build_samples
 from cupid_engine.policies.training import TrainConfig
 from cupid_engine.datamodels.clusters import make_clusters
 from cupid_engine.datamodels.metrics import ProxyMetric
-from cupid_engine.datamodels.regression import SubsetTrainer, evaluate_subsets, fraction_masks
+from cupid_engine.datamodels.subsets import SubsetTrainer, evaluate_subsets, fraction_masks
 
 log = logging.getLogger(__name__)
 

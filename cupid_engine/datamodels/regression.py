@@ -6,42 +6,45 @@ count), measure the target metric, and fit ``M(z) ≈ β₀ + zᵀβ`` by least 
 (optionally ridge and/or lasso; lasso by coordinate descent, no sklearn). ``β`` is the
 score.
 
-Trainings are the cost, so they are cached on disk: one small JSON file per finished
-training, named by the sha256 of (trainer fingerprint, mask), written to a temporary
-file and renamed into place (atomic on POSIX), so a killed run leaves only complete
-entries and a restarted run trains only the missing masks. The fingerprint covers the
-policy and training configs, the training data, the clusters and the metric, so a cache
-folder can never serve a result of another setup.
-
-Trainings run in process (``workers=1``) or on Ray actors
-(:mod:`cupid_engine.distributed.training`; the only module here that touches Ray).
+The subset machinery (masks, :class:`SubsetTrainer`, the resumable on-disk cache,
+in-process or Ray trainings) lives in :mod:`cupid_engine.datamodels.subsets`, the linear
+fit in :mod:`cupid_engine.datamodels.linear`; their names are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import logging
-import os
-import tempfile
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from cupid_engine.config import Config, check, field
-from cupid_engine.policies.base import PolicyConfig
-from cupid_engine.policies.normalizer import Normalizer
-from cupid_engine.policies.samples import SampleSet
-from cupid_engine.policies.training import TrainConfig, train_policy
-from cupid_engine.datamodels.clusters import Clusters
-from cupid_engine.datamodels.metrics import ProxyMetric, metric_values
+from cupid_engine.datamodels.linear import LinearDatamodel, fit_linear_datamodel
+from cupid_engine.datamodels.subsets import (
+    CACHE_SCHEMA,
+    SubsetCache,
+    SubsetFunction,
+    SubsetTrainer,
+    evaluate_subsets,
+    fraction_masks,
+    masks_from_ids,
+    sample_masks,
+)
 
-log = logging.getLogger(__name__)
-
-CACHE_SCHEMA = 1
+__all__ = [
+    "CACHE_SCHEMA",
+    "LinearDatamodel",
+    "RegressionConfig",
+    "RegressionResult",
+    "SubsetCache",
+    "SubsetFunction",
+    "SubsetTrainer",
+    "evaluate_subsets",
+    "fit_linear_datamodel",
+    "fraction_masks",
+    "masks_from_ids",
+    "regression_scores",
+    "sample_masks",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,366 +67,6 @@ class RegressionConfig(Config):
         check(self.ridge >= 0 and self.lasso >= 0, "ridge and lasso must be >= 0")
         check(self.workers >= 1, "workers must be >= 1")
         check(self.threads_per_worker >= 1, "threads_per_worker must be >= 1")
-
-
-# -- masks ----------------------------------------------------------------------------
-def sample_masks(num_clusters: int, num_subsets: int, *, p: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Bernoulli(p) subset masks, ``[S, C]`` bool; an all-empty mask is redrawn (a policy
-    needs data), so row j depends only on (seed, j)."""
-    out = np.zeros((num_subsets, num_clusters), dtype=bool)
-    for j in range(num_subsets):
-        rng = np.random.default_rng([seed, j])
-        row = rng.random(num_clusters) < p
-        while not row.any():
-            row = rng.random(num_clusters) < p
-        out[j] = row
-    return out
-
-
-def fraction_masks(num_items: int, num_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Masks keeping exactly ``round(fraction·n)`` (>= 1) items each, ``[S, n]`` bool (LDS subsets)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    k = max(1, int(round(fraction * num_items)))
-    out = np.zeros((num_subsets, num_items), dtype=bool)
-    for j in range(num_subsets):
-        out[j, np.random.default_rng([seed, j]).choice(num_items, size=k, replace=False)] = True
-    return out
-
-
-# -- trainings ------------------------------------------------------------------------
-class SubsetFunction(Protocol):
-    """What the estimator evaluates: ``fn(mask [C] bool) -> metric value(s)``, picklable for
-    Ray, with a ``fingerprint()`` naming everything the value depends on."""
-
-    def __call__(self, mask: np.ndarray) -> Any: ...
-
-    def fingerprint(self) -> str: ...
-
-
-def _tensor_digest(h: Any, t: torch.Tensor | np.ndarray) -> None:
-    arr = t.numpy() if isinstance(t, torch.Tensor) else t
-    h.update(str(arr.dtype).encode() + str(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-
-
-class SubsetTrainer:
-    """Train a policy on the clusters of a mask and return the metric: one datamodel sample.
-
-    Every subset gets the identical budget (the same TrainConfig: seed, steps or epochs,
-    batch size); excluded clusters get weight 0, which :func:`train_policy` drops before
-    the data order, so the run equals training on the subset. By default every subset
-    policy uses the normaliser fitted once on *all* training samples
-    (``full_normalizer``): refitting it per subset changes the input and target scaling
-    from one subset to the next, a source of variation in the measured metric that no
-    additive datamodel can explain (noise in datamodels and LDS).
-
-    Args:
-        policy_config: Policy to train.
-        samples: All training samples ``[N]``.
-        clusters: Cluster of each sample.
-        train_config: Training settings shared by every subset; ``steps`` must be set
-            (with ``epochs`` a smaller subset would get fewer updates).
-        metric: ``metric(policy) -> float | [n_targets]`` with a ``fingerprint()``
-            (:class:`~cupid_engine.datamodels.metrics.ProxyMetric`, RolloutMetric).
-            A ProxyMetric without ``action_scale`` is bound to the action scale of the
-            normaliser fitted on *all* training samples, so every subset policy (each
-            with its own normaliser) is measured in the same units.
-        reference_units: Bind that fixed scale (default True); False measures each
-            policy in its own normalised space.
-        fixed_clusters: Trailing cluster ids that every subset includes (not scored):
-            e.g. half of the target demonstrations mixed into training (DataMIL §4.2).
-            Masks then cover only the first ``C - len(fixed_clusters)`` clusters.
-        full_normalizer: Train every subset with the normaliser fitted on all
-            ``samples`` (default True); False refits it on each subset's samples.
-    """
-
-    def __init__(self, policy_config: PolicyConfig, samples: SampleSet, clusters: Clusters,
-                 train_config: TrainConfig, metric: Callable[[Any], Any], *, reference_units: bool = True,
-                 fixed_clusters: int = 0, full_normalizer: bool = True) -> None:
-        if len(clusters.ids) != len(samples):
-            raise ValueError(f"clusters cover {len(clusters.ids)} samples, the SampleSet has {len(samples)}")
-        if train_config.steps is None:
-            # With epochs, a smaller subset would get fewer updates: budgets would differ.
-            raise ValueError("set TrainConfig.steps: every subset must get the same number of updates")
-        self.policy_config = policy_config
-        self.samples = samples
-        self.clusters = clusters
-        self.train_config = train_config
-        ref = Normalizer(samples.obs_dim, samples.action_dim,
-                         mode=policy_config.normalizer_mode, min_spread=policy_config.normalizer_min_spread)
-        ref.fit(samples.obs, samples.action)
-        self.normalizer = ref if full_normalizer else None
-        if reference_units and isinstance(metric, ProxyMetric) and metric.action_scale is None:
-            metric = metric.with_action_scale(ref.action_scale.double())
-        self.metric = metric
-        if not 0 <= fixed_clusters < clusters.num_clusters:
-            raise ValueError(f"fixed_clusters must be in [0, {clusters.num_clusters}), got {fixed_clusters}")
-        self.fixed_clusters = int(fixed_clusters)
-        self._fingerprint: str | None = None
-
-    @property
-    def num_clusters(self) -> int:
-        """Clusters a mask covers (the scored ones; fixed clusters are always in)."""
-        return self.clusters.num_clusters - self.fixed_clusters
-
-    def fingerprint(self) -> str:
-        """sha256 over configs, training data, clusters and metric (the cache namespace)."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(self.policy_config.to_json().encode())
-            h.update(self.train_config.to_json().encode())
-            for t in (self.samples.obs, self.samples.action, self.samples.episode_key, self.samples.step):
-                _tensor_digest(h, t)
-            _tensor_digest(h, self.clusters.ids)
-            h.update(f"fixed:{self.fixed_clusters}".encode())
-            if self.normalizer is not None:  # absent for per-subset fits: older cache keys stay valid
-                h.update(b"full-normalizer")
-            fp = getattr(self.metric, "fingerprint", None)
-            if fp is None:
-                raise TypeError("the metric needs a fingerprint() for the subset cache")
-            h.update(fp().encode())
-            self._fingerprint = h.hexdigest()[:32]
-        return self._fingerprint
-
-    def __call__(self, mask: np.ndarray) -> np.ndarray:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != (self.num_clusters,):
-            raise ValueError(f"mask must be [C={self.num_clusters}], got {mask.shape}")
-        if not mask.any():
-            raise ValueError("an empty subset: no cluster to train on")
-        weights = np.concatenate([mask.astype(np.float64), np.ones(self.fixed_clusters)])
-        policy = train_policy(self.policy_config, self.samples, self.train_config,
-                              cluster_weights=weights, clusters=self.clusters.ids, normalizer=self.normalizer,
-                              progress=False)
-        return metric_values(self.metric, policy)
-
-    def __getstate__(self) -> dict:
-        # Ray pickles the trainer once per actor; the fingerprint is cheap to carry.
-        self.fingerprint()
-        return self.__dict__
-
-
-class SubsetCache:
-    """Finished trainings on disk: ``<root>/<fingerprint>/<sha256(mask)>.json``.
-
-    Args:
-        root: Cache folder (created).
-        fingerprint: Namespace: the subset function's fingerprint.
-    """
-
-    def __init__(self, root: str | os.PathLike, fingerprint: str) -> None:
-        self.dir = os.path.join(os.fspath(root), fingerprint)
-        os.makedirs(self.dir, exist_ok=True)
-
-    @staticmethod
-    def key(mask: np.ndarray) -> str:
-        m = np.asarray(mask, dtype=bool)
-        return hashlib.sha256(str(m.shape[0]).encode() + np.packbits(m).tobytes()).hexdigest()[:40]
-
-    def _path(self, mask: np.ndarray) -> str:
-        return os.path.join(self.dir, self.key(mask) + ".json")
-
-    def get(self, mask: np.ndarray) -> np.ndarray | None:
-        """The cached value ``[n_targets]`` float64, or None when not finished."""
-        path = self._path(mask)
-        try:
-            with open(path, encoding="utf-8") as f:
-                entry = json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError) as err:  # never written by put(): report, retrain
-            log.warning("ignoring unreadable cache entry %s: %s", path, err)
-            return None
-        if entry.get("schema") != CACHE_SCHEMA or entry.get("mask") != np.flatnonzero(mask).tolist():
-            log.warning("ignoring cache entry %s: it belongs to another mask or schema", path)
-            return None
-        return np.asarray(entry["value"], dtype=np.float64)
-
-    def put(self, mask: np.ndarray, value: np.ndarray) -> None:
-        """Write one finished training atomically (temp file + rename)."""
-        entry = {"schema": CACHE_SCHEMA, "mask": np.flatnonzero(np.asarray(mask, bool)).tolist(),
-                 "value": [float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1)]}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entry, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path(mask))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-    def __len__(self) -> int:
-        return sum(1 for n in os.listdir(self.dir) if n.endswith(".json") and not n.startswith("."))
-
-
-def evaluate_subsets(
-    fn: SubsetFunction,
-    masks: np.ndarray,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    workers: int = 1,
-    address: str | None = None,
-    threads_per_worker: int = 1,
-    progress: bool = False,
-) -> tuple[np.ndarray, dict]:
-    """Evaluate ``fn`` on every mask, reusing and filling the on-disk cache.
-
-    Args:
-        fn: The subset function (e.g. :class:`SubsetTrainer`).
-        masks: ``[S, C]`` bool masks.
-        cache_dir: Cache folder; None disables caching.
-        workers: 1 = in this process; W > 1 = W Ray actors.
-        address: Ray cluster address (None: local instance).
-        threads_per_worker: torch threads per Ray actor.
-        progress: tqdm bar.
-
-    Returns:
-        ``values [S, n_targets]`` float64 and ``info``: ``trained`` (trainings run now)
-        and ``cached`` (distinct masks found in the cache); equal masks are trained once.
-    """
-    masks = np.asarray(masks, dtype=bool)
-    cache = SubsetCache(cache_dir, fn.fingerprint()) if cache_dir is not None else None
-    results: list[np.ndarray | None] = [None] * len(masks)
-    # Equal masks are one training (Bernoulli masks over few clusters repeat).
-    first: dict[str, int] = {}
-    copies: dict[int, list[int]] = {}
-    for j, m in enumerate(masks):
-        k = SubsetCache.key(m)
-        if k in first:
-            copies[first[k]].append(j)
-        else:
-            first[k] = j
-            copies[j] = [j]
-    todo = []
-    for j in copies:
-        hit = cache.get(masks[j]) if cache is not None else None
-        if hit is not None:
-            for i in copies[j]:
-                results[i] = hit
-        else:
-            todo.append(j)
-    cached = len(copies) - len(todo)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(todo), desc="subset trainings", unit="run", disable=not progress, leave=False)
-
-    def done(j: int, value: Any) -> None:
-        v = np.atleast_1d(np.asarray(value, dtype=np.float64)).reshape(-1)
-        for i in copies[j]:
-            results[i] = v
-        if cache is not None:
-            cache.put(masks[j], v)  # as soon as it exists: a kill loses at most running trainings
-        bar.update(1)
-
-    try:
-        if workers <= 1:
-            for j in todo:
-                done(j, fn(masks[j]))
-        elif todo:
-            from cupid_engine.distributed.training import train_subsets
-
-            train_subsets(fn, [masks[j] for j in todo], workers=workers, address=address,
-                          threads_per_worker=threads_per_worker,
-                          on_result=lambda i, value: done(todo[i], value))
-    finally:
-        bar.close()
-    values = np.stack([r for r in results if r is not None])
-    if values.shape[0] != len(masks):
-        raise RuntimeError("some subset trainings returned no value")
-    log.info("subset trainings: %d trained, %d from cache", len(todo), cached)
-    return values, {"trained": len(todo), "cached": cached}
-
-
-# -- the linear fit -------------------------------------------------------------------
-@dataclasses.dataclass
-class LinearDatamodel:
-    """``M(z) ≈ intercept + z @ beta``.
-
-    Attributes:
-        beta: ``[C]`` (or ``[C, T]`` for several targets) float64 coefficients.
-        intercept: Scalar (or ``[T]``).
-    """
-
-    beta: np.ndarray
-    intercept: np.ndarray | float
-
-    def predict(self, masks: np.ndarray) -> np.ndarray:
-        """``[S, C]`` masks -> ``[S]`` (or ``[S, T]``) predictions."""
-        return np.asarray(masks, dtype=np.float64) @ self.beta + self.intercept
-
-
-def _lasso_cd(x: np.ndarray, y: np.ndarray, lam1: float, lam2: float, *, max_iter: int, tol: float) -> np.ndarray:
-    """Coordinate descent for (1/2S)‖y−Xβ‖² + λ₁‖β‖₁ + (λ₂/2S)‖β‖² on centred X, y."""
-    s, c = x.shape
-    beta = np.zeros(c)
-    resid = y.copy()
-    col_sq = (x * x).sum(0) / s
-    denom = col_sq + lam2 / s
-    for _ in range(max_iter):
-        max_delta = 0.0
-        for j in range(c):
-            if denom[j] == 0:
-                continue
-            old = beta[j]
-            rho = x[:, j] @ resid / s + col_sq[j] * old
-            new = np.sign(rho) * max(abs(rho) - lam1, 0.0) / denom[j]
-            if new != old:
-                resid -= x[:, j] * (new - old)
-                beta[j] = new
-                max_delta = max(max_delta, abs(new - old))
-        if max_delta <= tol * max(1.0, np.abs(beta).max()):
-            break
-    return beta
-
-
-def fit_linear_datamodel(
-    masks: np.ndarray,
-    values: np.ndarray,
-    *,
-    ridge: float = 0.0,
-    lasso: float = 0.0,
-    max_iter: int = 10_000,
-    tol: float = 1e-10,
-) -> LinearDatamodel:
-    """Least-squares fit of ``values ≈ β₀ + masks @ β`` (intercept unpenalised).
-
-    Args:
-        masks: ``[S, C]`` bool/0-1 design.
-        values: ``[S]`` or ``[S, T]`` measured metrics.
-        ridge: λ₂ of ``(1/2)‖y−Xβ‖² + (λ₂/2)‖β‖²`` (closed form without lasso).
-        lasso: λ₁ per subset (coordinate descent, with ``ridge`` as the elastic-net term).
-        max_iter: Coordinate-descent sweeps.
-        tol: Stop when no coefficient moves by more than ``tol`` (relative).
-
-    Returns:
-        The :class:`LinearDatamodel`; with ``S < C`` and no penalty, the minimum-norm
-        least-squares solution.
-    """
-    x = np.asarray(masks, dtype=np.float64)
-    y = np.asarray(values, dtype=np.float64)
-    squeeze = y.ndim == 1
-    y2 = y[:, None] if squeeze else y
-    if x.ndim != 2 or y2.shape[0] != x.shape[0]:
-        raise ValueError(f"masks [S, C] and values [S(, T)] disagree: {x.shape} vs {y.shape}")
-    xm, ym = x.mean(0), y2.mean(0)
-    xc, yc = x - xm, y2 - ym
-    if lasso > 0:
-        beta = np.stack([_lasso_cd(xc, yc[:, t], lasso, ridge, max_iter=max_iter, tol=tol)
-                         for t in range(yc.shape[1])], axis=1)
-    elif ridge > 0:
-        c = x.shape[1]
-        beta = np.linalg.solve(xc.T @ xc + ridge * np.eye(c), xc.T @ yc)
-    else:
-        beta = np.linalg.lstsq(xc, yc, rcond=None)[0]
-    intercept = ym - xm @ beta
-    if squeeze:
-        return LinearDatamodel(beta=beta[:, 0], intercept=float(intercept[0]))
-    return LinearDatamodel(beta=beta, intercept=intercept)
 
 
 @dataclasses.dataclass
@@ -465,15 +108,3 @@ def regression_scores(fn: SubsetFunction, num_clusters: int, config: RegressionC
                                     threads_per_worker=cfg.threads_per_worker, progress=progress)
     pooled = fit_linear_datamodel(masks, values.mean(1), ridge=cfg.ridge, lasso=cfg.lasso)
     return RegressionResult(scores=pooled.beta, model=pooled, masks=masks, values=values, info=info)
-
-
-def masks_from_ids(subsets: Sequence[Sequence[str]], ids: Sequence[str]) -> np.ndarray:
-    """Lists of included ids -> ``[S, len(ids)]`` bool masks; unknown ids raise."""
-    index = {i: k for k, i in enumerate(ids)}
-    out = np.zeros((len(subsets), len(ids)), dtype=bool)
-    for j, sub in enumerate(subsets):
-        for i in sub:
-            if i not in index:
-                raise ValueError(f"subset {j} names unknown id {i!r}")
-            out[j, index[i]] = True
-    return out
