@@ -37,12 +37,14 @@ import zarr
 from cupid_engine.constants import SCHEMA_VERSION
 from cupid_engine.errors import (
     ConfigError,
+    UserError,
     DataError,
     NotAStoreError,
     ReadOnlyStoreError,
     StoreError,
     StoreExistsError,
     StoreNotFoundError,
+    one_line,
 )
 from cupid_engine.store import catalog as _catalog
 from cupid_engine.store.config import RunConfig
@@ -769,7 +771,19 @@ class GradientStore:
 
     def runs(self) -> list[str]:
         """Names of the runs in the store, sorted."""
-        return sorted(self._runs_group().group_keys())
+        with self._metadata(RUNS_GROUP):
+            return sorted(self._runs_group().group_keys())
+
+    @contextlib.contextmanager
+    def _metadata(self, relpath: str) -> Iterator[None]:
+        """Zarr metadata that does not parse (a damaged ``zarr.json``) becomes a StoreError naming it."""
+        try:
+            yield
+        except UserError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"cannot read Zarr metadata ({type(exc).__name__}: {one_line(exc)})",
+                             where=self._loc.path(relpath), hint=_DAMAGED) from None
 
     def create_run(self, name: str, config: RunConfig):
         """Create a run, or reopen it when it exists with an equal config (resume).
@@ -803,7 +817,8 @@ class GradientStore:
         if name not in self.runs():
             raise StoreKeyError(f"no run {name!r} in {self.url} (runs: {self.runs()})",
                                 hint="featurise into it first, or pick one of the runs listed")
-        return Run(self, name, self._runs_group()[name])
+        with self._metadata(f"{RUNS_GROUP}/{name}"):
+            return Run(self, name, self._runs_group()[name])
 
     # ------------------------------------------------------------------ checks
     def verify(self) -> VerifyReport:

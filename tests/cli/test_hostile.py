@@ -319,14 +319,19 @@ def test_corrupt_store_chunk_names_the_episodes(world, store, capsys, tmp_path):
     assert not (tmp_path / "o.parquet").exists()
 
 
-@pytest.mark.parametrize("damage", ["catalog.parquet", "zarr.json"])
+@pytest.mark.parametrize("damage", ["catalog.parquet", "zarr.json", "runs/r/zarr.json", "runs/r/steps/zarr.json"])
 def test_damaged_store_files_are_named(world, store, capsys, damage):
     path = store / damage
     path.write_bytes(path.read_bytes()[:40])
     before = _tree(store)
-    for argv in (["store", "info", store], _featurize_args(world, store, run="new")):
+    commands = [["store", "info", store], ["score", "cupid", "--store", store, "--run", "r", "--out",
+                                             store.parent / "o.parquet"]]
+    if "steps" not in damage:  # a damaged array of run r does not stop a new run
+        commands.append(_featurize_args(world, store, run="new"))
+    for argv in commands:
         line = _user_error(capsys, *argv)
-        assert str(path) in line and "damaged" in line
+        # names the damaged file, or the folder holding it (zarr does not say which child failed)
+        assert (str(path) in line or str(path.parent.parent) in line) and "damaged" in line
     assert _tree(store) == before
 
 
