@@ -644,7 +644,8 @@ def check_device(device: str | None) -> str | None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"device {device!r} is not a torch device", where="--device", hint="use cpu, cuda or cuda:N") from None
+        raise ConfigError(f"device {device!r} is not a torch device", where="--device",
+                          hint="use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise _NoDevice(f"device {device!r} requested but torch sees no CUDA GPU (torch {torch.__version__})",
                         where="--device", hint="install a CUDA build of torch or featurise with device='cpu'")

@@ -617,7 +617,8 @@ class Run:
             eids = idx.take(bad, ["episode_id"]).column(0).to_pylist()
             raise RunIncompleteError(
                 f"run {self.name!r}: episode(s) {eids[:10]} are in shard(s) not featurised yet {missing[:10]}",
-                where=self.store.url, hint=f"featurise their dataset into the run (cupid-engine featurize --run {self.name})",
+                where=self.store.url,
+                hint=f"featurise their dataset into the run (cupid-engine featurize --run {self.name})",
             )
 
     def _positions(self, ids: Sequence[str] | None) -> np.ndarray:
