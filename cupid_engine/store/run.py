@@ -45,7 +45,7 @@ import zarr.codecs
 from zarr.storage import LocalStore
 
 from cupid_engine.constants import SCHEMA_VERSION
-from cupid_engine.errors import ConfigError, ReadOnlyStoreError, StoreError
+from cupid_engine.errors import StoreError
 from cupid_engine.store import quant
 from cupid_engine.store.config import RunConfig
 from cupid_engine.store.gradient_store import (
