@@ -364,7 +364,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes, no retraining (checks the pipeline only)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenario names")
     p.add_argument("--scorers", default=",".join(DEFAULT_SCORERS), help="comma-separated scorer names")
-    p.add_argument("--default-scorer", default="cupid-step", help="scorer the acceptance rows judge")
+    p.add_argument("--default-scorer", default="cupid", help="scorer the acceptance rows judge (the project default)")
     p.add_argument("--demos", type=int, default=60, help="demonstrations per scenario (2:1)")
     p.add_argument("--rollouts", type=int, default=50, help="rollouts per condition (scoring and evaluation)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (paired across conditions)")
