@@ -43,4 +43,5 @@ def test_quick_runs_and_writes_acceptance(tmp_path):
             assert 0.0 <= m["auroc"] <= 1.0 and 0 <= m["removed_bad"] <= 4
     assert row["length"]["auroc"] == 0.5  # fixed horizon: length ties every demo
     assert saved["criteria"] == {"auroc": 0.85, "oracle_fraction": 0.8}
-    assert [a["scenario"] for a in saved["acceptance"]] == ["lift-grasp"]
+    assert [(a["scenario"], a["scorer"]) for a in saved["acceptance"]] == [("lift-grasp", "cupid")]
+    assert saved["acceptance"][0]["auroc"] == row["cupid"]["auroc"]
