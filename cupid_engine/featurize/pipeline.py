@@ -53,7 +53,7 @@ from torch import nn
 from cupid_engine.policies.task import batch_rows, resolve_task
 from cupid_engine.store import GradientStore, Run, RunConfig
 from cupid_engine.store.gradient_store import StoreUndo
-from cupid_engine.store.catalog import episode_fingerprint
+from cupid_engine.store.catalog import fingerprint_of
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def _with_content(source: Any, unit: str | None, table: pa.Table) -> pa.Table:
                 f"but its data has {ep.length} steps", where=f"field 'length' in {_where(source, unit)}",
                 hint="fix the episode metadata of the dataset (nothing was stored)",
             )
-        fps[i] = episode_fingerprint(ep.actions, ep.observations)
+        fps[i] = fingerprint_of(ep)
     missing = [e for e, f in zip(ids, fps) if f is None]
     if missing:
         raise DataError(f"episode(s) {missing[:5]} are listed in the dataset's metadata but have no data",
@@ -512,7 +512,7 @@ def featurize_shard(
     episodes = _read_shard_episodes(source, ids, unit)
     for ep, n, fp in zip(episodes, lengths, rows.column(2).to_pylist()):
         # Checked while reading: data changed after registration is never featurised as the old.
-        if ep.length != int(n) or (fp is not None and episode_fingerprint(ep.actions, ep.observations) != fp):
+        if ep.length != int(n) or (fp is not None and fingerprint_of(ep) != fp):
             raise ContentChangedError(
                 f"episode {ep.episode_id!r} changed since it was registered in the store "
                 f"({ep.length} steps now, {int(n)} in the catalog)", where=_where(source, unit),

@@ -70,12 +70,20 @@ LEGACY_NAMES = [n for n in CATALOG_SCHEMA.names if n != "fingerprint"]
 """Columns of catalogs written before ``fingerprint`` existed (read with it null)."""
 
 
-def episode_fingerprint(actions: np.ndarray, observations: dict[str, np.ndarray]) -> str:
+def episode_fingerprint(
+    actions: np.ndarray, observations: dict[str, np.ndarray], *, images: dict | None = None, task: str = "",
+) -> str:
     """Content hash of one episode: its actions and observations (keys, shapes, float32 bytes).
+
+    Camera images enter by key and shape only (decoding every frame of every video to
+    register an episode would cost more than featurising it), and the task text (the
+    instruction a language-conditioned policy reads) when given.
 
     Args:
         actions: ``[T, A]`` actions.
         observations: key -> ``[T, d]`` observations (hashed in sorted key order).
+        images: camera key -> ``[T, H, W, C]`` sequence (anything with ``shape``).
+        task: The episode's task / instruction text.
 
     Returns:
         32 hex characters (blake2b-128).
@@ -85,7 +93,17 @@ def episode_fingerprint(actions: np.ndarray, observations: dict[str, np.ndarray]
         a = np.ascontiguousarray(value, dtype=np.float32)
         h.update(f"{name}|{a.shape}|".encode())
         h.update(memoryview(a).cast("B"))
+    for key, seq in sorted((images or {}).items()):
+        h.update(f"image:{key}|{tuple(int(x) for x in seq.shape)}|".encode())
+    if task:
+        h.update(f"task|{task}".encode())
     return h.hexdigest()
+
+
+def fingerprint_of(episode) -> str:
+    """:func:`episode_fingerprint` of an ``Episode``."""
+    return episode_fingerprint(episode.actions, episode.observations, images=getattr(episode, "images", None),
+                               task=getattr(episode, "task", "") or "")
 
 
 def empty_catalog() -> pa.Table:

@@ -143,6 +143,11 @@ def test_fingerprint_is_content():
     assert _catalog.episode_fingerprint(b, obs) != fp
     assert _catalog.episode_fingerprint(a, {"pos": obs["pos"], "v": obs["vel"]}) != fp  # a key renamed
     assert _catalog.episode_fingerprint(a.reshape(4, 3), obs) != fp  # same bytes, other shape
+    cam = np.zeros((6, 8, 8, 3), np.uint8)
+    with_cam = _catalog.episode_fingerprint(a, obs, images={"agentview": cam})
+    assert with_cam != fp and with_cam == _catalog.episode_fingerprint(a, obs, images={"agentview": cam + 1})
+    assert _catalog.episode_fingerprint(a, obs, images={"agentview": cam[:, :4]}) != with_cam  # resolution
+    assert _catalog.episode_fingerprint(a, obs, task="lift the cube") != fp  # the instruction
 
 
 def test_fingerprints_are_stored_and_replaced_with_invalidated_shards(store):
