@@ -39,14 +39,6 @@ def make_loop_episodes(seed: int = 3) -> list[Episode]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def loop(tmp_path_factory):
     """``dict(data=, policy=, store=, dir=)`` of a trained, featurised tiny loop."""

@@ -10,14 +10,6 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
     from cupid_engine.policies import MLPPolicy, MLPPolicyConfig, save_policy

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from cupid_engine.data.episode import Episode
 
@@ -26,16 +25,6 @@ def make_episodes(n: int = 8, length: int = 25, obs_dim: int = 5, action_dim: in
             Episode(episode_id=f"ep{i:03d}", observations={"pos": pos, "quat": quat}, actions=act.astype(np.float32))
         )
     return episodes
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models here are tiny: intra-op threads only add synchronisation, and on a
-    # shared 2-core machine two threads made DDIM sampling 50x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
