@@ -5,6 +5,7 @@
 // neither libtorch nor a CUDA-enabled torch and builds in seconds.
 #include <pybind11/pybind11.h>
 
+#include "cupid/hash.h"
 #include "cupid/kernels.h"
 #include "cupid/quality.h"
 #include "cupid/scan.h"
@@ -18,6 +19,21 @@ namespace py = pybind11;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cupid_engine native kernels (C++ CPU, optional CUDA)";
   m.def("has_cuda", &cupid::has_cuda, "Whether CUDA kernels were compiled into this build.");
+  m.def(
+      "hash_streams",
+      [] {
+        py::dict d;
+        d["STREAM_DENSE"] = cupid::kStreamDense;
+        d["STREAM_SPARSE"] = cupid::kStreamSparse;
+        d["STREAM_SIGNSHIFT_SIGN"] = cupid::kStreamSignShiftSign;
+        d["STREAM_SIGNSHIFT_SHIFT"] = cupid::kStreamSignShiftShift;
+        d["STREAM_TS_OUT"] = cupid::kStreamTsOut;
+        d["STREAM_TS_IN"] = cupid::kStreamTsIn;
+        d["STREAM_TS_SIGN_OFFSET"] = cupid::kStreamTsSignOffset;
+        d["MAX_SPARSE_S"] = cupid::kMaxSparseS;
+        return d;
+      },
+      "The hash-stream ids of cupid/hash.h (C++ and CUDA), by their cupid_engine.constants names.");
   m.def("num_threads", &cupid::num_threads, "OpenMP threads the CPU kernels use.");
   m.def("set_num_threads", &cupid::set_num_threads, py::arg("n"), "Set the OpenMP threads of the CPU kernels.");
 

@@ -5,6 +5,8 @@ SCHEMA_VERSION = 1
 
 # Hash-stream identifiers. Each random quantity of a projection draws from its own
 # stream: key = stream_key(seed, STREAM_*), so changing one never perturbs another.
+# The one Python definition; the C++/CUDA one is csrc/include/cupid/hash.h (kStream*,
+# kMaxSparseS), checked equal by tests/ops/test_hash_streams.py.
 STREAM_DENSE = 1
 STREAM_SPARSE = 2  # + r for the r-th non-zero of a coordinate (r < MAX_SPARSE_S)
 STREAM_SIGNSHIFT_SIGN = 1001

@@ -23,11 +23,7 @@
 namespace cupid {
 namespace {
 
-// Stream ids: must match cupid_engine/constants.py.
-constexpr uint32_t kStreamDense = 1;
-constexpr uint32_t kStreamSparse = 2;
-constexpr uint32_t kStreamSignShiftSign = 1001;
-constexpr uint32_t kStreamSignShiftShift = 1002;
+// Stream ids: cupid/hash.h.
 
 constexpr int64_t kRowGroup = 32;      // rows sharing one set of hashed tiles
 constexpr int64_t kMaxSuperblocks = 16;  // fixed partition of the coordinate axis

@@ -50,12 +50,7 @@
 namespace cupid {
 namespace {
 
-// Stream ids: must match cupid_engine/constants.py.
-constexpr uint32_t kStreamDense = 1;
-constexpr uint32_t kStreamSparse = 2;
-constexpr uint32_t kStreamSignShiftSign = 1001;
-constexpr uint32_t kStreamSignShiftShift = 1002;
-constexpr int kMaxSparseS = 64;  // constants.MAX_SPARSE_S
+// Stream ids and kMaxSparseS: cupid/hash.h.
 
 constexpr int64_t kMaxSplits = 32;
 constexpr int64_t kMinSplit = CUPID_CUDA_MIN_SPLIT;

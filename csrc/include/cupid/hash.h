@@ -19,6 +19,19 @@ constexpr uint32_t kGolden = 0x9E3779B9u;
 constexpr uint32_t kMixM1 = 0x7FEB352Du;
 constexpr uint32_t kMixM2 = 0x846CA68Bu;
 
+// Hash-stream ids, the one C++/CUDA definition. Each random quantity of a projection draws
+// from its own stream, key = stream_key(seed, kStream*), so changing one never perturbs
+// another. Python mirror: cupid_engine/constants.py (STREAM_*, MAX_SPARSE_S);
+// tests/ops/test_hash_streams.py checks both agree through _C.hash_streams().
+constexpr uint32_t kStreamDense = 1;
+constexpr uint32_t kStreamSparse = 2;  // + r for the r-th non-zero of a coordinate (r < kMaxSparseS)
+constexpr uint32_t kStreamSignShiftSign = 1001;
+constexpr uint32_t kStreamSignShiftShift = 1002;
+constexpr uint32_t kStreamTsOut = 2001;        // tensorsketch h1/s1 over output rows (delta)
+constexpr uint32_t kStreamTsIn = 2002;         // tensorsketch h2/s2 over input columns (x)
+constexpr uint32_t kStreamTsSignOffset = 100;  // sign stream of a tensorsketch factor = bucket stream + this
+constexpr int kMaxSparseS = 64;
+
 // "lowbias32" integer finaliser.
 CUPID_HD uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
