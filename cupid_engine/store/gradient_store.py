@@ -979,6 +979,7 @@ class StoreUndo:
             return
         cat = self._loc.path(_catalog.CATALOG_NAME)
         if self._loc.is_local:
+            _remove_stale(self._loc)
             self._link = f"{cat}.undo-{os.getpid()}"
             if os.path.exists(self._link):
                 os.remove(self._link)
@@ -1044,6 +1045,27 @@ class StoreUndo:
         if self._link is not None and os.path.exists(self._link):
             os.remove(self._link)
         self._link = None
+
+
+def _remove_stale(loc: _Location) -> None:
+    """Remove catalog temporaries and undo links left by killed processes (pid no longer alive)."""
+    prefix = _catalog.CATALOG_NAME + "."
+    for name in os.listdir(loc.root):
+        tag, _, pid = name[len(prefix):].partition("-")
+        if not name.startswith(prefix) or tag not in ("tmp", "undo") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: another command's file
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        try:
+            os.remove(os.path.join(loc.root, name))
+            log.info("%s: removed %s left by a killed process", loc.url, name)
+        except FileNotFoundError:
+            pass
 
 
 def _stamp(loc: _Location) -> tuple | None:

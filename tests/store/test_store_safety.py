@@ -215,3 +215,21 @@ def test_two_drivers_appending_at_once_keep_both(store):
     assert [p.exitcode for p in procs] == [0, 0]
     ids = open_store(store.url).episode_ids()
     assert len(ids) == 7 + 24 and len(set(ids)) == len(ids)
+
+
+def test_leftovers_of_killed_commands_are_removed(store):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f"catalog.parquet.undo-{dead}", f"catalog.parquet.tmp-{dead}"):
+        with open(os.path.join(store.url, name), "wb") as f:
+            f.write(b"x")
+    alive = os.path.join(store.url, f"catalog.parquet.undo-{os.getppid()}")
+    with open(alive, "wb") as f:
+        f.write(b"x")
+    StoreUndo(store).release()
+    left = sorted(n for n in os.listdir(store.url) if n.startswith("catalog.parquet."))
+    assert left == [os.path.basename(alive)]
+    os.remove(alive)
