@@ -48,6 +48,7 @@ from cupid_engine.datamodels.functional import (
 )
 from cupid_engine.datamodels.metagradient import MetagradientConfig, MetagradientResult, metagradient_scores
 from cupid_engine.datamodels.lds import (
+    LDSConfig,
     LDSResult,
     LDSSubsets,
     format_lds_table,
@@ -94,6 +95,7 @@ __all__ = [
     "FunctionalAdam",
     "FunctionalOptimizer",
     "FunctionalSGD",
+    "LDSConfig",
     "LDSResult",
     "LDSSubsets",
     "LDS_METHODS",

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import stats
 
+from cupid_engine.config import Config, check, field
 from cupid_engine.data.episode import Episode
 from cupid_engine.policies.base import PolicyConfig
 from cupid_engine.policies.samples import build_samples
@@ -210,21 +211,43 @@ def random_reference(subsets: LDSSubsets, num_seeds: int = 100) -> dict:
             "num_seeds": int(len(values))}
 
 
+@dataclasses.dataclass(frozen=True)
+class LDSConfig(Config):
+    """How the LDS subsets are drawn and trained (shared by :func:`measure_subsets`,
+    :func:`run_lds` and :func:`run_lds_many`)."""
+
+    num_subsets: int = field(64, help="subset trainings S")
+    fraction: float = field(0.5, help="fraction of the training demos in each subset")
+    seed: int = field(0, help="seed of the subsets (and of the bootstrap in run_lds)")
+    cache_dir: str | None = field(None, help="subset-training cache (shared with the regression estimator)")
+    workers: int = field(1, help="1 = in process, W > 1 = Ray actors")
+    address: str | None = field(None, help="Ray cluster address")
+    full_normalizer: bool = field(
+        True, help="every subset policy uses the normaliser fitted on all training demos (else refit per subset)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        check(self.num_subsets >= 1, "num_subsets must be >= 1")
+        check(self.workers >= 1, "workers must be >= 1")
+
+
+def _lds_config(config: LDSConfig | None, options: Mapping[str, Any]) -> LDSConfig:
+    """``config`` (default :class:`LDSConfig`) with keyword ``options`` replacing its fields."""
+    return (config or LDSConfig()).replace(**options) if options else (config or LDSConfig())
+
+
 def measure_subsets(
     policy_config: PolicyConfig,
     train_episodes: Sequence[Episode],
     target_episodes: Sequence[Episode],
     train_config: TrainConfig,
+    config: LDSConfig | None = None,
     *,
-    num_subsets: int = 64,
-    fraction: float = 0.5,
-    seed: int = 0,
     metric: Any = None,
-    cache_dir: str | os.PathLike | None = None,
-    workers: int = 1,
-    address: str | None = None,
-    full_normalizer: bool = True,
     progress: bool = False,
+    **options: Any,
 ) -> LDSSubsets:
     """Train one policy per random fraction of the training demos and measure the metric.
 
@@ -234,34 +257,30 @@ def measure_subsets(
         target_episodes: Target demonstrations; the default metric is the proxy M̂ per
             target demonstration (one LDS target each).
         train_config: Identical training budget for every subset.
-        num_subsets: S.
-        fraction: Fraction of the training demos in each subset.
-        seed: Seed of the subsets.
+        config: Subsets, seed, cache and workers (:class:`LDSConfig`).
         metric: Override of the metric (``metric(policy) -> float | [T]`` with a
             ``fingerprint()``), e.g. a rollout success rate
             (:func:`~cupid_engine.datamodels.metrics.sim_success_metric`).
-        cache_dir: Subset-training cache (shared with the regression estimator).
-        workers: 1 = in process, W > 1 = Ray actors.
-        address: Ray cluster address.
-        full_normalizer: Every subset policy uses the normaliser fitted on all training
-            demos (default) instead of refitting it on its subset.
         progress: tqdm bar.
+        **options: :class:`LDSConfig` fields replacing those of ``config``
+            (``num_subsets=16, cache_dir=...``).
 
     Returns:
         The :class:`LDSSubsets`; evaluate any number of scores against it.
     """
+    cfg = _lds_config(config, options)
     samples = build_samples(train_episodes, n_obs_steps=policy_config.n_obs_steps, horizon=policy_config.horizon,
                             obs_keys=policy_config.obs_keys)
     clusters = make_clusters(samples)  # one cluster per training demonstration, in order
     metric = metric if metric is not None else ProxyMetric(target_episodes, per_episode=True)
-    trainer = SubsetTrainer(policy_config, samples, clusters, train_config, metric, full_normalizer=full_normalizer)
-    masks = fraction_masks(clusters.num_clusters, num_subsets, fraction=fraction, seed=seed)
-    measured, info = evaluate_subsets(trainer, masks, cache_dir=cache_dir, workers=workers, address=address,
+    trainer = SubsetTrainer(policy_config, samples, clusters, train_config, metric, full_normalizer=cfg.full_normalizer)
+    masks = fraction_masks(clusters.num_clusters, cfg.num_subsets, fraction=cfg.fraction, seed=cfg.seed)
+    measured, info = evaluate_subsets(trainer, masks, cache_dir=cfg.cache_dir, workers=cfg.workers, address=cfg.address,
                                       progress=progress)
     per_demo = isinstance(metric, ProxyMetric) and metric.per_episode
     return LDSSubsets(masks=masks, measured=measured, ids=list(clusters.names),
                       targets=[e.episode_id for e in target_episodes] if per_demo else None,
-                      info={**info, "fraction": fraction, "num_train": clusters.num_clusters})
+                      info={**info, "fraction": cfg.fraction, "num_train": clusters.num_clusters})
 
 
 def run_lds(
@@ -270,32 +289,24 @@ def run_lds(
     train_episodes: Sequence[Episode],
     target_episodes: Sequence[Episode],
     train_config: TrainConfig,
+    config: LDSConfig | None = None,
     *,
-    num_subsets: int = 64,
-    fraction: float = 0.5,
-    seed: int = 0,
-    metric: Any = None,
-    cache_dir: str | os.PathLike | None = None,
-    workers: int = 1,
-    address: str | None = None,
     bootstrap: int = 1000,
-    full_normalizer: bool = True,
+    metric: Any = None,
     progress: bool = False,
+    **options: Any,
 ) -> LDSResult:
-    """End to end for one score: :func:`measure_subsets`, then the LDS.
+    """End to end for one score: :func:`run_lds_many` with one entry.
 
     Args:
         scores: Episode scores (table, mapping, or ``[E]`` in ``train_episodes`` order).
-        bootstrap: Bootstrap resamples.
-        **others: As :func:`measure_subsets`.
+        **others: As :func:`run_lds_many`.
 
     Returns:
         The :class:`LDSResult` (``info`` holds the training/cache counts).
     """
-    return run_lds_many({"scores": scores}, policy_config, train_episodes, target_episodes, train_config,
-                        num_subsets=num_subsets, fraction=fraction, seed=seed, metric=metric, cache_dir=cache_dir,
-                        workers=workers, address=address, bootstrap=bootstrap, full_normalizer=full_normalizer,
-                        progress=progress)["scores"]
+    return run_lds_many({"scores": scores}, policy_config, train_episodes, target_episodes, train_config, config,
+                        bootstrap=bootstrap, metric=metric, progress=progress, **options)["scores"]
 
 
 def run_lds_many(
@@ -304,17 +315,12 @@ def run_lds_many(
     train_episodes: Sequence[Episode],
     target_episodes: Sequence[Episode],
     train_config: TrainConfig,
+    config: LDSConfig | None = None,
     *,
-    num_subsets: int = 64,
-    fraction: float = 0.5,
-    seed: int = 0,
-    metric: Any = None,
-    cache_dir: str | os.PathLike | None = None,
-    workers: int = 1,
-    address: str | None = None,
     bootstrap: int = 1000,
-    full_normalizer: bool = True,
+    metric: Any = None,
     progress: bool = False,
+    **options: Any,
 ) -> dict[str, LDSResult]:
     """LDS of several scores against one set of subset trainings (trained once, shared).
 
@@ -326,14 +332,14 @@ def run_lds_many(
     Returns:
         Name -> :class:`LDSResult`, in the order of ``scores``.
     """
-    subsets = measure_subsets(policy_config, train_episodes, target_episodes, train_config, num_subsets=num_subsets,
-                              fraction=fraction, seed=seed, metric=metric, cache_dir=cache_dir, workers=workers,
-                              address=address, full_normalizer=full_normalizer, progress=progress)
+    cfg = _lds_config(config, options)
+    subsets = measure_subsets(policy_config, train_episodes, target_episodes, train_config, cfg, metric=metric,
+                              progress=progress)
     out = {}
     for name, sc in scores.items():
-        out[name] = subsets.evaluate(sc, bootstrap=bootstrap, seed=seed)
+        out[name] = subsets.evaluate(sc, bootstrap=bootstrap, seed=cfg.seed)
         log.info("LDS %s: %.4f [%.4f, %.4f] over %d subsets", name, out[name].mean, out[name].ci_low,
-                 out[name].ci_high, num_subsets)
+                 out[name].ci_high, cfg.num_subsets)
     return out
 
 
