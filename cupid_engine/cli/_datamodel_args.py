@@ -59,7 +59,7 @@ def config_from_args(args: argparse.Namespace, extra: dict | None = None):
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
-    return DatamodelConfig(**fields)
+    return DatamodelConfig.from_options(**fields)
 
 
 def cli_score(args: argparse.Namespace) -> int:

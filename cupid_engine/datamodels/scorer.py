@@ -13,7 +13,6 @@ command line lives in ``cupid_engine/cli/_datamodel_args.py``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -23,12 +22,13 @@ import pyarrow as pa
 
 from cupid_engine.config import Config, check, field
 from cupid_engine.data.episode import Episode
+from cupid_engine.errors import ConfigError
 from cupid_engine.policies.base import PolicyConfig
 from cupid_engine.policies.samples import build_samples
-from cupid_engine.policies.training import OPTIMIZERS, TrainConfig
+from cupid_engine.policies.training import TrainConfig
 from cupid_engine.scorers.base import Scorer, register
-from cupid_engine.datamodels.clusters import CLUSTER_MODES, ClusterConfig, make_clusters, with_fixed_cluster
-from cupid_engine.datamodels.metagradient import DTYPES, MetagradientConfig, metagradient_scores
+from cupid_engine.datamodels.clusters import ClusterConfig, make_clusters, with_fixed_cluster
+from cupid_engine.datamodels.metagradient import MetagradientConfig, metagradient_scores
 from cupid_engine.datamodels.metrics import ProxyMetric
 from cupid_engine.datamodels.regression import RegressionConfig, SubsetTrainer, regression_scores
 from cupid_engine.datamodels.selection import concat_samples
@@ -40,9 +40,32 @@ from cupid_engine.constants import DATAMODEL_ESTIMATORS as ESTIMATORS  # noqa: E
 METHOD = "datamodel"
 
 
+# Flat option -> (component of DatamodelConfig, field inside it): what ``--set KEY=VALUE``,
+# the CLI flags and ``DatamodelScorer(**options)`` reach. ``seed`` sets both train.seed and
+# regression.seed (one seed for initialisation, data order, noise and the subset masks).
+FLAT_OPTIONS = {
+    "steps": ("train", "steps"), "batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+    "optimizer": ("train", "optimizer"), "weight_decay": ("train", "weight_decay"),
+    "cluster": ("clusters", "mode"), "window": ("clusters", "window"),
+    "num_subsets": ("regression", "num_subsets"), "p": ("regression", "p"), "ridge": ("regression", "ridge"),
+    "lasso": ("regression", "lasso"), "workers": ("regression", "workers"), "address": ("regression", "address"),
+    "cache_dir": ("regression", "cache_dir"),
+    "segments": ("metagradient", "segments"), "last_k": ("metagradient", "last_k"),
+    "momentum": ("metagradient", "momentum"), "dtype": ("metagradient", "dtype"),
+}
+_COMPONENTS = ("train", "clusters", "regression", "metagradient")
+
+
+def _default_train() -> TrainConfig:
+    # Datamodels retrain many tiny policies: small batches, plain Adam, a fixed step budget.
+    return TrainConfig(steps=500, batch_size=64, optimizer="adam")
+
+
 @dataclasses.dataclass(frozen=True)
 class DatamodelConfig(Config):
-    """Everything a datamodel score depends on (flat, so ``--set KEY=VALUE`` reaches it)."""
+    """Everything a datamodel score depends on: the data and policy, plus the configs of the
+    training, the clusters and both estimators. Build it from flat options (``steps=``,
+    ``ridge=`` ...; :data:`FLAT_OPTIONS`) with :meth:`from_options`."""
 
     data: str = field("", help="dataset (path or URL, any format open_source reads) holding the episodes")
     estimator: str = field("regression", help=f"one of {ESTIMATORS}")
@@ -51,52 +74,55 @@ class DatamodelConfig(Config):
     policy: str = field("mlp", help="policy kind trained on subsets: mlp or diffusion")
     size: str = field("tiny", help="policy size preset: tiny, default, large (mlp only)")
     obs_keys: tuple[str, ...] | None = field(None, help="observation keys (None: all, sorted)")
-    cluster: str = field("trajectory", help=f"clusters: one of {CLUSTER_MODES}")
-    window: int = field(15, help="sub-trajectory length h (cluster=subtrajectory)")
-    steps: int = field(500, help="optimizer steps of every training (identical budget per subset)")
-    batch_size: int = field(64, help="batch size")
-    lr: float = field(1e-3, help="learning rate")
-    optimizer: str = field("adam", help=f"one of {OPTIMIZERS}")
-    weight_decay: float = field(0.0, help="weight decay")
-    seed: int = field(0, help="seed of initialisation, data order and noise (and the subset masks)")
-    num_subsets: int = field(64, help="regression: subset trainings S")
-    p: float = field(0.5, help="regression: probability a cluster is in a subset")
-    ridge: float = field(0.0, help="regression: ridge penalty")
-    lasso: float = field(0.0, help="regression: lasso penalty")
-    workers: int = field(1, help="regression: parallel trainings (W > 1: Ray actors)")
-    address: str | None = field(None, help="regression: Ray cluster address")
-    cache_dir: str | None = field(None, help="regression: folder of finished trainings (resume)")
-    segments: int = field(8, help="metagradient: checkpoint segments")
-    last_k: int | None = field(None, help="metagradient: differentiate only the last K updates (injected batch)")
-    momentum: float = field(0.0, help="metagradient: SGD momentum")
-    dtype: str = field("float32", help="metagradient: float32 or float64")
     target_in_training: bool = field(False, help="train on half the target demos, measure on the other half")
+    train: TrainConfig = field(default_factory=_default_train, help="every training (identical budget per subset)")
+    clusters: ClusterConfig = field(default_factory=ClusterConfig, help="how samples are grouped into clusters")
+    regression: RegressionConfig = field(default_factory=RegressionConfig, help="regression estimator options")
+    metagradient: MetagradientConfig = field(default_factory=MetagradientConfig, help="metagradient estimator options")
 
     def __post_init__(self) -> None:
         check(self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         check(self.policy in ("mlp", "diffusion"), f"policy must be mlp or diffusion, got {self.policy!r}")
         check(self.size in ("tiny", "default", "large"), f"size must be tiny, default or large, got {self.size!r}")
-        check(self.cluster in CLUSTER_MODES, f"cluster must be one of {CLUSTER_MODES}")
-        check(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}")
+        for name, cls in (("train", TrainConfig), ("clusters", ClusterConfig), ("regression", RegressionConfig),
+                          ("metagradient", MetagradientConfig)):
+            check(isinstance(getattr(self, name), cls), f"{name} must be a {cls.__name__}")
+
+    @classmethod
+    def options(cls) -> list[str]:
+        """Every flat option :meth:`from_options` accepts."""
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in _COMPONENTS]
+        return sorted(own + list(_COMPONENTS) + list(FLAT_OPTIONS) + ["seed"])
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "DatamodelConfig":
+        """A config from flat options: own fields, whole components, or :data:`FLAT_OPTIONS`
+        names (applied on top of the components); ``seed`` sets train and regression seeds.
+
+        Raises:
+            TypeError: An unknown option (naming it).
+            ConfigError: A value a component rejects.
+        """
+        unknown = sorted(set(options) - set(cls.options()))
+        if unknown:
+            raise TypeError(f"unknown datamodel options {unknown}")
+        own = {k: v for k, v in options.items() if k not in FLAT_OPTIONS and k != "seed"}
+        changes: dict[str, dict[str, Any]] = {c: {} for c in _COMPONENTS}
+        for key, value in options.items():
+            if key in FLAT_OPTIONS:
+                component, name = FLAT_OPTIONS[key]
+                changes[component][name] = value
+        if "seed" in options:
+            changes["train"]["seed"] = changes["regression"]["seed"] = options["seed"]
+        defaults = {"train": _default_train, "clusters": ClusterConfig, "regression": RegressionConfig,
+                    "metagradient": MetagradientConfig}
+        for component, fields in changes.items():
+            base = own.get(component) or defaults[component]()
+            own[component] = base.replace(**fields) if fields else base
+        return cls(**own)
 
     def policy_config(self) -> PolicyConfig:
         return make_policy_config(self.policy, self.size, obs_keys=self.obs_keys)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                           weight_decay=self.weight_decay, seed=self.seed)
-
-    def cluster_config(self) -> ClusterConfig:
-        return ClusterConfig(mode=self.cluster, window=self.window)
-
-    def regression_config(self) -> RegressionConfig:
-        return RegressionConfig(num_subsets=self.num_subsets, p=self.p, seed=self.seed, ridge=self.ridge,
-                                lasso=self.lasso, workers=self.workers, address=self.address,
-                                cache_dir=self.cache_dir)
-
-    def metagradient_config(self) -> MetagradientConfig:
-        return MetagradientConfig(segments=self.segments, last_k=self.last_k, momentum=self.momentum,
-                                  dtype=self.dtype)
 
 
 def make_policy_config(kind: str, size: str = "default", **fields: Any) -> PolicyConfig:
@@ -204,6 +230,17 @@ class DatamodelScorer(Scorer):
     name = METHOD
     config_cls = DatamodelConfig
 
+    def __init__(self, config: DatamodelConfig | None = None, **options: Any) -> None:
+        """With ``options`` (flat, see :meth:`DatamodelConfig.from_options`) instead of a config."""
+        if config is None and options:
+            try:
+                config = DatamodelConfig.from_options(**options)
+            except TypeError as exc:  # an unknown option, or a value of the wrong type
+                raise ConfigError(f"{self.name}: invalid options {options} ({exc})",
+                                  hint=f"options of {self.name}: {DatamodelConfig.options()}") from None
+            options = {}
+        super().__init__(config, **options)
+
     def score(self, store: Any, run: str | None = None, **inputs: Any) -> pa.Table:
         """Score ``episodes`` of the store's catalog against ``target`` demonstrations.
 
@@ -223,9 +260,9 @@ class DatamodelScorer(Scorer):
         target_ids = resolve_episodes(catalog, cfg.target, default="target")
         splits, _ = metadata_columns(catalog, train_ids)
         return datamodel_scores(
-            _load(cfg.data, train_ids), _load(cfg.data, target_ids), cfg.policy_config(), cfg.train_config(),
-            estimator=cfg.estimator, clusters=cfg.cluster_config(), regression=cfg.regression_config(),
-            metagradient=cfg.metagradient_config(), metric=inputs.get("metric"),
+            _load(cfg.data, train_ids), _load(cfg.data, target_ids), cfg.policy_config(), cfg.train,
+            estimator=cfg.estimator, clusters=cfg.clusters, regression=cfg.regression,
+            metagradient=cfg.metagradient, metric=inputs.get("metric"),
             step_weights=inputs.get("step_weights"), splits=splits, config=cfg,
             target_in_training=cfg.target_in_training,
         )

@@ -55,7 +55,8 @@ def test_cli_hooks_build_config(setup):
     args = parser.parse_args(["--estimator", "metagradient", "--data", "d", "--steps", "7", "--last-k", "2",
                               "--target", "tg000,tg001"])
     cfg = config_from_args(args, {"lr": 0.01})
-    assert (cfg.estimator, cfg.steps, cfg.last_k, cfg.target, cfg.lr) == ("metagradient", 7, 2, "tg000,tg001", 0.01)
+    assert (cfg.estimator, cfg.train.steps, cfg.metagradient.last_k, cfg.target, cfg.train.lr) == (
+        "metagradient", 7, 2, "tg000,tg001", 0.01)
 
 
 def test_eval_lds_command(setup, capsys):
