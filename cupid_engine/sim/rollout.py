@@ -35,6 +35,16 @@ a zero-argument factory (or ``"package.module:factory"``) returning an object wi
 The generator handed to ``predict_action`` is a ``torch.Generator`` for torch modules, the
 result of ``policy.make_generator(seed)`` where defined, else a
 ``numpy.random.Generator``.
+
+**Image policies** (a ``config.image_keys``, e.g. ``diffusion-image``): every step the
+policy's cameras are rendered live (:class:`~cupid_engine.sim.render.CameraRenderer` at the
+config's ``image_shape``), and each query gets the raw batch ``{"obs": [1, n_obs, D],
+"image": uint8 [1, n_obs, K, H, W, C]}`` through ``predict_action_batch`` (windows padded at
+the start like the low-dim one). The episode keeps every frame it was shown in ``images``
+(``camera -> uint8 [T, H, W, 3]``, frame ``t`` before action ``t``). Rendering needs
+``MUJOCO_GL=egl`` before mujoco is imported, so :func:`run_rollouts` runs image rollouts of
+a checkpoint in ``workers`` spawned processes (with ``MUJOCO_GL=egl``) unless this process
+already renders with EGL and ``workers == 1``; episodes are the same either way.
 """
 
 from __future__ import annotations
@@ -153,6 +163,22 @@ class RolloutWorker:
                 f"policy expects obs_dim {want} but keys {self.obs_keys} give {dim} on task {self.task!r}"
             )
         self.source = source or f"rollout:{self.task}"
+        # Image policies see their cameras rendered live (module docstring).
+        self.cameras = tuple(getattr(cfg, "image_keys", None) or ())
+        self.renderer = None
+        if self.cameras:
+            if env is not None:
+                raise ValueError("image policies roll out on the built-in tasks only (a user env has no cameras)")
+            from cupid_engine.sim.render import CameraRenderer
+
+            shape = tuple(getattr(cfg, "image_shape", ()) or ())
+            if len(shape) != 3 or shape[0] != shape[1]:
+                raise ValueError(f"image policy config has image_shape {shape}; rollouts render square frames [S, S, 3]")
+            try:
+                self.renderer = CameraRenderer(self.env, self.cameras, int(shape[0]))
+            except BaseException:
+                self.env.close()
+                raise
 
     def run(self, episode_seeds: Sequence[int], episode_ids: Sequence[str] | None = None) -> list[Episode]:
         """Run one episode per seed (ids default to ``{task}_rollout_s{seed}``)."""
@@ -165,6 +191,8 @@ class RolloutWorker:
     def run_one(self, seed: int, episode_id: str) -> Episode:
         """Run one episode from ``seed``; it stops at the horizon (or the first success
         when ``success_mode`` is ``first``)."""
+        if self.renderer is not None:
+            return self._run_one_image(seed, episode_id)
         env_ss, policy_ss = np.random.SeedSequence(int(seed)).spawn(2)
         obs = self.env.reset(int(env_ss.generate_state(1)[0]))
         generator = _make_generator(self.policy, int(policy_ss.generate_state(1)[0]))
@@ -224,8 +252,89 @@ class RolloutWorker:
             },
         )
 
+    def _run_one_image(self, seed: int, episode_id: str) -> Episode:
+        """:meth:`run_one` for image policies: live frames in, frames kept in ``images``."""
+        import torch
+
+        env_ss, policy_ss = np.random.SeedSequence(int(seed)).spawn(2)
+        obs = self.env.reset(int(env_ss.generate_state(1)[0]))
+        generator = _make_generator(self.policy, int(policy_ss.generate_state(1)[0]))
+        env_keys = self.env.obs_keys
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in env_keys}
+        frames: dict[str, list[np.ndarray]] = {c: [] for c in self.cameras}
+        shot = self.renderer()
+        window = [np.concatenate([obs[k] for k in self.obs_keys])] * self.n_obs_steps
+        # [K, H, W, 3] per step, cameras in the policy's order; padded like the low-dim window.
+        image_window = [np.stack([shot[c] for c in self.cameras])] * self.n_obs_steps
+        actions: list[np.ndarray] = []
+        success, reward_sum, queries, t = False, 0.0, 0, 0
+        stop_early = self.success_mode == "first"
+        ever = False
+        while t < self.horizon and not (success and stop_early):
+            batch = {
+                "obs": torch.from_numpy(np.stack(window)[None].astype(np.float32)),
+                "image": torch.from_numpy(np.stack(image_window)[None]),
+            }
+            chunk = self.policy.predict_action_batch(batch, generator=generator)
+            chunk = np.asarray(chunk.detach().cpu().numpy() if hasattr(chunk, "detach") else chunk, np.float32)
+            queries += 1
+            if chunk.ndim == 3:
+                chunk = chunk[0]
+            if chunk.ndim != 2 or chunk.shape[1] != self.action_dim or len(chunk) == 0:
+                raise ValueError(
+                    f"episode {episode_id!r}: image policy returned actions of shape {chunk.shape}, "
+                    f"expected [1, n_action_steps, {self.action_dim}]"
+                )
+            for action in chunk:
+                if t >= self.horizon or (success and stop_early):
+                    break
+                for k in env_keys:
+                    rows[k].append(obs[k])
+                for c in self.cameras:
+                    frames[c].append(shot[c])
+                actions.append(action)
+                obs, reward, success = self.env.step(action)
+                reward_sum += reward
+                ever = ever or success
+                t += 1
+                window = window[1:] + [np.concatenate([obs[k] for k in self.obs_keys])]
+                shot = self.renderer()
+                image_window = image_window[1:] + [np.stack([shot[c] for c in self.cameras])]
+        if self.success_mode == "any":
+            success = ever
+        size = int(self.renderer.size)
+        return Episode(
+            episode_id=episode_id,
+            observations={k: np.stack(v) for k, v in rows.items()},
+            actions=np.stack(actions),
+            images={c: np.stack(v) for c, v in frames.items()},
+            split="rollout",
+            source=self.source,
+            task=self.task,
+            success=bool(success),
+            return_=1.0 if success else 0.0,
+            tier=None,
+            metadata={
+                "episode_seed": int(seed),
+                "horizon": self.horizon,
+                "fps": CONTROL_FREQ,
+                "obs_keys": list(env_keys),
+                "policy_obs_keys": list(self.obs_keys),
+                "n_obs_steps": self.n_obs_steps,
+                "policy_queries": queries,
+                "env_knobs": dict(getattr(self.env, "knobs", {}) or {}),
+                "reward_sum": float(reward_sum),
+                "success_mode": self.success_mode,
+                "render": {"cameras": list(self.cameras), "size": size,
+                           "renderer": "mujoco.Renderer MUJOCO_GL=egl (live, the policy's input)"},
+            },
+        )
+
     def close(self) -> None:
-        """Release the simulation."""
+        """Release the renderer and the simulation."""
+        if getattr(self, "renderer", None) is not None:
+            self.renderer.close()
+            self.renderer = None
         if hasattr(self.env, "close"):
             self.env.close()
 
@@ -303,6 +412,20 @@ def run_rollouts(
     horizon = int(horizon or DEFAULT_HORIZON[task])
     seeds = [episode_seed(seed, i) for i in range(episodes)]
     ids = [f"{task}_rollout_{i:04d}" for i in range(episodes)]
+    cameras = policy_cameras(policy)
+    if cameras and (workers > 1 or address is not None or not _renders_here()):
+        if address is not None or env is not None:
+            raise ValueError("image policies roll out on local processes and the built-in tasks (no address=, no env=)")
+        if hasattr(policy, "predict_action"):
+            raise TypeError(
+                f"image policy (cameras {list(cameras)}) objects roll out in-process only, which needs MUJOCO_GL=egl "
+                "set before mujoco is first imported (this process cannot render) and workers=1; "
+                "pass a checkpoint path to roll out in spawned rendering processes"
+            )
+        return _run_image_rollouts(
+            policy, task, seeds=seeds, episode_ids=ids, workers=workers, horizon=horizon, variation=variation,
+            success_mode=success_mode, progress=progress,
+        )
     if workers == 1 and address is None:
         worker = RolloutWorker(
             task, policy, horizon=horizon, variation=variation, success_mode=success_mode, env=env
@@ -340,3 +463,108 @@ def run_rollouts(
         address=address,
         progress=progress,
     )
+
+
+def policy_cameras(policy: PolicyLike) -> tuple[str, ...]:
+    """Camera keys an image policy reads (``config.image_keys``); ``()`` for state policies.
+
+    Checkpoint paths are judged from their ``config.json`` without loading the model;
+    factories are not called here (an image policy from a factory rolls out in-process).
+    """
+    if hasattr(policy, "predict_action"):
+        return tuple(getattr(getattr(policy, "config", None), "image_keys", None) or ())
+    if isinstance(policy, (str, os.PathLike)):
+        import json
+        from pathlib import Path
+
+        from cupid_engine.policies.checkpoint import CONFIG_FILE
+
+        cfg_path = Path(policy) / CONFIG_FILE
+        if not cfg_path.is_file():
+            return ()  # load_policy names what is missing when the worker loads it
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except ValueError:
+            return ()  # likewise: load_policy raises naming the file
+        keys = (meta.get("policy_config") or {}).get("image_keys") if isinstance(meta, dict) else None
+        return tuple(keys or ())
+    return ()
+
+
+def _renders_here() -> bool:
+    """Whether this process can create an offscreen renderer (mujoco imported with a GL backend)."""
+    mj = sys.modules.get("mujoco")
+    if mj is not None:
+        # robosuite rewrites MUJOCO_GL after mujoco read it, so ask mujoco, not the variable.
+        return hasattr(mj, "GLContext")
+    return os.environ.get("MUJOCO_GL", "").lower() in ("egl", "osmesa")
+
+
+_IMAGE_WORKER: dict[str, Any] = {}
+
+
+def _image_rollout_job(spec: dict[str, Any], seed: int, episode_id: str) -> Episode:
+    """Spawned-process side of :func:`_run_image_rollouts`: one worker per process, reused."""
+    # Must precede this process's first mujoco import (render.CameraRenderer).
+    os.environ["MUJOCO_GL"] = "egl"
+    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    # Parallelism is across processes; one thread each also makes the policy's float
+    # arithmetic (hence the episode) independent of the number of workers.
+    os.environ.setdefault("LP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    key = repr(sorted(spec.items()))
+    if _IMAGE_WORKER.get("key") != key:
+        if "worker" in _IMAGE_WORKER:
+            _IMAGE_WORKER.pop("worker").close()
+        variation = Variation.from_dict(spec["variation"]) if spec["variation"] is not None else None
+        _IMAGE_WORKER["worker"] = RolloutWorker(
+            spec["task"], spec["policy"], horizon=spec["horizon"], variation=variation, success_mode=spec["success_mode"]
+        )
+        _IMAGE_WORKER["key"] = key
+        if not _IMAGE_WORKER.get("atexit"):
+            import atexit
+
+            # Explicit close: EGL contexts torn down by the garbage collector print noise.
+            atexit.register(lambda: _IMAGE_WORKER.pop("worker").close() if "worker" in _IMAGE_WORKER else None)
+            _IMAGE_WORKER["atexit"] = True
+    return _IMAGE_WORKER["worker"].run_one(seed, episode_id)
+
+
+def _run_image_rollouts(
+    policy: PolicyLike,
+    task: str,
+    *,
+    seeds: Sequence[int],
+    episode_ids: Sequence[str],
+    workers: int,
+    horizon: int,
+    variation: Variation | None,
+    success_mode: str,
+    progress: Callable[[Episode], None] | None,
+) -> list[Episode]:
+    """Image rollouts of a checkpoint (or picklable factory) in ``workers`` spawned processes."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from cupid_engine.sim.render import check_egl
+
+    check_egl()
+    spec = {
+        "task": task, "policy": os.fspath(policy) if isinstance(policy, (str, os.PathLike)) else policy,
+        "horizon": int(horizon), "variation": variation.to_dict() if variation is not None else None,
+        "success_mode": success_mode,
+    }
+    out: list[Episode | None] = [None] * len(seeds)
+    with ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_image_rollout_job, spec, int(s), i): n for n, (s, i) in enumerate(zip(seeds, episode_ids))}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                ep = fut.result()
+                out[futures[fut]] = ep
+                if progress is not None:
+                    progress(ep)
+    return [ep for ep in out if ep is not None]
