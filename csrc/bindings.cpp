@@ -59,8 +59,8 @@ PYBIND11_MODULE(_C, m) {
 
   // --- scorers (csrc/cpu/quality.cpp) ---
   m.def("scan_int8_cpu", &cupid::scan_int8_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("codes"),
-        py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("q"), py::arg("scores"),
-        "scores[i] = scales[i] * <codes[i], q>: the int8 scan of the quantised query index.");
+        py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("q"), py::arg("q_scale"), py::arg("scores"),
+        "scores[i] = scales[i] * q_scale * <codes[i], q> (int8 x int8, exact int32 sums): the quantised index scan.");
   m.def("quality_minmax_cpu", &cupid::quality_minmax_cpu, py::call_guard<py::gil_scoped_release>(),
         py::arg("r_ptr"), py::arg("r_off_ptr"), py::arg("m"), py::arg("d_ptr"), py::arg("d_off_ptr"), py::arg("n"),
         py::arg("k"), py::arg("maxmin_ptr"), py::arg("minmax_ptr"), py::arg("dtype"),

@@ -2,13 +2,16 @@
 
 A single-rollout query is one scan of N×K values, so its floor is the bytes read. With
 one int8 code per coordinate and a float32 scale per row (symmetric, per-row:
-``code = round(127·x/max|x|)``) the scan reads a quarter of the fp32 vectors; its scores
-are approximate (error ≤ ½·scale/127·‖q‖₁ per row), so the index re-ranks the best
-candidates exactly against the fp32 vectors and returns exact scores. Whether the true
-top-k survive to re-ranking is measured (recall@k in ``bench query``), not assumed.
+``code = round(127·x/max|x|)``) the scan reads a quarter of the fp32 vectors. The query
+is quantised the same way once per call, so each row's dot product is an exact int32 sum
+of int8 products (vectorisable without reordering concerns, identical for any thread
+count). The scores are approximate (error ≤ ½·sₓ·‖q‖₁ + ½·s_q·‖x‖₁ per row), so the
+index re-ranks the best candidates exactly against the fp32 vectors and returns exact
+scores. Whether the true top-k survive to re-ranking is measured (recall@k in
+``bench query``), not assumed.
 
-Backends: :func:`scan_reference` (torch, readable, float64 for tests) and the C++ kernel
-``csrc/cpu/scan.cpp`` (OpenMP over rows, fixed-order lane sums: thread-count independent).
+Backends: :func:`scan_reference` (readable, float64 for tests) and the C++ kernel
+``csrc/cpu/scan.cpp`` (OpenMP over rows).
 """
 
 from __future__ import annotations
@@ -39,10 +42,17 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
+def quantize_query(q: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(codes [K] int8, scale)`` of one query, as :func:`quantize_rows` does per row."""
+    codes, scales = quantize_rows(np.asarray(q, np.float32).reshape(1, -1))
+    return codes[0], float(scales[0])
+
+
 def scan_reference(codes: np.ndarray, scales: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """``[N]`` approximate scores ``scales[i]·⟨codes[i], q⟩`` in float64 (the spec)."""
-    c = torch.from_numpy(np.asarray(codes)).to(torch.float64)
-    return (torch.from_numpy(np.asarray(scales, np.float64)) * (c @ torch.from_numpy(np.asarray(q, np.float64)))).numpy()
+    """``[N]`` approximate scores ``scales[i]·s_q·⟨codes[i], q_codes⟩`` in float64 (the spec)."""
+    qc, qs = quantize_query(q)
+    dots = np.asarray(codes, np.int64) @ qc.astype(np.int64)  # exact
+    return np.asarray(scales, np.float64) * qs * dots.astype(np.float64)
 
 
 def scan(codes: np.ndarray, scales: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -56,8 +66,9 @@ def scan(codes: np.ndarray, scales: np.ndarray, q: np.ndarray) -> np.ndarray:
         raise ValueError(f"need codes [N, K], scales [N], q [K]; got {codes.shape}, {scales.shape}, {q.shape}")
     if not cpu_backend.is_available():
         raise RuntimeError("the int8 scan needs the C++ extension cupid_engine._C: run `make`")
+    qc, qs = quantize_query(q)
     out = np.empty(codes.shape[0], np.float32)
     if codes.shape[0]:
         cpu_backend._C().scan_int8_cpu(codes.ctypes.data, scales.ctypes.data, codes.shape[0], codes.shape[1],
-                                       q.ctypes.data, out.ctypes.data)
+                                       qc.ctypes.data, np.float32(qs), out.ctypes.data)
     return out

@@ -8,11 +8,11 @@
 
 namespace cupid {
 
-// scores[i] = scales[i] * sum_j codes[i, j] * q[j] for i < n.
-// codes [n, k] int8 row-major, scales [n] float32, q [k] float32, scores [n] float32.
-// Each row's dot product is summed in a fixed lane order, so the scores do not depend
-// on the thread count. Reads n*k bytes: a quarter of an fp32 scan.
+// scores[i] = scales[i] * q_scale * sum_j codes[i, j] * q[j] for i < n, the sum exact in int32.
+// codes [n, k] int8 row-major, scales [n] float32, q [k] int8 (the quantised query),
+// scores [n] float32; k < 2^17. Integer sums make the scores independent of the thread
+// count and vector width. Reads n*k bytes: a quarter of an fp32 scan.
 void scan_int8_cpu(uintptr_t codes_ptr, uintptr_t scales_ptr, int64_t n, int64_t k, uintptr_t q_ptr,
-                   uintptr_t scores_ptr);
+                   float q_scale, uintptr_t scores_ptr);
 
 }  // namespace cupid
