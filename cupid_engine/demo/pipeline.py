@@ -43,13 +43,42 @@ class DemoConfig(Config):
     output: str = field("energy", help="output function of the influence features (label-agnostic by default)")
     filter_fraction: float = field(0.3, help="fraction of lowest-scoring demos filtered in the report")
     seed: int = field(0, help="seed of every stage")
+    obs: str = field("state", help="state (low-dim observations) or image (camera frames + state, see DemoConfig.image)")
+    cameras: tuple[str, ...] = field(("agentview",), help="obs=image: robosuite cameras rendered for demos and rollouts")
+    image_size: int = field(64, help="obs=image: frame height and width in pixels")
+    draws: int = field(64, help="(eps, t) draws per sample of the diffusion outputs")
+    rollout_horizon: int = field(0, help="step limit of a rollout (0: the task's default)")
 
     def __post_init__(self) -> None:
         check(self.demos_per_tier > 0, "demos_per_tier must be > 0")
         check(self.rollouts > 0, "rollouts must be > 0")
         check(self.workers >= 1, "workers must be >= 1")
         check(0 < self.filter_fraction < 1, "filter_fraction must be in (0, 1)")
-        check(self.policy in ("mlp", "diffusion"), f"policy must be mlp or diffusion, got {self.policy!r}")
+        check(self.obs in ("state", "image"), f"obs must be state or image, got {self.obs!r}")
+        if self.obs == "state":
+            check(self.policy in ("mlp", "diffusion"), f"policy must be mlp or diffusion, got {self.policy!r}")
+        else:
+            check(self.policy == "diffusion-image", f"obs=image needs policy diffusion-image, got {self.policy!r}")
+            check(len(self.cameras) >= 1, "obs=image needs at least one camera")
+            check(self.image_size >= 17, f"image_size must be >= 17, got {self.image_size}")
+        check(self.draws >= 1, "draws must be >= 1")
+        check(self.rollout_horizon >= 0, "rollout_horizon must be >= 0")
+
+    @classmethod
+    def image(cls, **overrides: Any) -> DemoConfig:
+        """The image demo (``cupid-engine demo --obs image``): sized for well under 20
+        minutes on 2 loaded cores (README gives the measured time).
+
+        One 64x64 ``agentview`` camera; the tiny ``diffusion-image`` preset (ResNet-GN
+        encoder + spatial softmax, UNet (16, 32)); rollouts in 2 rendering processes;
+        ``square`` output (CUPID appendix A, label-agnostic) with 4 noise draws per sample.
+        """
+        base: dict[str, Any] = {
+            "obs": "image", "policy": "diffusion-image", "policy_size": "tiny", "demos_per_tier": 6,
+            "train_steps": 1000, "batch_size": 64, "rollouts": 8, "workers": 2, "k": 256, "output": "square",
+            "draws": 4, "rollout_horizon": 200,
+        }
+        return cls(**{**base, **overrides})
 
 
 def _stage(out: Path, name: str, cfg: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -81,10 +110,18 @@ def generate_stage(cfg: DemoConfig, out: Path) -> dict[str, Any]:
         counts: dict[str, int] = {}
         total = cfg.demos_per_tier * len(cfg.tiers)
 
+        if cfg.obs == "image":
+            from cupid_engine.sim.render import generate_image_episodes
+
+            episodes = generate_image_episodes(
+                cfg.task, cameras=cfg.cameras, size=cfg.image_size, workers=cfg.workers,
+                demos_per_tier=cfg.demos_per_tier, tiers=cfg.tiers, seed=cfg.seed,
+            )
+        else:
+            episodes = generate_episodes(cfg.task, demos_per_tier=cfg.demos_per_tier, tiers=cfg.tiers, seed=cfg.seed)
+
         def stream():
-            for i, ep in enumerate(
-                generate_episodes(cfg.task, demos_per_tier=cfg.demos_per_tier, tiers=cfg.tiers, seed=cfg.seed)
-            ):
+            for i, ep in enumerate(episodes):
                 counts[ep.tier] = counts.get(ep.tier, 0) + 1
                 if (i + 1) % 10 == 0 or i + 1 == total:
                     print(f"        generated {i + 1}/{total} demos", flush=True)
@@ -111,6 +148,8 @@ def train_stage(cfg: DemoConfig, out: Path, data_path: str) -> dict[str, Any]:
         if presets.get(cfg.policy_size) is None:
             raise ValueError(f"policy {cfg.policy!r} has no {cfg.policy_size!r} preset")
         policy_cfg = presets[cfg.policy_size]().replace(obs_keys=tuple(obs_keys(cfg.task)))
+        if cfg.obs == "image":
+            policy_cfg = policy_cfg.replace(image_keys=tuple(cfg.cameras))
         tcfg = TrainConfig(steps=cfg.train_steps, batch_size=cfg.batch_size, seed=cfg.seed, lr=1e-3)
         policy = train_policy(policy_cfg, episodes, tcfg, progress=True)
         save_policy(policy, path, overwrite=True)
@@ -134,8 +173,10 @@ def rollout_stage(cfg: DemoConfig, out: Path, policy_path: str) -> dict[str, Any
             done[0] += 1
             print(f"        rollout {done[0]}/{cfg.rollouts}: {'success' if ep.success else 'failure'}", flush=True)
 
+        # Image policies: rolled out in cfg.workers spawned rendering processes (sim.rollout).
         eps = run_rollouts(
-            policy_path, cfg.task, episodes=cfg.rollouts, seed=cfg.seed + 10_000, workers=cfg.workers, progress=progress
+            policy_path, cfg.task, episodes=cfg.rollouts, seed=cfg.seed + 10_000, workers=cfg.workers, progress=progress,
+            horizon=cfg.rollout_horizon or None,
         )
         write_dataset(path, eps, overwrite=True)
         rate = sum(bool(e.success) for e in eps) / len(eps)
@@ -155,7 +196,8 @@ def featurize_stage(cfg: DemoConfig, out: Path, data_path: str, rollout_path: st
     def run() -> dict[str, Any]:
         store = GradientStore.create(str(path), overwrite=True)
         policy = load_policy(policy_path)
-        fcfg = FeaturizeConfig(output=cfg.output, projection=ProjectionConfig(method=cfg.method, k=cfg.k, seed=cfg.seed))
+        fcfg = FeaturizeConfig(output=cfg.output, draws=cfg.draws,
+                               projection=ProjectionConfig(method=cfg.method, k=cfg.k, seed=cfg.seed))
         featurize(open_source(data_path), store, "base", policy=policy, config=fcfg)
         run_ = featurize(open_source(rollout_path), store, "base", policy=policy, config=fcfg)
         return {"path": str(path), "k": run_.k, "gram_count": int(run_.gram_count)}
