@@ -145,13 +145,19 @@ def write_report(cfg, out: Path, *, summaries: dict[str, Any], query) -> Path:
                   f"rollout and demo steps that carry it.</p>" + _html_table(qrows, qcols))
         q_json = {"rollout": query.rollout, "sign": query.sign, "top": qrows}
     ro = summaries["rollout"]
+    obs_html = ""
+    if getattr(cfg, "obs", "state") == "image":
+        obs_html = (f" Observations: camera frames ({html.escape(', '.join(cfg.cameras))}, "
+                    f"{cfg.image_size}x{cfg.image_size}) and the low-dim state; rollouts see live renders.")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cupid_engine demo report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:100%}}</style></head><body>
 <h1>cupid_engine demo: {html.escape(cfg.task)}, mixed-quality demonstrations</h1>
 <p>{cfg.demos_per_tier} scripted demos per tier ({", ".join(cfg.tiers)}), {html.escape(cfg.policy)} policy trained
 for {cfg.train_steps} steps, {ro['episodes']} rollouts with success rate {ro['success_rate']:.0%};
-features: {html.escape(cfg.method)} k={cfg.k}, output {html.escape(cfg.output)}.</p>
+features: {html.escape(cfg.method)} k={cfg.k}, output {html.escape(cfg.output)}.{obs_html}</p>
+<p>Influence explorer (rollouts and their top influencing demos, with frames where the data has them):
+<a href="../site/index.html">site/index.html</a>.</p>
 <h2>Score distributions per tier</h2><img src="score_distributions.png" alt="score distributions">
 <h2>Filtering the lowest {cfg.filter_fraction:.0%}</h2>
 <p><code>vs_random_expected</code>: worse-tier removal rate over the filtered fraction (what random filtering
