@@ -33,7 +33,10 @@ class DemoConfig(Config):
     train_steps: int = field(3000, help="optimizer steps of behaviour cloning")
     batch_size: int = field(256, help="training batch size")
     rollouts: int = field(30, help="closed-loop rollouts of the trained policy")
-    workers: int = field(1, help="rollout workers (1 = in-process, >1 = local Ray actors)")
+    workers: int = field(
+        1, help="rollout workers (1 = in-process, >1 = local Ray actors; obs=image: rendering processes of generate "
+                "and rollout)"
+    )
     k: int = field(1024, help="projection dimension")
     method: str = field("tensorsketch", help="projection method")
     # Not "loss": a deterministic MLP's rollout actions are its own predictions, so the BC

@@ -386,7 +386,9 @@ def run_rollouts(
         episodes: Number of episodes M.
         seed: Base seed; episode ``i`` uses :func:`episode_seed(seed, i) <episode_seed>`.
         workers: 1 runs in this process; W > 1 runs W Ray actors
-            (:mod:`cupid_engine.distributed.rollouts`).
+            (:mod:`cupid_engine.distributed.rollouts`). Image policies (module
+            docstring) run in W spawned rendering processes instead (1 in this process
+            when it renders with EGL).
         horizon: Step limit (default per task, ``generate.DEFAULT_HORIZON``).
         variation: Per-episode environment knob ranges.
         address: Ray cluster address to join (default: a local Ray instance).
