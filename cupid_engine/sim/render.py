@@ -162,6 +162,14 @@ class CameraRenderer:
                 f"offscreen rendering needs MUJOCO_GL=egl in this process (it is {gl or 'unset'!r})",
                 hint="set it before robosuite/mujoco is first imported, or render with render_episodes (worker processes)",
             )
+        if not hasattr(mujoco, "GLContext"):
+            # robosuite rewrites MUJOCO_GL to egl after mujoco has read it: the variable can
+            # say egl while this process's mujoco has no GL backend.
+            raise RenderUnavailable(
+                "mujoco was first imported in this process without a GL backend (MUJOCO_GL was 'disable' then)",
+                hint="set MUJOCO_GL=egl before robosuite/mujoco is first imported, or render with render_episodes "
+                     "(worker processes)",
+            )
         try:
             self._renderer = mujoco.Renderer(model, self.size, self.size)
         except Exception as exc:  # EGL/GL failures come as several unrelated types

@@ -72,3 +72,17 @@ def test_image_policy_object_without_egl_is_refused(image_policy_path, monkeypat
     monkeypatch.setenv("MUJOCO_GL", "disable")
     with pytest.raises(TypeError, match="MUJOCO_GL=egl.*cannot render.*pass a checkpoint path"):
         run_rollouts(load_policy(image_policy_path), "lift", episodes=1, horizon=4)
+
+
+def test_live_renderer_names_a_mujoco_imported_without_gl(sim_env, monkeypatch):
+    """robosuite rewrites MUJOCO_GL=egl after mujoco read 'disable': the error says so."""
+    import mujoco
+
+    from cupid_engine.sim.render import CameraRenderer, RenderUnavailable
+
+    env = sim_env("lift")
+    if hasattr(mujoco, "GLContext"):
+        pytest.skip("this test process imported mujoco with a GL backend")
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    with pytest.raises(RenderUnavailable, match="first imported in this process without a GL backend"):
+        CameraRenderer(env, ("agentview",), SIZE)
