@@ -55,7 +55,9 @@ def test_item_that_kills_its_worker_fails_after_bounded_retries(local_ray):
     pool = _pool(local_ray, max_retries=1, max_restarts=5, start_timeout=120)
     pool.start(2)
     got = {}
-    with pytest.raises(RuntimeError, match=r"items \[3\] lost their worker 2 times") as info:
+    # Item 3 kills its worker; an item queued on the same actor dies with it, so which item
+    # exhausts its retries first depends on scheduling: the message names it, whichever it is.
+    with pytest.raises(RuntimeError, match=r"items \[[\d, ]+\] lost their worker 2 times") as info:
         pool.run(list(range(8)), got.__setitem__)
     assert "\n" not in str(info.value)
     assert len(pool.lost) == 2  # one worker per attempt, each replaced
