@@ -48,6 +48,13 @@ def _raylet_of(node_id, temp_dir):
     raise AssertionError(f"no raylet for node {node_id}")
 
 
+
+def _markers_written(store_path) -> int:
+    """Shard completion markers on disk (``runs/r/done/c/<shard>``), counted from the files
+    themselves: the kill trigger must not depend on any reader-side state of the store."""
+    root = os.path.join(os.fspath(store_path), "runs", "r", "done")
+    return sum(1 for _, _, files in os.walk(root) for f in files if f != "zarr.json" and not f.endswith(".tmp"))
+
 def test_lost_node_shards_run_on_survivor(tmp_path, checkpoint, two_node_cluster):
     import ray
 
@@ -63,7 +70,6 @@ def test_lost_node_shards_run_on_survivor(tmp_path, checkpoint, two_node_cluster
     f = Featurizer.from_config(load_policy(checkpoint), CFG, policy_hash=policy_hash(checkpoint))
     total = len(prepare_run(src, store, "r", f, CFG).pending_shards())
     killed = {}
-    errors: list[str] = []  # reads that raced a writer (retried), shown if no kill happened
 
     def kill_worker_node(infos):
         head = next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
@@ -74,12 +80,7 @@ def test_lost_node_shards_run_on_survivor(tmp_path, checkpoint, two_node_cluster
         def watch():
             deadline = time.time() + 120
             while time.time() < deadline:
-                try:
-                    left = len(GradientStore.open(tmp_path / "kill.zarr").run("r").pending_shards())
-                except Exception as exc:  # noqa: BLE001 - a read racing a writer: look again
-                    errors.append(repr(exc))
-                    time.sleep(0.01)
-                    continue
+                left = total - _markers_written(tmp_path / "kill.zarr")
                 if left < total - 1:  # mid-job: some shards written, most not
                     os.kill(raylet, signal.SIGKILL)
                     os.kill(victim["pid"], signal.SIGKILL)
@@ -92,7 +93,7 @@ def test_lost_node_shards_run_on_survivor(tmp_path, checkpoint, two_node_cluster
     summary = featurize_distributed(src, store, "r", policy_path=checkpoint, config=CFG, workers=2, progress=False,
                                     address=two_node_cluster["address"], on_workers=kill_worker_node,
                                     start_timeout=90)
-    assert killed and 0 < killed["left"] < total, (killed, total, errors[-3:])
+    assert killed and 0 < killed["left"] < total, (killed, total)
     assert summary["lost_workers"] == 1, summary
     run = store.run("r")
     assert run.is_complete()
