@@ -228,28 +228,38 @@ class RolloutWorker:
                 window = window[1:] + [np.concatenate([obs[k] for k in self.obs_keys])]
         if self.success_mode == "any":
             success = ever
+        return self._episode(episode_id, seed, rows, actions, success, env_keys, queries, reward_sum)
+
+    def _episode(self, episode_id: str, seed: int, rows: dict, actions: list, success: bool, env_keys: Any,
+                 queries: int, reward_sum: float, *, images: dict | None = None,
+                 render: dict | None = None) -> Episode:
+        """The rollout episode and its metadata (state and image rollouts alike)."""
+        metadata = {
+            "episode_seed": int(seed),
+            "horizon": self.horizon,
+            "fps": CONTROL_FREQ,
+            "obs_keys": list(env_keys),
+            "policy_obs_keys": list(self.obs_keys),
+            "n_obs_steps": self.n_obs_steps,
+            "policy_queries": queries,
+            "env_knobs": dict(getattr(self.env, "knobs", {}) or {}),
+            "reward_sum": float(reward_sum),
+            "success_mode": self.success_mode,
+        }
+        if render is not None:
+            metadata["render"] = render
         return Episode(
             episode_id=episode_id,
             observations={k: np.stack(v) for k, v in rows.items()},
             actions=np.stack(actions),
+            images=images or {},
             split="rollout",
             source=self.source,
             task=self.task,
             success=bool(success),
             return_=1.0 if success else 0.0,
             tier=None,
-            metadata={
-                "episode_seed": int(seed),
-                "horizon": self.horizon,
-                "fps": CONTROL_FREQ,
-                "obs_keys": list(env_keys),
-                "policy_obs_keys": list(self.obs_keys),
-                "n_obs_steps": self.n_obs_steps,
-                "policy_queries": queries,
-                "env_knobs": dict(getattr(self.env, "knobs", {}) or {}),
-                "reward_sum": float(reward_sum),
-                "success_mode": self.success_mode,
-            },
+            metadata=metadata,
         )
 
     def _run_one_image(self, seed: int, episode_id: str) -> Episode:
@@ -303,31 +313,11 @@ class RolloutWorker:
         if self.success_mode == "any":
             success = ever
         size = int(self.renderer.size)
-        return Episode(
-            episode_id=episode_id,
-            observations={k: np.stack(v) for k, v in rows.items()},
-            actions=np.stack(actions),
+        return self._episode(
+            episode_id, seed, rows, actions, success, env_keys, queries, reward_sum,
             images={c: np.stack(v) for c, v in frames.items()},
-            split="rollout",
-            source=self.source,
-            task=self.task,
-            success=bool(success),
-            return_=1.0 if success else 0.0,
-            tier=None,
-            metadata={
-                "episode_seed": int(seed),
-                "horizon": self.horizon,
-                "fps": CONTROL_FREQ,
-                "obs_keys": list(env_keys),
-                "policy_obs_keys": list(self.obs_keys),
-                "n_obs_steps": self.n_obs_steps,
-                "policy_queries": queries,
-                "env_knobs": dict(getattr(self.env, "knobs", {}) or {}),
-                "reward_sum": float(reward_sum),
-                "success_mode": self.success_mode,
-                "render": {"cameras": list(self.cameras), "size": size,
-                           "renderer": "mujoco.Renderer MUJOCO_GL=egl (live, the policy's input)"},
-            },
+            render={"cameras": list(self.cameras), "size": size,
+                    "renderer": "mujoco.Renderer MUJOCO_GL=egl (live, the policy's input)"},
         )
 
     def close(self) -> None:
