@@ -4,12 +4,14 @@
 // cupid_engine/ops check device, dtype, contiguity and shape, so this module links
 // neither libtorch nor a CUDA-enabled torch and builds in seconds.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "cupid/hash.h"
 #include "cupid/kernels.h"
 #include "cupid/quality.h"
 #include "cupid/scan.h"
 #include "cupid/spectral.h"
+#include "cupid/tensorsketch.h"
 #ifdef CUPID_WITH_CUDA
 #include "cupid/cuda_kernels.h"
 #endif
@@ -56,6 +58,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("dft_spectrum_cpu", &cupid::dft_spectrum_cpu, py::call_guard<py::gil_scoped_release>(),
         py::arg("v_ptr"), py::arg("table_ptr"), py::arg("out_ptr"), py::arg("rows"), py::arg("n"), py::arg("freqs"),
         py::arg("dtype"), "out[rows, freqs] = sum_j v[rows, n] * table[n, freqs] (complex, j ascending, no FMA).");
+
+  // --- tensorsketch with its own lane-parallel FFT (csrc/cpu/tensorsketch.cpp) ---
+  m.def("tensorsketch_fft_cpu", &cupid::tensorsketch_fft_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("delta_ptrs"), py::arg("x_ptrs"), py::arg("steps"), py::arg("out_dims"), py::arg("in_dims"),
+        py::arg("d_sb"), py::arg("d_st"), py::arg("x_sb"), py::arg("x_st"), py::arg("b1_ptrs"), py::arg("s1_ptrs"),
+        py::arg("b2_ptrs"), py::arg("s2_ptrs"), py::arg("out_ptr"), py::arg("batch"), py::arg("k"), py::arg("dtype"),
+        "out[B, k] = sum over layers and steps of the tensorsketch of delta_t x_t^T (FFT route, W samples per SIMD\n"
+        "lane group, k a power of two >= 8).");
+  m.def("hash_gradient_cpu", &cupid::hash_gradient_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("g_ptr"),
+        py::arg("b1_ptr"), py::arg("s1_ptr"), py::arg("b2_ptr"), py::arg("s2_ptr"), py::arg("out_ptr"),
+        py::arg("batch"), py::arg("out_dim"), py::arg("in_dim"), py::arg("k"), py::arg("dtype"),
+        py::arg("accumulate"),
+        "out[B, k] (+)= CountSketch of a materialised gradient g[B, O, I] with bucket (b1[o] + b2[i]) mod k and\n"
+        "sign s1[o] s2[i] (the tensorsketch's 'dense' route).");
+  m.def("tensorsketch_lanes", &cupid::tensorsketch_lanes, py::arg("dtype"),
+        "Samples per SIMD lane group of tensorsketch_fft_cpu for a dtype (0 float32, 3 float64).");
 
   // --- scorers (csrc/cpu/quality.cpp) ---
   m.def("scan_int8_cpu", &cupid::scan_int8_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("codes"),

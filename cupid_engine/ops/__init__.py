@@ -201,13 +201,18 @@ def tensorsketch(
     seed: int = 0,
     backend: str = "auto",
     check_finite: bool = True,
+    strategy: str = "auto",
 ) -> torch.Tensor:
     """Sketch of the per-sample gradient of a Linear layer from its hook captures.
 
     The per-sample gradient of a Linear layer is ``G = sum_t delta_t x_t^T`` (``[O, I]``;
     append a constant 1 to ``x`` to include the bias). This returns the CountSketch of
     ``vec(G)`` with bucket ``(h1(o) + h2(i)) mod k`` and sign ``s1(o) s2(i)``, computed by FFT
-    in ``O(T (O + I + k log k))`` per sample without forming ``G``.
+    in ``O(T (O + I + k log k))`` per sample without forming ``G`` (``fft``), or, when ``T``
+    is large against ``O I / (k log k)``, by forming ``G`` with one batched GEMM and hashing
+    its entries with those same buckets and signs (``dense``): the same vector up to float
+    rounding. ``auto`` chooses per call by the cost model of ``ops.tensorsketch_plan`` (a
+    pure function of the shapes: the same call always takes the same route).
 
     Args:
         delta: ``[B, T, O]`` output gradients.
@@ -216,10 +221,16 @@ def tensorsketch(
         seed: Sketch seed (use an independent seed per layer, then sum the layer sketches).
         backend: As in :func:`project`.
         check_finite: Raise on non-finite outputs.
+        strategy: ``"auto"``, ``"fft"`` or ``"dense"`` (the ``torch`` and ``cpu`` backends
+            implement both; the GPU backends only ``fft``, which ``auto`` then takes).
 
     Returns:
         ``[B, k]`` float32 (float64 for float64 inputs).
     """
+    from cupid_engine.ops import tensorsketch_plan
+
+    if strategy not in tensorsketch_plan.STRATEGIES:
+        raise ValueError(f"strategy must be one of {tensorsketch_plan.STRATEGIES}, got {strategy!r}")
     for name, t in (("delta", delta), ("x", x)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -236,8 +247,15 @@ def tensorsketch(
     if delta.shape[1] == 0 or delta.shape[2] == 0 or x.shape[2] == 0:
         raise ValueError(f"empty T, O or I: delta {tuple(delta.shape)}, x {tuple(x.shape)}")
     _check_k_seed(k, seed)
-    impl = _resolve(backend, delta.device, "tensorsketch").impl()
-    out = impl.tensorsketch(delta, x, k, seed)
+    chosen = _resolve(backend, delta.device, "tensorsketch")
+    impl = chosen.impl()
+    if hasattr(impl, "STRATEGIES"):
+        out = impl.tensorsketch(delta, x, k, seed, strategy=strategy)
+    elif strategy == "dense":
+        raise ValueError(f"backend {chosen.name!r} implements only the fft route of tensorsketch (strategy='dense' "
+                         "is on the 'torch' and 'cpu' backends)")
+    else:
+        out = impl.tensorsketch(delta, x, k, seed)
     if check_finite:
         _check_finite(out, "tensorsketch")
     return out

@@ -2,9 +2,10 @@
 
 The C++ module takes raw pointers, so every check on device, dtype, contiguity and shape
 happens here (or, for ``quality_minmax``, in ``ops/quality.py``) before a pointer leaves
-Python. The tensorsketch FFT stage runs in
-``torch.fft`` (pocketfft on CPU): the C++ kernel fuses the hashing scatter, which is the
-part torch cannot do without index tensors.
+Python. The tensorsketch runs in ``csrc/cpu/tensorsketch.cpp``: its own FFT, W samples per
+SIMD lane group, the count-sketch scatter written straight into the FFT input (``fft``
+route), or a batched GEMM forming each sample's ``[O, I]`` gradient hashed by the same
+bucket/sign tables (``dense`` route for many steps); ``ops.tensorsketch_plan`` chooses.
 """
 
 from __future__ import annotations
@@ -88,7 +89,125 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) ->
     return cs1, cs2
 
 
-def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+STRATEGIES = ("auto", "fft", "dense")
+
+# G chunk of the dense route: at most this many entries of [b, O, I] at once (256 MiB fp32).
+_DENSE_CHUNK_ENTRIES = 1 << 26
+
+
+def fft_kernel_supports(k: int) -> bool:
+    """Whether the C++ FFT kernel takes this ``k`` (a power of two >= 8)."""
+    return k >= 8 and k & (k - 1) == 0
+
+
+def _tables(seed: int, O: int, I: int, k: int) -> tuple[torch.Tensor, ...]:
+    b1, s1 = reference.countsketch_buckets(seed, C.STREAM_TS_OUT, O, k)
+    b2, s2 = reference.countsketch_buckets(seed, C.STREAM_TS_IN, I, k)
+    return b1.contiguous(), s1.contiguous(), b2.contiguous(), s2.contiguous()
+
+
+def _kernel_input(t: torch.Tensor) -> torch.Tensor:
+    """float32/float64 with a unit stride along the last dim (fp16/bf16 widened once)."""
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def tensorsketch_fft_layers(
+    layers: list[tuple[int, torch.Tensor, torch.Tensor]], k: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum over layers of the tensorsketch by the C++ FFT kernel (``csrc/cpu/tensorsketch.cpp``).
+
+    Args:
+        layers: ``[(seed, delta [B, T, O], x [B, T, I])]``; every tensor float32 (or every
+            one float64), any T per layer, unit stride along the last dim (other strides free).
+        k: A power of two >= 8 (:func:`fft_kernel_supports`).
+        out: ``[B, k]`` contiguous of the inputs' dtype to write into (else a new tensor).
+
+    Returns:
+        ``[B, k]``: ``sum_l irfft(sum_t rfft(CS1_l(delta_t)) * rfft(CS2_l(x_t)))``, layers in
+        the given order, ``t`` ascending. Each sample's row depends on its own inputs only
+        (not on B, the batch split or the thread count).
+    """
+    if not fft_kernel_supports(k):
+        raise ValueError(f"the C++ tensorsketch FFT kernel needs k a power of two >= 8, got {k}")
+    dtype = layers[0][1].dtype
+    B = layers[0][1].shape[0]
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"tensorsketch_fft_layers takes float32 or float64, got {dtype}")
+    args: dict[str, list] = {n: [] for n in ("d", "x", "T", "O", "I", "dsb", "dst", "xsb", "xst", "b1", "s1", "b2", "s2")}
+    keep = []
+    for seed, d, x in layers:
+        if d.dtype != dtype or x.dtype != dtype:
+            raise TypeError(f"tensorsketch_fft_layers: mixed dtypes {d.dtype}, {x.dtype}, expected {dtype}")
+        if d.dim() != 3 or x.dim() != 3 or d.shape[:2] != x.shape[:2] or d.shape[0] != B:
+            raise ValueError(f"tensorsketch_fft_layers: delta {tuple(d.shape)} and x {tuple(x.shape)} disagree (B={B})")
+        _check(d, "delta")
+        _check(x, "x")
+        if d.stride(-1) != 1 or x.stride(-1) != 1:
+            raise ValueError("tensorsketch_fft_layers: delta and x need a unit stride along the last dim")
+        b1, s1, b2, s2 = _tables(seed, d.shape[2], x.shape[2], k)
+        keep += [b1, s1, b2, s2]
+        for n, v in (("d", d.data_ptr()), ("x", x.data_ptr()), ("T", d.shape[1]), ("O", d.shape[2]),
+                     ("I", x.shape[2]), ("dsb", d.stride(0)), ("dst", d.stride(1)), ("xsb", x.stride(0)),
+                     ("xst", x.stride(1)), ("b1", b1.data_ptr()), ("s1", s1.data_ptr()), ("b2", b2.data_ptr()),
+                     ("s2", s2.data_ptr())):
+            args[n].append(v)
+    if out is None:
+        out = torch.empty(B, k, dtype=dtype)
+    elif out.shape != (B, k) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"tensorsketch_fft_layers: out must be a contiguous [{B}, {k}] {dtype} tensor")
+    _C().tensorsketch_fft_cpu(
+        args["d"], args["x"], args["T"], args["O"], args["I"], args["dsb"], args["dst"], args["xsb"], args["xst"],
+        args["b1"], args["s1"], args["b2"], args["s2"], out.data_ptr(), B, k, _DTYPES[dtype],
+    )
+    del keep
+    return out
+
+
+def hash_gradient(G: torch.Tensor, seed: int, k: int, out: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
+    """``out [B, k]`` (+)= the tensorsketch-hashed materialised gradient ``G [B, O, I]``
+    (bucket ``(h1(o) + h2(i)) mod k``, sign ``s1(o) s2(i)``; o, then i ascending per row)."""
+    _check(G, "G")
+    G = G.contiguous()
+    B, O, I = G.shape
+    if out.shape != (B, k) or out.dtype != G.dtype or not out.is_contiguous():
+        raise ValueError(f"hash_gradient: out must be a contiguous [{B}, {k}] {G.dtype} tensor")
+    b1, s1, b2, s2 = _tables(seed, O, I, k)
+    _C().hash_gradient_cpu(G.data_ptr(), b1.data_ptr(), s1.data_ptr(), b2.data_ptr(), s2.data_ptr(), out.data_ptr(),
+                           B, O, I, k, _DTYPES[G.dtype], bool(accumulate))
+    return out
+
+
+def tensorsketch_dense(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The ``dense`` route: ``G = sum_t delta_t x_t^T`` by batched GEMM (chunks of samples,
+    bounded memory), hashed by :func:`hash_gradient`."""
+    delta, x = _kernel_input(delta), _kernel_input(x)
+    B, T, O = delta.shape
+    I = x.shape[2]
+    out = torch.empty(B, k, dtype=delta.dtype)
+    chunk = max(1, _DENSE_CHUNK_ENTRIES // (O * I))
+    for a in range(0, B, chunk):
+        e = min(B, a + chunk)
+        G = torch.bmm(delta[a:e].transpose(1, 2), x[a:e])  # [b, O, I]
+        hash_gradient(G, seed, k, out[a:e], accumulate=False)
+    return out
+
+
+def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int, strategy: str = "auto") -> torch.Tensor:
+    """The CPU tensorsketch: ``fft`` (C++ lane-FFT kernel; torch.fft when ``k`` is not a power
+    of two) or ``dense`` (GEMM + hash), ``auto`` by ``ops.tensorsketch_plan`` (all exact)."""
+    from cupid_engine.ops import tensorsketch_plan
+
+    _check(delta, "delta")
+    _check(x, "x")
+    B, T, O = delta.shape
+    route = tensorsketch_plan.choose(strategy, B, T, O, x.shape[2], k)
+    if route == "dense":
+        return tensorsketch_dense(delta, x, k, seed)
+    if fft_kernel_supports(k):
+        return tensorsketch_fft_layers([(seed, _kernel_input(delta), _kernel_input(x))], k)
+    # k not a power of two: the C++ count sketch, then torch.fft (the same sketch).
     cs1, cs2 = countsketch_pair(delta, x, k, seed)
     return reference.circular_convolve_sum(cs1, cs2, k)
 

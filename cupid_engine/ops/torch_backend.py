@@ -11,7 +11,17 @@ def project(x: torch.Tensor, k: int, method: str, seed: int, s: int) -> torch.Te
     return reference.project(x, k=k, method=method, seed=seed, s=s)
 
 
-def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+STRATEGIES = ("auto", "fft", "dense")
+
+
+def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int, strategy: str = "auto") -> torch.Tensor:
+    """``fft``: ``reference.tensorsketch``; ``dense``: ``reference.tensorsketch_materialized``
+    (the definition: ``[B, O, I]`` in memory); ``auto`` by ``ops.tensorsketch_plan``."""
+    from cupid_engine.ops import tensorsketch_plan
+
+    B, T, O = delta.shape
+    if tensorsketch_plan.choose(strategy, B, T, O, x.shape[2], k) == "dense":
+        return reference.tensorsketch_materialized(delta, x, k=k, seed=seed)
     return reference.tensorsketch(delta, x, k=k, seed=seed)
 
 

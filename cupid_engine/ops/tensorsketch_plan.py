@@ -1,0 +1,151 @@
+"""Which exact evaluation of the tensorsketch to run: a cost model in seconds.
+
+``ops.tensorsketch(delta [B, T, O], x [B, T, I])`` is the CountSketch of
+``vec(G)``, ``G = sum_t delta_t x_t^T``, with bucket ``(h1(o) + h2(i)) mod k`` and sign
+``s1(o) s2(i)``. Two evaluations give that same vector (to float rounding):
+
+* ``fft``: ``irfft(sum_t rfft(CS1(delta_t)) * rfft(CS2(x_t)))``: ``2T + 1`` real FFTs of
+  length ``k`` and ``T (O + I)`` scattered values per sample, never forming ``G``;
+* ``dense``: ``G`` from one batched GEMM (``2 T O I`` flops per sample), then each of its
+  ``O I`` entries hashed with the combined hashes (the definition itself,
+  ``reference.tensorsketch_materialized``).
+
+``fft`` wins for few steps (a Linear layer, T = 1); ``dense`` once ``T`` is large against
+``O I / (k log k)`` (Conv layers with hundreds of positions, many draws). The model:
+
+    t_fft   = ceil(B / W) W [(2T + 1) c_fft k log2 k + T (O + I) c_scatter]
+    t_dense = B [2 T O I c_flop + O I c_hash]
+
+``W`` is the SIMD lane group of the C++ FFT kernel (samples transformed together; a
+partial group costs a full one). The constants are seconds per unit on one core,
+measured by :func:`calibrate` (``python -m cupid_engine.ops.tensorsketch_plan`` prints a
+fresh calibration next to these defaults); the defaults were measured on the
+development machine (Intel Xeon, AVX-512, 2 cores, 2026-12-06). The choice is a pure
+function of the shapes and these constants, never of a live timing, so the same call
+makes the same choice (and the same float rounding) on every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+__all__ = ["CostModel", "DEFAULT_COST", "STRATEGIES", "choose", "estimate", "calibrate"]
+
+STRATEGIES = ("auto", "fft", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Seconds per unit of work of each tensorsketch route (one core).
+
+    Attributes:
+        c_fft: Per lane-sample and ``k log2 k`` of one real FFT (forward or inverse).
+        c_scatter: Per factor value scattered into an FFT input buffer.
+        c_flop: Per flop of the batched GEMM forming ``G``.
+        c_hash: Per entry of ``G`` written by the GEMM and hashed.
+        lanes: Samples per SIMD lane group of the FFT kernel.
+    """
+
+    c_fft: float = dataclasses.field(default=1.0e-10, metadata={"help": "s per lane and k log2 k of one FFT"})
+    c_scatter: float = dataclasses.field(default=1.6e-9, metadata={"help": "s per scattered factor value"})
+    c_flop: float = dataclasses.field(default=1.4e-11, metadata={"help": "s per GEMM flop"})
+    c_hash: float = dataclasses.field(default=2.5e-9, metadata={"help": "s per hashed entry of G"})
+    lanes: int = dataclasses.field(default=16, metadata={"help": "samples per FFT lane group"})
+
+    def __post_init__(self) -> None:
+        for f in ("c_fft", "c_scatter", "c_flop", "c_hash"):
+            v = getattr(self, f)
+            if not (isinstance(v, float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"CostModel.{f} must be a positive finite float, got {v!r}")
+        if not isinstance(self.lanes, int) or self.lanes < 1:
+            raise ValueError(f"CostModel.lanes must be a positive int, got {self.lanes!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        return cls(**d)
+
+
+DEFAULT_COST = CostModel()
+
+
+def estimate(B: int, T: int, O: int, I: int, k: int, cost: CostModel = DEFAULT_COST) -> dict[str, float]:
+    """Modelled seconds (one core) of each route for one call."""
+    groups = -(-B // cost.lanes)
+    fft = groups * cost.lanes * ((2 * T + 1) * cost.c_fft * k * math.log2(max(k, 2)) + T * (O + I) * cost.c_scatter)
+    dense = B * (2.0 * T * O * I * cost.c_flop + O * I * cost.c_hash)
+    return {"fft": fft, "dense": dense}
+
+
+def choose(strategy: str, B: int, T: int, O: int, I: int, k: int, cost: CostModel = DEFAULT_COST) -> str:
+    """``fft`` or ``dense`` for one call (``strategy`` other than ``auto`` is returned as is)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy != "auto":
+        return strategy
+    est = estimate(B, T, O, I, k, cost)
+    return "dense" if est["dense"] < est["fft"] else "fft"
+
+
+def _best(fn, repeats: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate(k: int = 4096, seed: int = 0) -> CostModel:
+    """Measure the constants of the model on this machine (one thread; ~seconds).
+
+    Each constant is a least-squares-free two-point fit: the route is timed at two sizes
+    that differ in one term only, so the difference isolates that term.
+    """
+    import torch
+
+    from cupid_engine.ops import cpu_backend
+
+    g = torch.Generator().manual_seed(seed)
+    C = cpu_backend._C()
+    before_omp, before_torch = C.num_threads(), torch.get_num_threads()
+    C.set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        lanes = int(C.tensorsketch_lanes(0))
+        B = lanes
+        lk = k * math.log2(k)
+
+        def fft(T, n):
+            d = torch.randn(B, T, n, generator=g)
+            x = torch.randn(B, T, n, generator=g)
+            return _best(lambda: cpu_backend.tensorsketch(d, x, k, 1, strategy="fft"))
+
+        t_small, t_long = fft(4, 8), fft(20, 8)
+        c_fft = (t_long - t_small) / (B * 32 * lk)
+        t_wide = fft(4, 1024)
+        c_scatter = max((t_wide - t_small) / (B * 4 * 2 * (1024 - 8)), 1e-12)
+
+        def dense(T, O):
+            d = torch.randn(B, T, O, generator=g)
+            x = torch.randn(B, T, O, generator=g)
+            return _best(lambda: cpu_backend.tensorsketch(d, x, k, 1, strategy="dense"))
+
+        d1, d2 = dense(1, 256), dense(257, 256)
+        c_flop = max((d2 - d1) / (B * 2 * 256 * 256 * 256), 1e-13)
+        c_hash = max((d1 - B * 2 * 256 * 256 * c_flop) / (B * 256 * 256), 1e-12)
+    finally:
+        C.set_num_threads(before_omp)
+        torch.set_num_threads(before_torch)
+    return CostModel(c_fft=float(c_fft), c_scatter=float(c_scatter), c_flop=float(c_flop), c_hash=float(c_hash),
+                     lanes=lanes)
+
+
+if __name__ == "__main__":
+    print("default:   ", DEFAULT_COST.to_dict())
+    print("calibrated:", calibrate().to_dict())
