@@ -138,6 +138,7 @@ class SimLearner:
         """Featurise training demos and scoring rollouts of the policy in ``model_dir`` (cached)."""
         from cupid_engine.data import open_dataset, write_dataset
         from cupid_engine.featurize import FeaturizeConfig, ProjectionConfig, featurize
+        from cupid_engine.distributed import executor_for
         from cupid_engine.sim import run_rollouts
         from cupid_engine.store import GradientStore
 
@@ -151,7 +152,7 @@ class SimLearner:
         policy_path = Path(model_dir) / "policy"
         rollouts = run_rollouts(
             str(policy_path), self.task, episodes=fo["score_rollouts"],
-            seed=seed * _SEED_STRIDE + 17, workers=int(self.options.get("rollout_workers", 1)),
+            seed=seed * _SEED_STRIDE + 17, executor=executor_for(int(self.options.get("rollout_workers", 1))),
         )
         write_dataset(root / "rollouts", rollouts, overwrite=True)
         store = GradientStore.create(str(root / "store.zarr"), overwrite=True)
@@ -184,11 +185,12 @@ class SimLearner:
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, model_dir: Path, seed: int, rollouts: int) -> float:
+        from cupid_engine.distributed import executor_for
         from cupid_engine.sim import run_rollouts
 
         eps = run_rollouts(
             str(Path(model_dir) / "policy"), self.task, episodes=int(rollouts), seed=seed * _SEED_STRIDE + 5,
-            workers=int(self.options.get("rollout_workers", 1)),
+            executor=executor_for(int(self.options.get("rollout_workers", 1))),
         )
         return float(np.mean([bool(e.success) for e in eps]))
 

@@ -89,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _featurize(args: argparse.Namespace) -> int:
+    from cupid_engine.distributed import executor_for
     from cupid_engine.featurize import FeaturizeConfig, featurize
     from cupid_engine.policies import load_policy
     from cupid_engine.policies.task import is_task_spec, load_task_spec
@@ -127,7 +128,7 @@ def _featurize(args: argparse.Namespace) -> int:
         data = open_source(args.data, obs_keys=[k.strip() for k in args.obs_keys.split(",") if k.strip()])
     run = featurize(
         data, args.store, args.run, **policy_kw, config=config, split=args.split,
-        progress=not args.no_progress, workers=args.workers, address=args.ray_address, device=args.device,
+        progress=not args.no_progress, executor=executor_for(args.workers, args.ray_address), device=args.device,
         overwrite=args.overwrite, replace=args.replace,
     )
     info = run.info()

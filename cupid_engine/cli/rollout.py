@@ -67,6 +67,7 @@ def _rollout(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cupid_engine.data.lerobot import write_dataset
+    from cupid_engine.distributed import executor_for
     from cupid_engine.sim.rollout import run_rollouts
     from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task, parse_variation
 
@@ -96,6 +97,7 @@ def _rollout(args: argparse.Namespace) -> int:
             if variation is not None:
                 raise ValueError("--shift and --vary cannot be combined (both set the physics knobs)")
             variation = get_shift(args.shift)
+        executor = executor_for(args.workers, args.ray_address)
     except ValueError as e:
         raise SystemExit(f"rollout: {e}") from None
     bar = tqdm(total=args.episodes, desc=f"rollout {task}", unit="ep")
@@ -113,11 +115,10 @@ def _rollout(args: argparse.Namespace) -> int:
             task,
             episodes=args.episodes,
             seed=args.seed,
-            workers=args.workers,
+            executor=executor,
             horizon=horizon,
             success_mode=success_mode,
             env=args.env,
-            address=args.ray_address,
             variation=variation,
             progress=tick,
         )

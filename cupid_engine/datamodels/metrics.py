@@ -264,7 +264,7 @@ class _SimSuccess:
     def __call__(self, policy: Policy) -> float:
         from cupid_engine.sim import run_rollouts  # the simulator only when asked for
 
-        rollouts = run_rollouts(policy, self.task, episodes=self.episodes, seed=self.seed, workers=1)
+        rollouts = run_rollouts(policy, self.task, episodes=self.episodes, seed=self.seed)
         return float(np.mean([bool(ep.success) for ep in rollouts]))
 
 

@@ -165,6 +165,7 @@ def train_stage(cfg: DemoConfig, out: Path, data_path: str) -> dict[str, Any]:
 
 def rollout_stage(cfg: DemoConfig, out: Path, policy_path: str) -> dict[str, Any]:
     from cupid_engine.data import write_dataset
+    from cupid_engine.distributed import executor_for
     from cupid_engine.sim import run_rollouts
 
     path = out / "data" / f"{cfg.task}_rollouts"
@@ -178,7 +179,8 @@ def rollout_stage(cfg: DemoConfig, out: Path, policy_path: str) -> dict[str, Any
 
         # Image policies: rolled out in cfg.workers spawned rendering processes (sim.rollout).
         eps = run_rollouts(
-            policy_path, cfg.task, episodes=cfg.rollouts, seed=cfg.seed + 10_000, workers=cfg.workers, progress=progress,
+            policy_path, cfg.task, episodes=cfg.rollouts, seed=cfg.seed + 10_000, executor=executor_for(cfg.workers),
+            progress=progress,
             horizon=cfg.rollout_horizon or None,
         )
         write_dataset(path, eps, overwrite=True)

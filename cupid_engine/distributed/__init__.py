@@ -1,9 +1,11 @@
 """Ray-backed execution: the only package of cupid_engine that imports ray (lazily).
 
-* ``featurize``: featurisation of gradient-store shards on Ray actors
-  (:func:`~cupid_engine.distributed.featurize.featurize_distributed`,
-  :class:`~cupid_engine.distributed.featurize.FeaturizeWorker`).
-* ``rollouts``: parallel simulated rollouts on Ray actors.
+* ``executor``: :class:`~cupid_engine.distributed.executor.RayExecutor`, the Ray
+  implementation of the core's executor protocol (``cupid_engine.executor``) that the
+  featuriser and the rollouts take, on a fault-tolerant actor pool; ``executor_for(workers,
+  address)`` is the choice the CLI makes from ``--workers``/``--ray-address``.
+* ``featurize``: :func:`~cupid_engine.distributed.featurize.featurize_distributed`, the
+  featuriser's shard loop on a Ray executor, with per-worker statistics.
 * ``training``: parallel policy training (datamodel subsets).
 
 Nothing is imported eagerly: ``import cupid_engine.distributed`` neither imports ray nor
@@ -16,7 +18,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "FeaturizeWorker": "cupid_engine.distributed.featurize",
+    "RayExecutor": "cupid_engine.distributed.executor",
+    "executor_for": "cupid_engine.distributed.executor",
     "featurize_distributed": "cupid_engine.distributed.featurize",
 }
 

@@ -15,14 +15,16 @@
    shard's step features are in memory.
 4. **Finalize**: reduce the per-shard Gram partials (training split) in shard order.
 
-:func:`featurize_shard` is step 3 for one shard; the Ray workers of
-``cupid_engine.distributed.featurize`` call it, and ``featurize(..., workers > 1)`` hands
-step 3 to them.
+:func:`featurize_shard` is step 3 for one shard; :func:`featurize_shards` hands the
+pending shards to an executor (``cupid_engine.executor``): in this process by default, or
+on the workers of the executor the caller gives (``cupid_engine.distributed.RayExecutor``),
+each building its featuriser once from a :class:`ShardWorker` recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -46,6 +48,7 @@ from cupid_engine.errors import (
     UserError,
     one_line,
 )
+from cupid_engine.executor import Executor, InProcess
 from cupid_engine.featurize.config import FeaturizeConfig
 from cupid_engine.featurize.featurizer import Featurizer
 from torch import nn
@@ -57,7 +60,8 @@ from cupid_engine.store.catalog import fingerprint_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["featurize", "featurize_shard", "open_inputs", "register_episodes", "shard_units", "run_config"]
+__all__ = ["ShardWorker", "featurize", "featurize_shard", "featurize_shards", "open_inputs", "register_episodes",
+           "shard_units", "run_config"]
 
 _RANGE = re.compile(r"^(\d+):(\d+)$")
 _STORE_COLUMNS = ("episode_id", "split", "length", "success", "return", "tier", "source", "task", "metadata",
@@ -530,6 +534,154 @@ def featurize_shard(
     }
 
 
+# ----------------------------------------------------------------------------- many shards
+class _Shards:
+    """``fn(shard) -> featurize_shard statistics``: one worker's shards of one run."""
+
+    def __init__(self, store: GradientStore, run_name: str, source: Any, featurizer: Featurizer,
+                 units: dict[int, str | None], batch_size: int) -> None:
+        self.store, self.run_name, self.source, self.featurizer = store, run_name, source, featurizer
+        self.units, self.batch_size = units, batch_size
+
+    def __call__(self, shard: int) -> dict[str, Any]:
+        return featurize_shard(self.store, self.run_name, int(shard), self.source, self.featurizer,
+                               unit=self.units.get(shard), batch_size=self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardWorker:
+    """Recipe of a featurisation worker in another process (an executor's worker factory).
+
+    It names what to load, never holds a model: calling it (once per worker process) loads
+    the policy from its checkpoint, opens the store and the source, and returns the
+    function that featurises one shard id.
+
+    Attributes:
+        policy_path: Checkpoint directory every worker loads.
+        config: ``FeaturizeConfig.to_dict()`` of the run.
+        store: Store URL (reachable by every worker).
+        run: The run, created by the driver.
+        source: Dataset path, or the ``EpisodeSource`` itself (pickled with the recipe,
+            which an executor ships once, not once per worker).
+        units: Source unit of each shard (:func:`shard_units`).
+        threads: torch intra-op threads of the worker process (None: left as they are).
+        device: Where each worker runs the policy (None: CPU).
+        storage_options: fsspec options of a remote store and dataset, applied in the worker.
+    """
+
+    policy_path: str
+    config: dict[str, Any]
+    store: str
+    run: str
+    source: Any
+    units: dict[int, str | None]
+    threads: int | None = 1
+    device: str | None = None
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __call__(self) -> _Shards:
+        from cupid_engine.policies import load_policy, policy_hash
+
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        source = self.source
+        if self.storage_options:
+            from cupid_engine.store.options import apply_storage_options
+
+            apply_storage_options(self.storage_options, self.store,
+                                  source if isinstance(source, (str, os.PathLike)) else None)
+        config = FeaturizeConfig.from_dict(self.config)
+        policy = load_policy(self.policy_path)
+        if self.device:
+            policy = policy.to(self.device)
+        featurizer = Featurizer.from_config(policy, config, policy_hash=policy_hash(self.policy_path))
+        if isinstance(source, (str, os.PathLike)):
+            from cupid_engine.data import open_source
+
+            source = open_source(source)
+        return _Shards(GradientStore.open(self.store, mode="r+"), self.run, source, featurizer, self.units,
+                       config.batch_size)
+
+
+def featurize_shards(
+    source: Any,
+    store: GradientStore,
+    run_name: str,
+    shards: list[int],
+    *,
+    config: FeaturizeConfig,
+    executor: Executor | None = None,
+    featurizer: Featurizer | None = None,
+    policy_path: str | None = None,
+    device: str | None = None,
+    threads: int = 1,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Step 3 over many shards: featurise and write ``shards`` of an existing run.
+
+    An executor running in this process uses the live ``featurizer`` when given; any other
+    executor's workers each load ``policy_path`` (:class:`ShardWorker`). A shard's
+    features depend only on its episodes, so the executor never changes the numbers.
+
+    Args:
+        source: ``EpisodeSource`` or dataset path.
+        store: The store (writable), holding the run.
+        run_name: The run (``prepare_run`` created it).
+        shards: Shards to write (finished ones are skipped by their marker).
+        config: The run's :class:`FeaturizeConfig`.
+        executor: Where the shards run (default :class:`~cupid_engine.executor.InProcess`).
+        featurizer: The featuriser of an in-process run.
+        policy_path: Checkpoint directory the workers load.
+        device: Where out-of-process workers run the policy (a ``cuda`` device asks the
+            executor for one GPU per worker).
+        threads: torch intra-op threads per out-of-process worker.
+        storage_options: fsspec options of a remote store and dataset, for the workers.
+        progress: tqdm bar over episodes.
+
+    Returns:
+        ``{"shards", "episodes", "rows", "skipped"}`` summed over the shards done.
+    """
+    executor = executor or InProcess()
+    summary = {"shards": 0, "episodes": 0, "rows": 0, "skipped": 0}
+    if not shards:
+        return summary
+    units = shard_units(source, store, shards)
+    if executor.in_process and featurizer is not None:
+        factory: Any = functools.partial(_Shards, store, run_name, source, featurizer, units, config.batch_size)
+    elif policy_path is None:
+        raise ValueError(f"{executor!r} needs the policy as a checkpoint path (its workers load it themselves)")
+    else:
+        factory = ShardWorker(
+            str(policy_path), config.to_dict(), store.url, run_name,
+            os.fspath(source) if isinstance(source, os.PathLike) else source, units,
+            threads=None if executor.in_process else int(threads), device=device, storage_options=dict(storage_options or {}),
+        )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        on = f" ({executor.workers} workers)" if executor.workers > 1 else ""
+        bar = tqdm(total=int(store.shard_plan().counts()[list(shards)].sum()), unit="ep",
+                   desc=f"featurize {run_name}{on}")
+
+    def on_result(shard: int, stats: dict[str, Any]) -> None:
+        summary["shards"] += 1
+        summary["episodes"] += stats["episodes"]
+        summary["rows"] += stats["rows"]
+        summary["skipped"] += int(stats["skipped"])
+        if bar is not None:
+            bar.update(stats["episodes"])
+
+    gpus = 1 if not executor.in_process and device is not None and device.startswith("cuda") else 0
+    try:
+        executor.map(factory, list(shards), on_result=on_result, gpus=gpus)
+    finally:
+        if bar is not None:
+            bar.close()
+    return summary
+
+
 # ----------------------------------------------------------------------------- driver
 def prepare_run(
     source: Any, store: GradientStore, run_name: str, featurizer: Featurizer, config: FeaturizeConfig,
@@ -663,8 +815,7 @@ def featurize(
     config: FeaturizeConfig | None = None,
     split: str | None = None,
     progress: bool = True,
-    workers: int = 1,
-    address: str | None = None,
+    executor: Executor | None = None,
     device: str | None = None,
     overwrite: bool = False,
     replace: bool = False,
@@ -678,14 +829,14 @@ def featurize(
         store: :class:`GradientStore` or store path/URL (created when missing).
         run_name: Run name (``runs/<name>``).
         policy: :class:`Policy` (or any module implementing the policy protocol) or
-            checkpoint directory (required as a path when ``workers > 1`` or ``address``
-            is set: workers load it themselves). None when ``task`` is given.
+            checkpoint directory (required as a path when ``executor`` runs out of this
+            process: its workers load it themselves). None when ``task`` is given.
         config: :class:`FeaturizeConfig` (default: tensorsketch, k = 4096, ``loss``).
         split: Only episodes of this split (None: all).
         progress: tqdm progress bar over episodes.
-        workers: ``1``: in this process; ``> 1``: that many Ray actors on a local Ray
-            instance (``cupid_engine.distributed.featurize``).
-        address: Join this Ray cluster instead (``workers`` actors there).
+        executor: Where the shards are featurised (``cupid_engine.executor``; default
+            in this process); ``cupid_engine.distributed.executor_for(workers, address)``
+            gives Ray actors, locally or on a cluster.
         device: Where the policy runs (``cpu``, ``cuda``, ``cuda:1``; None: where it is).
             Not part of the run's config: features agree across devices to float32
             rounding, so a store may mix shards featurised on CPUs and GPUs.
@@ -710,11 +861,12 @@ def featurize(
         ValueError: the run exists with another config; bad episodes (named).
     """
     config = config or FeaturizeConfig()
+    executor = executor or InProcess()
     device = check_device(device)
     if overwrite:
         return _featurize_overwrite(
             source, store, run_name, policy=policy, config=config, split=split, progress=progress,
-            workers=workers, address=address, device=device, replace=replace, task=task, model=model,
+            executor=executor, device=device, replace=replace, task=task, model=model,
         )
     undo_args = _store_state(store)
     if task is not None:
@@ -740,24 +892,17 @@ def featurize(
         except ValueError as exc:  # the config does not fit this policy (track names, output, method/path)
             raise ConfigError(f"the featuriser config does not fit the policy ({one_line(exc)})",
                               where="--track/--output/--method", hint="see cupid-engine featurize --help") from None
-        if (workers > 1 or address is not None) and policy_path is None:
+        if not executor.in_process and policy_path is None:
             raise ValueError(
-                "workers > 1 / address need policy as a checkpoint path (workers load it themselves)"
+                f"{executor!r} needs policy as a checkpoint path (its workers load it themselves)"
                 + ("; a task= object (a policy the engine did not write) is featurised in this process: "
-                   "use workers=1" if task is not None else "")
+                   "use workers=1 (the in-process executor)" if task is not None else "")
             )
         run, reg = _prepare(source, store, run_name, featurizer, config, split=split, replace=replace, undo=undo)
         covered = set(reg.shards)
         pending = [s for s in run.pending_shards() if s in covered]
-        if workers > 1 or address is not None:
-            from cupid_engine.distributed.featurize import featurize_distributed
-
-            featurize_distributed(
-                source, store, run_name, policy_path=policy_path, config=config, shards=pending,
-                workers=max(1, workers), address=address, progress=progress, device=device,
-            )
-        else:
-            _featurize_local(source, store, run_name, featurizer, config, pending, progress=progress)
+        featurize_shards(source, store, run_name, pending, config=config, executor=executor,
+                         featurizer=featurizer, policy_path=policy_path, device=device, progress=progress)
     except BaseException:
         written = _written(store, run_name, pending)
         if written:
@@ -843,27 +988,3 @@ def _sources_of(store: GradientStore, shards: list[int]) -> str:
     names = sorted({str(x) for x in store.catalog_rows(ids, ["source"]).column(0).to_pylist() if x})
     return "sources " + ", ".join(repr(n) for n in names[:5]) if names else "episodes not in this dataset"
 
-
-def _featurize_local(
-    source: Any, store: GradientStore, run_name: str, featurizer: Featurizer, config: FeaturizeConfig,
-    shards: list[int], *, progress: bool,
-) -> None:
-    if not shards:
-        return
-    units = shard_units(source, store, shards)
-    total = int(store.shard_plan().counts()[list(shards)].sum())
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="ep", desc=f"featurize {run_name}")
-    try:
-        for s in shards:
-            stats = featurize_shard(
-                store, run_name, s, source, featurizer, unit=units.get(s), batch_size=config.batch_size
-            )
-            if bar is not None:
-                bar.update(stats["episodes"])
-    finally:
-        if bar is not None:
-            bar.close()

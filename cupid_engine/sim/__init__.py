@@ -4,8 +4,9 @@ This subpackage owns every use of robosuite (and MuJoCo) in cupid_engine. Keepin
 simulator behind one boundary means the engine core, the featuriser and the scorers import
 and test without robosuite, MuJoCo or numba installed, and that robosuite's quirks (its
 pins, its global logging, its soft-reset semantics) are handled in exactly one place.
-Ray-parallel rollouts live in :mod:`cupid_engine.distributed.rollouts`, which calls back
-into :class:`~cupid_engine.sim.rollout.RolloutWorker`.
+Rollouts run on the executor their caller gives (``cupid_engine.executor``; Ray actors
+with ``cupid_engine.distributed.RayExecutor``), each worker a
+:class:`~cupid_engine.sim.rollout.RolloutWorker`.
 
 Modules:
 

@@ -1,10 +1,12 @@
-"""Policy rollouts with success labels, in-process or on Ray actors.
+"""Policy rollouts with success labels, in this process or on an executor's workers.
 
 A rollout is a pure function of ``(task, policy, variation, horizon, episode seed)``: the
 episode seed is split into the environment reset seed and the seed of the policy's
 sampling generator, so the same seed gives the same episode in any worker, in any order,
 with 1 or W workers. :func:`run_rollouts` derives episode ``i``'s seed from
-``(seed, i)`` and returns episodes ordered by ``i``.
+``(seed, i)`` and returns episodes ordered by ``i``; where they run is the caller's
+choice of executor (``cupid_engine.executor``: in this process by default, Ray actors with
+``cupid_engine.distributed.RayExecutor``), each worker a :class:`RolloutWorker` built once.
 
 Policies are duck-typed: anything with ``predict_action(obs_window [n_obs, D], *,
 generator=None) -> [n_action_steps, A]`` (unnormalised actions) and, optionally, a
@@ -43,12 +45,14 @@ config's ``image_shape``), and each query gets the raw batch ``{"obs": [1, n_obs
 the start like the low-dim one). The episode keeps every frame it was shown in ``images``
 (``camera -> uint8 [T, H, W, 3]``, frame ``t`` before action ``t``). Rendering needs
 ``MUJOCO_GL=egl`` before mujoco is imported, so :func:`run_rollouts` runs image rollouts of
-a checkpoint in ``workers`` spawned processes (with ``MUJOCO_GL=egl``) unless this process
-already renders with EGL and ``workers == 1``; episodes are the same either way.
+a checkpoint in the executor's number of spawned processes (with ``MUJOCO_GL=egl``) unless
+this process already renders with EGL and the executor is in-process; episodes are the
+same either way.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -58,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from cupid_engine.data.episode import Episode
+from cupid_engine.executor import Executor, InProcess
 from cupid_engine.sim.tasks import ACTION_DIM, CONTROL_FREQ, OBS_KEYS, SimEnv, Variation, canonical_task
 
 logger = logging.getLogger(__name__)
@@ -187,6 +192,10 @@ class RolloutWorker:
         if len(episode_ids) != len(episode_seeds):
             raise ValueError("episode_ids and episode_seeds differ in length")
         return [self.run_one(s, i) for s, i in zip(episode_seeds, episode_ids)]
+
+    def __call__(self, job: tuple[int, str]) -> Episode:
+        """``run_one(*job)``: the executor's item is ``(seed, episode_id)``."""
+        return self.run_one(*job)
 
     def run_one(self, seed: int, episode_id: str) -> Episode:
         """Run one episode from ``seed``; it stops at the horizon (or the first success
@@ -359,10 +368,9 @@ def run_rollouts(
     *,
     episodes: int,
     seed: int = 0,
-    workers: int = 1,
+    executor: Executor | None = None,
     horizon: int | None = None,
     variation: Variation | None = None,
-    address: str | None = None,
     progress: Callable[[Episode], None] | None = None,
     success_mode: str = "first",
     env: Any = None,
@@ -371,89 +379,73 @@ def run_rollouts(
 
     Args:
         policy: Checkpoint path, zero-argument factory or policy object (objects only
-            with ``workers == 1``: models are never pickled to workers).
+            with an in-process executor: models are never pickled to workers).
         task: ``lift``, ``can`` or ``square``.
         episodes: Number of episodes M.
         seed: Base seed; episode ``i`` uses :func:`episode_seed(seed, i) <episode_seed>`.
-        workers: 1 runs in this process; W > 1 runs W Ray actors
-            (:mod:`cupid_engine.distributed.rollouts`). Image policies (module
-            docstring) run in W spawned rendering processes instead (1 in this process
-            when it renders with EGL).
+        executor: Where episodes run (``cupid_engine.executor``; default in this
+            process); ``cupid_engine.distributed.executor_for(W, address)`` gives W Ray
+            actors. Image policies (module docstring) run in ``executor.workers`` spawned
+            rendering processes on this machine instead (in this process when it renders
+            with EGL and the executor is in-process).
         horizon: Step limit (default per task, ``generate.DEFAULT_HORIZON``).
         variation: Per-episode environment knob ranges.
-        address: Ray cluster address to join (default: a local Ray instance).
         progress: Called with each finished episode (in completion order).
         success_mode: ``first``, ``any`` or ``final`` (see :class:`RolloutWorker`); only
-            ``first`` with ``workers > 1`` (the Ray actors build default workers).
+            ``first`` with an executor out of this process.
         env: Your own environment: a factory or ``"module:factory"`` (protocol in the
             module docstring; in-process only); ``task`` is then just a name.
 
     Returns:
         ``episodes`` episodes with ids ``{task}_rollout_{i:04d}``, ordered by ``i``;
-        identical for any ``workers``.
+        identical for any executor.
     """
     from cupid_engine.sim.generate import DEFAULT_HORIZON
 
     task = canonical_task(task) if env is None else str(task)
     if episodes < 0:
         raise ValueError(f"episodes must be >= 0, got {episodes}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    executor = executor or InProcess()
     if env is not None and not horizon:
         raise ValueError("a user env needs an explicit horizon")
     horizon = int(horizon or DEFAULT_HORIZON[task])
     seeds = [episode_seed(seed, i) for i in range(episodes)]
     ids = [f"{task}_rollout_{i:04d}" for i in range(episodes)]
     cameras = policy_cameras(policy)
-    if cameras and (workers > 1 or address is not None or not _renders_here()):
-        if address is not None or env is not None:
-            raise ValueError("image policies roll out on local processes and the built-in tasks (no address=, no env=)")
+    if cameras and (not executor.in_process or not _renders_here()):
+        if not executor.local or env is not None:
+            raise ValueError("image policies roll out on local processes and the built-in tasks "
+                             f"(not on {executor!r}, no env=)")
         if hasattr(policy, "predict_action"):
             raise TypeError(
                 f"image policy (cameras {list(cameras)}) objects roll out in-process only, which needs MUJOCO_GL=egl "
-                "set before mujoco is first imported (this process cannot render) and workers=1; "
+                "set before mujoco is first imported (this process cannot render) and the in-process executor; "
                 "pass a checkpoint path to roll out in spawned rendering processes"
             )
         return _run_image_rollouts(
-            policy, task, seeds=seeds, episode_ids=ids, workers=workers, horizon=horizon, variation=variation,
-            success_mode=success_mode, progress=progress,
+            policy, task, seeds=seeds, episode_ids=ids, workers=executor.workers, horizon=horizon,
+            variation=variation, success_mode=success_mode, progress=progress,
         )
-    if workers == 1 and address is None:
-        worker = RolloutWorker(
-            task, policy, horizon=horizon, variation=variation, success_mode=success_mode, env=env
+    if not executor.in_process:
+        if success_mode != "first" or env is not None:
+            raise ValueError(
+                f"success_mode={success_mode!r} / a user env run in-process only (not on {executor!r}); "
+                "out-of-process rollout workers build built-in tasks that stop at the first success"
+            )
+        if hasattr(policy, "predict_action"):
+            raise TypeError(
+                f"{executor!r} needs a checkpoint path or a picklable zero-argument factory; "
+                "policy objects are not shipped to workers"
+            )
+        if isinstance(policy, os.PathLike):
+            policy = os.fspath(policy)
+        factory = functools.partial(RolloutWorker, task, policy, horizon=horizon, variation=variation)
+    else:
+        factory = functools.partial(
+            RolloutWorker, task, policy, horizon=horizon, variation=variation, success_mode=success_mode, env=env
         )
-        out = []
-        try:
-            for s, i in zip(seeds, ids):
-                ep = worker.run_one(s, i)
-                out.append(ep)
-                if progress is not None:
-                    progress(ep)
-        finally:
-            worker.close()
-        return out
-    if success_mode != "first" or env is not None:
-        raise ValueError(
-            f"success_mode={success_mode!r} / a user env run in-process only (workers=1); the Ray "
-            "rollout actors (cupid_engine.distributed.rollouts) build built-in tasks that stop at the first success"
-        )
-    if hasattr(policy, "predict_action"):
-        raise TypeError(
-            "workers > 1 needs a checkpoint path or a picklable zero-argument factory; "
-            "policy objects are not shipped to Ray actors"
-        )
-    from cupid_engine.distributed.rollouts import run_rollouts_ray
-
-    return run_rollouts_ray(
-        policy,
-        task,
-        seeds=seeds,
-        episode_ids=ids,
-        workers=workers,
-        horizon=horizon,
-        variation=variation,
-        address=address,
-        progress=progress,
+    return executor.map(
+        factory, list(zip(seeds, ids)), on_result=None if progress is None else (lambda job, ep: progress(ep))
     )
 
 

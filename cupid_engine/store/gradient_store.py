@@ -48,6 +48,15 @@ from cupid_engine.errors import (
 )
 from cupid_engine.store import catalog as _catalog
 from cupid_engine.store.config import RunConfig
+from cupid_engine.store.errors import (  # noqa: F401 - the store's errors, importable from here too
+    CorruptChunk,
+    CorruptChunkError,
+    SchemaVersionError,
+    StoreKeyError,
+    VerifyReport,
+    _Damaged,
+)
+from cupid_engine.store.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -63,55 +72,6 @@ DEFAULT_EPISODE_CHUNK_ROWS = 64
 RUNS_GROUP = "runs"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MODES = ("r", "r+", "a")
-
-
-class SchemaVersionError(StoreError):
-    """The store (or a run) was written with another on-disk schema version."""
-
-
-class CorruptChunkError(StoreError):
-    """A chunk failed its checksum (or could not be decoded); names the episodes it covers."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CorruptChunk:
-    """One unreadable chunk found by :meth:`GradientStore.verify`."""
-
-    run: str
-    array: str
-    chunk: int
-    episode_ids: tuple[str, ...]
-    error: str
-
-    def describe(self) -> str:
-        ids = ", ".join(self.episode_ids[:8]) + (" ..." if len(self.episode_ids) > 8 else "")
-        return f"run {self.run!r} array {self.array!r} chunk {self.chunk}: episodes [{ids}]: {self.error}"
-
-
-@dataclasses.dataclass
-class VerifyReport:
-    """Result of :meth:`GradientStore.verify`."""
-
-    chunks_checked: int = 0
-    problems: list[CorruptChunk] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def corrupt_episode_ids(self) -> list[str]:
-        """Every episode whose stored data touches a corrupt chunk, in catalog order of discovery."""
-        out: dict[str, None] = {}
-        for p in self.problems:
-            out.update(dict.fromkeys(p.episode_ids))
-        return list(out)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "chunks_checked": self.chunks_checked,
-            "problems": [dataclasses.asdict(p) for p in self.problems],
-        }
 
 
 class _Location:
@@ -392,17 +352,6 @@ class _CatalogSnapshot:
 
 
 _DAMAGED = "the store is damaged: restore it from a copy or featurise into a new store"
-
-
-class _Damaged(StoreError, FileNotFoundError):
-    """A file every store has is missing."""
-
-
-class StoreKeyError(StoreError, KeyError):
-    """An episode id or run the store lacks (a ``KeyError`` for callers that catch one)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return Exception.__str__(self)
 
 
 def _empty(columns: list[str] | None) -> pa.Table:
@@ -791,8 +740,6 @@ class GradientStore:
         Raises:
             ValueError: the run exists with a different config (differing keys shown).
         """
-        from cupid_engine.store.run import Run
-
         self._check_writable()
         if not isinstance(config, RunConfig):
             raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
@@ -812,8 +759,6 @@ class GradientStore:
 
     def run(self, name: str):
         """Open an existing run."""
-        from cupid_engine.store.run import Run
-
         if name not in self.runs():
             raise StoreKeyError(f"no run {name!r} in {self.url} (runs: {self.runs()})",
                                 hint="featurise into it first, or pick one of the runs listed")

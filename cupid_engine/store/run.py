@@ -48,19 +48,16 @@ from cupid_engine.constants import SCHEMA_VERSION
 from cupid_engine.errors import StoreError
 from cupid_engine.store import quant
 from cupid_engine.store.config import RunConfig
-from cupid_engine.store.gradient_store import (
+from cupid_engine.store.errors import (
     CorruptChunk,
     CorruptChunkError,
-    GradientStore,
+    RunIncompleteError,
     SchemaVersionError,
     VerifyReport,
 )
 
 log = logging.getLogger(__name__)
 
-
-class RunIncompleteError(StoreError, RuntimeError):
-    """Features asked for episodes whose shards are not written yet."""
 
 _PER_SHARD = ("gram_parts", "gram_count_parts", "done")
 
@@ -188,10 +185,12 @@ def _to_numpy(x: Any) -> np.ndarray:
 class Run:
     """Features of one featuriser configuration, written shard by shard.
 
-    Obtain with :meth:`GradientStore.create_run` or :meth:`GradientStore.run`.
+    Obtain with :meth:`GradientStore.create_run` or :meth:`GradientStore.run`: the store
+    makes its runs (``gradient_store`` imports this module, never the reverse), so the
+    ``store`` annotation names its type without importing it.
     """
 
-    def __init__(self, store: GradientStore, name: str, group: zarr.Group) -> None:
+    def __init__(self, store: "GradientStore", name: str, group: zarr.Group) -> None:  # noqa: F821
         self.store = store
         self.name = name
         self._group = group

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from cupid_engine.distributed import RayExecutor
 from cupid_engine.featurize import FeaturizeConfig, SyntheticSource, featurize
 from cupid_engine.store import GradientStore
 
@@ -51,8 +52,8 @@ def _markers_written(store_path) -> int:
     return sum(1 for _, _, files in os.walk(root) for f in files if f != "zarr.json" and not f.endswith(".tmp"))
 
 def test_two_workers_equal_one_and_resubmit_does_nothing(tmp_path, checkpoint):
-    featurize(_source(), tmp_path / "one.zarr", "r", policy=checkpoint, config=CFG, progress=False, workers=1)
-    featurize(_source(), tmp_path / "two.zarr", "r", policy=checkpoint, config=CFG, progress=False, workers=2)
+    featurize(_source(), tmp_path / "one.zarr", "r", policy=checkpoint, config=CFG, progress=False)
+    featurize(_source(), tmp_path / "two.zarr", "r", policy=checkpoint, config=CFG, progress=False, executor=RayExecutor(2))
     a, b = _arrays(tmp_path / "one.zarr", "r"), _arrays(tmp_path / "two.zarr", "r")
     for key in a:
         assert np.array_equal(a[key], b[key]), key  # bitwise
@@ -65,13 +66,13 @@ def test_two_workers_equal_one_and_resubmit_does_nothing(tmp_path, checkpoint):
     summary = featurize_distributed(_source(), tmp_path / "two.zarr", "r", policy_path=checkpoint, config=CFG,
                                     workers=2, progress=False)
     assert summary["shards"] == 0  # nothing pending: no task was even submitted
-    featurize(_source(), tmp_path / "two.zarr", "r", policy=checkpoint, config=CFG, progress=False, workers=2)
+    featurize(_source(), tmp_path / "two.zarr", "r", policy=checkpoint, config=CFG, progress=False, executor=RayExecutor(2))
     assert _files(tmp_path / "two.zarr") == before
 
 
 def test_killed_worker_is_retried_and_store_is_identical(tmp_path, checkpoint):
     src = _source(160)
-    featurize(src, tmp_path / "ref.zarr", "r", policy=checkpoint, config=CFG, progress=False, workers=1)
+    featurize(src, tmp_path / "ref.zarr", "r", policy=checkpoint, config=CFG, progress=False)
 
     from cupid_engine.distributed.featurize import featurize_distributed
     from cupid_engine.featurize.featurizer import Featurizer
@@ -118,6 +119,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from cupid_engine.distributed.featurize import peak_rss_kb
+    from cupid_engine.distributed import RayExecutor
     from cupid_engine.featurize import FeaturizeConfig, SyntheticSource, featurize
     from cupid_engine.store import GradientStore
     root, ckpt = sys.argv[1], sys.argv[2]
@@ -126,7 +128,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     for n in (2000, 20000):
         src = SyntheticSource(n, steps=3, obs_dim=6, action_dim=2, episodes_per_unit=1000)
         store = GradientStore.create(f"{root}/s{n}.zarr")
-        featurize(src, store, "r", policy=ckpt, config=cfg, progress=False, workers=2)
+        featurize(src, store, "r", policy=ckpt, config=cfg, progress=False, executor=RayExecutor(2))
         out[n] = peak_rss_kb()
         snap = store._index()
         # What the driver holds of the catalog: the O(#shards) plan, nothing per episode.

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from cupid_engine.distributed import RayExecutor
 from cupid_engine.featurize import FeaturizeConfig, SyntheticSource, featurize
 from cupid_engine.store import GradientStore
 
@@ -104,7 +105,7 @@ def test_lost_node_shards_run_on_survivor(tmp_path, checkpoint, two_node_cluster
 
     # The cluster now has one live node of 1 CPU: asking for 2 workers must not hang.
     t0 = time.time()
-    featurize(_source(24), tmp_path / "small.zarr", "r", policy=checkpoint, config=CFG, progress=False, workers=2,
-              address=two_node_cluster["address"])
+    featurize(_source(24), tmp_path / "small.zarr", "r", policy=checkpoint, config=CFG, progress=False,
+              executor=RayExecutor(2, two_node_cluster["address"]))
     assert GradientStore.open(tmp_path / "small.zarr").run("r").is_complete()
     assert time.time() - t0 < 150

@@ -68,11 +68,13 @@ def test_run_recorded_before_untracked_parameters_still_resumes(tmp_path):
 
 
 def test_task_with_workers_is_refused_clearly(tmp_path):
+    from cupid_engine.distributed import RayExecutor
+
     episodes = make_episodes(n=2, length=4)
     policy = DiffusionPolicy(DiffusionPolicyConfig.tiny(obs_dim=5, action_dim=3))
     with pytest.raises(ValueError, match="featurised in this process: use workers=1"):
         featurize(episodes_source(tmp_path, episodes), tmp_path / "s.zarr", "r", task=policy,
-                  config=FeaturizeConfig.for_method(k=8, output="square", draws=2), workers=2, progress=False)
+                  config=FeaturizeConfig.for_method(k=8, output="square", draws=2), executor=RayExecutor(2), progress=False)
 
 
 def episodes_source(tmp_path, episodes):

@@ -40,12 +40,13 @@ def image_policy_path(tmp_path_factory):
 
 
 def test_image_rollouts_carry_frames_and_are_seeded(image_policy_path):
+    from cupid_engine.distributed import executor_for
     from cupid_engine.sim.rollout import policy_cameras, run_rollouts
 
     assert policy_cameras(image_policy_path) == ("agentview",)
     seen = []
-    one = run_rollouts(image_policy_path, "lift", episodes=2, seed=5, workers=1, horizon=9, progress=seen.append)
-    two = run_rollouts(image_policy_path, "lift", episodes=2, seed=5, workers=2, horizon=9)
+    one = run_rollouts(image_policy_path, "lift", episodes=2, seed=5, horizon=9, progress=seen.append)
+    two = run_rollouts(image_policy_path, "lift", episodes=2, seed=5, executor=executor_for(2), horizon=9)
     assert len(seen) == 2 and [e.episode_id for e in one] == ["lift_rollout_0000", "lift_rollout_0001"]
     for a, b in zip(one, two):
         frames = a.images["agentview"]

@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import pytest
 
+from cupid_engine.distributed import RayExecutor
 from cupid_engine.sim.rollout import RolloutWorker, episode_seed, run_rollouts
 from cupid_engine.sim.scripted_policy import ScriptedLiftPolicy
 
@@ -77,15 +78,15 @@ def test_failed_rollout_labelled_and_chunking():
 
 def test_policy_object_refused_for_ray_workers():
     with pytest.raises(TypeError, match="checkpoint path"):
-        run_rollouts(ZeroPolicy(), "lift", episodes=2, workers=2, horizon=5)
+        run_rollouts(ZeroPolicy(), "lift", episodes=2, executor=RayExecutor(2), horizon=5)
 
 
 @pytest.mark.ray
 def test_one_and_two_ray_workers_identical():
     pytest.importorskip("ray")
     factory = functools.partial(ScriptedLiftPolicy, noise_std=0.1)
-    one = run_rollouts(factory, "lift", episodes=3, seed=11, horizon=40, workers=1)
-    two = run_rollouts(factory, "lift", episodes=3, seed=11, horizon=40, workers=2)
+    one = run_rollouts(factory, "lift", episodes=3, seed=11, horizon=40)
+    two = run_rollouts(factory, "lift", episodes=3, seed=11, horizon=40, executor=RayExecutor(2))
     assert [e.episode_id for e in two] == ["lift_rollout_0000", "lift_rollout_0001", "lift_rollout_0002"]
     for a, b in zip(one, two):
         _same(a, b)

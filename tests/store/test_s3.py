@@ -186,6 +186,7 @@ def test_cli_score_and_query_with_storage_options(stores, s3, tmp_path, monkeypa
 @pytest.mark.ray
 def test_ray_workers_get_storage_options(stores, s3):
     """Workers open the s3:// store with options given only to the driver (no AWS_* env)."""
+    from cupid_engine.distributed import RayExecutor
     from cupid_engine.featurize import featurize
     from cupid_engine.store import open_store
     from cupid_engine.store.options import apply_storage_options
@@ -195,7 +196,7 @@ def test_ray_workers_get_storage_options(stores, s3):
     url = f"s3://{BUCKET}/ray.zarr"
     apply_storage_options(s3["options"], url)
     featurize(stores["source"](), url, "r", policy=stores["policy"], config=stores["config"], progress=False,
-              workers=2)
+              executor=RayExecutor(2))
     assert open_store(url).run("r").is_complete()
     for a, b in zip(_arrays(url), _arrays(stores["local"])):
         assert np.array_equal(a, b)
