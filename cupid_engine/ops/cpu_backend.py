@@ -13,37 +13,11 @@ from __future__ import annotations
 import torch
 
 from cupid_engine import constants as C
-from cupid_engine.ops import reference
+from cupid_engine.ops import reference, spectral
+from cupid_engine.ops.extension import _C, is_available  # noqa: F401 - is_available: this backend's predicate
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _METHODS = {"dense": 0, "sparse": 1, "signshift": 2}
-
-
-def _C():
-    from cupid_engine import _C as mod  # noqa: N811
-
-    return mod
-
-
-def is_available() -> bool:
-    """Whether the extension is installed; an installed one that fails to load is an error.
-
-    Only "not built" falls through to another backend. An ABI mismatch ("undefined symbol")
-    or a missing shared library would otherwise turn ``auto`` into the slow torch reference
-    without a word.
-    """
-    try:
-        _C()
-    except ModuleNotFoundError as exc:
-        if exc.name == "cupid_engine._C":
-            return False
-        raise RuntimeError(f"the C++ extension cupid_engine._C failed to load: {exc}") from exc
-    except ImportError as exc:
-        raise RuntimeError(
-            f"the C++ extension cupid_engine._C is installed but failed to load: {exc}; "
-            "rebuild it with `pip install --no-build-isolation --no-deps -e .`"
-        ) from exc
-    return True
 
 
 def _check(t: torch.Tensor, name: str) -> None:
@@ -207,9 +181,10 @@ def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int, strate
         return tensorsketch_dense(delta, x, k, seed)
     if fft_kernel_supports(k):
         return tensorsketch_fft_layers([(seed, _kernel_input(delta), _kernel_input(x))], k)
-    # k not a power of two: the C++ count sketch, then torch.fft (the same sketch).
+    # k not a power of two: the C++ count sketch, then torch.fft and the fixed-order C++
+    # spectral stage (the same sketch).
     cs1, cs2 = countsketch_pair(delta, x, k, seed)
-    return reference.circular_convolve_sum(cs1, cs2, k)
+    return spectral.circular_convolve_sum(cs1, cs2, k)
 
 
 def quality_minmax(

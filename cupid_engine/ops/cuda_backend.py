@@ -19,7 +19,7 @@ import functools
 import torch
 
 from cupid_engine import constants as C
-from cupid_engine.ops import reference
+from cupid_engine.ops import reference, spectral
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _METHODS = {"dense": 0, "sparse": 1, "signshift": 2}
@@ -164,4 +164,4 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) ->
 def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """``[B, T, O], [B, T, I] -> [B, k]`` on the GPU (inputs validated by ``ops.tensorsketch``)."""
     cs1, cs2 = countsketch_pair(delta, x, k, seed)
-    return reference.circular_convolve_sum(cs1, cs2, k)
+    return spectral.circular_convolve_sum(cs1, cs2, k)

@@ -171,14 +171,25 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, *, k: int, seed: int)
 def circular_convolve_sum(cs1: torch.Tensor, cs2: torch.Tensor, k: int) -> torch.Tensor:
     """Stage 2 of tensorsketch: ``sum_t cs1[:, t] (*) cs2[:, t]`` (circular convolution) via FFT.
 
-    The spectra are multiplied and summed over ``t`` in ascending order, each complex
-    product as ``(ar br - ai bi, ar bi + ai br)`` rounded once per operation
-    (``ops.spectral.spectral_mac``: the C++ kernel on CPU, or the same order in torch ops),
-    so a row's result does not depend on the batch it is in or on the thread count.
+    ``[B, T, k], [B, T, k] -> [B, k]``: ``irfft(sum_t rfft(cs1_t) * rfft(cs2_t))``. Each
+    complex product is written out as ``(ar br - ai bi, ar bi + ai br)`` in real ops and
+    summed over ``t`` in ascending order: a real op rounds every element once, in torch's
+    vectorised body and scalar tail alike (a complex ``*`` or a ``sum`` over ``t`` need
+    not), so a row's result depends on that row alone, not on its batch or the thread
+    count. This is the order of the C++ kernel ``csrc/cpu/spectral.cpp`` (bit-identical to
+    it on the CPU, see ``tests/ops/test_reference_spectral.py``).
     """
-    from cupid_engine.ops import spectral
-
-    return spectral.circular_convolve_sum(cs1, cs2, k)
+    f1 = torch.fft.rfft(cs1, n=k, dim=-1)  # [B, T, F], F = k // 2 + 1
+    f2 = torch.fft.rfft(cs2, n=k, dim=-1)
+    ar, ai, br, bi = f1.real, f1.imag, f2.real, f2.imag
+    prod_re = ar * br - ai * bi  # [B, T, F]
+    prod_im = ar * bi + ai * br
+    re = torch.zeros_like(prod_re[:, 0])  # [B, F]
+    im = torch.zeros_like(prod_im[:, 0])
+    for t in range(prod_re.shape[1]):
+        re = re + prod_re[:, t]
+        im = im + prod_im[:, t]
+    return torch.fft.irfft(torch.complex(re, im), n=k, dim=-1)
 
 
 def tensorsketch(delta: torch.Tensor, x: torch.Tensor, *, k: int, seed: int) -> torch.Tensor:

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import torch
 
+from cupid_engine.ops import extension
+
 __all__ = ["spectral_mac", "dft_spectrum", "circular_convolve_sum"]
 
 _DTYPE = {torch.complex64: 0, torch.complex128: 3}
 
 
 def _kernel():
-    from cupid_engine.ops import cpu_backend
-
-    return cpu_backend._C() if cpu_backend.is_available() else None
+    return extension._C() if extension.is_available() else None
 
 
 def _mul_parts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +113,11 @@ def dft_spectrum(v: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> tor
 
 
 def circular_convolve_sum(cs1: torch.Tensor, cs2: torch.Tensor, k: int) -> torch.Tensor:
-    """``sum_t cs1[:, t] (*) cs2[:, t]`` (circular convolution) via FFT, fixed order: ``[B, T, k] -> [B, k]``."""
+    """``sum_t cs1[:, t] (*) cs2[:, t]`` (circular convolution) via FFT, fixed order: ``[B, T, k] -> [B, k]``.
+
+    The backends' spectral stage (the C++ kernel on the CPU, torch ops on a GPU); its
+    readable definition is ``reference.circular_convolve_sum``, bit-identical on the CPU.
+    """
     f1 = torch.fft.rfft(cs1, n=k, dim=-1)
     f2 = torch.fft.rfft(cs2, n=k, dim=-1)
     acc = torch.empty(f1.shape[0], f1.shape[2], dtype=f1.dtype, device=f1.device)

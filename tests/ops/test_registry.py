@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cupid_engine import ops
-from cupid_engine.ops import cpu_backend, cuda_backend
+from cupid_engine.ops import cpu_backend, cuda_backend, extension
 from cupid_engine.ops import registry as reg
 
 
@@ -39,7 +39,7 @@ def test_broken_extension_raises_instead_of_falling_back(monkeypatch):
     def broken():
         raise ImportError("cupid_engine/_C.so: undefined symbol: _ZN3c10bogus")
 
-    monkeypatch.setattr(cpu_backend, "_C", broken)
+    monkeypatch.setattr(extension, "_C", broken)
     with pytest.raises(RuntimeError, match="undefined symbol"):
         cpu_backend.is_available()
     with pytest.raises(RuntimeError, match="failed to load"):
@@ -52,7 +52,7 @@ def test_not_built_falls_through(monkeypatch):
     def missing():
         raise ModuleNotFoundError("No module named 'cupid_engine._C'", name="cupid_engine._C")
 
-    monkeypatch.setattr(cpu_backend, "_C", missing)
+    monkeypatch.setattr(extension, "_C", missing)
     assert cpu_backend.is_available() is False
     assert cuda_backend.is_available() is False
     with pytest.raises(RuntimeError, match="not available"):

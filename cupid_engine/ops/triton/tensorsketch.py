@@ -2,7 +2,7 @@
 
 ``countsketch_pair`` sketches ``delta [B, T, O]`` (stream ``TS_OUT``) and ``x [B, T, I]``
 (stream ``TS_IN``) into ``[B, T, k]`` each; the FFT stage is
-``reference.circular_convolve_sum`` (``torch.fft``), exactly as on the CPU backend.
+``spectral.circular_convolve_sum`` (``torch.fft``), exactly as on the CPU backend.
 
 The factor hashes are the host tables of ``reference.countsketch_buckets`` (a random
 injection when ``n <= k``), grouped by bucket (``cuda_backend.countsketch_csr``).
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from cupid_engine import constants as C
-from cupid_engine.ops import reference
+from cupid_engine.ops import spectral
 from cupid_engine.ops.cuda_backend import countsketch_csr
 from cupid_engine.ops.triton.projection import _acc_dtype, _check_input, _tl_dtype
 
@@ -114,4 +114,4 @@ def countsketch_pair(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) ->
 def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """``[B, T, O], [B, T, I] -> [B, k]`` (inputs validated by ``ops.tensorsketch``)."""
     cs1, cs2 = countsketch_pair(delta, x, k, seed)
-    return reference.circular_convolve_sum(cs1, cs2, k)
+    return spectral.circular_convolve_sum(cs1, cs2, k)
