@@ -20,6 +20,7 @@
 // which group or lane it landed in (padding lanes hold zeros) or on the thread count.
 // They differ from torch.fft (pocketfft) by float rounding (a different FFT algorithm):
 // tests/ops/test_tensorsketch_kernel.py compares them in float64 (~1e-13) and float32.
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -27,12 +28,15 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cupid/tensorsketch.h"
 
 namespace cupid {
 namespace {
+
+constexpr double kTwoPi = 6.283185307179586476925286766559;
 
 template <typename T>
 struct Lanes;
@@ -47,23 +51,20 @@ struct Lanes<double> {
   static constexpr int W = 8;
 };
 
-// Twiddles of one transform length m (= k / 2), shared read-only by all threads.
+// Stockham twiddles of one complex transform length m.
 template <typename T>
-struct Plan {
-  int64_t m = 0, k = 0;
+struct Stock {
+  int64_t m = 0;
   // Per radix-4 stage (lengths n = m, m/4, ... >= 4): for p < n/4, w^p, w^2p, w^3p with
   // w = exp(-2 pi i / n), concatenated stage after stage.
   std::vector<T> w1r, w1i, w2r, w2i, w3r, w3i;
-  // Split step: exp(-2 pi i f / k), f <= m.
-  std::vector<T> sr, si;
 
-  explicit Plan(int64_t k_) : m(k_ / 2), k(k_) {
-    const double two_pi = 6.283185307179586476925286766559;
+  explicit Stock(int64_t m_ = 1) : m(m_) {
     for (int64_t n = m; n >= 4; n /= 4) {
       for (int64_t p = 0; p < n / 4; ++p) {
         for (int r = 1; r <= 3; ++r) {
           // Reduce the angle index modulo n exactly before converting to radians.
-          const double a = two_pi * static_cast<double>((r * p) % n) / static_cast<double>(n);
+          const double a = kTwoPi * static_cast<double>((r * p) % n) / static_cast<double>(n);
           auto& vr = r == 1 ? w1r : r == 2 ? w2r : w3r;
           auto& vi = r == 1 ? w1i : r == 2 ? w2i : w3i;
           vr.push_back(static_cast<T>(std::cos(a)));
@@ -71,19 +72,67 @@ struct Plan {
         }
       }
     }
+  }
+};
+
+// A complex FFT of length m = k / 2 as m1 x m2 (four-step: m2 column FFTs of length m1,
+// twiddles exp(-2 pi i n2 k1 / m), m1 row FFTs of length m2), each sub-transform run in an
+// L1-sized local buffer: two passes over the L2-resident [m] vectors instead of one pass per
+// radix-4 stage. Small m (<= kDirectMax) is one Stockham transform.
+constexpr int64_t kDirectMax = 64;
+
+// Layouts. The FFT input z holds element n = m2 n1 + n2 at zpos(n) = n1 ld + n2 with
+// ld = m2 + 1: a column (fixed n2) is then strided by ld vectors, not by a power of two
+// (a 2 KiB stride maps every column load to the same two L1 sets). Spectra (za and the
+// step sums) hold frequency f = k1 + m1 k2 at spos(f) = k1 m2 + k2, the order in which the
+// row pass produces them, so those writes are contiguous too.
+template <typename T>
+struct Plan {
+  int64_t m = 0, k = 0, m1 = 0, m2 = 0, ld = 1, zsize = 0;
+  int lg1 = 0;
+  Stock<T> full, s1, s2;
+  std::vector<T> tr, ti;  // [m2][m1] four-step twiddles
+  std::vector<T> sr, si;  // split step: exp(-2 pi i f / k), f <= m
+
+  explicit Plan(int64_t k_) : m(k_ / 2), k(k_) {
+    if (m <= kDirectMax) {
+      full = Stock<T>(m);
+      m1 = m;
+      m2 = 1;
+      ld = 1;
+      zsize = m;
+    } else {
+      int lg = 0;
+      while ((int64_t{1} << lg) < m) ++lg;
+      m2 = int64_t{1} << (lg / 2);
+      m1 = m / m2;
+      lg1 = lg - lg / 2;
+      ld = m2 + 1;
+      zsize = m1 * ld;
+      s1 = Stock<T>(m1);
+      s2 = Stock<T>(m2);
+      for (int64_t n2 = 0; n2 < m2; ++n2)
+        for (int64_t k1 = 0; k1 < m1; ++k1) {
+          const double a = kTwoPi * static_cast<double>((n2 * k1) % m) / static_cast<double>(m);
+          tr.push_back(static_cast<T>(std::cos(a)));
+          ti.push_back(static_cast<T>(-std::sin(a)));
+        }
+    }
     for (int64_t f = 0; f <= m; ++f) {
-      const double a = two_pi * static_cast<double>(f) / static_cast<double>(k);
+      const double a = kTwoPi * static_cast<double>(f) / static_cast<double>(k);
       sr.push_back(static_cast<T>(std::cos(a)));
       si.push_back(static_cast<T>(-std::sin(a)));
     }
   }
+  int64_t zpos(int64_t n) const { return m2 == 1 ? n : (n / m2) * ld + (n % m2); }
+  int64_t spos(int64_t f) const { return m2 == 1 ? f : (f & (m1 - 1)) * m2 + (f >> lg1); }
 };
 
-// In-place complex FFT of length m on W lanes: data (xr, xi) [m] vectors, scratch (yr, yi).
+// In-place complex FFT of length st.m on W lanes: data (xr, xi) [m] vectors, scratch (yr, yi).
 // Forward: X[f] = sum_n x[n] exp(-2 pi i f n / m); inverse (Inv): exp(+...), unnormalised.
 template <typename T, bool Inv>
 void cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>::V* yr, typename Lanes<T>::V* yi,
-          const Plan<T>& plan) {
+          const Stock<T>& plan) {
   using V = typename Lanes<T>::V;
   const int64_t m = plan.m;
   V *ar = xr, *ai = xi, *br = yr, *bi = yi;
@@ -100,6 +149,8 @@ void cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
       const V* a_i = ai + s * p;
       V* o_r = br + s * 4 * p;
       V* o_i = bi + s * 4 * p;
+      // p = 0: every twiddle is 1 (a quarter of the butterflies at n = 16, all at n = 4).
+      const bool one = p == 0;
       for (int64_t q = 0; q < s; ++q) {
         const V pr = a_r[q], pi = a_i[q];
         const V qr = a_r[q + s * n1], qi = a_i[q + s * n1];
@@ -119,12 +170,21 @@ void cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
         const V u2r = apc_r - bpd_r, u2i = apc_i - bpd_i;
         o_r[q] = apc_r + bpd_r;
         o_i[q] = apc_i + bpd_i;
-        o_r[q + s] = u1r * w1r - u1i * w1i;
-        o_i[q + s] = u1r * w1i + u1i * w1r;
-        o_r[q + 2 * s] = u2r * w2r - u2i * w2i;
-        o_i[q + 2 * s] = u2r * w2i + u2i * w2r;
-        o_r[q + 3 * s] = u3r * w3r - u3i * w3i;
-        o_i[q + 3 * s] = u3r * w3i + u3i * w3r;
+        if (one) {
+          o_r[q + s] = u1r;
+          o_i[q + s] = u1i;
+          o_r[q + 2 * s] = u2r;
+          o_i[q + 2 * s] = u2i;
+          o_r[q + 3 * s] = u3r;
+          o_i[q + 3 * s] = u3i;
+        } else {
+          o_r[q + s] = u1r * w1r - u1i * w1i;
+          o_i[q + s] = u1r * w1i + u1i * w1r;
+          o_r[q + 2 * s] = u2r * w2r - u2i * w2i;
+          o_i[q + 2 * s] = u2r * w2i + u2i * w2r;
+          o_r[q + 3 * s] = u3r * w3r - u3i * w3i;
+          o_i[q + 3 * s] = u3r * w3i + u3i * w3r;
+        }
       }
     }
     tw += static_cast<size_t>(n1);
@@ -133,7 +193,7 @@ void cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
     n /= 4;
     s *= 4;
   }
-  // The result must end in (xr, xi).
+  // The result must end in (xr, xi) (a radix-2 last stage writes there directly).
   if (n == 2) {
     for (int64_t q = 0; q < s; ++q) {
       const V pr = ar[q], pi = ai[q], qr = ar[q + s], qi = ai[q + s];
@@ -148,53 +208,115 @@ void cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
   }
 }
 
-// Per-thread buffers of one lane group.
-template <typename T>
-struct Work {
-  using V = typename Lanes<T>::V;
-  std::vector<V> z, y, spec, acc;  // z: [2m] (re then im), y: [2m] scratch, spec/acc: [2(m+1)]
-  explicit Work(int64_t m) : z(2 * m), y(2 * m), spec(2 * (m + 1)), acc(2 * (m + 1)) {}
-};
-
-// Scatter W factor rows (row l at src + l * sb, n values) into the zero-filled z with
-// precomputed flat offsets idx[j] (lane-0 slot) and signs sg[j], forward-transform, split
-// into the rfft spectrum X[f], f <= m, of each lane, and either store it in (sr_, si_)
-// (Mac = false) or multiply it by (sr_, si_) into the accumulator (ar_, ai_) (Mac = true).
-template <typename T, bool Mac>
-void factor_spectrum(const T* src, int64_t sb, int lanes, int64_t n, const int64_t* idx, const T* sg, Work<T>& w,
-                     const Plan<T>& plan, typename Lanes<T>::V* sr_, typename Lanes<T>::V* si_,
-                     typename Lanes<T>::V* ar_, typename Lanes<T>::V* ai_) {
+// Complex FFT of length plan.m of (zr, zi); each output X[f] is handed to sink(f, re, im)
+// exactly once, and (zr, zi) are left all zero. loc: 4 * max(m1, m2) local vectors.
+template <typename T, bool Inv, typename Sink>
+void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>::V* loc, const Plan<T>& plan,
+           Sink&& sink) {
   using V = typename Lanes<T>::V;
   const int64_t m = plan.m;
-  std::memset(static_cast<void*>(w.z.data()), 0, sizeof(V) * 2 * m);
-  T* flat = reinterpret_cast<T*>(w.z.data());
+  if (plan.m2 == 1) {
+    cfft<T, Inv>(zr, zi, loc, loc + m, plan.full);
+    for (int64_t f = 0; f < m; ++f) sink(f, zr[f], zi[f]);
+    std::memset(static_cast<void*>(zr), 0, sizeof(V) * m);
+    std::memset(static_cast<void*>(zi), 0, sizeof(V) * m);
+    return;
+  }
+  const int64_t m1 = plan.m1, m2 = plan.m2;
+  V* ar = loc;
+  V* ai = loc + m1;
+  V* br = loc + 2 * m1;
+  V* bi = loc + 3 * m1;
+  const int64_t ld = plan.ld;
+  // Columns: c[n1] = z[m2 n1 + n2] -> FFT_m1 -> * w_m^(n2 k1) -> z[m2 k1 + n2] (at row k1 of ld).
+  for (int64_t n2 = 0; n2 < m2; ++n2) {
+    for (int64_t n1 = 0; n1 < m1; ++n1) {
+      ar[n1] = zr[ld * n1 + n2];
+      ai[n1] = zi[ld * n1 + n2];
+    }
+    cfft<T, Inv>(ar, ai, br, bi, plan.s1);
+    const T* twr = plan.tr.data() + n2 * m1;
+    const T* twi = plan.ti.data() + n2 * m1;
+    if (n2 == 0) {  // twiddles of column 0 are all 1
+      for (int64_t k1 = 0; k1 < m1; ++k1) {
+        zr[ld * k1] = ar[k1];
+        zi[ld * k1] = ai[k1];
+      }
+      continue;
+    }
+    for (int64_t k1 = 0; k1 < m1; ++k1) {
+      const T wr = twr[k1], wi = Inv ? -twi[k1] : twi[k1];
+      zr[ld * k1 + n2] = ar[k1] * wr - ai[k1] * wi;
+      zi[ld * k1 + n2] = ar[k1] * wi + ai[k1] * wr;
+    }
+  }
+  // Rows: r[n2] = z[m2 k1 + n2] (contiguous) -> FFT_m2 -> X[k1 + m1 k2].
+  for (int64_t k1 = 0; k1 < m1; ++k1) {
+    V* rr = zr + ld * k1;
+    V* ri = zi + ld * k1;
+    cfft<T, Inv>(rr, ri, br, bi, plan.s2);
+    for (int64_t k2 = 0; k2 < m2; ++k2) sink(k1 + m1 * k2, rr[k2], ri[k2]);
+    // Leave z zeroed for the next scatter while the row is still in L1 (no separate pass).
+    std::memset(static_cast<void*>(rr), 0, sizeof(V) * m2);
+    std::memset(static_cast<void*>(ri), 0, sizeof(V) * m2);
+  }
+}
+
+// z[idx[j] / W] lane l += sg[j] * src[l * sb + j] for l < lanes, j ascending. With AVX-512 the
+// W values of one j are fetched by one masked gather and added as one vector (the lanes of
+// one bucket are one 64-byte vector); otherwise lane by lane. Same sums, same order per lane.
+template <typename T>
+void scatter_rows(const T* src, int64_t sb, int lanes, int64_t n, const int64_t* idx, const T* sg,
+                  typename Lanes<T>::V* z) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+#ifdef __AVX512F__
+  if (sb * (W - 1) < (int64_t{1} << 31) / static_cast<int64_t>(sizeof(T))) {
+    alignas(64) int32_t off[16];
+    for (int l = 0; l < 16; ++l) off[l] = static_cast<int32_t>(l < W ? l * sb : 0);
+    const __m512i vindex = _mm512_load_si512(reinterpret_cast<const void*>(off));
+    if constexpr (std::is_same_v<T, float>) {
+      const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex, src + j, 4);
+        z[idx[j] / W] += sg[j] * reinterpret_cast<const V&>(v);
+      }
+    } else {
+      const __mmask8 mask = static_cast<__mmask8>((uint32_t{1} << lanes) - 1);
+      const __m256i vi = _mm512_castsi512_si256(vindex);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, vi, src + j, 8);
+        z[idx[j] / W] += sg[j] * reinterpret_cast<const V&>(v);
+      }
+    }
+    return;
+  }
+#endif
+  T* flat = reinterpret_cast<T*>(z);
   for (int l = 0; l < lanes; ++l) {
     const T* row = src + l * sb;
     T* base = flat + l;
     for (int64_t j = 0; j < n; ++j) base[idx[j]] += sg[j] * row[j];
   }
-  V* zr = w.z.data();
-  V* zi = zr + m;
-  cfft<T, false>(zr, zi, w.y.data(), w.y.data() + m, plan);
-  // Split: X[f] = E[f] + w^f O[f], E = (Z[f] + conj Z[m-f]) / 2, O = (Z[f] - conj Z[m-f]) / 2i,
-  // with Z[m] = Z[0]; X[0] and X[m] are real.
-  const T half = T(0.5);
-  for (int64_t f = 0; f <= m; ++f) {
-    const int64_t fa = f == m ? 0 : f;
-    const int64_t g = f == 0 ? 0 : m - f;
-    const V er = (zr[fa] + zr[g]) * half, ei = (zi[fa] - zi[g]) * half;
-    const V orr = (zi[fa] + zi[g]) * half, oi = (zr[g] - zr[fa]) * half;
-    const T cr = plan.sr[f], ci = plan.si[f];
-    const V xr = er + (orr * cr - oi * ci);
-    const V xi = ei + (orr * ci + oi * cr);
-    if (Mac) {
-      ar_[f] += sr_[f] * xr - si_[f] * xi;
-      ai_[f] += sr_[f] * xi + si_[f] * xr;
-    } else {
-      sr_[f] = xr;
-      si_[f] = xi;
-    }
-  }
+}
+
+// Per-thread buffers of one lane group ([m] complex vectors each, re then im).
+template <typename T>
+struct Work {
+  using V = typename Lanes<T>::V;
+  // z: FFT input; za: spectrum Z of the packed first factor; p1, p2: the step sums
+  // sum_t Za[f] Zb[f] and sum_t Za[f] conj(Zb[m - f]); loc: sub-transform buffers.
+  std::vector<V> z, za, p1, p2, loc;
+  explicit Work(const Plan<T>& p)
+      : z(2 * p.zsize), za(2 * p.m), p1(2 * p.m), p2(2 * p.m), loc(4 * std::max(p.m1, p.m2)) {}
+};
+
+// z (all zero: fresh, or left so by fft_m) += the packed count sketch
+// z[n] = CS(v)[2n] + i CS(v)[2n + 1] of W factor rows.
+template <typename T>
+void pack_factor(const T* src, int64_t sb, int lanes, int64_t n, const int64_t* idx, const T* sg, Work<T>& w,
+                 int64_t zsize) {
+  scatter_rows<T>(src, sb, lanes, n, idx, sg, w.z.data());
 }
 
 template <typename T>
@@ -207,67 +329,118 @@ struct Layer {
 };
 
 template <typename T>
-std::vector<int64_t> flat_offsets(const int64_t* b, int64_t n, int64_t m) {
+std::vector<int64_t> flat_offsets(const int64_t* b, int64_t n, const Plan<T>& plan) {
   constexpr int W = Lanes<T>::W;
   std::vector<int64_t> idx(n);
   // Bucket h holds v[h] of z[h / 2] = v[2n] + i v[2n + 1]: the real part for even h, the
-  // imaginary part (stored after the m real vectors) for odd h.
-  for (int64_t j = 0; j < n; ++j) idx[j] = ((b[j] & 1) ? m + (b[j] >> 1) : (b[j] >> 1)) * W;
+  // imaginary part (stored after the zsize real vectors) for odd h.
+  for (int64_t j = 0; j < n; ++j)
+    idx[j] = ((b[j] & 1) ? plan.zsize : 0) * W + plan.zpos(b[j] >> 1) * W;
   return idx;
 }
 
+// Why two step sums instead of the spectra. With Z = FFT_m of the packed factor
+// (z[n] = v[2n] + i v[2n+1]), the rfft is X[f] = E[f] + w^f O[f] with
+// E = (Z[f] + conj Z[m-f]) / 2, O = (Z[f] - conj Z[m-f]) / 2i, w = exp(-2 pi i / k). The
+// product of two such spectra expands into four sums over the steps, S1 = sum Za[f] Zb[f],
+// S2 = sum Za[f] conj Zb[m-f], S3 = conj S2[m-f], S4 = conj S1[m-f]:
+//   C[f] = (S1 + S2 + S3 + S4) / 4 + w^f (S1 - S4) / 2i - w^2f (S1 - S2 - S3 + S4) / 4,
+// so per step only P1 = S1 and P2 = S2 are accumulated (two complex multiply-adds per
+// frequency, fed straight from the second factor's FFT), and the split is done once per
+// group instead of twice per step.
 template <typename T>
-void tensorsketch_typed(const std::vector<Layer<T>>& layers, T* out, int64_t batch, int64_t k) {
+void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan, T* out, int64_t batch, int64_t k) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
-  const Plan<T> plan(k);
   const int64_t m = plan.m;
   const int64_t groups = (batch + W - 1) / W;
 #pragma omp parallel if (groups > 1)
   {
-    Work<T> w(m);
+    Work<T> w(plan);
+    V* zr = w.z.data();
+    V* zi = zr + plan.zsize;
+    V* ar = w.za.data();
+    V* ai = ar + m;
+    V* p1r = w.p1.data();
+    V* p1i = p1r + m;
+    V* p2r = w.p2.data();
+    V* p2i = p2r + m;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t b0 = g * W;
       const int lanes = static_cast<int>(std::min<int64_t>(W, batch - b0));
-      V* acc_r = w.acc.data();
-      V* acc_i = acc_r + (m + 1);
-      V* sp_r = w.spec.data();
-      V* sp_i = sp_r + (m + 1);
-      std::memset(static_cast<void*>(w.acc.data()), 0, sizeof(V) * 2 * (m + 1));
+      std::memset(static_cast<void*>(w.p1.data()), 0, sizeof(V) * 2 * m);
+      std::memset(static_cast<void*>(w.p2.data()), 0, sizeof(V) * 2 * m);
       for (const Layer<T>& L : layers) {
         for (int64_t t = 0; t < L.steps; ++t) {
-          factor_spectrum<T, false>(L.delta + b0 * L.d_sb + t * L.d_st, L.d_sb, lanes, L.O, L.idx1.data(),
-                                    L.sg1.data(), w, plan, sp_r, sp_i, nullptr, nullptr);
-          factor_spectrum<T, true>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, L.I, L.idx2.data(), L.sg2.data(),
-                                   w, plan, sp_r, sp_i, acc_r, acc_i);
+          pack_factor<T>(L.delta + b0 * L.d_sb + t * L.d_st, L.d_sb, lanes, L.O, L.idx1.data(), L.sg1.data(), w, plan.zsize);
+          fft_m<T, false>(zr, zi, w.loc.data(), plan, [&](int64_t f, const V& re, const V& im) {
+            const int64_t sf = plan.spos(f);
+            ar[sf] = re;
+            ai[sf] = im;
+          });
+          pack_factor<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, L.I, L.idx2.data(), L.sg2.data(), w, plan.zsize);
+          fft_m<T, false>(zr, zi, w.loc.data(), plan, [&](int64_t f, const V& br, const V& bi) {
+            // P1[f] += Za[f] Zb[f]; P2[m-f] += Za[m-f] conj(Zb[f]) (indices mod m).
+            const int64_t sf = plan.spos(f);
+            p1r[sf] += ar[sf] * br - ai[sf] * bi;
+            p1i[sf] += ar[sf] * bi + ai[sf] * br;
+            const int64_t g2 = plan.spos((m - f) & (m - 1));
+            p2r[g2] += ar[g2] * br + ai[g2] * bi;
+            p2i[g2] += ai[g2] * br - ar[g2] * bi;
+          });
         }
       }
-      // Inverse split: Z[f] = E[f] + i O[f], E = (C[f] + conj C[m-f]) / 2,
-      // O = w^-f (C[f] - conj C[m-f]) / 2, then z = icfft(Z) / m, v[2n] = Re z[n], v[2n+1] = Im z[n].
-      V* zr = w.z.data();
-      V* zi = zr + m;
+      // C[f] for f = 0..m, then the inverse split Z'[f] = E'[f] + i O'[f] with
+      // E' = (C[f] + conj C[m-f]) / 2, O' = w^-f (C[f] - conj C[m-f]) / 2, for f < m.
+      // C[m-f] is needed beside C[f]: compute both from the sums at f and m - f.
+      auto spectrum = [&](int64_t f, V& cr, V& ci) {
+        const int64_t fm = plan.spos(f & (m - 1)), gm = plan.spos((m - f) & (m - 1));
+        const V s1r = p1r[fm], s1i = p1i[fm], s2r = p2r[fm], s2i = p2i[fm];
+        const V s3r = p2r[gm], s3i = -p2i[gm], s4r = p1r[gm], s4i = -p1i[gm];
+        const T q = T(0.25), h = T(0.5);
+        const V er = (s1r + s2r + s3r + s4r) * q, ei = (s1i + s2i + s3i + s4i) * q;
+        // (S1 - S4) / 2i = (Im, -Re) / 2
+        const V dr = (s1i - s4i) * h, di = (s4r - s1r) * h;
+        const V fr = (s1r - s2r - s3r + s4r) * q, fi = (s1i - s2i - s3i + s4i) * q;
+        const T w1r = plan.sr[f], w1i = plan.si[f];
+        // w^2f = exp(-2 pi i 2f / k) = exp(-2 pi i f / m): the split table at 2f mod k, folded.
+        const int64_t f2 = (2 * f) % k;
+        const T w2r = f2 <= m ? plan.sr[f2] : plan.sr[k - f2];
+        const T w2i = f2 <= m ? plan.si[f2] : -plan.si[k - f2];
+        cr = er + (dr * w1r - di * w1i) - (fr * w2r - fi * w2i);
+        ci = ei + (dr * w1i + di * w1r) - (fr * w2i + fi * w2r);
+      };
       const T half = T(0.5);
-      for (int64_t f = 0; f < m; ++f) {
-        const int64_t g2 = m - f;
-        const V er = (acc_r[f] + acc_r[g2]) * half, ei = (acc_i[f] - acc_i[g2]) * half;
-        const V dr = (acc_r[f] - acc_r[g2]) * half, di = (acc_i[f] + acc_i[g2]) * half;
-        const T cr = plan.sr[f], ci = -plan.si[f];  // w^-f
-        const V orr = dr * cr - di * ci, oi = dr * ci + di * cr;
-        zr[f] = er - oi;
-        zi[f] = ei + orr;
-      }
-      cfft<T, true>(zr, zi, w.y.data(), w.y.data() + m, plan);
-      const T scale = T(1) / static_cast<T>(m);
-      const T* fr = reinterpret_cast<const T*>(zr);
-      const T* fi = reinterpret_cast<const T*>(zi);
-      for (int l = 0; l < lanes; ++l) {
-        T* o = out + (b0 + l) * k;
-        for (int64_t n = 0; n < m; ++n) {
-          o[2 * n] = fr[n * W + l] * scale;
-          o[2 * n + 1] = fi[n * W + l] * scale;
+      for (int64_t f = 0; f <= m / 2; ++f) {
+        const int64_t f2 = m - f;
+        V cfr, cfi, cgr, cgi;
+        spectrum(f, cfr, cfi);
+        spectrum(f2, cgr, cgi);
+        // Z'[f] from C[f], C[m-f]; Z'[m-f] from C[m-f], C[f] (f = 0 pairs C[0] with C[m]).
+        for (int side = 0; side < 2; ++side) {
+          const int64_t ff = side == 0 ? f : f2;
+          if (ff == m || (side == 1 && f2 == f)) continue;
+          const V ar_ = side == 0 ? cfr : cgr, ai_ = side == 0 ? cfi : cgi;
+          const V br_ = side == 0 ? cgr : cfr, bi_ = side == 0 ? cgi : cfi;
+          const V er = (ar_ + br_) * half, ei = (ai_ - bi_) * half;
+          const V dr = (ar_ - br_) * half, di = (ai_ + bi_) * half;
+          const T cr = plan.sr[ff], ci = -plan.si[ff];  // w^-f
+          const V orr = dr * cr - di * ci, oi = dr * ci + di * cr;
+          const int64_t zp = plan.zpos(ff);
+          zr[zp] = er - oi;
+          zi[zp] = ei + orr;
         }
       }
+      const T scale = T(1) / static_cast<T>(m);
+      fft_m<T, true>(zr, zi, w.loc.data(), plan, [&](int64_t n, const V& re, const V& im) {
+        const T* fr = reinterpret_cast<const T*>(&re);
+        const T* fi = reinterpret_cast<const T*>(&im);
+        for (int l = 0; l < lanes; ++l) {
+          out[(b0 + l) * k + 2 * n] = fr[l] * scale;
+          out[(b0 + l) * k + 2 * n + 1] = fi[l] * scale;
+        }
+      });
     }
   }
 }
@@ -310,7 +483,7 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
              const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
              const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
              const std::vector<uintptr_t>& s2_ptrs, T* out, int64_t batch, int64_t k) {
-  const int64_t m = k / 2;
+  const Plan<T> plan(k);
   std::vector<Layer<T>> layers;
   for (size_t l = 0; l < delta_ptrs.size(); ++l) {
     Layer<T> L;
@@ -330,13 +503,13 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
     const auto* s2 = reinterpret_cast<const int64_t*>(s2_ptrs[l]);
     check_table(b1, s1, L.O, k);
     check_table(b2, s2, L.I, k);
-    L.idx1 = flat_offsets<T>(b1, L.O, m);
-    L.idx2 = flat_offsets<T>(b2, L.I, m);
+    L.idx1 = flat_offsets<T>(b1, L.O, plan);
+    L.idx2 = flat_offsets<T>(b2, L.I, plan);
     L.sg1.assign(s1, s1 + L.O);
     L.sg2.assign(s2, s2 + L.I);
     layers.push_back(std::move(L));
   }
-  tensorsketch_typed<T>(layers, out, batch, k);
+  tensorsketch_typed<T>(layers, plan, out, batch, k);
 }
 
 }  // namespace
