@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ from cupid_engine.datamodels.metrics import ProxyMetric
 from cupid_engine.datamodels.regression import RegressionConfig, SubsetTrainer, regression_scores
 from cupid_engine.datamodels.selection import concat_samples
 from cupid_engine.scorers.table import make_table
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +244,7 @@ class DatamodelScorer(Scorer):
             options = {}
         super().__init__(config, **options)
 
-    def score(self, store: Any, run: str | None = None, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str | None = None, **inputs: Any) -> pa.Table:
         """Score ``episodes`` of the store's catalog against ``target`` demonstrations.
 
         Args:

@@ -60,51 +60,6 @@ def ensure_ray(address: str | None, workers: int, env: dict[str, str] | None = N
     return True
 
 
-def run_on_actors(
-    actors: list[Any],
-    n_items: int,
-    call: Callable[[Any, int], Any],
-    *,
-    on_result: Callable[[int, Any], None] | None = None,
-) -> list[Any]:
-    """Run items ``0 .. n_items-1`` on a pool of actors, one item per actor at a time.
-
-    Args:
-        actors: Ray actor handles.
-        n_items: Number of items.
-        call: ``call(actor, i)`` submits item ``i`` and returns an ObjectRef resolving
-            to ``(i, value)``.
-        on_result: Called with ``(i, value)`` in completion order.
-
-    Returns:
-        The values in item order (independent of scheduling). A failed item raises.
-    """
-    import ray
-
-    results: list[Any] = [None] * n_items
-    pending: dict[Any, Any] = {}
-    next_index = 0
-
-    def submit(actor: Any) -> None:
-        nonlocal next_index
-        pending[call(actor, next_index)] = actor
-        next_index += 1
-
-    for actor in actors:
-        if next_index < n_items:
-            submit(actor)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        actor = pending.pop(done[0])
-        index, value = ray.get(done[0])  # a failed item raises here, naming its error
-        results[index] = value
-        if on_result is not None:
-            on_result(index, value)
-        if next_index < n_items:
-            submit(actor)
-    return results
-
-
 # Errors that mean "the worker (or its node) is gone", not "the task is wrong": the item
 # goes back to the queue and runs on a surviving worker.
 def _lost_worker_errors() -> tuple[type[BaseException], ...]:

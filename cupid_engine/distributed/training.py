@@ -1,43 +1,42 @@
 """Subset trainings on Ray actors (the regression datamodel estimator and LDS).
 
-Each actor receives the subset function once (a picklable
+Each worker receives the subset function once (a picklable
 :class:`~cupid_engine.datamodels.regression.SubsetTrainer`: configs, samples,
-clusters and the metric; trained models never cross processes) and evaluates masks one
-at a time, whichever actor is free taking the next mask. A training depends only on its
-mask and the (seeded) configs, so the schedule never changes the numbers: results equal
-the in-process ones and are reported by mask index.
+clusters and the metric; trained models never cross processes) with the masks, and
+evaluates masks one at a time, whichever worker is free taking the next one, on a
+:class:`~cupid_engine.distributed.executor.RayExecutor` (a worker that dies has its masks
+re-queued to a survivor). A training depends only on its mask and the (seeded) configs,
+so the schedule never changes the numbers: results equal the in-process ones and are
+reported by mask index.
 
 A local Ray instance is started (and shut down afterwards) unless one is already running
-or ``address`` names a cluster to join. Ray is imported only inside these functions.
+or ``address`` names a cluster to join. Ray is imported only inside the executor.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from cupid_engine.distributed._ray import ensure_ray, run_on_actors
-
-logger = logging.getLogger(__name__)
+from cupid_engine.distributed.executor import RayExecutor
 
 
-class _SubsetActor:
-    """Ray actor body: holds the subset function, evaluates one mask per call."""
+class _SubsetWorker:
+    """One worker: holds the subset function and the masks, evaluates one mask index per call."""
 
-    def __init__(self, fn: Any, threads: int) -> None:
+    def __init__(self, fn: Any, masks: list[np.ndarray], threads: int) -> None:
         import torch
 
-        # Several actors share the machine's cores: one intra-op pool each avoids
+        # Several workers share the machine's cores: one intra-op pool each avoids
         # oversubscription (tiny models slow down badly with contended threads).
         torch.set_num_threads(int(threads))
-        self.fn = fn
+        self.fn, self.masks = fn, masks
 
-    def run(self, index: int, mask: np.ndarray) -> tuple[int, np.ndarray]:
-        value = np.atleast_1d(np.asarray(self.fn(mask), dtype=np.float64)).reshape(-1)
-        return index, value
+    def __call__(self, index: int) -> np.ndarray:
+        return np.atleast_1d(np.asarray(self.fn(self.masks[index]), dtype=np.float64)).reshape(-1)
 
 
 def train_subsets(
@@ -66,25 +65,5 @@ def train_subsets(
     """
     if not masks:
         return []
-    started = ensure_ray(address, workers)
-    import ray
-
-    actors: list[Any] = []
-    try:
-        actor_cls = ray.remote(num_cpus=1)(_SubsetActor)
-        fn_ref = ray.put(fn)
-        n_actors = min(int(workers), len(masks))
-        actors = [actor_cls.remote(fn_ref, threads_per_worker) for _ in range(n_actors)]
-        results = run_on_actors(
-            actors,
-            len(masks),
-            lambda actor, i: actor.run.remote(i, np.asarray(masks[i], dtype=bool)),
-            on_result=on_result,
-        )
-        return [r for r in results if r is not None]
-    finally:
-        # Also on failure: actors on a shared (already running) Ray must not linger.
-        for actor in actors:
-            ray.kill(actor)
-        if started:
-            ray.shutdown()
+    factory = functools.partial(_SubsetWorker, fn, [np.asarray(m, dtype=bool) for m in masks], threads_per_worker)
+    return RayExecutor(workers, address).map(factory, list(range(len(masks))), on_result=on_result)

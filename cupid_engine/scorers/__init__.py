@@ -18,7 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -26,6 +27,9 @@ from cupid_engine.scorers.base import Scorer, available_scorers, get_scorer, reg
 from cupid_engine.scorers import baselines, cupid, cupid_step, qoq, quality, tracin, trak_traj  # noqa: F401  (registration)
 from cupid_engine.scorers.preconditioner import Preconditioner, concat_checkpoints
 from cupid_engine.scorers.table import make_table, read_table, write_table
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 __all__ = [
     "Preconditioner",
@@ -44,7 +48,7 @@ __all__ = [
 _INPUT_OPTIONS = ("states", "loss")
 
 
-def _open(store: Any) -> Any:
+def _open(store: StoreReader | str | os.PathLike) -> StoreReader:
     if hasattr(store, "catalog") and hasattr(store, "run"):
         return store
     from cupid_engine.store import open_store
@@ -52,14 +56,14 @@ def _open(store: Any) -> Any:
     return open_store(store)
 
 
-def cached(store: Any) -> Any:
+def cached(store: StoreReader) -> StoreReader:
     """``store`` with chunk-cached step reads for one call (``scorers._cache``)."""
     from cupid_engine.scorers._cache import cached as _cached
 
     return _cached(store)
 
 
-def score(method: str, *, store: Any, run: str, **options: Any) -> pa.Table:
+def score(method: str, *, store: StoreReader | str | os.PathLike, run: str, **options: Any) -> pa.Table:
     """Score episodes of ``store``/``run`` with a registered method.
 
     Args:

@@ -20,16 +20,20 @@ episode); in-memory stores (``ArrayStore``) are returned as they are.
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cupid_engine.store import GradientStore, Run
+    from cupid_engine.store.reader import StoreReader
 
 __all__ = ["cached", "CachedStore", "CachedRun"]
 
 DEFAULT_CACHE_BYTES = 512 << 20
 
 
-def cached(store: Any, *, max_bytes: int = DEFAULT_CACHE_BYTES) -> Any:
+def cached(store: StoreReader, *, max_bytes: int = DEFAULT_CACHE_BYTES) -> StoreReader:
     """``store`` with chunk-cached runs (a :class:`GradientStore`), else ``store`` itself."""
     from cupid_engine.store import GradientStore
 
@@ -41,7 +45,7 @@ def cached(store: Any, *, max_bytes: int = DEFAULT_CACHE_BYTES) -> Any:
 class CachedStore:
     """A :class:`GradientStore` whose :meth:`run` handles cache step-feature chunks."""
 
-    def __init__(self, store: Any, *, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, store: GradientStore, *, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self._store = store
         self._max_bytes = int(max_bytes)
         self._runs: dict[str, CachedRun] = {}
@@ -62,7 +66,7 @@ class CachedRun:
         fetches: Chunk reads done so far (tests, benchmarks).
     """
 
-    def __init__(self, run: Any, store: Any, *, max_bytes: int) -> None:
+    def __init__(self, run: Run, store: GradientStore, *, max_bytes: int) -> None:
         self._run = run
         self._store = store
         self._max_bytes = max_bytes

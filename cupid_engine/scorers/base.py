@@ -13,11 +13,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
 from cupid_engine.config import Config
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 _REGISTRY: dict[str, type["Scorer"]] = {}
 
@@ -55,7 +58,7 @@ class Scorer(abc.ABC):
         self.config = config
 
     @abc.abstractmethod
-    def score(self, store: Any, run: str, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str, **inputs: Any) -> pa.Table:
         """Score the training episodes of ``store``/``run``.
 
         Args:

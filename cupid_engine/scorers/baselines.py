@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,9 @@ from cupid_engine.errors import ConfigError
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.table import make_table
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 TIER_VALUE = {"better": 2.0, "okay": 1.0, "worse": 0.0}
 assert set(TIER_VALUE) == set(TIERS)
@@ -81,7 +84,7 @@ def success_similarity_scores(
     return -(total / len(rollout_states)).numpy()
 
 
-def _table(scorer: Scorer, store: Any, ids: list[str], scores: np.ndarray) -> pa.Table:
+def _table(scorer: Scorer, store: StoreReader, ids: list[str], scores: np.ndarray) -> pa.Table:
     splits, meta = _inputs.metadata_columns(store.catalog(), ids)
     return make_table(ids, scores, method=scorer.name, splits=splits, config=scorer.config, metadata=meta)
 
@@ -101,7 +104,7 @@ class RandomScorer(Scorer):
     name = "random"
     config_cls = RandomConfig
 
-    def score(self, store: Any, run: str | None = None, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str | None = None, **inputs: Any) -> pa.Table:
         ids = _inputs.resolve_episodes(store.catalog(), self.config.episodes, default="train")
         return _table(self, store, ids, random_scores(ids, self.config.seed))
 
@@ -124,7 +127,7 @@ class LengthScorer(Scorer):
     name = "length"
     config_cls = LengthConfig
 
-    def score(self, store: Any, run: str | None = None, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str | None = None, **inputs: Any) -> pa.Table:
         cat = store.catalog()
         ids = _inputs.resolve_episodes(cat, self.config.episodes, default="train")
         rows = _inputs.catalog_dict(cat)
@@ -147,7 +150,7 @@ class LossScorer(Scorer):
     name = "loss"
     config_cls = LossConfig
 
-    def score(self, store: Any, run: str | None = None, *, loss: Mapping[str, float] | Sequence[float] | None = None,
+    def score(self, store: StoreReader, run: str | None = None, *, loss: Mapping[str, float] | Sequence[float] | None = None,
               **inputs: Any) -> pa.Table:
         cat = store.catalog()
         ids = _inputs.resolve_episodes(cat, self.config.episodes, default="train")
@@ -187,7 +190,7 @@ class SuccessSimScorer(Scorer):
     name = "success-sim"
     config_cls = SuccessSimConfig
 
-    def score(self, store: Any, run: str | None = None, *, states: Mapping[str, np.ndarray] | None = None,
+    def score(self, store: StoreReader, run: str | None = None, *, states: Mapping[str, np.ndarray] | None = None,
               **inputs: Any) -> pa.Table:
         if states is None:
             raise ConfigError(
@@ -277,7 +280,7 @@ class OracleScorer(Scorer):
     name = "oracle"
     config_cls = OracleConfig
 
-    def score(self, store: Any, run: str | None = None, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str | None = None, **inputs: Any) -> pa.Table:
         cfg = self.config
         cat = store.catalog()
         ids = _inputs.resolve_episodes(cat, cfg.episodes, default="train")

@@ -13,7 +13,7 @@ batch-order dependence). ``normalization="mean"`` divides by |ξ| and |τ| (Eq. 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 from cupid_engine.scorers.table import make_table
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 NORMALIZATIONS = ("sum", "mean")
 
@@ -125,7 +128,7 @@ class CupidScorer(Scorer):
     name = "cupid"
     config_cls = CupidConfig
 
-    def raw_scores(self, store: Any, run: str) -> tuple[list[str], np.ndarray]:
+    def raw_scores(self, store: StoreReader, run: str) -> tuple[list[str], np.ndarray]:
         """``(ids, [N] Ψ_π)`` for the configured episodes.
 
         With ``checkpoints``, the mean over runs of the per-run scores, each run whitened
@@ -161,7 +164,7 @@ class CupidScorer(Scorer):
             )
         return demos, out
 
-    def score(self, store: Any, run: str, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str, **inputs: Any) -> pa.Table:
         ids, scores = self.raw_scores(store, run)
         splits, meta = _inputs.metadata_columns(store.catalog(), ids)
         return make_table(ids, scores, method=self.name, splits=splits, config=self.config, metadata=meta)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +58,9 @@ from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 from cupid_engine.scorers.table import make_table
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 STEP_NORMS = ("none", "rollout", "both")
 BASELINES = ("none", "mean")
@@ -126,7 +129,7 @@ class CupidStepScorer(Scorer):
     name = "cupid-step"
     config_cls = CupidStepConfig
 
-    def raw_scores(self, store: Any, run: str) -> tuple[list[str], np.ndarray]:
+    def raw_scores(self, store: StoreReader, run: str) -> tuple[list[str], np.ndarray]:
         """``(ids, [N] Ψ_step)`` for the configured episodes."""
         cfg = self.config
         r = store.run(run)
@@ -147,7 +150,7 @@ class CupidStepScorer(Scorer):
             s = pre.whiten(r.episode_features(demos)).to(torch.float64)
         return demos, (s @ u).numpy()
 
-    def score(self, store: Any, run: str, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str, **inputs: Any) -> pa.Table:
         ids, scores = self.raw_scores(store, run)
         splits, meta = _inputs.metadata_columns(store.catalog(), ids)
         return make_table(ids, scores, method=self.name, splits=splits, config=self.config, metadata=meta)

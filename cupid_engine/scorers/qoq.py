@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ from cupid_engine.errors import ConfigError
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.table import make_table
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 VALIDATION_KINDS = ("target", "failed-rollouts")
 
@@ -103,7 +106,7 @@ class QoQScorer(Scorer):
     name = "qoq"
     config_cls = QoQConfig
 
-    def score(self, store: Any, run: str, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str, **inputs: Any) -> pa.Table:
         cfg = self.config
         r = store.run(run)
         cat = store.catalog()

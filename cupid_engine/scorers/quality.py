@@ -19,7 +19,7 @@ reference and naive baselines, for existing callers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +38,9 @@ from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.cupid import CupidConfig, CupidScorer, episode_lengths
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 from cupid_engine.scorers.table import make_table
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 WEIGHTINGS = ("alpha", "official")
 
@@ -116,7 +119,7 @@ class CupidQualityScorer(Scorer):
     name = "cupid-quality"
     config_cls = CupidQualityConfig
 
-    def reductions(self, store: Any, run: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def reductions(self, store: StoreReader, run: str) -> tuple[list[str], np.ndarray, np.ndarray]:
         """``(demo ids, maxmin [m, N], minmax [m, N])``, demos streamed in step blocks."""
         from cupid_engine.scorers._cache import cached
 
@@ -145,7 +148,7 @@ class CupidQualityScorer(Scorer):
             start = stop
         return demos, maxmin, minmax
 
-    def score(self, store: Any, run: str, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str, **inputs: Any) -> pa.Table:
         from cupid_engine.scorers._cache import cached
 
         cfg = self.config

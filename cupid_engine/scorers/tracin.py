@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ from cupid_engine.config import Config, check, field
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.table import make_table
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 
 def tracin_scores(
@@ -68,7 +71,7 @@ class TracInScorer(Scorer):
     name = "tracin"
     config_cls = TracInConfig
 
-    def score(self, store: Any, run: str, **inputs: Any) -> pa.Table:
+    def score(self, store: StoreReader, run: str, **inputs: Any) -> pa.Table:
         cfg = self.config
         cat = store.catalog()
         ids = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
