@@ -128,10 +128,11 @@ struct Plan {
   int64_t spos(int64_t f) const { return m2 == 1 ? f : (f & (m1 - 1)) * m2 + (f >> lg1); }
 };
 
-// In-place complex FFT of length st.m on W lanes: data (xr, xi) [m] vectors, scratch (yr, yi).
+// Complex FFT of length st.m on W lanes of (xr, xi) [m] vectors with scratch (yr, yi); the
+// result is left in (xr, xi) or in (yr, yi): the returned flag says which (true: y).
 // Forward: X[f] = sum_n x[n] exp(-2 pi i f n / m); inverse (Inv): exp(+...), unnormalised.
 template <typename T, bool Inv>
-void cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>::V* yr, typename Lanes<T>::V* yi,
+bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>::V* yr, typename Lanes<T>::V* yi,
           const Stock<T>& plan) {
   using V = typename Lanes<T>::V;
   const int64_t m = plan.m;
@@ -193,8 +194,7 @@ void cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
     n /= 4;
     s *= 4;
   }
-  // The result must end in (xr, xi) (a radix-2 last stage writes there directly).
-  if (n == 2) {
+  if (n == 2) {  // radix-2 last stage, into (xr, xi)
     for (int64_t q = 0; q < s; ++q) {
       const V pr = ar[q], pi = ai[q], qr = ar[q + s], qi = ai[q + s];
       xr[q] = pr + qr;
@@ -202,10 +202,10 @@ void cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
       xr[q + s] = pr - qr;
       xi[q + s] = pi - qi;
     }
-  } else if (ar != xr) {
-    std::memcpy(xr, ar, sizeof(V) * m);
-    std::memcpy(xi, ai, sizeof(V) * m);
+    return false;
   }
+  (void)m;
+  return ar != xr;
 }
 
 // Complex FFT of length plan.m of (zr, zi); each output X[f] is handed to sink(f, re, im)
@@ -216,8 +216,10 @@ void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>
   using V = typename Lanes<T>::V;
   const int64_t m = plan.m;
   if (plan.m2 == 1) {
-    cfft<T, Inv>(zr, zi, loc, loc + m, plan.full);
-    for (int64_t f = 0; f < m; ++f) sink(f, zr[f], zi[f]);
+    const bool in_y = cfft<T, Inv>(zr, zi, loc, loc + m, plan.full);
+    const V* rr = in_y ? loc : zr;
+    const V* ri = in_y ? loc + m : zi;
+    for (int64_t f = 0; f < m; ++f) sink(f, rr[f], ri[f]);
     std::memset(static_cast<void*>(zr), 0, sizeof(V) * m);
     std::memset(static_cast<void*>(zi), 0, sizeof(V) * m);
     return;
@@ -234,28 +236,32 @@ void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>
       ar[n1] = zr[ld * n1 + n2];
       ai[n1] = zi[ld * n1 + n2];
     }
-    cfft<T, Inv>(ar, ai, br, bi, plan.s1);
+    const bool in_y = cfft<T, Inv>(ar, ai, br, bi, plan.s1);
+    const V* cr = in_y ? br : ar;
+    const V* ci = in_y ? bi : ai;
     const T* twr = plan.tr.data() + n2 * m1;
     const T* twi = plan.ti.data() + n2 * m1;
     if (n2 == 0) {  // twiddles of column 0 are all 1
       for (int64_t k1 = 0; k1 < m1; ++k1) {
-        zr[ld * k1] = ar[k1];
-        zi[ld * k1] = ai[k1];
+        zr[ld * k1] = cr[k1];
+        zi[ld * k1] = ci[k1];
       }
       continue;
     }
     for (int64_t k1 = 0; k1 < m1; ++k1) {
       const T wr = twr[k1], wi = Inv ? -twi[k1] : twi[k1];
-      zr[ld * k1 + n2] = ar[k1] * wr - ai[k1] * wi;
-      zi[ld * k1 + n2] = ar[k1] * wi + ai[k1] * wr;
+      zr[ld * k1 + n2] = cr[k1] * wr - ci[k1] * wi;
+      zi[ld * k1 + n2] = cr[k1] * wi + ci[k1] * wr;
     }
   }
   // Rows: r[n2] = z[m2 k1 + n2] (contiguous) -> FFT_m2 -> X[k1 + m1 k2].
   for (int64_t k1 = 0; k1 < m1; ++k1) {
     V* rr = zr + ld * k1;
     V* ri = zi + ld * k1;
-    cfft<T, Inv>(rr, ri, br, bi, plan.s2);
-    for (int64_t k2 = 0; k2 < m2; ++k2) sink(k1 + m1 * k2, rr[k2], ri[k2]);
+    const bool in_y = cfft<T, Inv>(rr, ri, br, bi, plan.s2);
+    const V* xr = in_y ? br : rr;
+    const V* xi = in_y ? bi : ri;
+    for (int64_t k2 = 0; k2 < m2; ++k2) sink(k1 + m1 * k2, xr[k2], xi[k2]);
     // Leave z zeroed for the next scatter while the row is still in L1 (no separate pass).
     std::memset(static_cast<void*>(rr), 0, sizeof(V) * m2);
     std::memset(static_cast<void*>(ri), 0, sizeof(V) * m2);
