@@ -93,7 +93,7 @@ def featurize_distributed(
         "dispatch_seconds" (first task to last result), "workers": {pid: peak_rss_kb},
         "lost_workers", "driver_peak_rss_kb"}``.
     """
-    from cupid_engine.featurize.pipeline import featurize_shards
+    from cupid_engine.featurize.shards import featurize_shards
     from cupid_engine.store import GradientStore
 
     if not isinstance(store, GradientStore):

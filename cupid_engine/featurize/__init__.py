@@ -11,18 +11,22 @@
   (dense/sparse/signshift); also the reference the hook path is tested against.
 * ``featurizer``: :class:`Featurizer`, one object for both paths, with ``describe()``;
   it works on any ``nn.Module`` through the policy protocol (``policies.PolicyTask``).
-* ``pipeline``: :func:`featurize` (register -> run -> stream shards -> finalize, resumable)
-  and :func:`featurize_shard`, the unit of work of the Ray workers.
+* ``pipeline``: :func:`featurize` (register -> run -> stream shards -> finalize, resumable),
+  over ``register`` (a source's episodes into the store catalog, unit by unit) and
+  ``shards`` (:func:`featurize_shard`, the unit of work, and :func:`featurize_shards` on an
+  executor).
 * ``synthetic``: :class:`SyntheticSource`, deterministic episodes generated on the fly
   (benchmarks, tests).
 
-Ray is imported only by ``cupid_engine.distributed`` (``workers > 1``).
+Where shards run is the caller's executor (``cupid_engine.executor``); Ray is imported only
+by ``cupid_engine.distributed`` (its ``RayExecutor``).
 """
 
 from cupid_engine.featurize.config import FeaturizeConfig, ProjectionConfig, path_for_method
 from cupid_engine.featurize.featurizer import Featurizer
 from cupid_engine.featurize.hooks import fused_tensorsketch, layer_seed
-from cupid_engine.featurize.pipeline import featurize, featurize_shard
+from cupid_engine.featurize.pipeline import featurize
+from cupid_engine.featurize.shards import featurize_shard
 from cupid_engine.featurize.synthetic import SyntheticSource
 
 __all__ = [

@@ -16,7 +16,6 @@ This module owns opening/creating the store (local paths and fsspec URLs), the c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import io
 import json

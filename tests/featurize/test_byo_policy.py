@@ -104,10 +104,10 @@ def test_featurize_score_query_without_subclassing(byo, dataset, tmp_path, monke
 
     # Resume: the same task and model find nothing to do.
     calls = []
-    from cupid_engine.featurize import pipeline
+    from cupid_engine.featurize import shards
 
-    real = pipeline.featurize_shard
-    monkeypatch.setattr(pipeline, "featurize_shard", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = shards.featurize_shard
+    monkeypatch.setattr(shards, "featurize_shard", lambda *a, **k: calls.append(a) or real(*a, **k))
     featurize(str(data), store_path, "base", task=task, model=model, config=cfg, progress=False)
     assert calls == []
 

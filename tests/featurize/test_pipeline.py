@@ -11,6 +11,7 @@ import torch
 from cupid_engine.data import open_dataset, write_dataset
 from cupid_engine.featurize import FeaturizeConfig, Featurizer, featurize
 from cupid_engine.featurize import pipeline as pipeline_mod
+from cupid_engine.featurize import shards as shards_mod
 from cupid_engine.policies import MLPPolicyConfig, TrainConfig, build_samples, load_policy, save_policy, train_policy
 from cupid_engine.store import GradientStore
 
@@ -63,8 +64,8 @@ def test_featurize_store_resume_and_gram(setup, monkeypatch):
     # Resume: nothing pending -> no shard is featurised or rewritten.
     before = _files(tmp / "store.zarr" / "runs" / "base")
     calls = []
-    real = pipeline_mod.featurize_shard
-    monkeypatch.setattr(pipeline_mod, "featurize_shard", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = shards_mod.featurize_shard
+    monkeypatch.setattr(shards_mod, "featurize_shard", lambda *a, **k: calls.append(a) or real(*a, **k))
     featurize(str(data), tmp / "store.zarr", "base", policy=str(ckpt), config=cfg, progress=False)
     assert calls == []
     after = _files(tmp / "store.zarr" / "runs" / "base")

@@ -8,7 +8,7 @@ import torch
 
 from cupid_engine.data import write_dataset
 from cupid_engine.featurize import FeaturizeConfig, Featurizer, featurize
-from cupid_engine.featurize.pipeline import compute_shard_features
+from cupid_engine.featurize.shards import compute_shard_features
 from cupid_engine.policies import (
     DiffusionPolicy,
     DiffusionPolicyConfig,
