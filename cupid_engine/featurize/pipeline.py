@@ -47,7 +47,7 @@ from cupid_engine.featurize.shards import (  # noqa: F401 - step 3, importable f
 )
 from cupid_engine.policies.task import resolve_task
 from cupid_engine.store import GradientStore, Run, RunConfig
-from cupid_engine.store.gradient_store import StoreUndo
+from cupid_engine.store.undo import StoreUndo
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def featurize(
 
 def _featurize_overwrite(source: Any, store: Any, run_name: str, **kwargs: Any) -> Run:
     """``featurize`` into a fresh store built beside ``store`` and swapped in on success."""
-    from cupid_engine.store.gradient_store import _Location
+    from cupid_engine.store.location import _Location
 
     if isinstance(store, GradientStore) or not _Location(store).is_local:
         raise ConfigError("overwrite needs the store as a local folder path", where=str(store),
@@ -377,7 +377,7 @@ def _store_state(store: Any) -> dict[str, bool]:
     """Whether ``featurize`` is about to create the store (and whether its folder exists)."""
     if isinstance(store, GradientStore):
         return {}
-    from cupid_engine.store.gradient_store import _Location
+    from cupid_engine.store.location import _Location
 
     loc = _Location(store)
     if loc.exists():

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from cupid_engine.errors import ContentChangedError, DataError, UserError, one_line
 from cupid_engine.store import GradientStore
 from cupid_engine.store.catalog import fingerprint_of
-from cupid_engine.store.gradient_store import StoreUndo
+from cupid_engine.store.undo import StoreUndo
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ import pytest
 from _store_writer import episode_table, shard_features
 
 from cupid_engine.store import catalog as catalog_mod
+from cupid_engine.store import catalog_io
 from cupid_engine.store import gradient_store as gs_mod
 from cupid_engine.store.config import RunConfig
 from cupid_engine.store.gradient_store import GradientStore, create_store, open_store
@@ -98,7 +99,7 @@ def test_worker_reads_only_its_shard_rows(tmp_path, small_groups, monkeypatch):
 
 def test_positions_exact_under_hash_collisions(tmp_path, monkeypatch):
     # Every id hashes alike: look-ups and the duplicate check must still be exact.
-    monkeypatch.setattr(gs_mod, "_id_hashes", lambda values: np.zeros(len(values), np.int64))
+    monkeypatch.setattr(catalog_io, "_id_hashes", lambda values: np.zeros(len(values), np.int64))
     st = create_store(str(tmp_path / "s.zarr"))
     st.add_episodes(episode_table(30), shard_size=7)
     st.add_episodes(episode_table(4, prefix="x", seed=1), shard_size=7)  # distinct ids: accepted

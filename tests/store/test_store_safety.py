@@ -14,7 +14,8 @@ from _store_writer import episode_table, write_shards
 from cupid_engine.errors import NotAStoreError, StoreExistsError, StoreNotFoundError, UserError
 from cupid_engine.store import catalog as _catalog
 from cupid_engine.store.config import RunConfig
-from cupid_engine.store.gradient_store import GradientStore, StoreUndo, create_store, open_store
+from cupid_engine.store.gradient_store import GradientStore, create_store, open_store
+from cupid_engine.store.undo import StoreUndo
 
 K = 8
 
