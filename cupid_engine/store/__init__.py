@@ -7,6 +7,7 @@
 - :mod:`~cupid_engine.store.errors`: the store's errors and the ``verify`` report.
 - :mod:`~cupid_engine.store.reader`: the ``StoreReader`` protocol (what scorers read).
 - :mod:`~cupid_engine.store.run`: one featuriser run: sharded writes, resume, reads.
+- :mod:`~cupid_engine.store.chunks`: a run's chunk files (codecs, the direct fast path).
 - :mod:`~cupid_engine.store.catalog`: catalog schema and the deterministic shard plan.
 - :mod:`~cupid_engine.store.quant`: storage dtypes (fp32/fp16/bf16/int8+scale).
 - :mod:`~cupid_engine.store.config`: :class:`RunConfig`.

@@ -342,7 +342,7 @@ def test_iter_shard_steps_mirrors_write_shard(store):
 
 @pytest.mark.parametrize("compressor", ["none", "blosc-lz4", "zstd"], ids=lambda c: c)
 def test_compressors_round_trip_through_both_paths(store, compressor):
-    from cupid_engine.store.run import _direct_dir
+    from cupid_engine.store.chunks import _direct_dir
 
     run = store.create_run("r", RunConfig(k=K, dtype="int8", compressor=compressor))
     # Only the uncompressed local layout is written by the direct chunk writer.
