@@ -6,10 +6,14 @@ imports are deferred so that ``import cupid_engine`` does not pull FAISS or zarr
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 
-def score(method: str, *, store: Any, run: str, **options: Any):
+def score(method: str, *, store: StoreReader | str | os.PathLike, run: str, **options: Any):
     """Score every training episode of ``store``/``run`` with ``method``; returns a pyarrow.Table."""
     from cupid_engine.scorers import score as _score
 

@@ -26,19 +26,21 @@ neither side's memory grows with the episode count.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cupid_engine.distributed.executor import RayExecutor
 from cupid_engine.executor import peak_rss_kb
+from cupid_engine.store import GradientStore
 
 __all__ = ["featurize_distributed", "peak_rss_kb"]
 
 
 def featurize_distributed(
     source: Any,
-    store: Any,
+    store: GradientStore | str | os.PathLike,
     run_name: str,
     *,
     policy_path: str,
@@ -94,7 +96,6 @@ def featurize_distributed(
         "lost_workers", "driver_peak_rss_kb"}``.
     """
     from cupid_engine.featurize.shards import featurize_shards
-    from cupid_engine.store import GradientStore
 
     if not isinstance(store, GradientStore):
         store = GradientStore.open(store, mode="r+")

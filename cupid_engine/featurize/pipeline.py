@@ -51,12 +51,15 @@ from cupid_engine.store.undo import StoreUndo
 
 log = logging.getLogger(__name__)
 
+StoreLike = GradientStore | str | os.PathLike
+"""An open store, or the path/URL of one (opened, or created when missing)."""
+
 __all__ = ["ShardWorker", "featurize", "featurize_shard", "featurize_shards", "open_inputs", "prepare_run",
            "register_episodes", "run_config", "shard_units"]
 
 
 # ----------------------------------------------------------------------------- inputs
-def open_inputs(source: Any, store: Any, policy: Any) -> tuple[Any, GradientStore, nn.Module, str | None]:
+def open_inputs(source: Any, store: StoreLike, policy: Any) -> tuple[Any, GradientStore, nn.Module, str | None]:
     """Resolve paths: ``(source, store, policy, policy_path)``.
 
     ``source`` may be a path/URL (``data.open_source``) or an ``EpisodeSource``; ``store`` a
@@ -223,7 +226,7 @@ def check_device(device: str | None) -> str | None:
 
 def featurize(
     source: Any,
-    store: Any,
+    store: StoreLike,
     run_name: str,
     *,
     policy: Any = None,
@@ -343,7 +346,7 @@ def featurize(
     return run
 
 
-def _featurize_overwrite(source: Any, store: Any, run_name: str, **kwargs: Any) -> Run:
+def _featurize_overwrite(source: Any, store: StoreLike, run_name: str, **kwargs: Any) -> Run:
     """``featurize`` into a fresh store built beside ``store`` and swapped in on success."""
     from cupid_engine.store.location import _Location
 
@@ -373,7 +376,7 @@ def _featurize_overwrite(source: Any, store: Any, run_name: str, **kwargs: Any) 
     return GradientStore.open(loc.root, mode="a").run(run_name)
 
 
-def _store_state(store: Any) -> dict[str, bool]:
+def _store_state(store: StoreLike) -> dict[str, bool]:
     """Whether ``featurize`` is about to create the store (and whether its folder exists)."""
     if isinstance(store, GradientStore):
         return {}
