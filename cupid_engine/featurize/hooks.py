@@ -412,20 +412,44 @@ def _dense_table(seed: int, O: int, I: int, k: int) -> tuple[torch.Tensor, torch
     return ((b1[:, None] + b2[None, :]) % k).reshape(-1), (s1[:, None] * s2[None, :]).reshape(-1)
 
 
-def choose_strategy(strategy: str, T: int, O: int, I: int, k: int) -> str:
+def kernel_route(k: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
+    """Whether :func:`fused_tensorsketch` evaluates its ``fft`` layers with the C++ lane-FFT
+    kernel (``ops.cpu_backend.tensorsketch_fft_layers``): CPU tensors, float32/float64, the
+    extension built and ``k`` a power of two >= 8. Otherwise the torch route (scatter into
+    workspace buffers, ``torch.fft``) runs, as on GPUs."""
+    from cupid_engine.ops import cpu_backend
+
+    return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)
+            and cpu_backend.fft_kernel_supports(k) and cpu_backend.is_available())
+
+
+def choose_strategy(strategy: str, T: int, O: int, I: int, k: int, device: torch.device | str = "cpu") -> str:
     """``fft`` (sum_t of factor spectra) or ``dense`` (hash the layer's ``[O, I]`` gradient).
 
     ``dense`` forms one layer's per-sample gradient for the batch, so it is taken only
     when that is *smaller* than the ``[T, k]`` count sketches the FFT route would hold
-    per sample (``O * I <= T * k``: conv layers with many time steps x draws) and costs
-    fewer flops; the whole model's per-sample gradient still never exists, and memory
-    stays bounded by the largest layer, independent of how many are tracked.
+    per sample (``O * I <= T * k``: conv layers with many time steps x draws) and, by the
+    cost model, is cheaper; the whole model's per-sample gradient still never exists, and
+    memory stays bounded by the largest layer, independent of how many are tracked.
+
+    The cost model: where the C++ kernel runs (:func:`kernel_route`), the measured model
+    of ``ops.tensorsketch_plan`` (seconds per sample of the kernel's FFTs and scatter vs
+    the GEMM and the hash of ``G``); elsewhere (GPU, ``k`` not a power of two) the flop
+    estimate ``T (5 k log2 k + 4k)`` vs ``2 T O I + 4 O I``.
     """
     if strategy != "auto":
         return strategy
+    if O * I > T * k:
+        return "fft"
+    if kernel_route(k, device):
+        from cupid_engine.ops import tensorsketch_plan
+
+        # Per sample; the inverse FFT is shared by all fused layers, so a layer adds 2T FFTs.
+        est = tensorsketch_plan.estimate(tensorsketch_plan.DEFAULT_COST.lanes, T, O, I, k, inverse=False)
+        return "dense" if est["dense"] < est["fft"] else "fft"
     fft_flops = T * (2 * 2.5 * k * math.log2(k) + 4 * k)
     dense_flops = 2 * T * O * I + 4 * O * I
-    return "dense" if O * I <= T * k and dense_flops < fft_flops else "fft"
+    return "dense" if dense_flops < fft_flops else "fft"
 
 
 def _spectrum(
@@ -485,13 +509,23 @@ def fused_tensorsketch(
     Per layer, one of two exact evaluations of the same sketch (see :func:`choose_strategy`):
 
     * ``fft``: ``sum_t rfft(CS1(delta_t)) * rfft(CS2(x_t))``, spectra of all such layers
-      accumulated and inverted by ONE ``irfft`` at the end (irfft is linear). The count
-      sketches use the factor hashes every ``ops`` backend consumes
-      (``reference.countsketch_buckets``), scattered into reused workspace buffers; a
-      factor at most :data:`DFT_MAX_DIM` wide gets its spectrum by a direct DFT matmul.
+      accumulated and inverted by ONE ``irfft`` at the end (irfft is linear). On CPU with
+      ``k`` a power of two (:func:`kernel_route`) all such layers go to the C++ kernel
+      ``ops.cpu_backend.tensorsketch_fft_layers`` in one call (its own FFT, 16 samples per
+      SIMD lane group, the count-sketch scatter written into the FFT input, nothing of size
+      ``[B, T, k]`` in memory). Elsewhere the count sketches use the factor hashes every
+      ``ops`` backend consumes (``reference.countsketch_buckets``), scattered into reused
+      workspace buffers and transformed by ``torch.fft``; a factor at most
+      :data:`DFT_MAX_DIM` wide gets its spectrum by a direct DFT matmul.
     * ``dense``: ``G = sum_t delta_t x_t^T`` ``[B, O, I]`` by one batched matmul, hashed
       into ``k`` buckets with the tensorsketch hashes (``(h1(o) + h2(i)) mod k``, sign
-      ``s1(o) s2(i)``), i.e. ``reference.tensorsketch_materialized``.
+      ``s1(o) s2(i)``), i.e. ``reference.tensorsketch_materialized`` (on the kernel route
+      by ``ops.cpu_backend.hash_gradient``, else ``scatter_add_``).
+
+    The two routes agree to float rounding; which one a layer takes changes the last bits
+    of its features only. The kernel route (2026-12) changed the CPU features' float
+    rounding against the earlier torch.fft evaluation (same sketch, same hashes; float32
+    features agree to ~1e-6 relative, tests/featurize/test_hook_kernel.py).
 
     Args:
         factors: ``[(seed, delta [B, T, O], x [B, T, I])]`` per layer (any T per layer).
@@ -532,10 +566,19 @@ def fused_tensorsketch(
         if direct is None:
             direct = torch.zeros(B, k, dtype=acc, device=device)
         direct.scatter_add_(1, bucket.reshape(B, -1), vals.reshape(B, -1))
+    use_kernel = kernel_route(k, device, acc)
     fft_layers = []
     for seed, delta, x in factors:
         T, O, I = delta.shape[1], delta.shape[2], x.shape[2]
-        if choose_strategy(strategy, T, O, I, k) == "dense":
+        if choose_strategy(strategy, T, O, I, k, device) == "dense":
+            if use_kernel:  # GEMM, then the C++ hash (fixed order per row)
+                from cupid_engine.ops import cpu_backend
+
+                G = torch.bmm(delta.to(acc).transpose(1, 2), x.to(acc))  # [B, O, I]
+                if direct is None:
+                    direct = torch.zeros(B, k, dtype=acc, device=device)
+                cpu_backend.hash_gradient(G, seed, k, direct, accumulate=True)
+                continue
             G = torch.bmm(delta.to(acc).transpose(1, 2), x.to(acc)).reshape(B, O * I)  # [B, O, I] flattened
             bucket, sign = _dense_table(seed, O, I, k)
             G *= sign.to(device=device, dtype=acc)
@@ -548,6 +591,19 @@ def fused_tensorsketch(
         fft_layers.append((seed, delta, x))
     if not fft_layers:
         return direct
+    if use_kernel:
+        from cupid_engine.ops import cpu_backend
+
+        def unit(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(acc)
+            return t if t.stride(-1) == 1 else t.contiguous()
+
+        # One call for all layers: per group of W samples, every layer's and step's spectra
+        # are accumulated in cache and inverted once (the kernel threads over groups).
+        out = cpu_backend.tensorsketch_fft_layers([(seed, unit(d), unit(x)) for seed, d, x in fft_layers], k)
+        if direct is not None:
+            out.add_(direct)
+        return out
     # The result is returned to the caller, so it is a fresh tensor (not a workspace view).
     out = torch.empty(B, k, dtype=acc, device=device)
     t_max = max(d.shape[1] for _, d, _ in fft_layers)

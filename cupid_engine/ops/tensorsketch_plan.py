@@ -74,10 +74,16 @@ class CostModel:
 DEFAULT_COST = CostModel()
 
 
-def estimate(B: int, T: int, O: int, I: int, k: int, cost: CostModel = DEFAULT_COST) -> dict[str, float]:
-    """Modelled seconds (one core) of each route for one call."""
+def estimate(B: int, T: int, O: int, I: int, k: int, cost: CostModel = DEFAULT_COST, *,
+             inverse: bool = True) -> dict[str, float]:
+    """Modelled seconds (one core) of each route for one call.
+
+    ``inverse=False`` leaves out the fft route's inverse FFT: the marginal cost of one more
+    layer in a fused multi-layer call (``featurize.hooks``), where one inverse serves all.
+    """
     groups = -(-B // cost.lanes)
-    fft = groups * cost.lanes * ((2 * T + 1) * cost.c_fft * k * math.log2(max(k, 2)) + T * (O + I) * cost.c_scatter)
+    transforms = 2 * T + int(inverse)
+    fft = groups * cost.lanes * (transforms * cost.c_fft * k * math.log2(max(k, 2)) + T * (O + I) * cost.c_scatter)
     dense = B * (2.0 * T * O * I * cost.c_flop + O * I * cost.c_hash)
     return {"fft": fft, "dense": dense}
 
