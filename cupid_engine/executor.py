@@ -4,8 +4,10 @@ The featuriser (store shards) and the rollouts (seeded episodes) split their wor
 independent *items* whose results do not depend on where or in which order they run. They
 hand the items to an :class:`Executor` given by their caller instead of choosing one
 themselves: :class:`InProcess` (the default) runs them here, one after another;
-``cupid_engine.distributed.RayExecutor`` runs them on Ray actors (the CLI picks it from
-``--workers``/``--ray-address``, see ``cupid_engine.distributed.executor_for``).
+:class:`Processes` in spawned processes of this machine (a process environment of their
+own, e.g. an offscreen renderer); ``cupid_engine.distributed.RayExecutor`` on Ray actors
+(the CLI picks it from ``--workers``/``--ray-address``, see
+``cupid_engine.distributed.executor_for``).
 
 A worker is made by a *factory*: a zero-argument callable, called once per worker process,
 that loads what the worker keeps across items (a policy, a store handle, a simulator) and
@@ -17,10 +19,11 @@ has.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Executor", "InProcess", "WorkerFactory", "peak_rss_kb"]
+__all__ = ["Executor", "InProcess", "Processes", "WorkerFactory", "peak_rss_kb"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -104,6 +107,81 @@ class InProcess:
 
     def __repr__(self) -> str:
         return "InProcess()"
+
+
+_WORKER: dict[str, Any] = {}
+"""The worker of this process, in a process :class:`Processes` spawned."""
+
+
+def _start_worker(factory: WorkerFactory, env: Mapping[str, str]) -> None:
+    os.environ.update(env)  # before the factory imports anything that reads them
+    _WORKER["fn"] = factory()
+    close = getattr(_WORKER["fn"], "close", None)
+    if close is not None:
+        import atexit
+
+        # Closed explicitly at exit: resources torn down by the garbage collector (an EGL
+        # context) complain.
+        atexit.register(close)
+
+
+def _run_item(item: Any) -> Any:
+    return _WORKER["fn"](item)
+
+
+class Processes:
+    """Runs items in ``workers`` spawned processes of this machine, each with one worker.
+
+    Each process sets ``env`` in its environment, then builds its worker once (the
+    factory is pickled to it) and takes items as they come; results come back in item
+    order. A process that dies fails the map (no retry: use a Ray executor for that).
+
+    Args:
+        workers: Processes to spawn (at most one per item).
+        env: Environment variables set in each process before its worker is built.
+    """
+
+    in_process = False
+    local = True
+
+    def __init__(self, workers: int = 2, *, env: Mapping[str, str] | None = None) -> None:
+        if int(workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers, self.env = int(workers), dict(env or {})
+
+    def map(
+        self,
+        factory: WorkerFactory,
+        items: Sequence[Any],
+        *,
+        on_result: Callable[[Any, Any], None] | None = None,
+        gpus: int = 0,
+    ) -> list[Any]:
+        """See :meth:`Executor.map` (``gpus`` must be 0: no device is reserved here)."""
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        if gpus:
+            raise ValueError("Processes reserves no GPUs; use a Ray executor for GPU workers")
+        items = list(items)
+        out: list[Any] = [None] * len(items)
+        if not items:
+            return out
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(items)), initializer=_start_worker,
+                                 initargs=(factory, self.env), mp_context=multiprocessing.get_context("spawn")) as pool:
+            position = {pool.submit(_run_item, item): i for i, item in enumerate(items)}
+            pending = set(position)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = position[fut]
+                    out[i] = fut.result()
+                    if on_result is not None:
+                        on_result(items[i], out[i])
+        return out
+
+    def __repr__(self) -> str:
+        return f"Processes(workers={self.workers})"
 
 
 def peak_rss_kb() -> int:

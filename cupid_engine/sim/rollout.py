@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from cupid_engine.data.episode import Episode
-from cupid_engine.executor import Executor, InProcess
+from cupid_engine.executor import Executor, InProcess, Processes
 from cupid_engine.sim.tasks import ACTION_DIM, CONTROL_FREQ, OBS_KEYS, SimEnv, Variation, canonical_task
 
 logger = logging.getLogger(__name__)
@@ -484,36 +484,15 @@ def _renders_here() -> bool:
     return os.environ.get("MUJOCO_GL", "").lower() in ("egl", "osmesa")
 
 
-_IMAGE_WORKER: dict[str, Any] = {}
-
-
-def _image_rollout_job(spec: dict[str, Any], seed: int, episode_id: str) -> Episode:
-    """Spawned-process side of :func:`_run_image_rollouts`: one worker per process, reused."""
-    # Must precede this process's first mujoco import (render.CameraRenderer).
-    os.environ["MUJOCO_GL"] = "egl"
-    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-    # Parallelism is across processes; one thread each also makes the policy's float
-    # arithmetic (hence the episode) independent of the number of workers.
-    os.environ.setdefault("LP_NUM_THREADS", "1")
+def _image_worker(task: str, policy: PolicyLike, horizon: int, variation: Variation | None,
+                  success_mode: str) -> RolloutWorker:
+    """The worker of a spawned rendering process (``MUJOCO_GL=egl`` is set before it is built)."""
     import torch
 
+    # Parallelism is across processes; one thread each also makes the policy's float
+    # arithmetic (hence the episode) independent of the number of workers.
     torch.set_num_threads(1)
-    key = repr(sorted(spec.items()))
-    if _IMAGE_WORKER.get("key") != key:
-        if "worker" in _IMAGE_WORKER:
-            _IMAGE_WORKER.pop("worker").close()
-        variation = Variation.from_dict(spec["variation"]) if spec["variation"] is not None else None
-        _IMAGE_WORKER["worker"] = RolloutWorker(
-            spec["task"], spec["policy"], horizon=spec["horizon"], variation=variation, success_mode=spec["success_mode"]
-        )
-        _IMAGE_WORKER["key"] = key
-        if not _IMAGE_WORKER.get("atexit"):
-            import atexit
-
-            # Explicit close: EGL contexts torn down by the garbage collector print noise.
-            atexit.register(lambda: _IMAGE_WORKER.pop("worker").close() if "worker" in _IMAGE_WORKER else None)
-            _IMAGE_WORKER["atexit"] = True
-    return _IMAGE_WORKER["worker"].run_one(seed, episode_id)
+    return RolloutWorker(task, policy, horizon=horizon, variation=variation, success_mode=success_mode)
 
 
 def _run_image_rollouts(
@@ -529,26 +508,15 @@ def _run_image_rollouts(
     progress: Callable[[Episode], None] | None,
 ) -> list[Episode]:
     """Image rollouts of a checkpoint (or picklable factory) in ``workers`` spawned processes."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     from cupid_engine.sim.render import check_egl
 
     check_egl()
-    spec = {
-        "task": task, "policy": os.fspath(policy) if isinstance(policy, (str, os.PathLike)) else policy,
-        "horizon": int(horizon), "variation": variation.to_dict() if variation is not None else None,
-        "success_mode": success_mode,
-    }
-    out: list[Episode | None] = [None] * len(seeds)
-    with ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_image_rollout_job, spec, int(s), i): n for n, (s, i) in enumerate(zip(seeds, episode_ids))}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                ep = fut.result()
-                out[futures[fut]] = ep
-                if progress is not None:
-                    progress(ep)
-    return [ep for ep in out if ep is not None]
+    # MUJOCO_GL must be set before the process's first mujoco import (render.CameraRenderer).
+    env = {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM", "egl"),
+           "LP_NUM_THREADS": os.environ.get("LP_NUM_THREADS", "1")}
+    policy = os.fspath(policy) if isinstance(policy, os.PathLike) else policy
+    factory = functools.partial(_image_worker, task, policy, int(horizon), variation, success_mode)
+    return Processes(workers, env=env).map(
+        factory, list(zip((int(s) for s in seeds), episode_ids)),
+        on_result=None if progress is None else (lambda job, ep: progress(ep)),
+    )
