@@ -1,4 +1,4 @@
-"""Where shard work runs: the executor protocol, and the in-process executor.
+"""Where shard work runs: the executor interface, and the executors of this machine.
 
 The featuriser (store shards) and the rollouts (seeded episodes) split their work into
 independent *items* whose results do not depend on where or in which order they run. They
@@ -19,23 +19,20 @@ has.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any
 
 __all__ = ["Executor", "InProcess", "Processes", "WorkerFactory", "peak_rss_kb"]
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 WorkerFactory = Callable[[], Callable[[Any], Any]]
 """``factory() -> fn``: builds one worker's state once; ``fn(item) -> result`` per item.
 A worker function with a ``close()`` method is closed when the executor is done with it."""
 
 
-@runtime_checkable
-class Executor(Protocol):
-    """Runs a worker function over independent items.
+class Executor(abc.ABC):
+    """Runs a worker function over independent items; subclasses say where (:meth:`_run`).
 
     Attributes:
         workers: Items run at once (1 for :class:`InProcess`).
@@ -44,9 +41,9 @@ class Executor(Protocol):
         local: Every worker runs on this machine (False when joining a cluster).
     """
 
-    workers: int
-    in_process: bool
-    local: bool
+    workers: int = 1
+    in_process: bool = False
+    local: bool = True
 
     def map(
         self,
@@ -69,41 +66,40 @@ class Executor(Protocol):
         Returns:
             The results, ordered as ``items``.
         """
-        ...
+        items = list(items)
+        out: list[Any] = [None] * len(items)
+
+        def done(i: int, result: Any) -> None:
+            out[i] = result
+            if on_result is not None:
+                on_result(items[i], result)
+
+        if items:
+            self._run(factory, items, done, int(gpus))
+        return out
+
+    @abc.abstractmethod
+    def _run(self, factory: WorkerFactory, items: list[Any], done: Callable[[int, Any], None], gpus: int) -> None:
+        """Run every item once to success; ``done(index, result)`` in this process as each finishes."""
 
 
-class InProcess:
-    """Runs every item in this process, in order, on one worker built once (the default)."""
+class InProcess(Executor):
+    """Runs every item in this process, in order, on one worker built once (the default).
 
-    workers = 1
+    ``gpus`` is the caller's business here: the factory already placed its model.
+    """
+
     in_process = True
-    local = True
 
-    def map(
-        self,
-        factory: WorkerFactory,
-        items: Sequence[Any],
-        *,
-        on_result: Callable[[Any, Any], None] | None = None,
-        gpus: int = 0,
-    ) -> list[Any]:
-        """See :meth:`Executor.map`; ``gpus`` is the caller's business here (the factory
-        already placed its model)."""
-        if not items:
-            return []
+    def _run(self, factory: WorkerFactory, items: list[Any], done: Callable[[int, Any], None], gpus: int) -> None:
         fn = factory()
-        out = []
         try:
-            for item in items:
-                result = fn(item)
-                out.append(result)
-                if on_result is not None:
-                    on_result(item, result)
+            for i, item in enumerate(items):
+                done(i, fn(item))
         finally:
             close = getattr(fn, "close", None)
             if close is not None:
                 close()
-        return out
 
     def __repr__(self) -> str:
         return "InProcess()"
@@ -129,7 +125,7 @@ def _run_item(item: Any) -> Any:
     return _WORKER["fn"](item)
 
 
-class Processes:
+class Processes(Executor):
     """Runs items in ``workers`` spawned processes of this machine, each with one worker.
 
     Each process sets ``env`` in its environment, then builds its worker once (the
@@ -141,44 +137,25 @@ class Processes:
         env: Environment variables set in each process before its worker is built.
     """
 
-    in_process = False
-    local = True
-
     def __init__(self, workers: int = 2, *, env: Mapping[str, str] | None = None) -> None:
         if int(workers) < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers, self.env = int(workers), dict(env or {})
 
-    def map(
-        self,
-        factory: WorkerFactory,
-        items: Sequence[Any],
-        *,
-        on_result: Callable[[Any, Any], None] | None = None,
-        gpus: int = 0,
-    ) -> list[Any]:
-        """See :meth:`Executor.map` (``gpus`` must be 0: no device is reserved here)."""
+    def _run(self, factory: WorkerFactory, items: list[Any], done: Callable[[int, Any], None], gpus: int) -> None:
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         if gpus:
             raise ValueError("Processes reserves no GPUs; use a Ray executor for GPU workers")
-        items = list(items)
-        out: list[Any] = [None] * len(items)
-        if not items:
-            return out
         with ProcessPoolExecutor(max_workers=min(self.workers, len(items)), initializer=_start_worker,
                                  initargs=(factory, self.env), mp_context=multiprocessing.get_context("spawn")) as pool:
             position = {pool.submit(_run_item, item): i for i, item in enumerate(items)}
             pending = set(position)
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    i = position[fut]
-                    out[i] = fut.result()
-                    if on_result is not None:
-                        on_result(items[i], out[i])
-        return out
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    done(position[fut], fut.result())
 
     def __repr__(self) -> str:
         return f"Processes(workers={self.workers})"

@@ -1,7 +1,7 @@
 """Ray-backed execution: the only package of cupid_engine that imports ray (lazily).
 
 * ``executor``: :class:`~cupid_engine.distributed.executor.RayExecutor`, the Ray
-  implementation of the core's executor protocol (``cupid_engine.executor``) that the
+  implementation of the core's executor interface (``cupid_engine.executor``) that the
   featuriser and the rollouts take, on a fault-tolerant actor pool; ``executor_for(workers,
   address)`` is the choice the CLI makes from ``--workers``/``--ray-address``.
 * ``featurize``: :func:`~cupid_engine.distributed.featurize.featurize_distributed`, the

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from cupid_engine.distributed._ray import WorkerPool, credentials_env, ensure_ray, pool_size
@@ -42,7 +42,7 @@ class _Actor:
         return self.fn(item)
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Runs items on ``workers`` Ray actors (one CPU each, plus ``gpus`` per :meth:`map`).
 
     Args:
@@ -62,8 +62,6 @@ class RayExecutor:
     "lost_workers", "dispatch_seconds" (first item to last result)}``.
     """
 
-    in_process = False
-
     def __init__(self, workers: int = 2, address: str | None = None, *, max_restarts: int = 3,
                  max_task_retries: int = 3, in_flight: int = 2, start_timeout: float = 120.0,
                  on_workers: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
@@ -78,25 +76,15 @@ class RayExecutor:
     def local(self) -> bool:
         return self.address is None
 
-    def map(
-        self,
-        factory: WorkerFactory,
-        items: Sequence[Any],
-        *,
-        on_result: Callable[[Any, Any], None] | None = None,
-        gpus: int = 0,
-    ) -> list[Any]:
-        """See :meth:`cupid_engine.executor.Executor.map`.
+    def _run(self, factory: WorkerFactory, items: list[Any], done: Callable[[int, Any], None], gpus: int) -> None:
+        """Items on the actor pool (see :meth:`cupid_engine.executor.Executor.map`).
 
         Raises:
             RuntimeError: an item's own error (naming the item), or items that lost their
                 worker more than ``max_task_retries`` times.
             TimeoutError: no worker could be placed within ``start_timeout``.
         """
-        items = list(items)
         self.report = {"workers": {}, "lost_workers": 0, "dispatch_seconds": 0.0}
-        if not items:
-            return []
         position = {item: i for i, item in enumerate(items)}
         if len(position) != len(items):
             raise ValueError("executor items must be distinct (each is scheduled and retried by itself)")
@@ -104,7 +92,6 @@ class RayExecutor:
         import ray
 
         pool = None
-        results: list[Any] = [None] * len(items)
         try:
             per_worker = {"CPU": 1.0, **({"GPU": float(gpus)} if gpus else {})}
             # Ray never restarts or retries on its own (max_restarts=0): the pool re-queues a
@@ -123,13 +110,7 @@ class RayExecutor:
             for info in pool.actors.values():
                 self.report["workers"][info["pid"]] = info["peak_rss_kb"]
             t0 = time.perf_counter()
-
-            def done(item: Any, value: Any) -> None:
-                results[position[item]] = value
-                if on_result is not None:
-                    on_result(item, value)
-
-            pool.run(items, done)
+            pool.run(items, lambda item, value: done(position[item], value))
             self.report["dispatch_seconds"] = time.perf_counter() - t0
             for info in pool.infos():
                 self.report["workers"][info["pid"]] = info["peak_rss_kb"]
@@ -140,7 +121,6 @@ class RayExecutor:
                 pool.shutdown()
             if started:
                 ray.shutdown()
-        return results
 
     def __repr__(self) -> str:
         return f"RayExecutor(workers={self.workers}, address={self.address!r})"
