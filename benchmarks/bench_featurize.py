@@ -17,6 +17,10 @@ Models: the MLP (``MLPPolicyConfig()``, ~0.55M params; ``.large()``, ~8.5M) with
 ``loss``, and the diffusion UNet (``DiffusionPolicyConfig()``, ~1.2M params) with output
 ``square`` at 64 draws per sample (so one sample is 64 network rows). k = 4096.
 
+The ratio hooks / forward+backward (issue 19 acceptance: >= 0.7 on the 0.5M MLP, >= 0.85
+on the UNet) is the median over interleaved rounds, one hook call and one
+forward+backward per round.
+
 Peak memory: the process's peak RSS (``VmHWM``) is reset through ``/proc/self/clear_refs``
 before each measurement and read after it; the value reported is the peak minus the RSS
 before, i.e. what the featuriser allocated on top of the model (Linux only; ``nan``
@@ -313,6 +317,16 @@ def run(args: argparse.Namespace) -> dict:
         t, peak = measure(fwd_bwd, repeats=reps)
         rows.append({"model": name, "P": P, "path": "forward+backward only", "B": B, "samples/s": B / t["median"],
                      "spread": f"{B / t['max']:.0f}-{B / t['min']:.0f}", "peak MiB": peak})
+        # The ratio hooks / forward+backward from interleaved rounds (one of each per round):
+        # on a shared machine a load burst in one separately timed measurement and not the
+        # other moves their ratio by several x.
+        ratios = []
+        for _ in range(reps):
+            t_fb = timeit(fwd_bwd, repeats=1, warmup=0)["median"]
+            t_h = timeit(lambda: f(batch), repeats=1, warmup=0)["median"]
+            ratios.append(t_fb / t_h)
+        results[(name, "hooks_over_fwd_bwd")] = sorted(ratios)[len(ratios) // 2]
+        rows[-2]["hooks/fwd+bwd"] = results[(name, "hooks_over_fwd_bwd")]
         policy.zero_grad(set_to_none=True)
         # vmap + sparse (smaller batch: B * P floats of per-sample gradients)
         Bv = min(B, args.vmap_batch if not is_unet else max(1, args.vmap_batch // 8))
@@ -330,10 +344,14 @@ def run(args: argparse.Namespace) -> dict:
             rows.append({"model": name, "P": P, "path": "traker (FunctionalGC+BasicProjector)" + (" est" if est else ""),
                          "B": Bt, "samples/s": sps_t, "spread": "", "peak MiB": peak_t})
             results[(name, "traker")] = sps_t
-        print(table(rows[-4:], ["model", "P", "path", "B", "samples/s", "spread", "peak MiB"]), flush=True)
+        print(table(rows[-4:], ["model", "P", "path", "B", "samples/s", "spread", "peak MiB", "hooks/fwd+bwd"]), flush=True)
         print()
         del policy
     acceptance = {"hooks_tensorsketch_mlp_samples_per_s": criterion(results[("mlp-0.5M", "hooks")], 10000)}
+    # Issue 19: the hook path at the cost of a backward pass (median of interleaved rounds).
+    acceptance["hooks_over_fwd_bwd_mlp-0.5M"] = criterion(results[("mlp-0.5M", "hooks_over_fwd_bwd")], 0.7)
+    if ("unet-1.2M", "hooks_over_fwd_bwd") in results:
+        acceptance["hooks_over_fwd_bwd_unet-1.2M"] = criterion(results[("unet-1.2M", "hooks_over_fwd_bwd")], 0.85)
     if ("mlp-0.5M", "traker") in results:
         acceptance["vs_traker_ratio"] = criterion(results[("mlp-0.5M", "hooks")] / results[("mlp-0.5M", "traker")], 1000)
     if ("mlp-8.5M", "hooks") in results:
