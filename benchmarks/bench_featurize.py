@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
         draws = args.draws
         B = args.unet_batch if is_unet else args.batch
         batch = _batch(policy, B)
-        reps = 1 if args.quick else 3
+        reps = args.rounds or (1 if args.quick else 3)
         # hooks + tensorsketch
         f = Featurizer(policy, output, ProjectionConfig(k=k), draws=draws, policy_hash="bench")
         t, peak = measure(lambda: f(batch), repeats=reps)
@@ -380,6 +380,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traker-slice", type=int, default=1 << 16, help="coordinates BasicProjector is timed on")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--no-traker", action="store_true", help="skip the traker peer")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed repeats and interleaved hooks/fwd+bwd rounds (default 3; 1 with --quick; MLP/UNet rows)")
     p.add_argument("--json", default=None, help="write results + acceptance to this path")
     p.add_argument("--image", action="store_true",
                    help="the image policies instead: diffusion-image (84x84, 1 and 2 cameras) and the transformer")
