@@ -38,17 +38,21 @@ namespace {
 
 constexpr double kTwoPi = 6.283185307179586476925286766559;
 
+// One SIMD register of the widest vector ISA the build targets: a lane group is that many
+// samples (GCC splits wider generic vectors into several registers, but it scalarised
+// them in an AVX2 build, 13x slower; so the vector is never wider than the ISA).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
 template <typename T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float V __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-};
-template <>
-struct Lanes<double> {
-  typedef double V __attribute__((vector_size(64)));
-  static constexpr int W = 8;
+struct Lanes {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / static_cast<int>(sizeof(T));
 };
 
 // Stockham twiddles of one complex transform length m.
@@ -274,9 +278,9 @@ void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>
 template <typename T>
 void scatter_rows(const T* src, int64_t sb, int lanes, int64_t n, const int64_t* idx, const T* sg,
                   typename Lanes<T>::V* z) {
+#ifdef __AVX512F__
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
-#ifdef __AVX512F__
   if (sb * (W - 1) < (int64_t{1} << 31) / static_cast<int64_t>(sizeof(T))) {
     alignas(64) int32_t off[16];
     for (int l = 0; l < 16; ++l) off[l] = static_cast<int32_t>(l < W ? l * sb : 0);
