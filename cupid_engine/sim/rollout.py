@@ -439,11 +439,9 @@ def run_rollouts(
             )
         if isinstance(policy, os.PathLike):
             policy = os.fspath(policy)
-        factory = functools.partial(RolloutWorker, task, policy, horizon=horizon, variation=variation)
-    else:
-        factory = functools.partial(
-            RolloutWorker, task, policy, horizon=horizon, variation=variation, success_mode=success_mode, env=env
-        )
+    factory = functools.partial(
+        RolloutWorker, task, policy, horizon=horizon, variation=variation, success_mode=success_mode, env=env
+    )
     return executor.map(
         factory, list(zip(seeds, ids)), on_result=None if progress is None else (lambda job, ep: progress(ep))
     )
