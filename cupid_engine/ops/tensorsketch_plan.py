@@ -136,7 +136,7 @@ def calibrate(k: int = 4096, seed: int = 0) -> CostModel:
             return _best(lambda: cpu_backend.tensorsketch(d, x, k, 1, strategy="fft"))
 
         t_small, t_long = fft(8, 8), fft(40, 8)
-        c_fft = (t_long - t_small) / (B * 64 * lk)
+        c_fft = max((t_long - t_small) / (B * 64 * lk), 1e-13)
         t_wide = fft(8, 4096)
         c_scatter = max((t_wide - t_small) / (B * 8 * 2 * (4096 - 8)), 1e-12)
 

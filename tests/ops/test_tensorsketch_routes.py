@@ -104,6 +104,23 @@ def test_fft_kernel_rejects_bad_k_and_dtypes(generator):
         cpu_backend.tensorsketch_fft_layers([(0, d, d.double())], 64)
 
 
+@pytest.mark.parametrize("strategy", ["fft", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_routes_take_half_precision(strategy, dtype, generator):
+    delta = torch.randn(5, 3, 40, generator=generator).to(dtype)
+    x = torch.randn(5, 3, 30, generator=generator).to(dtype)
+    want = reference.tensorsketch_materialized(delta.double(), x.double(), k=64, seed=2)
+    got = ops.tensorsketch(delta, x, k=64, seed=2, backend="cpu", strategy=strategy)
+    assert got.dtype == torch.float32
+    assert max_rel_err(got, want) < 1e-5  # the inputs are exact in float32; float32 rounding only
+
+
+def test_calibrate_measures_a_valid_model():
+    cost = tensorsketch_plan.calibrate(k=64)
+    assert isinstance(cost, tensorsketch_plan.CostModel)
+    assert cost.lanes == cpu_backend._C().tensorsketch_lanes(0)
+
+
 def test_hash_gradient_accumulates(generator):
     G = torch.randn(4, 13, 6, dtype=torch.float64, generator=generator)
     out = torch.ones(4, 32, dtype=torch.float64)
