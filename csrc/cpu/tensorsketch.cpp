@@ -8,18 +8,22 @@
 // factor rows straight into its FFT input buffer (cache-resident), transforms all W at
 // once (every instruction works on W transforms, no shuffles), and multiply-accumulates
 // the spectra in place; one inverse FFT per group at the end. Nothing of size [B, T, k]
-// ever exists.
+// ever exists. W is the build's vector width (16 float32 with AVX-512, 8 with AVX, 4 with
+// SSE; half as many float64).
 //
 // Transforms. A real FFT of length k is a complex FFT of length m = k/2 on
 // z[n] = v[2n] + i v[2n+1] followed by the usual split step, and the inverse likewise.
-// The complex FFT is a radix-4 Stockham autosort (no bit reversal; ping-pong buffers),
-// with a radix-2 last stage when log2(m) is odd. Twiddles are computed in double with
-// cos/sin of the exact angle (not by recurrence) and rounded once to the working type.
+// The complex FFT is four-step (m = m1 m2, see Plan) over radix-4 Stockham autosort
+// sub-transforms (no bit reversal; ping-pong buffers), with a radix-2 last stage when the
+// sub-length's log2 is odd. Twiddles are computed in double with cos/sin of the exact
+// angle (not by recurrence) and rounded once to the working type. The spectra of the two
+// factors are never formed: see the step sums P1, P2 in tensorsketch_typed.
 //
 // Determinism. Lanes never mix: a sample's features depend on its own inputs only, not on
 // which group or lane it landed in (padding lanes hold zeros) or on the thread count.
 // They differ from torch.fft (pocketfft) by float rounding (a different FFT algorithm):
-// tests/ops/test_tensorsketch_kernel.py compares them in float64 (~1e-13) and float32.
+// tests/ops/test_tensorsketch_routes.py compares them with the definition in float64
+// (1e-12) and float32, and checks batch-split, lane and thread independence bit for bit.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -208,7 +212,6 @@ bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
     }
     return false;
   }
-  (void)m;
   return ar != xr;
 }
 
@@ -324,8 +327,7 @@ struct Work {
 // z (all zero: fresh, or left so by fft_m) += the packed count sketch
 // z[n] = CS(v)[2n] + i CS(v)[2n + 1] of W factor rows.
 template <typename T>
-void pack_factor(const T* src, int64_t sb, int lanes, int64_t n, const int64_t* idx, const T* sg, Work<T>& w,
-                 int64_t zsize) {
+void pack_factor(const T* src, int64_t sb, int lanes, int64_t n, const int64_t* idx, const T* sg, Work<T>& w) {
   scatter_rows<T>(src, sb, lanes, n, idx, sg, w.z.data());
 }
 
@@ -383,13 +385,13 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
       std::memset(static_cast<void*>(w.p2.data()), 0, sizeof(V) * 2 * m);
       for (const Layer<T>& L : layers) {
         for (int64_t t = 0; t < L.steps; ++t) {
-          pack_factor<T>(L.delta + b0 * L.d_sb + t * L.d_st, L.d_sb, lanes, L.O, L.idx1.data(), L.sg1.data(), w, plan.zsize);
+          pack_factor<T>(L.delta + b0 * L.d_sb + t * L.d_st, L.d_sb, lanes, L.O, L.idx1.data(), L.sg1.data(), w);
           fft_m<T, false>(zr, zi, w.loc.data(), plan, [&](int64_t f, const V& re, const V& im) {
             const int64_t sf = plan.spos(f);
             ar[sf] = re;
             ai[sf] = im;
           });
-          pack_factor<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, L.I, L.idx2.data(), L.sg2.data(), w, plan.zsize);
+          pack_factor<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, L.I, L.idx2.data(), L.sg2.data(), w);
           fft_m<T, false>(zr, zi, w.loc.data(), plan, [&](int64_t f, const V& br, const V& bi) {
             // P1[f] += Za[f] Zb[f]; P2[m-f] += Za[m-f] conj(Zb[f]) (indices mod m).
             const int64_t sf = plan.spos(f);
