@@ -72,6 +72,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("accumulate"),
         "out[B, k] (+)= CountSketch of a materialised gradient g[B, O, I] with bucket (b1[o] + b2[i]) mod k and\n"
         "sign s1[o] s2[i] (the tensorsketch's 'dense' route).");
+  m.def("im2col_cpu", &cupid::im2col_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("x_ptr"),
+        py::arg("out_ptr"), py::arg("rows"), py::arg("channels"), py::arg("height"), py::arg("width"), py::arg("kh"),
+        py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("dh"), py::arg("dw"), py::arg("ph"), py::arg("pw"),
+        py::arg("out_h"), py::arg("out_w"), py::arg("append_one"), py::arg("dtype"),
+        "im2col of a zero-padded conv input x[R, C, H, W] into out[R, Ho*Wo, C*kh*kw (+1 ones column)].");
   m.def("tensorsketch_lanes", &cupid::tensorsketch_lanes, py::arg("dtype"),
         "Samples per SIMD lane group of tensorsketch_fft_cpu for a dtype (0 float32, 3 float64).");
 

@@ -128,3 +128,30 @@ def test_kernel_route_only_where_it_applies():
     assert not hooks.kernel_route(96, "cpu", torch.float32)  # k not a power of two: torch.fft route
     assert not hooks.kernel_route(4096, "cpu", torch.float16)
     assert not hooks.kernel_route(4096, "meta", torch.float32)
+
+
+CONV2D = [  # (C_in, kernel, stride, padding, dilation, (H, W))
+    (3, 3, 1, 0, 1, (7, 9)), (2, (3, 2), (2, 1), (1, 0), (1, 2), (10, 8)), (3, 5, 2, 2, 1, (13, 11)),
+    (1, (2, 4), 1, "same", (2, 1), (9, 12)), (4, 3, 3, "valid", 1, (8, 8)), (2, 1, 1, 0, 1, (5, 5)),
+]
+CONV1D = [(3, 5, 1, 2, 1, 16), (2, 3, 2, 0, 1, 11), (4, 4, 1, "same", 1, 9), (2, 3, 3, 1, 2, 17), (2, 5, 1, "same", 2, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_im2col_kernel_equals_the_torch_copy(dtype, generator, monkeypatch):
+    """The C++ im2col is a pure copy: bit-identical to the strided-view copy it replaces
+    (odd kernels, strides, dilations, numeric/'same'/'valid' padding, with and without bias)."""
+    cases = []
+    for C, k, s, p, d, hw in CONV2D:
+        for bias in (True, False):
+            m = nn.Conv2d(C, 3, k, stride=s, padding=p, dilation=d, bias=bias)
+            cases.append((hooks.unfold_conv2d, m, torch.randn(3, C, *hw, generator=generator, dtype=dtype), bias))
+    for C, k, s, p, d, L in CONV1D:
+        for bias in (True, False):
+            m = nn.Conv1d(C, 3, k, stride=s, padding=p, dilation=d, bias=bias)
+            cases.append((hooks.unfold_conv1d, m, torch.randn(5, C, L, generator=generator, dtype=dtype), bias))
+    fast = [fn(m, x, append_one=b) for fn, m, x, b in cases]
+    monkeypatch.setattr(hooks, "_im2col_kernel", lambda *a, **kw: None)
+    for (fn, m, x, b), got in zip(cases, fast):
+        want = fn(m, x, append_one=b)
+        assert got.shape == want.shape and torch.equal(got, want), (m, tuple(x.shape), b)

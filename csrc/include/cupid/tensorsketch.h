@@ -43,3 +43,16 @@ void hash_gradient_cpu(uintptr_t g_ptr, uintptr_t b1_ptr, uintptr_t s1_ptr, uint
 int tensorsketch_lanes(int dtype);
 
 }  // namespace cupid
+
+namespace cupid {
+
+// im2col of a zero-padded convolution input, written in one pass:
+// out[r, ho * Wo + wo, (c * kh + i) * kw + j] = x[r, c, ho*sh + i*dh - ph, wo*sw + j*dw - pw]
+// (0 outside the input), plus a last column of ones when append_one. x is [R, C, H, W]
+// contiguous (a Conv1d input is H = 1, kh = 1); out is [R, Ho * Wo, C * kh * kw (+1)].
+// A pure copy: the values equal torch's unfold + permute copy bit for bit.
+void im2col_cpu(uintptr_t x_ptr, uintptr_t out_ptr, int64_t rows, int64_t channels, int64_t height, int64_t width,
+                int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw,
+                int64_t out_h, int64_t out_w, bool append_one, int dtype);
+
+}  // namespace cupid
