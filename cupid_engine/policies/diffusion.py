@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,6 +109,18 @@ def seeded_diffusion_noise(
     return noise, t
 
 
+def check_diffusion_fields(config: Any) -> None:
+    """Validate the diffusion fields every diffusion-headed policy config shares
+    (timestep embedding width, DDPM steps, DDIM steps)."""
+    check(config.diffusion_step_embed_dim % 2 == 0 and config.diffusion_step_embed_dim >= 4, "embed dim: even, >= 4")
+    check(config.num_train_timesteps >= 2, "num_train_timesteps must be >= 2")
+    check(
+        1 <= config.num_inference_steps <= config.num_train_timesteps
+        and config.num_train_timesteps % config.num_inference_steps == 0,
+        "num_inference_steps must divide num_train_timesteps",
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionPolicyConfig(PolicyConfig):
     """Conv1d-UNet diffusion policy."""
@@ -136,13 +149,7 @@ class DiffusionPolicyConfig(PolicyConfig):
         )
         check(all(d % self.n_groups == 0 for d in self.down_dims), f"n_groups {self.n_groups} must divide down_dims")
         check(self.kernel_size % 2 == 1, "kernel_size must be odd (same-length convolutions)")
-        check(self.diffusion_step_embed_dim % 2 == 0 and self.diffusion_step_embed_dim >= 4, "embed dim: even, >= 4")
-        check(self.num_train_timesteps >= 2, "num_train_timesteps must be >= 2")
-        check(
-            1 <= self.num_inference_steps <= self.num_train_timesteps
-            and self.num_train_timesteps % self.num_inference_steps == 0,
-            "num_inference_steps must divide num_train_timesteps",
-        )
+        check_diffusion_fields(self)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> DiffusionPolicyConfig:
@@ -284,6 +291,9 @@ class DiffusionPolicy(Policy):
     config_class = DiffusionPolicyConfig
     supported_outputs = ("loss", "square", "energy")
     uses_noise_draws = True
+    #: Batch fields that stay at one row per sample when a batch is expanded per noise draw
+    #: (none here: the UNet reads ``obs`` on every row; image policies encode once per sample).
+    per_sample_fields: tuple[str, ...] = ()
 
     def __init__(self, config: DiffusionPolicyConfig):
         super().__init__(config)
@@ -303,7 +313,8 @@ class DiffusionPolicy(Policy):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Repeat each sample once per noise draw with its seeded ``noise [R, H, A]``,
         ``timestep [R]`` and ``row_weight [R]`` (= 1/draws): rows ``b * draws .. (b+1) *
-        draws - 1`` are sample b's. Returns ``(expanded, group_index [R])``."""
+        draws - 1`` are sample b's. Fields in :attr:`per_sample_fields` keep one row per
+        sample. Returns ``(expanded, group_index [R])``."""
         self.check_output(name)
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
@@ -317,7 +328,8 @@ class DiffusionPolicy(Policy):
             batch["episode_key"], batch["step"], seed=seed, draws=draws, horizon=c.horizon,
             action_dim=c.action_dim, num_train_timesteps=c.num_train_timesteps,
         )
-        expanded = {k: v.repeat_interleave(draws, dim=0) for k, v in batch.items()}
+        keep = self.per_sample_fields
+        expanded = {k: (v if k in keep else v.repeat_interleave(draws, dim=0)) for k, v in batch.items()}
         expanded["noise"] = noise.reshape(batch_size * draws, *noise.shape[2:]).to(batch["obs"].dtype)
         expanded["timestep"] = timestep.reshape(batch_size * draws)
         # 1/draws per row, carried as data so that output_rows needs no side channel.
@@ -334,7 +346,7 @@ class DiffusionPolicy(Policy):
         eps_hat = self.predict_noise_for(expanded)
         if name == "loss":
             per_row = (eps_hat - expanded["noise"]).square().reshape(rows, -1).mean(1)
-        else:  # square and energy: the label-agnostic squared-norm surrogate
+        else:  # square and energy: the label-agnostic squared-norm surrogate (CUPID Eq. 9)
             per_row = eps_hat.square().reshape(rows, -1).sum(1)
         return per_row * expanded["row_weight"]
 
@@ -398,15 +410,38 @@ class DiffusionPolicy(Policy):
     @torch.no_grad()
     def predict_normalized(self, obs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Deterministic DDIM (eta = 0) from seeded start noise: ``[B, n_obs, D] -> [B, H, A]``."""
+        return self.ddim_sample(lambda x, t: self.predict_noise(x, t, obs), like=obs, generator=generator)
+
+    @torch.no_grad()
+    def ddim_sample(
+        self,
+        denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        like: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) over ``num_inference_steps`` of the DDPM schedule.
+
+        Args:
+            denoise: ``(x [B, H, A], timestep [B] int64) -> ε̂ [B, H, A]``, the condition
+                already bound (every diffusion policy's sampler is this loop).
+            like: A ``[B, ...]`` tensor giving the batch size, device and dtype of the chunk.
+            generator: Source of the start noise, drawn on the generator's device (CPU by
+                default) and then moved, so the numbers do not depend on the device.
+
+        Returns:
+            The normalised action chunk ``[B, H, A]`` (clean-action estimates clipped to
+            ``[-1, 1]`` when ``clip_sample``).
+        """
         c = self.config
-        batch_size = obs.shape[0]
+        batch_size = like.shape[0]
         gdev = generator.device if generator is not None else torch.device("cpu")
-        x = torch.randn((batch_size, c.horizon, c.action_dim), generator=generator, device=gdev).to(obs.device, obs.dtype)
+        x = torch.randn((batch_size, c.horizon, c.action_dim), generator=generator, device=gdev).to(like.device, like.dtype)
         stride = c.num_train_timesteps // c.num_inference_steps
         ac = self.alphas_cumprod.to(torch.float64)
         for t in range(c.num_train_timesteps - stride, -1, -stride):
-            tt = torch.full((batch_size,), t, dtype=torch.int64, device=obs.device)
-            eps = self.predict_noise(x, tt, obs)
+            tt = torch.full((batch_size,), t, dtype=torch.int64, device=like.device)
+            eps = denoise(x, tt)
             abar_t = float(ac[t])
             abar_prev = float(ac[t - stride]) if t - stride >= 0 else 1.0
             x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)

@@ -46,7 +46,6 @@ from cupid_engine.policies.diffusion import (
     ConditionalUnet1D,
     DiffusionPolicy,
     DiffusionPolicyConfig,
-    seeded_diffusion_noise,
     squared_cosine_alphas_cumprod,
 )
 from cupid_engine.policies.image_samples import ImageSampleSet, build_image_samples
@@ -138,6 +137,8 @@ class ImageDiffusionBase(DiffusionPolicy):
     the low-dim fields, ``image: uint8 [B, n_obs, K, H, W, C]`` and ``text: [B, L]`` int64.
     """
 
+    per_sample_fields = PER_SAMPLE_FIELDS
+
     def __init__(self, config: PolicyConfig):
         # DiffusionPolicy.__init__ would build the low-dim UNet; subclasses build their own.
         Policy.__init__(self, config)
@@ -218,43 +219,6 @@ class ImageDiffusionBase(DiffusionPolicy):
         noisy = self.add_noise(batch["action"], batch["noise"], batch["timestep"])
         return self.denoise(noisy, batch["timestep"], cond)
 
-    def expand_for_output(
-        self, batch: dict[str, torch.Tensor], name: str, *, draws: int = 64, seed: int = 0
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Like :meth:`DiffusionPolicy.expand_for_output`, but ``obs``, ``image`` and ``text``
-        keep one row per sample (the encoder runs once per sample): ``(expanded,
-        group_index [R])`` with ``R = B * draws``."""
-        self.check_output(name)
-        if draws < 1:
-            raise ValueError(f"draws must be >= 1, got {draws}")
-        for key in ("episode_key", "step"):
-            if key not in batch:
-                raise ValueError(f"output {name!r} needs batch field {key!r} to seed its noise draws")
-        c = self.config
-        batch_size, device = batch["obs"].shape[0], batch["obs"].device
-        noise, timestep = seeded_diffusion_noise(
-            batch["episode_key"], batch["step"], seed=seed, draws=draws, horizon=c.horizon,
-            action_dim=c.action_dim, num_train_timesteps=c.num_train_timesteps,
-        )
-        expanded = {k: (v if k in PER_SAMPLE_FIELDS else v.repeat_interleave(draws, dim=0)) for k, v in batch.items()}
-        expanded["noise"] = noise.reshape(batch_size * draws, *noise.shape[2:]).to(batch["obs"].dtype)
-        expanded["timestep"] = timestep.reshape(batch_size * draws)
-        expanded["row_weight"] = torch.full((batch_size * draws,), 1.0 / draws, dtype=batch["obs"].dtype, device=device)
-        return expanded, torch.arange(batch_size, device=device).repeat_interleave(draws)
-
-    def output_rows(self, expanded: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """Per-row values ``[R]`` (already divided by ``draws``) of output ``name``."""
-        self.check_output(name)
-        if not {"noise", "timestep", "row_weight"} <= set(expanded):
-            raise ValueError("diffusion outputs need an expanded batch (see expand_for_output)")
-        rows = expanded["timestep"].shape[0]
-        eps_hat = self.predict_noise_for(expanded)
-        if name == "loss":
-            per_row = (eps_hat - expanded["noise"]).square().reshape(rows, -1).mean(1)
-        else:  # square and energy: the label-agnostic squared-norm surrogate (CUPID Eq. 9)
-            per_row = eps_hat.square().reshape(rows, -1).sum(1)
-        return per_row * expanded["row_weight"]
-
     # -- sampling -------------------------------------------------------------------
     def predict_normalized(self, obs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         raise TypeError(
@@ -268,25 +232,8 @@ class ImageDiffusionBase(DiffusionPolicy):
     ) -> torch.Tensor:
         """Deterministic DDIM (eta = 0) on a normalised batch (no ``action`` needed): ``[B, H, A]``."""
         self.check_batch(batch, need_action=False)
-        c = self.config
-        obs = batch["obs"]
         cond = self.encode(batch)
-        B = obs.shape[0]
-        gdev = generator.device if generator is not None else torch.device("cpu")
-        x = torch.randn((B, c.horizon, c.action_dim), generator=generator, device=gdev).to(obs.device, obs.dtype)
-        stride = c.num_train_timesteps // c.num_inference_steps
-        ac = self.alphas_cumprod.to(torch.float64)
-        for t in range(c.num_train_timesteps - stride, -1, -stride):
-            tt = torch.full((B,), t, dtype=torch.int64, device=obs.device)
-            eps = self.denoise(x, tt, cond)
-            abar_t = float(ac[t])
-            abar_prev = float(ac[t - stride]) if t - stride >= 0 else 1.0
-            x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
-            if c.clip_sample:
-                x0 = x0.clamp(-1.0, 1.0)
-                eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
-            x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev) * eps
-        return x
+        return self.ddim_sample(lambda x, t: self.denoise(x, t, cond), like=batch["obs"], generator=generator)
 
     @torch.no_grad()
     def predict_action_batch(

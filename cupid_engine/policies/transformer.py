@@ -40,7 +40,7 @@ from torch import nn
 from cupid_engine.config import check, field
 from cupid_engine.data.episode import Episode
 from cupid_engine.policies.base import PolicyConfig
-from cupid_engine.policies.diffusion import SinusoidalPosEmb
+from cupid_engine.policies.diffusion import SinusoidalPosEmb, check_diffusion_fields
 from cupid_engine.policies.diffusion_image import (
     ImageDiffusionBase,
     build_samples_for,
@@ -86,13 +86,7 @@ class TransformerPolicyConfig(PolicyConfig):
         check(self.d_model >= 1 and self.depth >= 1 and self.mlp_ratio >= 1, "d_model, depth, mlp_ratio: >= 1")
         check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "num_heads must divide d_model")
         check(len(self.head_dims) >= 1 and all(h >= 1 for h in self.head_dims), "head_dims must be positive")
-        check(self.diffusion_step_embed_dim % 2 == 0 and self.diffusion_step_embed_dim >= 4, "embed dim: even, >= 4")
-        check(self.num_train_timesteps >= 2, "num_train_timesteps must be >= 2")
-        check(
-            1 <= self.num_inference_steps <= self.num_train_timesteps
-            and self.num_train_timesteps % self.num_inference_steps == 0,
-            "num_inference_steps must divide num_train_timesteps",
-        )
+        check_diffusion_fields(self)
 
     @property
     def resolved(self) -> bool:
