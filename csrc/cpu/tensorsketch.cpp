@@ -28,10 +28,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <exception>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -41,6 +43,42 @@ namespace cupid {
 namespace {
 
 constexpr double kTwoPi = 6.283185307179586476925286766559;
+
+// fn(begin, end) over [0, n) in contiguous chunks on up to omp_get_max_threads() threads
+// (the count _C.set_num_threads sets), started for this call and joined before returning.
+// Not an OpenMP region: GNU libgomp's thread pool does not survive fork(), so a child forked
+// after the parent had run a parallel region hung in its first one (measured here with the
+// projection kernels too). These kernels run in featurising processes that may fork; a
+// per-call thread is safe there, and costs ~tens of microseconds against calls of
+// milliseconds. Each item is computed by one thread, so results do not depend on the count.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t min_per_thread, F&& fn) {
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n / std::max<int64_t>(1, min_per_thread)));
+  if (want <= 1 || n <= 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(want);
+  threads.reserve(want - 1);
+  for (int64_t t = 1; t < want; ++t) {
+    threads.emplace_back([&, t] {
+      try {
+        fn(n * t / want, n * (t + 1) / want);
+      } catch (...) {
+        errors[t] = std::current_exception();
+      }
+    });
+  }
+  try {
+    fn(int64_t{0}, n / want);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& th : threads) th.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
 
 // One SIMD register of the widest vector ISA the build targets: a lane group is that many
 // samples (GCC splits wider generic vectors into several registers, but it scalarised
@@ -366,8 +404,7 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
   constexpr int W = Lanes<T>::W;
   const int64_t m = plan.m;
   const int64_t groups = (batch + W - 1) / W;
-#pragma omp parallel if (groups > 1)
-  {
+  parallel_chunks(groups, 1, [&](int64_t g_begin, int64_t g_end) {
     Work<T> w(plan);
     V* zr = w.z.data();
     V* zi = zr + plan.zsize;
@@ -377,8 +414,7 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
     V* p1i = p1r + m;
     V* p2r = w.p2.data();
     V* p2i = p2r + m;
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = g_begin; g < g_end; ++g) {
       const int64_t b0 = g * W;
       const int lanes = static_cast<int>(std::min<int64_t>(W, batch - b0));
       std::memset(static_cast<void*>(w.p1.data()), 0, sizeof(V) * 2 * m);
@@ -454,7 +490,7 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
         }
       });
     }
-  }
+  });
 }
 
 template <typename T>
@@ -463,8 +499,8 @@ void hash_typed(const T* g, const int64_t* b1, const int64_t* s1, const int64_t*
   std::vector<int64_t> bb2(b2, b2 + I);
   std::vector<T> ss2(I);
   for (int64_t i = 0; i < I; ++i) ss2[i] = static_cast<T>(s2[i]);
-#pragma omp parallel for schedule(static) if (batch > 1)
-  for (int64_t b = 0; b < batch; ++b) {
+  parallel_chunks(batch, 4, [&](int64_t b_begin, int64_t b_end) {
+  for (int64_t b = b_begin; b < b_end; ++b) {
     T* o = out + b * k;
     if (!accumulate) std::fill(o, o + k, T(0));
     const T* gb = g + b * O * I;
@@ -479,6 +515,7 @@ void hash_typed(const T* g, const int64_t* b1, const int64_t* s1, const int64_t*
       }
     }
   }
+  });
 }
 
 void check_table(const int64_t* b, const int64_t* s, int64_t n, int64_t k) {
@@ -596,8 +633,10 @@ void im2col_typed(const T* x, T* out, int64_t R, int64_t C, int64_t H, int64_t W
                   int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw, int64_t Ho, int64_t Wo,
                   bool one) {
   const int64_t n = C * kh * kw, ld = n + (one ? 1 : 0);
-#pragma omp parallel for schedule(static) if (R * Ho * Wo * ld > (1 << 16))
-  for (int64_t r = 0; r < R; ++r) {
+  // Rows per thread: at least ~64k output values each, else one thread.
+  const int64_t per_row = std::max<int64_t>(1, Ho * Wo * ld);
+  parallel_chunks(R, std::max<int64_t>(1, (int64_t{1} << 16) / per_row), [&](int64_t r_begin, int64_t r_end) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
     const T* xr = x + r * C * H * W;
     T* orow = out + r * Ho * Wo * ld;
     for (int64_t ho = 0; ho < Ho; ++ho) {
@@ -628,6 +667,7 @@ void im2col_typed(const T* x, T* out, int64_t R, int64_t C, int64_t H, int64_t W
       }
     }
   }
+  });
 }
 
 }  // namespace
