@@ -154,3 +154,36 @@ def test_cost_model_config_roundtrip_and_validation():
     with pytest.raises(ValueError, match="lanes"):
         dataclasses.replace(c, lanes=0)
     assert all(f.metadata.get("help") for f in dataclasses.fields(c))
+
+
+def _child_sketch(q):  # runs in a forked child
+    g = torch.Generator().manual_seed(0)
+    d, x = torch.randn(64, 2, 100, generator=g), torch.randn(64, 2, 50, generator=g)
+    q.put(cpu_backend.tensorsketch(d, x, 256, 1, strategy="fft").sum().item())
+
+
+def test_kernels_survive_fork():
+    """A process forked after the parent ran the C++ tensorsketch kernels must be able to run
+    them (an OpenMP thread pool does not survive fork: the child used to hang)."""
+    import multiprocessing
+
+    g = torch.Generator().manual_seed(0)
+    d, x = torch.randn(64, 2, 100, generator=g), torch.randn(64, 2, 50, generator=g)
+    C = cpu_backend._C()
+    before = C.num_threads()
+    C.set_num_threads(2)
+    try:
+        want = cpu_backend.tensorsketch(d, x, 256, 1, strategy="fft").sum().item()
+        cpu_backend.tensorsketch(d, x, 256, 1, strategy="dense")
+        ctx = multiprocessing.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_child_sketch, args=(q,))
+        p.start()
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("the forked child hung in the tensorsketch kernel")
+        assert p.exitcode == 0
+        assert q.get(timeout=5) == want
+    finally:
+        C.set_num_threads(before)
