@@ -199,45 +199,93 @@ class RolloutWorker:
 
     def run_one(self, seed: int, episode_id: str) -> Episode:
         """Run one episode from ``seed``; it stops at the horizon (or the first success
-        when ``success_mode`` is ``first``)."""
-        if self.renderer is not None:
-            return self._run_one_image(seed, episode_id)
+        when ``success_mode`` is ``first``). Image policies see live frames, which the
+        episode keeps in ``images``."""
         env_ss, policy_ss = np.random.SeedSequence(int(seed)).spawn(2)
         obs = self.env.reset(int(env_ss.generate_state(1)[0]))
         generator = _make_generator(self.policy, int(policy_ss.generate_state(1)[0]))
         env_keys = self.env.obs_keys
         rows: dict[str, list[np.ndarray]] = {k: [] for k in env_keys}
-        # Window of past observation vectors; padded at the start with the first one
-        # (as diffusion_policy and robomimic do).
-        window = [np.concatenate([obs[k] for k in self.obs_keys])] * self.n_obs_steps
+        frames: dict[str, list[np.ndarray]] = {c: [] for c in self.cameras}
+        shot = self.renderer() if self.renderer is not None else {}
+        # Windows of past observation vectors (and camera frames [K, H, W, 3], cameras in
+        # the policy's order); padded at the start with the first one (as diffusion_policy
+        # and robomimic do).
+        window = [self._obs_vector(obs)] * self.n_obs_steps
+        image_window = [self._frame_stack(shot)] * self.n_obs_steps if self.renderer is not None else []
         actions: list[np.ndarray] = []
         success, reward_sum, queries, t = False, 0.0, 0, 0
         stop_early = self.success_mode == "first"
         ever = False
         while t < self.horizon and not (success and stop_early):
-            chunk = np.asarray(self.policy.predict_action(np.stack(window), generator=generator), np.float32)
+            chunk = self._query(window, image_window, generator, episode_id)
             queries += 1
-            if chunk.ndim == 1:
-                chunk = chunk[None]
-            if chunk.ndim != 2 or chunk.shape[1] != self.action_dim or len(chunk) == 0:
-                raise ValueError(
-                    f"episode {episode_id!r}: policy returned actions of shape {chunk.shape}, "
-                    f"expected [n_action_steps, {self.action_dim}]"
-                )
             for action in chunk:
                 if t >= self.horizon or (success and stop_early):
                     break
                 for k in env_keys:
                     rows[k].append(obs[k])
+                for c in self.cameras:
+                    frames[c].append(shot[c])
                 actions.append(action)
                 obs, reward, success = self.env.step(action)
                 reward_sum += reward
                 ever = ever or success
                 t += 1
-                window = window[1:] + [np.concatenate([obs[k] for k in self.obs_keys])]
+                window = window[1:] + [self._obs_vector(obs)]
+                if self.renderer is not None:
+                    shot = self.renderer()
+                    image_window = image_window[1:] + [self._frame_stack(shot)]
         if self.success_mode == "any":
             success = ever
-        return self._episode(episode_id, seed, rows, actions, success, env_keys, queries, reward_sum)
+        images = render = None
+        if self.renderer is not None:
+            images = {c: np.stack(v) for c, v in frames.items()}
+            render = {"cameras": list(self.cameras), "size": int(self.renderer.size),
+                      "renderer": "mujoco.Renderer MUJOCO_GL=egl (live, the policy's input)"}
+        return self._episode(episode_id, seed, rows, actions, success, env_keys, queries, reward_sum,
+                             images=images, render=render)
+
+    def _obs_vector(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """The policy's observation vector ``[D]`` (its keys, in its order)."""
+        return np.concatenate([obs[k] for k in self.obs_keys])
+
+    def _frame_stack(self, shot: dict[str, np.ndarray]) -> np.ndarray:
+        """One step's frames ``uint8 [K, H, W, 3]``, cameras in the policy's order."""
+        return np.stack([shot[c] for c in self.cameras])
+
+    def _query(self, window: list[np.ndarray], image_window: list[np.ndarray], generator: Any,
+               episode_id: str) -> np.ndarray:
+        """One policy query: the action chunk ``[n_action_steps, A]`` float32.
+
+        State policies get ``predict_action(obs_window [n_obs, D])``; image policies
+        ``predict_action_batch({"obs": [1, n_obs, D], "image": uint8 [1, n_obs, K, H, W, C]})``.
+
+        Raises:
+            ValueError: naming the episode, when the chunk is not ``[n_action_steps, A]``.
+        """
+        if self.renderer is None:
+            chunk = np.asarray(self.policy.predict_action(np.stack(window), generator=generator), np.float32)
+            if chunk.ndim == 1:
+                chunk = chunk[None]
+            what, expected = "policy", f"[n_action_steps, {self.action_dim}]"
+        else:
+            import torch
+
+            batch = {
+                "obs": torch.from_numpy(np.stack(window)[None].astype(np.float32)),
+                "image": torch.from_numpy(np.stack(image_window)[None]),
+            }
+            chunk = self.policy.predict_action_batch(batch, generator=generator)
+            chunk = np.asarray(chunk.detach().cpu().numpy() if hasattr(chunk, "detach") else chunk, np.float32)
+            if chunk.ndim == 3:
+                chunk = chunk[0]
+            what, expected = "image policy", f"[1, n_action_steps, {self.action_dim}]"
+        if chunk.ndim != 2 or chunk.shape[1] != self.action_dim or len(chunk) == 0:
+            raise ValueError(
+                f"episode {episode_id!r}: {what} returned actions of shape {chunk.shape}, expected {expected}"
+            )
+        return chunk
 
     def _episode(self, episode_id: str, seed: int, rows: dict, actions: list, success: bool, env_keys: Any,
                  queries: int, reward_sum: float, *, images: dict | None = None,
@@ -269,64 +317,6 @@ class RolloutWorker:
             return_=1.0 if success else 0.0,
             tier=None,
             metadata=metadata,
-        )
-
-    def _run_one_image(self, seed: int, episode_id: str) -> Episode:
-        """:meth:`run_one` for image policies: live frames in, frames kept in ``images``."""
-        import torch
-
-        env_ss, policy_ss = np.random.SeedSequence(int(seed)).spawn(2)
-        obs = self.env.reset(int(env_ss.generate_state(1)[0]))
-        generator = _make_generator(self.policy, int(policy_ss.generate_state(1)[0]))
-        env_keys = self.env.obs_keys
-        rows: dict[str, list[np.ndarray]] = {k: [] for k in env_keys}
-        frames: dict[str, list[np.ndarray]] = {c: [] for c in self.cameras}
-        shot = self.renderer()
-        window = [np.concatenate([obs[k] for k in self.obs_keys])] * self.n_obs_steps
-        # [K, H, W, 3] per step, cameras in the policy's order; padded like the low-dim window.
-        image_window = [np.stack([shot[c] for c in self.cameras])] * self.n_obs_steps
-        actions: list[np.ndarray] = []
-        success, reward_sum, queries, t = False, 0.0, 0, 0
-        stop_early = self.success_mode == "first"
-        ever = False
-        while t < self.horizon and not (success and stop_early):
-            batch = {
-                "obs": torch.from_numpy(np.stack(window)[None].astype(np.float32)),
-                "image": torch.from_numpy(np.stack(image_window)[None]),
-            }
-            chunk = self.policy.predict_action_batch(batch, generator=generator)
-            chunk = np.asarray(chunk.detach().cpu().numpy() if hasattr(chunk, "detach") else chunk, np.float32)
-            queries += 1
-            if chunk.ndim == 3:
-                chunk = chunk[0]
-            if chunk.ndim != 2 or chunk.shape[1] != self.action_dim or len(chunk) == 0:
-                raise ValueError(
-                    f"episode {episode_id!r}: image policy returned actions of shape {chunk.shape}, "
-                    f"expected [1, n_action_steps, {self.action_dim}]"
-                )
-            for action in chunk:
-                if t >= self.horizon or (success and stop_early):
-                    break
-                for k in env_keys:
-                    rows[k].append(obs[k])
-                for c in self.cameras:
-                    frames[c].append(shot[c])
-                actions.append(action)
-                obs, reward, success = self.env.step(action)
-                reward_sum += reward
-                ever = ever or success
-                t += 1
-                window = window[1:] + [np.concatenate([obs[k] for k in self.obs_keys])]
-                shot = self.renderer()
-                image_window = image_window[1:] + [np.stack([shot[c] for c in self.cameras])]
-        if self.success_mode == "any":
-            success = ever
-        size = int(self.renderer.size)
-        return self._episode(
-            episode_id, seed, rows, actions, success, env_keys, queries, reward_sum,
-            images={c: np.stack(v) for c, v in frames.items()},
-            render={"cameras": list(self.cameras), "size": size,
-                    "renderer": "mujoco.Renderer MUJOCO_GL=egl (live, the policy's input)"},
         )
 
     def close(self) -> None:
@@ -391,10 +381,11 @@ def run_rollouts(
         horizon: Step limit (default per task, ``generate.DEFAULT_HORIZON``).
         variation: Per-episode environment knob ranges.
         progress: Called with each finished episode (in completion order).
-        success_mode: ``first``, ``any`` or ``final`` (see :class:`RolloutWorker`); only
-            ``first`` with an executor out of this process.
+        success_mode: ``first``, ``any`` or ``final`` (see :class:`RolloutWorker`).
         env: Your own environment: a factory or ``"module:factory"`` (protocol in the
-            module docstring; in-process only); ``task`` is then just a name.
+            module docstring); ``task`` is then just a name. Out of this process the
+            factory is pickled to every worker: give a ``"module:factory"`` string or a
+            module-level callable that the workers can import.
 
     Returns:
         ``episodes`` episodes with ids ``{task}_rollout_{i:04d}``, ordered by ``i``;
@@ -412,7 +403,9 @@ def run_rollouts(
     seeds = [episode_seed(seed, i) for i in range(episodes)]
     ids = [f"{task}_rollout_{i:04d}" for i in range(episodes)]
     cameras = policy_cameras(policy)
-    if cameras and (not executor.in_process or not _renders_here()):
+    # Image policies render in spawned EGL processes unless this process renders and runs them.
+    rendering = bool(cameras) and (not executor.in_process or not _renders_here())
+    if rendering:
         if not executor.local or env is not None:
             raise ValueError("image policies roll out on local processes and the built-in tasks "
                              f"(not on {executor!r}, no env=)")
@@ -422,26 +415,18 @@ def run_rollouts(
                 "set before mujoco is first imported (this process cannot render) and the in-process executor; "
                 "pass a checkpoint path to roll out in spawned rendering processes"
             )
-        return _run_image_rollouts(
-            policy, task, seeds=seeds, episode_ids=ids, workers=executor.workers, horizon=horizon,
-            variation=variation, success_mode=success_mode, progress=progress,
+    elif not executor.in_process and hasattr(policy, "predict_action"):
+        raise TypeError(
+            f"{executor!r} needs a checkpoint path or a picklable zero-argument factory; "
+            "policy objects are not shipped to workers"
         )
-    if not executor.in_process:
-        if success_mode != "first" or env is not None:
-            raise ValueError(
-                f"success_mode={success_mode!r} / a user env run in-process only (not on {executor!r}); "
-                "out-of-process rollout workers build built-in tasks that stop at the first success"
-            )
-        if hasattr(policy, "predict_action"):
-            raise TypeError(
-                f"{executor!r} needs a checkpoint path or a picklable zero-argument factory; "
-                "policy objects are not shipped to workers"
-            )
-        if isinstance(policy, os.PathLike):
-            policy = os.fspath(policy)
+    if isinstance(policy, os.PathLike):
+        policy = os.fspath(policy)
     factory = functools.partial(
         RolloutWorker, task, policy, horizon=horizon, variation=variation, success_mode=success_mode, env=env
     )
+    if rendering:
+        executor, factory = _rendering_processes(executor.workers, factory)
     return executor.map(
         factory, list(zip(seeds, ids)), on_result=None if progress is None else (lambda job, ep: progress(ep))
     )
@@ -482,39 +467,23 @@ def _renders_here() -> bool:
     return os.environ.get("MUJOCO_GL", "").lower() in ("egl", "osmesa")
 
 
-def _image_worker(task: str, policy: PolicyLike, horizon: int, variation: Variation | None,
-                  success_mode: str) -> RolloutWorker:
+def _one_thread_worker(factory: Callable[[], RolloutWorker]) -> RolloutWorker:
     """The worker of a spawned rendering process (``MUJOCO_GL=egl`` is set before it is built)."""
     import torch
 
     # Parallelism is across processes; one thread each also makes the policy's float
     # arithmetic (hence the episode) independent of the number of workers.
     torch.set_num_threads(1)
-    return RolloutWorker(task, policy, horizon=horizon, variation=variation, success_mode=success_mode)
+    return factory()
 
 
-def _run_image_rollouts(
-    policy: PolicyLike,
-    task: str,
-    *,
-    seeds: Sequence[int],
-    episode_ids: Sequence[str],
-    workers: int,
-    horizon: int,
-    variation: Variation | None,
-    success_mode: str,
-    progress: Callable[[Episode], None] | None,
-) -> list[Episode]:
-    """Image rollouts of a checkpoint (or picklable factory) in ``workers`` spawned processes."""
+def _rendering_processes(workers: int, factory: Callable[[], RolloutWorker]) -> tuple[Executor, Callable[[], Any]]:
+    """The executor and worker factory of image rollouts: ``workers`` spawned processes of
+    this machine that render with EGL, one torch thread each."""
     from cupid_engine.sim.render import check_egl
 
     check_egl()
     # MUJOCO_GL must be set before the process's first mujoco import (render.CameraRenderer).
-    env = {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM", "egl"),
-           "LP_NUM_THREADS": os.environ.get("LP_NUM_THREADS", "1")}
-    policy = os.fspath(policy) if isinstance(policy, os.PathLike) else policy
-    factory = functools.partial(_image_worker, task, policy, int(horizon), variation, success_mode)
-    return Processes(workers, env=env).map(
-        factory, list(zip((int(s) for s in seeds), episode_ids)),
-        on_result=None if progress is None else (lambda job, ep: progress(ep)),
-    )
+    process_env = {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM", "egl"),
+                   "LP_NUM_THREADS": os.environ.get("LP_NUM_THREADS", "1")}
+    return Processes(workers, env=process_env), functools.partial(_one_thread_worker, factory)

@@ -92,6 +92,67 @@ def test_one_and_two_ray_workers_identical():
         _same(a, b)
 
 
+def _untrained_mlp(path, obs_dim: int, action_dim: int) -> str:
+    """A tiny (untrained) MLP checkpoint: a policy that loads in any worker."""
+    import torch
+
+    from cupid_engine.policies import MLPPolicy, MLPPolicyConfig, save_policy
+
+    torch.manual_seed(0)
+    config = MLPPolicyConfig.tiny(obs_dim=obs_dim, action_dim=action_dim, n_obs_steps=2, horizon=4, n_action_steps=4)
+    return str(save_policy(MLPPolicy(config), path))
+
+
+@pytest.mark.ray
+def test_ray_rollouts_carry_success_mode_shift_and_user_env(tmp_path):
+    """``--workers 2`` with ``--success final --shift heavy`` (and with ``--env``) gives the
+    in-process episodes: the success criterion, the shift and the env spec reach the workers."""
+    ray = pytest.importorskip("ray")
+    from cupid_engine.data.lerobot import open_dataset
+    from cupid_engine.distributed._ray import ensure_ray
+    from cupid_engine.sim.scenarios import get_shift
+    from cupid_engine.sim.tasks import OBS_KEYS
+
+    from .helpers import run_cli
+
+    heavy = get_shift("heavy")
+    lift_ckpt = _untrained_mlp(tmp_path / "lift", sum(d for _, d in OBS_KEYS["lift"]), 7)
+    point_ckpt = _untrained_mlp(tmp_path / "point", 4, 2)
+    started = ensure_ray(None, 2)  # one local instance for the three maps below
+    try:
+        factory = functools.partial(ScriptedLiftPolicy, noise_std=0.1)
+        kw = dict(episodes=2, seed=7, horizon=30, success_mode="final", variation=heavy)
+        local = run_rollouts(factory, "lift", **kw)
+        remote = run_rollouts(factory, "lift", executor=RayExecutor(2), **kw)
+        for a, b in zip(local, remote):
+            _same(a, b)
+            assert b.metadata["success_mode"] == "final" and b.length == 30
+            assert b.metadata["env_knobs"]["mass_scale"] == heavy.mass_scale[0]
+
+        cases = [
+            (lift_ckpt, ["--task", "lift", "--horizon", "12", "--success", "final", "--shift", "heavy"],
+             dict(task="lift", horizon=12, success_mode="final", variation=heavy)),
+            (point_ckpt, ["--env", "cupid_engine.sim.point_env:PointReach", "--horizon", "15", "--success", "any"],
+             dict(task="PointReach", horizon=15, success_mode="any", env="cupid_engine.sim.point_env:PointReach")),
+        ]
+        for i, (ckpt, args, local_kw) in enumerate(cases):
+            out = tmp_path / f"rollouts{i}"
+            argv = ["rollout", "--policy", ckpt, "--episodes", "2", "--seed", "3", "--workers", "2", *args]
+            assert run_cli("rollout", argv + ["--out", str(out)]) == 0
+            remote = sorted(open_dataset(out).episodes(), key=lambda e: e.episode_id)
+            task = local_kw.pop("task")
+            local = run_rollouts(ckpt, task, episodes=2, seed=3, **local_kw)
+            assert [e.episode_id for e in remote] == [e.episode_id for e in local]
+            for a, b in zip(local, remote):
+                np.testing.assert_array_equal(a.actions, b.actions)
+                assert a.success == b.success and a.length == b.length == local_kw["horizon"]
+                assert b.metadata["success_mode"] == local_kw["success_mode"]
+                assert b.metadata["env_knobs"] == a.metadata["env_knobs"]
+    finally:
+        if started:
+            ray.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_rollout_cli_with_trained_checkpoint(tmp_path):
