@@ -176,10 +176,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 # Today's file-level circles and the issue item that removes each.
-CIRCLE_EXCEPTIONS = {
-    ("cupid_engine.ops.cpu_backend", "cupid_engine.ops.tensorsketch_plan"):
-        "issue 19: cpu_backend asks the plan for a route; the plan's calibrate() times cpu_backend's routes",
-}
+CIRCLE_EXCEPTIONS: dict[tuple[str, ...], str] = {}
 
 
 def test_file_level_circles():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from cupid_engine import constants as C
-from cupid_engine.ops import reference, spectral
+from cupid_engine.ops import reference, spectral, tensorsketch_plan
 from cupid_engine.ops.extension import _C, is_available  # noqa: F401 - is_available: this backend's predicate
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -171,8 +171,6 @@ def tensorsketch_dense(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int) 
 def tensorsketch(delta: torch.Tensor, x: torch.Tensor, k: int, seed: int, strategy: str = "auto") -> torch.Tensor:
     """The CPU tensorsketch: ``fft`` (C++ lane-FFT kernel; torch.fft when ``k`` is not a power
     of two) or ``dense`` (GEMM + hash), ``auto`` by ``ops.tensorsketch_plan`` (all exact)."""
-    from cupid_engine.ops import tensorsketch_plan
-
     _check(delta, "delta")
     _check(x, "x")
     B, T, O = delta.shape
