@@ -27,8 +27,9 @@ The package sits above ``scorers``, ``policies``, ``featurize``, ``sim`` and
 ``datamodels.scorer`` by name on first use of ``datamodel``; the CLI flags live in
 ``cli/_datamodel_args.py``.
 
-Subset trainings on Ray live in :mod:`cupid_engine.distributed.training` (the only
-place Ray is imported, lazily).
+Subset trainings run on an executor (``cupid_engine.executor``): in this process, or on
+the Ray actors of ``cupid_engine.distributed.executor_for(workers, address)`` that the
+configs' ``workers``/``address`` ask for.
 """
 
 from cupid_engine.datamodels.clusters import (

@@ -32,6 +32,7 @@ from cupid_engine.policies.training import TrainConfig
 from cupid_engine.datamodels.clusters import make_clusters
 from cupid_engine.datamodels.metrics import ProxyMetric
 from cupid_engine.datamodels.subsets import SubsetTrainer, evaluate_subsets, fraction_masks
+from cupid_engine.distributed.executor import executor_for
 
 log = logging.getLogger(__name__)
 
@@ -275,38 +276,27 @@ def measure_subsets(
     metric = metric if metric is not None else ProxyMetric(target_episodes, per_episode=True)
     trainer = SubsetTrainer(policy_config, samples, clusters, train_config, metric, full_normalizer=cfg.full_normalizer)
     masks = fraction_masks(clusters.num_clusters, cfg.num_subsets, fraction=cfg.fraction, seed=cfg.seed)
-    measured, info = evaluate_subsets(trainer, masks, cache_dir=cfg.cache_dir, workers=cfg.workers, address=cfg.address,
-                                      progress=progress)
+    measured, info = evaluate_subsets(trainer, masks, cache_dir=cfg.cache_dir,
+                                      executor=executor_for(cfg.workers, cfg.address), progress=progress)
     per_demo = isinstance(metric, ProxyMetric) and metric.per_episode
     return LDSSubsets(masks=masks, measured=measured, ids=list(clusters.names),
                       targets=[e.episode_id for e in target_episodes] if per_demo else None,
                       info={**info, "fraction": cfg.fraction, "num_train": clusters.num_clusters})
 
 
-def run_lds(
-    scores: pa.Table | Mapping[str, float] | np.ndarray,
-    policy_config: PolicyConfig,
-    train_episodes: Sequence[Episode],
-    target_episodes: Sequence[Episode],
-    train_config: TrainConfig,
-    config: LDSConfig | None = None,
-    *,
-    bootstrap: int = 1000,
-    metric: Any = None,
-    progress: bool = False,
-    **options: Any,
-) -> LDSResult:
+def run_lds(scores: pa.Table | Mapping[str, float] | np.ndarray, *args: Any, **kwargs: Any) -> LDSResult:
     """End to end for one score: :func:`run_lds_many` with one entry.
 
     Args:
         scores: Episode scores (table, mapping, or ``[E]`` in ``train_episodes`` order).
-        **others: As :func:`run_lds_many`.
+        *args, **kwargs: The arguments of :func:`run_lds_many` after ``scores``
+            (``policy_config, train_episodes, target_episodes, train_config, config``,
+            ``bootstrap=``, ``metric=``, ``progress=``, :class:`LDSConfig` fields).
 
     Returns:
         The :class:`LDSResult` (``info`` holds the training/cache counts).
     """
-    return run_lds_many({"scores": scores}, policy_config, train_episodes, target_episodes, train_config, config,
-                        bootstrap=bootstrap, metric=metric, progress=progress, **options)["scores"]
+    return run_lds_many({"scores": scores}, *args, **kwargs)["scores"]
 
 
 def run_lds_many(

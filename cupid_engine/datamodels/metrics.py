@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cupid_engine.data.episode import Episode
+from cupid_engine.executor import Executor, InProcess
 from cupid_engine.policies.base import Policy
 from cupid_engine.policies.mlp import MLPPolicy
 from cupid_engine.policies.outputs import functional_output
@@ -256,25 +257,52 @@ class RolloutMetric:
 
 
 class _SimSuccess:
-    """Picklable success-rate evaluator over ``cupid_engine.sim.run_rollouts``."""
+    """Picklable success-rate evaluator over ``cupid_engine.sim.run_rollouts`` on ``executor``."""
 
-    def __init__(self, task: str, episodes: int, seed: int, workers: int) -> None:
-        self.task, self.episodes, self.seed, self.workers = task, episodes, seed, workers
+    def __init__(self, task: str, episodes: int, seed: int, executor: Executor | None = None,
+                 horizon: int | None = None) -> None:
+        self.task, self.episodes, self.seed, self.horizon = task, episodes, seed, horizon
+        self.executor = executor or InProcess()
 
     def __call__(self, policy: Policy) -> float:
         from cupid_engine.sim import run_rollouts  # the simulator only when asked for
 
-        rollouts = run_rollouts(policy, self.task, episodes=self.episodes, seed=self.seed)
+        kw = dict(episodes=self.episodes, seed=self.seed, executor=self.executor, horizon=self.horizon)
+        if self.executor.in_process:
+            rollouts = run_rollouts(policy, self.task, **kw)
+        else:
+            import tempfile
+            from pathlib import Path
+
+            from cupid_engine.policies.checkpoint import save_policy
+
+            # Models are never pickled to rollout workers: they load a checkpoint of this one.
+            with tempfile.TemporaryDirectory(prefix="cupid-sim-metric-") as tmp:
+                rollouts = run_rollouts(str(save_policy(policy, Path(tmp) / "policy")), self.task, **kw)
         return float(np.mean([bool(ep.success) for ep in rollouts]))
 
 
-def sim_success_metric(task: str, *, episodes: int = 50, seed: int = 0) -> RolloutMetric:
+def sim_success_metric(task: str, *, episodes: int = 50, seed: int = 0, horizon: int | None = None,
+                       executor: Executor | None = None) -> RolloutMetric:
     """Rollout success rate of a policy on a simulated task (robosuite via ``cupid_engine.sim``).
 
-    Rollouts run in the calling process (one per subset training actor), since models
-    are never pickled to rollout workers.
+    Args:
+        task: ``lift``, ``can`` or ``square``.
+        episodes: Rollouts per evaluated policy.
+        seed: Base seed of the rollouts (the same episodes for every policy).
+        horizon: Step limit per rollout (None: the task's default).
+        executor: Where the rollouts run (default: in the calling process, e.g. the subset
+            training's worker). An out-of-process executor must be on this machine: each
+            evaluated policy is saved to a local temporary checkpoint its workers load.
+            The value does not depend on the executor (nor does the cache key).
+
+    Raises:
+        ValueError: An executor that is not on this machine.
     """
-    return RolloutMetric(_SimSuccess(task, episodes, seed, 1), name=f"sim:{task}:{episodes}:{seed}")
+    if executor is not None and not executor.local:
+        raise ValueError(f"sim_success_metric rolls out on this machine's workers (temporary checkpoints), not {executor!r}")
+    name = f"sim:{task}:{episodes}:{seed}" + (f":h{int(horizon)}" if horizon is not None else "")
+    return RolloutMetric(_SimSuccess(task, episodes, seed, executor, horizon), name=name)
 
 
 def metric_values(metric: Callable[[Policy], Any], policy: Policy) -> np.ndarray:

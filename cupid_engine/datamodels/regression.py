@@ -7,7 +7,7 @@ count), measure the target metric, and fit ``M(z) ≈ β₀ + zᵀβ`` by least 
 score.
 
 The subset machinery (masks, :class:`SubsetTrainer`, the resumable on-disk cache,
-in-process or Ray trainings) lives in :mod:`cupid_engine.datamodels.subsets`, the linear
+trainings on an executor) lives in :mod:`cupid_engine.datamodels.subsets`, the linear
 fit in :mod:`cupid_engine.datamodels.linear`; their names are re-exported here.
 """
 
@@ -29,6 +29,7 @@ from cupid_engine.datamodels.subsets import (
     masks_from_ids,
     sample_masks,
 )
+from cupid_engine.distributed.executor import executor_for
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -104,7 +105,7 @@ def regression_scores(fn: SubsetFunction, num_clusters: int, config: RegressionC
     """
     cfg = config or RegressionConfig()
     masks = sample_masks(num_clusters, cfg.num_subsets, p=cfg.p, seed=cfg.seed)
-    values, info = evaluate_subsets(fn, masks, cache_dir=cfg.cache_dir, workers=cfg.workers, address=cfg.address,
+    values, info = evaluate_subsets(fn, masks, cache_dir=cfg.cache_dir, executor=executor_for(cfg.workers, cfg.address),
                                     threads_per_worker=cfg.threads_per_worker, progress=progress)
     pooled = fit_linear_datamodel(masks, values.mean(1), ridge=cfg.ridge, lasso=cfg.lasso)
     return RegressionResult(scores=pooled.beta, model=pooled, masks=masks, values=values, info=info)

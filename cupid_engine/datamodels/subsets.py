@@ -12,12 +12,16 @@ complete entries and a restarted run trains only the missing masks. The fingerpr
 covers the policy and training configs, the training data, the clusters and the metric,
 so a cache folder can never serve a result of another setup.
 
-Trainings run in process (``workers=1``) or on Ray actors
-(:mod:`cupid_engine.distributed.training`; the only module here that touches Ray).
+Trainings run on the executor the caller gives (``cupid_engine.executor``: in this
+process by default, Ray actors with ``cupid_engine.distributed.RayExecutor``); the subset
+function is pickled to out-of-process workers (configs, samples, clusters and the metric:
+trained models never cross processes). A training depends only on its mask and the
+seeded configs, so the schedule never changes the numbers.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +35,7 @@ import torch
 
 from cupid_engine.datamodels.clusters import Clusters
 from cupid_engine.datamodels.metrics import ProxyMetric, metric_values
+from cupid_engine.executor import Executor, InProcess
 from cupid_engine.policies.base import PolicyConfig
 from cupid_engine.policies.normalizer import Normalizer
 from cupid_engine.policies.samples import SampleSet
@@ -235,25 +240,41 @@ class SubsetCache:
         return sum(1 for n in os.listdir(self.dir) if n.endswith(".json") and not n.startswith("."))
 
 
+class _SubsetWorker:
+    """One executor worker: holds the subset function and the masks, evaluates one mask
+    index per item (``mask [C] -> value [n_targets]`` float64)."""
+
+    def __init__(self, fn: SubsetFunction, masks: list[np.ndarray], threads: int | None) -> None:
+        if threads is not None:
+            # Several workers share the machine's cores: one intra-op pool each avoids
+            # oversubscription (tiny models slow down badly with contended threads).
+            torch.set_num_threads(int(threads))
+        self.fn, self.masks = fn, masks
+
+    def __call__(self, index: int) -> np.ndarray:
+        return np.atleast_1d(np.asarray(self.fn(self.masks[index]), dtype=np.float64)).reshape(-1)
+
+
 def evaluate_subsets(
     fn: SubsetFunction,
     masks: np.ndarray,
     *,
     cache_dir: str | os.PathLike | None = None,
-    workers: int = 1,
-    address: str | None = None,
+    executor: Executor | None = None,
     threads_per_worker: int = 1,
     progress: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Evaluate ``fn`` on every mask, reusing and filling the on-disk cache.
 
     Args:
-        fn: The subset function (e.g. :class:`SubsetTrainer`).
+        fn: The subset function (e.g. :class:`SubsetTrainer`); picklable for an executor
+            out of this process.
         masks: ``[S, C]`` bool masks.
         cache_dir: Cache folder; None disables caching.
-        workers: 1 = in this process; W > 1 = W Ray actors.
-        address: Ray cluster address (None: local instance).
-        threads_per_worker: torch threads per Ray actor.
+        executor: Where the trainings run (default :class:`~cupid_engine.executor.InProcess`;
+            ``cupid_engine.distributed.executor_for(W, address)`` for W Ray actors).
+        threads_per_worker: torch intra-op threads of each out-of-process worker (this
+            process's setting is left alone).
         progress: tqdm bar.
 
     Returns:
@@ -261,6 +282,7 @@ def evaluate_subsets(
         and ``cached`` (distinct masks found in the cache); equal masks are trained once.
     """
     masks = np.asarray(masks, dtype=bool)
+    executor = executor or InProcess()
     cache = SubsetCache(cache_dir, fn.fingerprint()) if cache_dir is not None else None
     results: list[np.ndarray | None] = [None] * len(masks)
     # Equal masks are one training (Bernoulli masks over few clusters repeat).
@@ -287,24 +309,18 @@ def evaluate_subsets(
 
     bar = tqdm(total=len(todo), desc="subset trainings", unit="run", disable=not progress, leave=False)
 
-    def done(j: int, value: Any) -> None:
-        v = np.atleast_1d(np.asarray(value, dtype=np.float64)).reshape(-1)
-        for i in copies[j]:
-            results[i] = v
+    def done(i: int, value: np.ndarray) -> None:
+        j = todo[i]
+        for k in copies[j]:
+            results[k] = value
         if cache is not None:
-            cache.put(masks[j], v)  # as soon as it exists: a kill loses at most running trainings
+            cache.put(masks[j], value)  # as soon as it exists: a kill loses at most running trainings
         bar.update(1)
 
+    threads = None if executor.in_process else threads_per_worker
+    factory = functools.partial(_SubsetWorker, fn, [masks[j] for j in todo], threads)
     try:
-        if workers <= 1:
-            for j in todo:
-                done(j, fn(masks[j]))
-        elif todo:
-            from cupid_engine.distributed.training import train_subsets
-
-            train_subsets(fn, [masks[j] for j in todo], workers=workers, address=address,
-                          threads_per_worker=threads_per_worker,
-                          on_result=lambda i, value: done(todo[i], value))
+        executor.map(factory, list(range(len(todo))), on_result=done)
     finally:
         bar.close()
     values = np.stack([r for r in results if r is not None])

@@ -6,7 +6,6 @@
   address)`` is the choice the CLI makes from ``--workers``/``--ray-address``.
 * ``featurize``: :func:`~cupid_engine.distributed.featurize.featurize_distributed`, the
   featuriser's shard loop on a Ray executor, with per-worker statistics.
-* ``training``: parallel policy training (datamodel subsets).
 
 Nothing is imported eagerly: ``import cupid_engine.distributed`` neither imports ray nor
 any submodule; attributes below load their submodule on first access.

@@ -63,6 +63,35 @@ def test_rollout_metric_is_pluggable():
     assert metric.fingerprint() != RolloutMetric(lambda p: 0.0, name="other").fingerprint()
 
 
+@pytest.mark.sim
+def test_sim_success_metric_runs_on_the_executor(tmp_path):
+    """Rollouts of the success metric run on the given executor (out of process: from a
+    temporary checkpoint of the policy) and give the in-process value."""
+    pytest.importorskip("robosuite")
+    from cupid_engine.datamodels.metrics import sim_success_metric
+    from cupid_engine.distributed import RayExecutor
+    from cupid_engine.executor import Processes
+    from cupid_engine.policies import MLPPolicy
+    from cupid_engine.sim.tasks import OBS_KEYS
+
+    class Recording(Processes):
+        def _run(self, factory, items, done, gpus):
+            self.seen = (factory, list(items))
+            super()._run(factory, items, done, gpus)
+
+    torch.manual_seed(0)
+    policy = MLPPolicy(MLPPolicyConfig.tiny(obs_dim=sum(d for _, d in OBS_KEYS["lift"]), action_dim=7))
+    executor = Recording(2)
+    local = sim_success_metric("lift", episodes=2, seed=1, horizon=15)
+    remote = sim_success_metric("lift", episodes=2, seed=1, horizon=15, executor=executor)
+    assert remote(policy) == local(policy)
+    factory, items = executor.seen
+    assert len(items) == 2 and isinstance(factory.args[1], str)  # a checkpoint path, never the model
+    assert remote.fingerprint() == local.fingerprint() != sim_success_metric("lift", episodes=2, seed=1).fingerprint()
+    with pytest.raises(ValueError, match="this machine"):
+        sim_success_metric("lift", executor=RayExecutor(2, address="127.0.0.1:1"))
+
+
 @pytest.mark.parametrize("head", ["deterministic", "gaussian"])
 def test_reference_action_scale_changes_units_exactly(head):
     train = make_episodes(n=3, length=5)

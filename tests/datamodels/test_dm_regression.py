@@ -129,7 +129,9 @@ def test_subset_trainer_cache_keys_on_setup(tmp_path):
 def test_ray_equals_in_process(tmp_path):
     masks = sample_masks(4, 4, seed=2)
     local, _ = evaluate_subsets(_tiny_trainer(), masks)
-    remote, info = evaluate_subsets(_tiny_trainer(), masks, workers=2, cache_dir=tmp_path)
+    from cupid_engine.distributed import RayExecutor
+
+    remote, info = evaluate_subsets(_tiny_trainer(), masks, executor=RayExecutor(2), cache_dir=tmp_path)
     assert info["trained"] == len(np.unique(masks, axis=0))
     np.testing.assert_array_equal(remote, local)
     # Equal masks share one entry (C = 4 clusters repeat masks).
