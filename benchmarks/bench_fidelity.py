@@ -264,10 +264,24 @@ def score_store(store: Path, scorers: list[str], ids: list[str], seed: int) -> d
 # the benchmark
 
 
+def policy_and_features(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The policy and feature options of ``args`` (these dicts are part of every cache key)."""
+    if args.policy == "mlp":
+        policy = {"type": "mlp", "hidden_sizes": tuple(args.hidden), "steps": args.steps, "batch_size": args.batch_size,
+                  "horizon": args.chunk, "n_action_steps": args.action_steps or args.chunk}
+        feature = {"output": args.output or "energy", "k": args.k, "method": "tensorsketch"}
+    else:  # diffusion: the paper's policy class, which commits to one mode per query
+        chunk = 16 if args.chunk == 1 else args.chunk
+        policy = {"type": "diffusion", "steps": args.steps, "batch_size": args.batch_size, "horizon": chunk,
+                  "n_action_steps": args.action_steps or chunk // 2, "n_obs_steps": args.obs_steps}
+        feature = {"output": args.output or "square", "k": args.k, "method": "tensorsketch", "draws": args.draws}
+        if getattr(args, "quick", False):
+            policy["down_dims"] = (8, 16)
+    return policy, feature
+
+
 def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]:
-    policy = {"type": "mlp", "hidden_sizes": tuple(args.hidden), "steps": args.steps, "batch_size": args.batch_size,
-              "horizon": args.chunk, "n_action_steps": args.action_steps or args.chunk}
-    feature = {"output": args.output, "k": args.k, "method": "tensorsketch"}
+    policy, feature = policy_and_features(args)
     pl = Pipeline(Path(args.work), scenario, demos=args.demos, data_seed=args.data_seed, policy=policy, feature=feature)
     t0 = time.time()
     ids, bad = pl.labels()
@@ -371,10 +385,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000, help="optimiser steps of EVERY policy (fixed budget)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--policy", choices=("mlp", "diffusion"), default="diffusion",
+                   help="policy class: diffusion (UNet, DDIM; picks one mode per query, as the paper's) or a "
+                   "deterministic MLP (regresses to the mean of the modes)")
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="MLP widths")
-    p.add_argument("--chunk", type=int, default=1, help="MLP action-chunk length (policy horizon)")
+    p.add_argument("--obs-steps", type=int, default=2, help="diffusion observation window")
+    p.add_argument("--draws", type=int, default=16, help="diffusion (t, noise) draws per sample when featurising")
+    p.add_argument("--chunk", type=int, default=1, help="action-chunk length (policy horizon; 1 means 16 for diffusion)")
     p.add_argument("--action-steps", type=int, default=None, help="actions executed per query (default: --chunk)")
-    p.add_argument("--output", default="energy", help="featuriser output function")
+    p.add_argument("--output", default=None, help="featuriser output function (default: energy for mlp, square "
+                   "for diffusion)")
     p.add_argument("--k", type=int, default=1024, help="projection size")
     p.add_argument("--work", default=None, help="cache folder (default: a temporary folder for --quick, "
                    "/work/scratch/fidelity/bench otherwise)")
@@ -392,7 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.quick:
         args.demos, args.rollouts, args.seeds = min(args.demos, 6), min(args.rollouts, 3), args.seeds.split(",")[0]
-        args.steps, args.hidden, args.k = min(args.steps, 30), [16], min(args.k, 64)
+        args.steps, args.hidden, args.k, args.draws = min(args.steps, 30), [16], min(args.k, 64), min(args.draws, 2)
     if isinstance(args.scorers, str):
         args.scorers = [s for s in args.scorers.split(",") if s]
     tmp = None

@@ -13,7 +13,14 @@ generated once with the scripted tiered demonstrators.
 * ``score_rollouts`` (20): rollouts of the base policy that CUPID-style scorers use;
 * ``k`` (1024), ``method`` ("tensorsketch"), ``output`` ("energy"): the features (label-agnostic:
   the BC loss of a deterministic policy has a zero gradient at its own rollout actions);
-* ``size`` ("default"): the policy preset; ``rollout_workers`` (1): Ray actors for rollouts.
+* ``size`` ("default"): the policy preset; ``rollout_workers`` (1): Ray actors for rollouts;
+* ``draws`` (16): (t, noise) draws per sample when featurising a diffusion policy;
+* ``scenario`` (none): a known-answer scenario (``cupid_engine.sim.scenarios``). The dataset
+  is then generated with :func:`~cupid_engine.sim.scenarios.generate_scenario` (``demos``
+  in total, default 60), every rollout (scoring and evaluation) runs under the scenario's
+  shift, horizon and success rule, the ``oracle`` method ranks the known-bad strategy
+  lowest, and the report's composition columns show the ground-truth label in place of a
+  tier. Scorers still never see the label: it is read only for ``oracle`` and the report.
 """
 
 from __future__ import annotations
@@ -48,10 +55,39 @@ class SimLearner:
             self._generate()
 
     # -- data ---------------------------------------------------------------------------
+    def _scenario(self):
+        """The scenario of ``learner_options.scenario``, or None."""
+        name = self.options.get("scenario")
+        if not name:
+            return None
+        from cupid_engine.sim.scenarios import get_scenario
+
+        sc = get_scenario(str(name))
+        if sc.task != self.task:
+            raise ValueError(f"learner_options.scenario {sc.name!r} runs on task {sc.task!r}, the config says {self.task!r}")
+        return sc
+
+    def _rollout_options(self) -> dict[str, Any]:
+        """Shift, horizon and success rule of every rollout (the scenario's, when one is set)."""
+        sc = self._scenario()
+        if sc is None:
+            return {}
+        from cupid_engine.sim.scenarios import get_shift
+
+        return {"variation": get_shift(sc.shift), "horizon": sc.horizon, "success_mode": sc.success_mode}
+
     def _generate(self) -> None:
         from cupid_engine.data import write_dataset
         from cupid_engine.sim import generate_episodes
 
+        sc = self._scenario()
+        if sc is not None:
+            from cupid_engine.sim.scenarios import generate_scenario
+
+            n = int(self.options.get("demos", 60))
+            print(f"[audit] generating scenario {sc.name} at {self.dataset} ({n} demos)", flush=True)
+            write_dataset(self.dataset, generate_scenario(sc.name, demos=n, seed=int(self.options.get("data_seed", 0))))
+            return
         n = int(self.options.get("demos_per_tier", 20))
         print(f"[audit] generating {self.task} dataset at {self.dataset} ({n} demos per tier)", flush=True)
         eps = generate_episodes(self.task, demos_per_tier=n, seed=int(self.options.get("data_seed", 0)))
@@ -66,11 +102,15 @@ class SimLearner:
             return self._episodes
 
     def episode_info(self) -> dict[str, list]:
+        from cupid_engine.sim.scenarios import LABEL_KEY
+
         eps = self.episodes()
+        labelled = self._scenario() is not None
         return {
             "episode_id": [e.episode_id for e in eps],
             "length": [e.length for e in eps],
-            "tier": [e.tier or "" for e in eps],
+            # The report's composition columns: tier, or a scenario's ground-truth label.
+            "tier": [(e.metadata.get(LABEL_KEY, "") if labelled else e.tier) or "" for e in eps],
         }
 
     def feature_options(self) -> dict[str, Any]:
@@ -80,6 +120,7 @@ class SimLearner:
             "method": self.options.get("method", "tensorsketch"),
             "output": self.options.get("output", "energy"),
             "score_rollouts": int(self.options.get("score_rollouts", 20)),
+            "draws": int(self.options.get("draws", 16)),
         }
 
     def fingerprint(self) -> str:
@@ -153,10 +194,13 @@ class SimLearner:
         rollouts = run_rollouts(
             str(policy_path), self.task, episodes=fo["score_rollouts"],
             seed=seed * _SEED_STRIDE + 17, executor=executor_for(int(self.options.get("rollout_workers", 1))),
+            **self._rollout_options(),
         )
         write_dataset(root / "rollouts", rollouts, overwrite=True)
         store = GradientStore.create(str(root / "store.zarr"), overwrite=True)
-        fcfg = FeaturizeConfig(output=fo["output"], projection=ProjectionConfig(method=fo["method"], k=fo["k"]))
+        fcfg = FeaturizeConfig(
+            output=fo["output"], draws=fo["draws"], projection=ProjectionConfig(method=fo["method"], k=fo["k"])
+        )
         featurize(open_dataset(self.dataset), store, "base", policy=str(policy_path), config=fcfg, split="train",
                   progress=False)
         featurize(open_dataset(root / "rollouts"), store, "base", policy=str(policy_path), config=fcfg, progress=False)
@@ -168,6 +212,11 @@ class SimLearner:
 
         if method == "loss":
             return self._loss_scores(Path(model_dir) / "policy")
+        if method == "oracle" and self._scenario() is not None:
+            from cupid_engine.sim.scenarios import LABEL_KEY
+
+            bad = self._scenario().known_bad
+            return {e.episode_id: 0.0 if e.metadata.get(LABEL_KEY) == bad else 1.0 for e in self.episodes()}
         if method == "oracle":
             rank = {"better": 2.0, "okay": 1.0, "worse": 0.0}
             return {e.episode_id: rank.get(e.tier or "", 1.0) for e in self.episodes()}
@@ -191,6 +240,7 @@ class SimLearner:
         eps = run_rollouts(
             str(Path(model_dir) / "policy"), self.task, episodes=int(rollouts), seed=seed * _SEED_STRIDE + 5,
             executor=executor_for(int(self.options.get("rollout_workers", 1))),
+            **self._rollout_options(),
         )
         return float(np.mean([bool(e.success) for e in eps]))
 

@@ -1,0 +1,55 @@
+"""The robosuite learner on a known-answer scenario: labelled data, shifted rollouts, oracle."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+import cupid_engine.sim as sim
+from cupid_engine.audit.sim_learner import SimLearner
+from cupid_engine.sim.scenarios import LABEL_KEY, get_shift
+
+pytestmark = pytest.mark.sim
+
+
+def _config(tmp_path, **options):
+    return SimpleNamespace(
+        task="lift",
+        dataset=str(tmp_path / "grasp"),
+        policy={"type": "mlp", "steps": 3, "batch_size": 16},
+        learner_options={"scenario": "lift-grasp", "demos": 3, "size": "tiny", **options},
+    )
+
+
+def test_scenario_learner_labels_oracle_and_shifted_rollouts(tmp_path, monkeypatch):
+    learner = SimLearner(_config(tmp_path))
+    info = learner.episode_info()
+    assert sorted(info["tier"]) == ["majority", "majority", "minority"]
+    assert set(info["length"]) == {100}  # fixed horizon: length reveals nothing
+
+    oracle = learner.score(tmp_path, "oracle", seed=0)
+    labels = {e.episode_id: e.metadata[LABEL_KEY] for e in learner.episodes()}
+    assert {i: (0.0 if lab == "majority" else 1.0) for i, lab in labels.items()} == oracle
+
+    seen = []
+    real = sim.run_rollouts
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "run_rollouts", spy)
+    model = tmp_path / "model"
+    learner.train(info["episode_id"], seed=0, workdir=model)
+    rate = learner.evaluate(model, seed=0, rollouts=1)
+    assert 0.0 <= rate <= 1.0
+    (kw,) = seen
+    assert kw["variation"] == get_shift("heavy") and kw["horizon"] == 100 and kw["success_mode"] == "final"
+
+
+def test_scenario_must_match_the_task(tmp_path):
+    cfg = _config(tmp_path)
+    cfg.task = "can"
+    with pytest.raises(ValueError, match="runs on task 'lift'"):
+        SimLearner(cfg)
