@@ -10,6 +10,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from cupid_engine.store.reader import StoreReader
 
 
@@ -20,7 +22,7 @@ def score(method: str, *, store: StoreReader | str | os.PathLike, run: str, **op
     return _score(method, store=store, run=run, **options)
 
 
-def top_influencers(*, store: Any, run: str, rollout: str, k: int = 10, **options: Any):
+def top_influencers(*, store: StoreReader | str | os.PathLike, run: str | Sequence[str], rollout: str, k: int = 10, **options: Any):
     """Top-``k`` demonstrations influencing one rollout episode (see ``index.top_influencers``)."""
     from cupid_engine.index import top_influencers as _top
 

@@ -15,7 +15,7 @@ import dataclasses
 import heapq
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,11 @@ import torch
 from cupid_engine.index.query import _ensemble, _open_store, _runs, whiten_sums
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING
+
+if TYPE_CHECKING:
+    import os
+
+    from cupid_engine.store.reader import StoreReader
 
 MAX_LABEL_VALUES = 12
 """A metadata key becomes a grouping label when it takes at most this many values."""
@@ -76,7 +81,7 @@ def _sorted(heap: list) -> list[tuple[str, float]]:
 
 
 def influences(
-    store: Any, run: str | Sequence[str], *, top: int = 5, per_demo: int = 5, damping: float = DEFAULT_DAMPING,
+    store: StoreReader | str | os.PathLike, run: str | Sequence[str], *, top: int = 5, per_demo: int = 5, damping: float = DEFAULT_DAMPING,
     rollouts: Sequence[str] | None = None, block: int = 4096,
 ) -> Influences:
     """Top demos per rollout and top rollouts per demo, exact, in one streamed pass.
@@ -126,7 +131,7 @@ def influences(
     )
 
 
-def rollout_detail(store: Any, run: str | Sequence[str], rollout: str, demos: list[tuple[str, float]], *,
+def rollout_detail(store: StoreReader | str | os.PathLike, run: str | Sequence[str], rollout: str, demos: list[tuple[str, float]], *,
                    damping: float = DEFAULT_DAMPING) -> RolloutDetail:
     """Step-level influence between one rollout and its top demos (``A`` for those only)."""
     store = _open_store(store)

@@ -27,12 +27,15 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cupid_engine.explorer import collect
 from cupid_engine.explorer.frames import filmstrip
+
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import StoreReader
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +171,7 @@ def _frames_by_id(data: Sequence[str | os.PathLike], wanted: set[str], *, camera
 
 
 def build_site(
-    store: Any,
+    store: StoreReader | str | os.PathLike,
     run: str | Sequence[str],
     out: str | os.PathLike,
     *,

@@ -25,7 +25,7 @@ import logging
 import os
 import urllib.parse
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,9 @@ from cupid_engine.index.faiss_index import InfluenceIndex, save_index, saved_fol
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 
+if TYPE_CHECKING:
+    from cupid_engine.store.reader import RunReader, StoreReader
+
 log = logging.getLogger(__name__)
 INDEX_DIR = "index"
 _CACHE_SIZE = 2  # indexes can be GBs: keep only the most recent few in memory
@@ -43,7 +46,8 @@ _MEMORY_CACHE: collections.OrderedDict[tuple, tuple[Any, InfluenceIndex]] = coll
 _PRECOND_CACHE: collections.OrderedDict[tuple, tuple[Any, Preconditioner]] = collections.OrderedDict()
 
 
-def _open_store(store: Any) -> Any:
+def _open_store(store: StoreReader | str | os.PathLike) -> StoreReader:
+    """An open store as is; a path or URL opened with ``store.open_store``."""
     if hasattr(store, "catalog") and hasattr(store, "run"):
         return store
     from cupid_engine.store import open_store
@@ -55,7 +59,7 @@ def _runs(run: str | Sequence[str]) -> list[str]:
     return [run] if isinstance(run, str) else list(run)
 
 
-def store_folder(store: Any) -> str | None:
+def store_folder(store: StoreReader) -> str | None:
     """A local folder of the store where indexes can be saved (None: keep in memory)."""
     for attr in ("path", "url"):
         p = getattr(store, attr, None)
@@ -68,7 +72,7 @@ def store_folder(store: Any) -> str | None:
     return None
 
 
-def remote_cache_folder(store: Any, fp: dict[str, Any]) -> str | None:
+def remote_cache_folder(store: StoreReader, fp: dict[str, Any]) -> str | None:
     """Local folder for the index of a remote store (``s3://``, ``gs://`` ...), None otherwise.
 
     ``$CUPID_ENGINE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/cupid_engine``, else
@@ -85,7 +89,7 @@ def remote_cache_folder(store: Any, fp: dict[str, Any]) -> str | None:
     return os.path.join(root, "remote", key[:24])
 
 
-def _run_key(store: Any, name: str) -> tuple:
+def _run_key(store: StoreReader, name: str) -> tuple:
     """A cheap identity of a run's state: config hash and Gram count (no array reads)."""
     r = store.run(name)
     cfg = getattr(r, "config", None)
@@ -100,7 +104,7 @@ def _lru_get(cache: collections.OrderedDict, key: tuple) -> Any:
     return hit[1]
 
 
-def _lru_put(cache: collections.OrderedDict, key: tuple, store: Any, value: Any, limit: int) -> None:
+def _lru_put(cache: collections.OrderedDict, key: tuple, store: StoreReader, value: Any, limit: int) -> None:
     # The store is kept alive with its entry so that its id() in the key cannot be reused.
     cache[key] = (store, value)
     cache.move_to_end(key)
@@ -108,7 +112,7 @@ def _lru_put(cache: collections.OrderedDict, key: tuple, store: Any, value: Any,
         cache.popitem(last=False)
 
 
-def _ensemble(store: Any, runs: list[str], damping: float) -> list[tuple[Any, Preconditioner]]:
+def _ensemble(store: StoreReader, runs: list[str], damping: float) -> list[tuple[RunReader, Preconditioner]]:
     """(run, preconditioner) per run; the Cholesky factor is cached per run state, so
     repeated queries do not refactorise H."""
     out = []
@@ -122,13 +126,13 @@ def _ensemble(store: Any, runs: list[str], damping: float) -> list[tuple[Any, Pr
     return out
 
 
-def whiten_sums(parts: list[tuple[Any, Preconditioner]], sums: list[np.ndarray]) -> torch.Tensor:
+def whiten_sums(parts: list[tuple[RunReader, Preconditioner]], sums: list[np.ndarray]) -> torch.Tensor:
     """Whitened (and, for ensembles, 1/√C-concatenated) rows ``[B, ΣK]`` float64."""
     w = [pre.whiten(s) for (_, pre), s in zip(parts, sums)]
     return torch.cat(w, -1) / float(np.sqrt(len(w))) if len(w) > 1 else w[0]
 
 
-def fingerprint(store: Any, runs: list[str], damping: float, ids: list[str]) -> dict[str, Any]:
+def fingerprint(store: StoreReader, runs: list[str], damping: float, ids: list[str]) -> dict[str, Any]:
     """What an index depends on; a saved index whose fingerprint differs is rebuilt."""
     fp: dict[str, Any] = {"runs": runs, "damping": float(damping), "n": len(ids)}
     fp["ids_sha"] = hashlib.sha256("\x00".join(ids).encode()).hexdigest()[:16]
@@ -142,7 +146,7 @@ def fingerprint(store: Any, runs: list[str], damping: float, ids: list[str]) -> 
 
 
 def build_index(
-    store: Any, run: str | Sequence[str], *, kind: str = "flat", damping: float = DEFAULT_DAMPING, block: int = 16384,
+    store: StoreReader | str | os.PathLike, run: str | Sequence[str], *, kind: str = "flat", damping: float = DEFAULT_DAMPING, block: int = 16384,
     **params: Any,
 ) -> InfluenceIndex:
     """Build the index of the training demos of ``run`` (one or several checkpoint runs)."""
@@ -163,7 +167,7 @@ def build_index(
 
 
 def open_index(
-    store: Any, run: str | Sequence[str], *, kind: str = "flat", damping: float = DEFAULT_DAMPING,
+    store: StoreReader | str | os.PathLike, run: str | Sequence[str], *, kind: str = "flat", damping: float = DEFAULT_DAMPING,
     rebuild: bool = False, save: bool = True, **params: Any,
 ) -> InfluenceIndex:
     """The run's index: reopened from ``<store>/index/<run>/`` when still valid, else built.
@@ -263,7 +267,7 @@ class InfluenceResult:
         return "\n".join(lines)
 
 
-def _catalog_rows(store: Any, ids: list[str]) -> pa.Table:
+def _catalog_rows(store: StoreReader, ids: list[str]) -> pa.Table:
     """Catalog rows of ``ids`` (in that order): O(len(ids)) for a :class:`GradientStore`.
 
     A store with ``catalog_rows`` (the gradient store: id hashes, then only the row
@@ -295,7 +299,7 @@ def _top(values: torch.Tensor, n: int) -> list[tuple[int, float]]:
 
 
 def top_influencers(
-    store: Any,
+    store: StoreReader | str | os.PathLike,
     run: str | Sequence[str],
     rollout: str,
     k: int = 10,
