@@ -1,26 +1,24 @@
-"""CUPID-Quality scorer: scores vs the brute-force double loop (the op itself: tests/ops/test_quality.py)."""
+"""CUPID-Quality scorer: scores vs the per-pair min/max of the whitened features (the op itself,
+against a Python double loop: tests/ops/test_quality.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from cupid_engine.ops.quality import quality_minmax_naive
 from cupid_engine.scorers import score
 from cupid_engine.scorers.preconditioner import Preconditioner
 from cupid_engine.scorers.quality import combine_quality, minmax_normalize
 
 
-def brute_force(r, r_len, d, d_len):
-    """Python double loop over step pairs, float64."""
-    ro, do = np.r_[0, np.cumsum(r_len)], np.r_[0, np.cumsum(d_len)]
-    mm = np.empty((len(r_len), len(d_len)))
-    xm = np.empty_like(mm)
-    for t in range(len(r_len)):
-        for e in range(len(d_len)):
-            a = [[float(np.dot(r[i], d[j])) for j in range(do[e], do[e + 1])] for i in range(ro[t], ro[t + 1])]
-            mm[t, e] = max(min(row) for row in a)
-            xm[t, e] = min(max(row) for row in a)
-    return mm, xm
+def pairwise_minmax(rs, ds):
+    """``(maxmin, minmax) [M, N]`` float64 of whitened step features ``rs``/``ds`` (lists of
+    ``[T, K]``), one matmul per (rollout, demo) pair: the op's naive form, which
+    tests/ops/test_quality.py checks against a Python double loop."""
+    offsets = [np.r_[0, np.cumsum([len(x) for x in xs])] for xs in (rs, ds)]
+    mm, xm = quality_minmax_naive(np.concatenate(rs), offsets[0], np.concatenate(ds), offsets[1])
+    return mm.numpy(), xm.numpy()
 
 
 def test_scorer_matches_arrays_and_ignores_outcomes(store):
@@ -31,7 +29,7 @@ def test_scorer_matches_arrays_and_ignores_outcomes(store):
     demos = [c["episode_id"] for c in cat if c["split"] == "train"]
     rs = [pre.whiten(run.step_features(e)).numpy() for e in rollouts]
     ds = [pre.whiten(run.step_features(e)).numpy() for e in demos]
-    mm, xm = brute_force(np.concatenate(rs), [len(x) for x in rs], np.concatenate(ds), [len(x) for x in ds])
+    mm, xm = pairwise_minmax(rs, ds)
     perf = score("cupid", store=store, run="base")["score"].to_numpy()
 
     got = score("cupid-quality", store=store, run="base", dtype="float64", backend="torch", block_steps=7)
