@@ -9,7 +9,6 @@ set is not drowned by a large selection.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from cupid_engine.policies.base import Policy, PolicyConfig
 from cupid_engine.policies.registry import build_policy
 from cupid_engine.policies.samples import SampleSet
-from cupid_engine.policies.training import TrainConfig, ema_update, resolve_config
+from cupid_engine.policies.training import Optimization, TrainConfig, resolve_config
 from cupid_engine.datamodels.clusters import Clusters
 
 log = logging.getLogger(__name__)
@@ -136,15 +135,7 @@ def cotrain_policy(
     policy.to(device)
     data = policy.make_batch(union)
     data = {k: v.to(device) for k, v in data.items()}
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer
-    if tc.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    elif tc.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    ema = copy.deepcopy(policy).requires_grad_(False) if tc.ema_decay is not None else None
+    optim = Optimization(policy, tc)
     total = tc.steps if tc.steps is not None else tc.epochs * -(-len(union) // tc.batch_size)
     sampler = CoTrainSampler(len(target), len(selected), tc.batch_size, alpha=alpha, seed=tc.seed)
     noise_gen = torch.Generator().manual_seed((tc.seed + 1) % 2**63)
@@ -156,16 +147,8 @@ def cotrain_policy(
     for t in tqdm(range(total), desc="co-train", disable=not progress, leave=False):
         idx = sampler.batch(t).to(device)
         loss = policy.compute_loss({k: v[idx] for k, v in data.items()}, generator=noise_gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema_update(ema, policy, tc.ema_decay, t)
-        losses.append(float(loss.detach()))
-    if ema is not None:
-        policy.load_state_dict(ema.state_dict())
+        losses.append(optim.step(loss, t))
+    optim.finish()
     policy.eval()
     policy.train_info = {"step_losses": losses, "steps": total, "num_target": len(target),
                          "num_selected": len(selected), "alpha": alpha, "train_config": tc.to_dict()}

@@ -214,14 +214,7 @@ def train_policy(
     data = policy.normalizer.normalize_batch(samples.batch(kept))
     weights = None if uniform else kept_w.to(device=device, dtype=torch.float32)
 
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay is not None else None
+    optim = Optimization(policy, cfg)
 
     n = kept.numel()
     per_epoch = math.ceil(n / cfg.batch_size)
@@ -248,14 +241,7 @@ def train_policy(
                 loss = policy.compute_loss(
                     batch, None if weights is None else weights[idx], generator=noise_gen
                 )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                if ema is not None:
-                    ema_update(ema, policy, cfg.ema_decay, step)
-                value = float(loss.detach())
+                value = optim.step(loss, step)
                 step_losses.append(value)
                 epoch_sum += value * idx.numel()
                 epoch_count += idx.numel()
@@ -265,8 +251,7 @@ def train_policy(
             epoch_losses.append(epoch_sum / max(epoch_count, 1))
     finally:
         bar.close()
-    if ema is not None:
-        policy.load_state_dict(ema.state_dict())
+    optim.finish()
     policy.eval()
     policy.train_info = {
         "losses": epoch_losses,
@@ -279,6 +264,46 @@ def train_policy(
     log.info("trained %s for %d steps on %d/%d samples, final loss %.4g",
              type(policy).__name__, step, n, len(samples), step_losses[-1])
     return policy
+
+
+class Optimization:
+    """The optimiser, gradient clipping and weight EMA of a :class:`TrainConfig` over a
+    policy's trainable parameters: the update of every training loop (:func:`train_policy`,
+    the datamodels' co-training), so they train alike.
+
+    Args:
+        policy: The policy being trained (on its training device already).
+        config: ``optimizer``, ``lr``, ``weight_decay``, ``grad_clip`` and ``ema_decay``.
+    """
+
+    def __init__(self, policy: Policy, config: TrainConfig) -> None:
+        self.policy, self.config = policy, config
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        kw = dict(lr=config.lr, weight_decay=config.weight_decay)
+        if config.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.params, **kw)
+        elif config.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.params, **kw)
+        else:
+            self.optimizer = torch.optim.SGD(self.params, **kw)
+        self.ema = copy.deepcopy(policy).requires_grad_(False) if config.ema_decay is not None else None
+
+    def step(self, loss: torch.Tensor, step: int) -> float:
+        """One update from the scalar ``loss`` of the 0-based optimiser step ``step``
+        (zero the gradients, backward, clip, step, EMA); returns the loss value."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            ema_update(self.ema, self.policy, self.config.ema_decay, step)
+        return float(loss.detach())
+
+    def finish(self) -> None:
+        """Load the EMA weights into the policy (the returned policy holds the EMA)."""
+        if self.ema is not None:
+            self.policy.load_state_dict(self.ema.state_dict())
 
 
 @torch.no_grad()
