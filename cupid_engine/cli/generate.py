@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from cupid_engine.cli._sim_args import add_task_arguments
+
 logger = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", default=None, help="lift, can (PickPlaceCan) or square (NutAssemblySquare)")
+    add_task_arguments(p)
     p.add_argument(
         "--scenario",
         default=None,
@@ -41,15 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output dataset folder (LeRobot v3 layout)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the whole dataset")
     p.add_argument("--keep-failures", action="store_true", help="keep failed attempts (success=False)")
-    p.add_argument(
-        "--vary",
-        action="append",
-        default=[],
-        metavar="KNOB=LO:HI",
-        help="per-episode environment variation, repeatable: mass_scale, friction_scale, "
-        "size_scale (lift only), placement_scale; e.g. --vary mass_scale=0.5:2",
-    )
-    p.add_argument("--horizon", type=int, default=None, help="step limit per episode (default per task)")
     p.add_argument(
         "--obs",
         default="state",

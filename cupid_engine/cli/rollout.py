@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from cupid_engine.cli._sim_args import add_task_arguments
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--policy", required=True, help="policy checkpoint folder (cupid-engine train --out)")
-    p.add_argument("--task", default=None, help="lift, can (PickPlaceCan) or square (NutAssemblySquare)")
+    add_task_arguments(p)
     p.add_argument("--env", default=None, metavar="MODULE:FACTORY", help="your own environment (see description)")
     p.add_argument("--scenario", default=None, help="known-answer scenario: task, horizon and success criterion")
     p.add_argument("--shift", default=None, help="rollout-time shift: heavy (cube mass x40) or a scenario name")
@@ -49,15 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel Ray actors (1 = in-process)")
     p.add_argument("--out", required=True, help="output dataset folder (LeRobot v3 layout)")
     p.add_argument("--seed", type=int, default=0, help="base seed; rollout i depends only on (seed, i)")
-    p.add_argument(
-        "--vary",
-        action="append",
-        default=[],
-        metavar="KNOB=LO:HI",
-        help="per-episode environment variation, repeatable: mass_scale, friction_scale, "
-        "size_scale (lift only), placement_scale; e.g. --vary mass_scale=0.5:2",
-    )
-    p.add_argument("--horizon", type=int, default=None, help="step limit per episode (default per task)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local instance")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(handler=_rollout)
