@@ -342,7 +342,10 @@ class Featurizer:
             else:
                 factors.append((self._seeds[name], d, x))
                 T, O, I = int(d.shape[1]), int(d.shape[2]), int(x.shape[2])
-                strategies[name] = {"strategy": _hooks.choose_strategy("auto", T, O, I, self.k), "T": T, "O": O, "I": I}
+                # The device decides the cost model (the C++ kernel's on CPU, flops elsewhere),
+                # so the reported route is the one fused_tensorsketch takes there.
+                route = _hooks.choose_strategy("auto", T, O, I, self.k, d.device)
+                strategies[name] = {"strategy": route, "T": T, "O": O, "I": I}
         if strategies.keys() != self.layer_strategies.keys():
             log.info("featurizer per-layer strategies: %s",
                      {k: f"{v['strategy']} (T={v['T']}, O={v['O']}, I={v['I']})" for k, v in strategies.items()})

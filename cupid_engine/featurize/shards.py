@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +34,9 @@ from cupid_engine.policies.task import batch_rows
 from cupid_engine.store import GradientStore
 from cupid_engine.store.catalog import fingerprint_of
 
-__all__ = ["ShardWorker", "compute_shard_features", "featurize_shard", "featurize_shards"]
+__all__ = ["ShardWorker", "ShardWriter", "compute_shard_features", "featurize_shard", "featurize_shards"]
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- one shard
@@ -130,6 +134,7 @@ def featurize_shard(
     *,
     unit: str | None = None,
     batch_size: int = 1024,
+    writer: ShardWriter | None = None,
 ) -> dict[str, Any]:
     """Featurise and write one shard (the worker's unit of work).
 
@@ -142,6 +147,10 @@ def featurize_shard(
         unit: The source unit holding the shard (from :func:`shard_units`); None reads
             the episodes by id.
         batch_size: Samples per featuriser batch.
+        writer: Write the shard on this background :class:`ShardWriter` (overlapping the
+            next shard's compute) instead of before returning; the shard is then written
+            once ``writer`` has been waited on (its next ``submit``, ``wait`` or
+            ``close``), which re-raises a failed write.
 
     Returns:
         ``{"shard", "episodes", "rows", "seconds", "skipped"}``; ``skipped`` when the
@@ -167,7 +176,10 @@ def featurize_shard(
             )
     features = compute_shard_features(episodes, featurizer, batch_size=batch_size)
     del episodes
-    run.write_shard(shard_id, ids, features, lengths)
+    if writer is None:
+        run.write_shard(shard_id, ids, features, lengths)
+    else:
+        writer.submit(shard_id, ids, functools.partial(run.write_shard, shard_id, ids, features, lengths))
     return {
         "shard": shard_id,
         "episodes": len(ids),
@@ -177,18 +189,88 @@ def featurize_shard(
     }
 
 
+# ----------------------------------------------------------------------------- background writes
+class ShardWriter:
+    """Writes finished shards on one background thread while the next shard is computed.
+
+    Bounded: at most one shard is being written while the caller computes the next, so
+    at most two shards' features are in memory (``submit`` first waits for the write
+    before). Each write is the store's own ``Run.write_shard`` (validated first,
+    completion marker last, atomically), so a shard is either complete or not marked
+    done, whichever thread writes it and wherever the process stops; :meth:`close` waits
+    for the write in flight rather than abandoning it. Writes happen in submission order.
+
+    A failed write is re-raised in the caller's thread (same exception object, with a
+    note naming the shard and its episodes) by the next :meth:`submit`, :meth:`wait` or
+    :meth:`close`; nothing is submitted after a failure.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._what = ""
+        self._error: BaseException | None = None
+
+    def submit(self, shard: int, episode_ids: list[str], write: Any) -> None:
+        """Wait for the previous write (re-raising its error), then run ``write()`` in the background."""
+        self.wait()
+        first, last = (episode_ids[0], episode_ids[-1]) if episode_ids else ("", "")
+        self._what = f"shard {shard} (episodes {first!r}..{last!r}, {len(episode_ids)} episodes)"
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"cupid-shard-writer-{shard}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight is done; re-raise its error in this thread."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread = None
+        exc, self._error = self._error, None
+        if exc is not None:
+            exc.add_note(f"raised while writing {self._what} on the background writer thread")
+            log.error("writing %s failed: %s", self._what, exc)
+            raise exc
+
+    def close(self) -> None:
+        """Wait for the last write (re-raising its error); idempotent."""
+        self.wait()
+
+
 # ----------------------------------------------------------------------------- many shards
 class _Shards:
-    """``fn(shard) -> featurize_shard statistics``: one worker's shards of one run."""
+    """``fn(shard) -> featurize_shard statistics``: one worker's shards of one run.
+
+    With ``overlap_writes`` a shard is written on a :class:`ShardWriter` while the next
+    one is computed; the executor calls :meth:`close` when done (``InProcess`` does),
+    which waits for the last write and re-raises a failed one."""
 
     def __init__(self, store: GradientStore, run_name: str, source: Any, featurizer: Featurizer,
-                 units: dict[int, str | None], batch_size: int) -> None:
+                 units: dict[int, str | None], batch_size: int, overlap_writes: bool = False) -> None:
         self.store, self.run_name, self.source, self.featurizer = store, run_name, source, featurizer
         self.units, self.batch_size = units, batch_size
+        self.writer = ShardWriter() if overlap_writes else None
 
     def __call__(self, shard: int) -> dict[str, Any]:
-        return featurize_shard(self.store, self.run_name, int(shard), self.source, self.featurizer,
-                               unit=self.units.get(shard), batch_size=self.batch_size)
+        try:
+            return featurize_shard(self.store, self.run_name, int(shard), self.source, self.featurizer,
+                                   unit=self.units.get(shard), batch_size=self.batch_size, writer=self.writer)
+        except BaseException:
+            if self.writer is not None:  # finish the write in flight; this error is the one raised
+                try:
+                    self.writer.wait()
+                except BaseException:  # noqa: BLE001 - logged by wait(); the first error wins
+                    pass
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +342,7 @@ def featurize_shards(
     threads: int = 1,
     storage_options: dict[str, Any] | None = None,
     progress: bool = True,
+    overlap_writes: bool = True,
 ) -> dict[str, Any]:
     """Step 3 over many shards: featurise and write ``shards`` of an existing run.
 
@@ -281,6 +364,9 @@ def featurize_shards(
         threads: torch intra-op threads per out-of-process worker.
         storage_options: fsspec options of a remote store and dataset, for the workers.
         progress: tqdm bar over episodes.
+        overlap_writes: In-process executor with the live ``featurizer``: write each shard
+            on a background thread (:class:`ShardWriter`) while the next is computed. The
+            store's bytes are the same either way; all writes are done when this returns.
 
     Returns:
         ``{"shards", "episodes", "rows", "skipped"}`` summed over the shards done.
@@ -291,7 +377,8 @@ def featurize_shards(
         return summary
     units = shard_units(source, store, shards)
     if executor.in_process and featurizer is not None:
-        factory: Any = functools.partial(_Shards, store, run_name, source, featurizer, units, config.batch_size)
+        factory: Any = functools.partial(_Shards, store, run_name, source, featurizer, units, config.batch_size,
+                                         overlap_writes=overlap_writes)
     elif policy_path is None:
         raise ValueError(f"{executor!r} needs the policy as a checkpoint path (its workers load it themselves)")
     else:
