@@ -307,6 +307,13 @@ class Featurizer:
     def layer_factors(self, batch: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """Hook captures ``[(name, delta [B, T, O], x [B, T, I])]`` of one batch (hooks path;
         an Embedding's ``delta`` is its ``[B, T]`` token index, see ``HookCapture.factors``)."""
+        n = batch_rows(batch)
+        return [(name, *_hooks.HookCapture._layer(name, module, x, y, delta, n))
+                for name, module, x, y, delta in self._raw_captures(batch)]
+
+    def _raw_captures(self, batch: dict[str, torch.Tensor]) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor]]:
+        """``HookCapture.raw`` of one batch: ``[(name, module, x, y, delta)]`` before any layout."""
         if self.path != "hooks":
             raise ValueError("layer_factors needs path='hooks'")
         n = batch_rows(batch)
@@ -319,22 +326,31 @@ class Featurizer:
                         f"the policy protocol needs one value per batch row: [{n}]"
                     )
                 total = values.sum()
-            return cap.factors(total, n)
+            return cap.raw(total)
 
     def _hooks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch_rows(batch)
-        captured = self.layer_factors(batch)
+        raw = self._raw_captures(batch)
         if self._verify:
-            self.verify_hooks(batch, captured)
+            self.verify_hooks(batch, [(name, *_hooks.HookCapture._layer(name, m, x, y, d, n))
+                                      for name, m, x, y, d in raw])
             self._verify = False
-        if not captured:  # no tracked layer influences the output: the gradient is 0
+        if not raw:  # no tracked layer influences the output: the gradient is 0
             ref = self._float_ref(batch)
             dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
             return torch.zeros(n, self.k, dtype=dtype, device=ref.device)
-        factors, index_factors = [], []
+        factors: list = []
+        index_factors = []
         strategies: dict[str, dict[str, Any]] = {}
-        for name, d, x in captured:
-            module = self._by_name[name]
+        for name, module, x, y, delta in raw:
+            shape = _hooks.dense_layer_shape(module, x, delta, n) if x.shape[0] % n == 0 else None
+            if shape is not None and _hooks.choose_strategy("auto", *shape, self.k, x.device) == "dense":
+                # Linear/Conv on the dense route: G formed chunk by chunk from the raw capture,
+                # the unfolded inputs never materialised whole (same numbers per sample).
+                factors.append(_hooks.RawLayer(self._seeds[name], module, x, delta, n))
+                strategies[name] = {"strategy": "dense", "T": shape[0], "O": shape[1], "I": shape[2]}
+                continue
+            d, x = _hooks.HookCapture._layer(name, module, x, y, delta, n)
             if isinstance(module, nn.Embedding):
                 O = module.num_embeddings
                 index_factors.append((self._seeds[name], d, x, O))

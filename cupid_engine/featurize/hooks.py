@@ -58,6 +58,7 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,8 @@ from cupid_engine.ops import reference
 from cupid_engine.ops import spectral
 
 __all__ = ["DFT_MAX_DIM", "STRATEGIES", "layer_seed", "check_sample_independent", "HookCapture", "unfold_conv1d",
-           "unfold_conv2d", "gradient_matrix", "layer_matrix_shape", "choose_strategy", "fused_tensorsketch"]
+           "unfold_conv2d", "gradient_matrix", "layer_matrix_shape", "choose_strategy", "fused_tensorsketch",
+           "RawLayer", "dense_layer_shape", "stream_dense_layer", "STREAM_CHUNK_BYTES"]
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -123,9 +125,10 @@ def _conv_padding(module: nn.Module) -> list[tuple[int, int]]:
 
 
 def _im2col_kernel(x: torch.Tensor, pads: list[tuple[int, int]], kernel: tuple[int, int], stride: tuple[int, int],
-                   dilation: tuple[int, int], append_one: bool) -> torch.Tensor | None:
+                   dilation: tuple[int, int], append_one: bool, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """im2col by the C++ kernel (``ops.cpu_backend``; CPU float32/float64), or None where it
-    does not apply. ``x`` is ``[R, C, H, W]``; a pure copy, equal to the torch path bit for bit."""
+    does not apply. ``x`` is ``[R, C, H, W]``; a pure copy, equal to the torch path bit for bit.
+    ``out``: a contiguous tensor of the result's shape and dtype to write into (reused buffers)."""
     from cupid_engine.ops import cpu_backend
 
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not cpu_backend.is_available():
@@ -136,14 +139,26 @@ def _im2col_kernel(x: torch.Tensor, pads: list[tuple[int, int]], kernel: tuple[i
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     Ho = (H + top + bottom - dh * (kh - 1) - 1) // sh + 1
     Wo = (W + left + right - dw * (kw - 1) - 1) // sw + 1
-    out = torch.empty(R, max(Ho, 0) * max(Wo, 0), C * kh * kw + int(append_one), dtype=x.dtype)
+    out = _into(out, (R, max(Ho, 0) * max(Wo, 0), C * kh * kw + int(append_one)), x)
     if R and Ho > 0 and Wo > 0:
         cpu_backend._C().im2col_cpu(x.data_ptr(), out.data_ptr(), R, C, H, W, kh, kw, sh, sw, dh, dw, top, left,
                                     Ho, Wo, bool(append_one), 0 if x.dtype == torch.float32 else 3)
     return out
 
 
-def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = False) -> torch.Tensor:
+def _into(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``out`` checked to be a contiguous ``shape`` tensor of ``like``'s dtype/device, or a fresh one."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {list(shape)} {like.dtype} tensor on {like.device}, got "
+                         f"{list(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
+def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Unfold a Conv1d input into Linear rows: ``[R, C_in, L] -> [R, L_out, C_in * kernel (+1)]``.
 
     Column ``c * kernel + j`` holds input channel ``c`` at tap ``j``, matching
@@ -151,7 +166,8 @@ def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = Fals
     With ``append_one`` a last column of ones (the bias input) is written in the same
     pass: the unfolded input is the largest tensor of the hook path, so it is built with
     one copy (on CPU float32/float64 the C++ im2col, :func:`_im2col_kernel`; elsewhere a
-    strided window view copied into place) rather than unfold + transpose + cat.
+    strided window view copied into place) rather than unfold + transpose + cat. ``out``
+    (a contiguous tensor of the result's shape) is written into instead of a fresh one.
 
     Raises:
         ValueError: grouped convolutions or non-zero padding modes.
@@ -163,27 +179,29 @@ def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = Fals
         )
     (left, right), = _conv_padding(module)
     K, d, st = module.kernel_size[0], module.dilation[0], module.stride[0]
-    fast = _im2col_kernel(x.unsqueeze(2), [(0, 0), (left, right)], (1, K), (1, st), (1, d), append_one)
+    fast = _im2col_kernel(x.unsqueeze(2), [(0, 0), (left, right)], (1, K), (1, st), (1, d), append_one, out)
     if fast is not None:
         return fast
     if left or right:
         x = F.pad(x, (left, right))
     win = x.unfold(2, d * (K - 1) + 1, st)[..., ::d]  # [R, C_in, L_out, K], a view
     R, C, L = win.shape[:3]
-    out = torch.empty(R, L, C * K + int(append_one), dtype=x.dtype, device=x.device)
+    out = _into(out, (R, L, C * K + int(append_one)), x)
     out[..., : C * K].unflatten(-1, (C, K)).copy_(win.permute(0, 2, 1, 3))
     if append_one:
         out[..., -1] = 1
     return out
 
 
-def unfold_conv2d(module: nn.Conv2d, x: torch.Tensor, *, append_one: bool = False) -> torch.Tensor:
+def unfold_conv2d(module: nn.Conv2d, x: torch.Tensor, *, append_one: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """im2col of a Conv2d input: ``[R, C_in, H, W] -> [R, H_out * W_out, C_in * kh * kw (+1)]``.
 
     Column ``(c * kh + i) * kw + j`` holds input channel ``c`` at tap ``(i, j)``, matching
     ``weight.reshape(C_out, -1)``; rows are output positions in row-major ``(h, w)``
     order, matching ``delta.flatten(2)``. Padding (numbers, ``"same"``, ``"valid"``),
-    stride and dilation are honoured; a last column of ones is the bias input.
+    stride and dilation are honoured; a last column of ones is the bias input. ``out`` (a
+    contiguous tensor of the result's shape) is written into instead of a fresh one.
 
     Raises:
         ValueError: grouped convolutions or non-zero padding modes.
@@ -195,7 +213,7 @@ def unfold_conv2d(module: nn.Conv2d, x: torch.Tensor, *, append_one: bool = Fals
         )
     (top, bottom), (left, right) = _conv_padding(module)
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-    fast = _im2col_kernel(x, [(top, bottom), (left, right)], (kh, kw), (sh, sw), (dh, dw), append_one)
+    fast = _im2col_kernel(x, [(top, bottom), (left, right)], (kh, kw), (sh, sw), (dh, dw), append_one, out)
     if fast is not None:
         return fast
     if top or bottom or left or right:
@@ -207,7 +225,7 @@ def unfold_conv2d(module: nn.Conv2d, x: torch.Tensor, *, append_one: bool = Fals
     win = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # [R, C, Ho, Wo, kh, kw]
     R, C, Ho, Wo = win.shape[:4]
     n = C * kh * kw
-    out = torch.empty(R, Ho * Wo, n + int(append_one), dtype=x.dtype, device=x.device)
+    out = _into(out, (R, Ho * Wo, n + int(append_one)), x)
     out[..., :n].unflatten(1, (Ho, Wo)).unflatten(-1, (C, kh, kw)).copy_(win.permute(0, 2, 3, 1, 4, 5))
     if append_one:
         out[..., -1] = 1
@@ -312,6 +330,18 @@ class HookCapture:
             ValueError: a tracked module that was not called although its parameters
                 influence ``total`` (used outside its forward: the hooks would miss it).
         """
+        out = [(name, *self._layer(name, module, x, y, delta, groups)) for name, module, x, y, delta in self.raw(total)]
+        return out
+
+    def raw(self, total: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Backprop ``total``; ``[(name, module, x, y, delta)]`` of every captured call whose
+        output influences it, as the module saw them (``delta = d total / d y``), before
+        any layout (:meth:`factors` lays them out; :func:`stream_dense_layer` consumes them
+        without materialising the unfolded inputs). Clears the captures.
+
+        Raises:
+            ValueError: as :meth:`factors`.
+        """
         calls = [c for c in self._calls if c[3].requires_grad]
         # Tracked modules never called: their parameters must not influence the output,
         # else they are used functionally (e.g. MultiheadAttention.out_proj) and the hook
@@ -330,11 +360,7 @@ class HookCapture:
                 "which the hook path cannot capture; call the module itself, leave it untracked, or use the "
                 "torch.func (vmap) path"
             )
-        out = []
-        for (name, module, x, y), delta in zip(calls, grads):
-            if delta is None:
-                continue
-            out.append((name, *self._layer(name, module, x, y, delta, groups)))
+        out = [(name, module, x, y, delta) for (name, module, x, y), delta in zip(calls, grads) if delta is not None]
         self._calls.clear()
         return out
 
@@ -499,6 +525,97 @@ def _spectrum(
     return out
 
 
+STREAM_CHUNK_BYTES = 8 << 20
+"""Bytes of one chunk's unfolded inputs + laid-out output gradients in
+:func:`stream_dense_layer`: its buffers are reused across chunks, layers and batches, so
+the unfolded inputs (the largest tensors of the hook path: ~0.5 GB for the UNet at 64
+samples x 64 draws) are never materialised whole, and never page-faulted in afresh."""
+
+
+class RawLayer(NamedTuple):
+    """A captured Linear/Conv1d/Conv2d call, not laid out (``HookCapture.raw``), for
+    :func:`fused_tensorsketch` to stream through the ``dense`` route
+    (:func:`stream_dense_layer`) in place of its ``(seed, delta, x)`` factors."""
+
+    seed: int
+    module: nn.Module
+    x: torch.Tensor
+    delta: torch.Tensor
+    groups: int
+
+
+def dense_layer_shape(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, groups: int) -> tuple[int, int, int] | None:
+    """``(T, O, I)`` of the factors ``HookCapture.factors`` would lay out for a captured
+    Linear/Conv1d/Conv2d call (input ``x``, output gradient ``delta``, ``groups`` samples),
+    without forming them; None for the other modules (norms, Embedding)."""
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.Embedding)):
+        return None
+    per = x.shape[0] // groups
+    bias = int(_has(module, "bias"))
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return per * math.prod(delta.shape[2:]), int(delta.shape[1]), int(module.weight[0].numel()) + bias
+    return per * math.prod(x.shape[1:-1]), int(delta.shape[-1]), int(x.shape[-1]) + bias
+
+
+def stream_dense_layer(layer: RawLayer, k: int, out: torch.Tensor, ws: _Workspace, acc: torch.dtype) -> None:
+    """``out [B, k] +=`` the hashed per-sample gradient ``G = sum_t delta_t x_t^T`` of one
+    captured Linear/Conv1d/Conv2d call, formed chunk of samples by chunk of samples.
+
+    Per chunk the inputs are unfolded (im2col, bias column) and the output gradients laid
+    out ``[b, T, O]`` into reused workspace buffers, ``G [b, O, I]`` is one batched GEMM
+    and is hashed into the chunk's rows of ``out`` (C++ ``hash_gradient`` on the kernel
+    route, ``scatter_add_`` elsewhere). The same factors, GEMM and hash as the ``dense``
+    route on ``HookCapture.factors`` output, so each sample's row is the same (every
+    sample's GEMM and hash are independent of the others in its batch); only the peak
+    memory (one chunk of :data:`STREAM_CHUNK_BYTES`, not every layer's whole batch) and
+    the page faults differ. On a GPU the chunk is the whole batch.
+    """
+    module, x, delta, groups = layer.module, layer.x, layer.delta, layer.groups
+    T, O, I = dense_layer_shape(module, x, delta, groups)
+    per = x.shape[0] // groups
+    steps = T // per  # time steps / positions of one captured row
+    bias = _has(module, "bias")
+    device = x.device
+    if device.type == "cpu":
+        chunk = max(1, STREAM_CHUNK_BYTES // max(1, T * (I + O) * x.element_size()))
+    else:
+        chunk = groups
+    use_kernel = kernel_route(k, device, acc)
+    if not use_kernel:
+        bucket, sign = _dense_table(layer.seed, O, I, k)
+        bucket, sign = bucket.to(device), sign.to(device=device, dtype=acc)
+    conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
+    for a in range(0, groups, chunk):
+        e = min(groups, a + chunk)
+        b, r0, r1 = e - a, a * per, e * per
+        xs, ds = x[r0:r1], delta[r0:r1]
+        if conv:
+            xb = ws.get("dense_x", (r1 - r0, steps, I), x.dtype, device)
+            unfold = unfold_conv1d if isinstance(module, nn.Conv1d) else unfold_conv2d
+            unfold(module, xs, append_one=bias, out=xb)
+            db = ws.get("dense_d", (r1 - r0, steps, O), delta.dtype, device)
+            db.copy_(ds.flatten(2).transpose(1, 2))  # [r, C_out, *pos] -> [r, pos, C_out]
+        else:
+            xs = xs.reshape(r1 - r0, steps, xs.shape[-1])
+            if bias:
+                xb = ws.get("dense_x", (r1 - r0, steps, I), x.dtype, device)
+                xb[..., :-1].copy_(xs)
+                xb[..., -1] = 1
+            else:
+                xb = xs
+            db = ds.reshape(r1 - r0, steps, O)
+        G = ws.get("dense_g", (b, O, I), acc, device)
+        torch.bmm(db.reshape(b, T, O).to(acc).transpose(1, 2), xb.reshape(b, T, I).to(acc), out=G)
+        if use_kernel:
+            from cupid_engine.ops import cpu_backend
+
+            cpu_backend.hash_gradient(G, layer.seed, k, out[a:e], accumulate=True)
+        else:
+            flat = G.reshape(b, O * I)
+            flat *= sign
+            out[a:e].scatter_add_(1, bucket.expand(b, O * I), flat)
+
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = -1
 _MIN_SPLIT_ROWS = 128
@@ -526,7 +643,7 @@ def _run_split(fn, rows: int, device: torch.device) -> None:
 
 
 def fused_tensorsketch(
-    factors: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+    factors: Sequence[tuple[int, torch.Tensor, torch.Tensor] | RawLayer],
     *,
     k: int,
     strategy: str = "auto",
@@ -557,7 +674,10 @@ def fused_tensorsketch(
     features agree to ~1e-6 relative, tests/featurize/test_hook_kernel.py).
 
     Args:
-        factors: ``[(seed, delta [B, T, O], x [B, T, I])]`` per layer (any T per layer).
+        factors: ``[(seed, delta [B, T, O], x [B, T, I])]`` per layer (any T per layer);
+            an entry may instead be a :class:`RawLayer` (a captured Linear/Conv call not
+            laid out), which takes the ``dense`` route streamed chunk by chunk
+            (:func:`stream_dense_layer`: same per-sample numbers, bounded memory).
         k: Sketch dimension.
         strategy: ``auto`` (per layer, by cost), or force ``fft`` / ``dense`` (tests).
         workspace: Scratch buffers reused across calls (a :class:`Featurizer` keeps one);
@@ -579,7 +699,8 @@ def fused_tensorsketch(
     x0 = factors[0][2] if factors else index_factors[0][2]
     acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
     cdtype = torch.complex128 if acc == torch.float64 else torch.complex64
-    B, device = x0.shape[0], x0.device
+    B = factors[0].groups if factors and isinstance(factors[0], RawLayer) else x0.shape[0]
+    device = x0.device
     ws = workspace if workspace is not None else _Workspace()
     direct = None
     for seed, idx, x, O in index_factors:
@@ -597,7 +718,13 @@ def fused_tensorsketch(
         direct.scatter_add_(1, bucket.reshape(B, -1), vals.reshape(B, -1))
     use_kernel = kernel_route(k, device, acc)
     fft_layers = []
-    for seed, delta, x in factors:
+    for entry in factors:
+        if isinstance(entry, RawLayer):
+            if direct is None:
+                direct = torch.zeros(B, k, dtype=acc, device=device)
+            stream_dense_layer(entry, k, direct, ws, acc)
+            continue
+        seed, delta, x = entry
         T, O, I = delta.shape[1], delta.shape[2], x.shape[2]
         if choose_strategy(strategy, T, O, I, k, device) == "dense":
             if use_kernel:  # GEMM, then the C++ hash (fixed order per row)

@@ -1,0 +1,122 @@
+"""Dense-route layers streamed from the raw captures (``hooks.stream_dense_layer``): the
+unfolded inputs are formed chunk by chunk in reused buffers, with the same numbers as the
+dense route on the fully laid-out factors (float64 parity against the definition over odd
+shapes, float32 bit for bit, any chunk size, both hash routes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cupid_engine.featurize import Featurizer, ProjectionConfig, fused_tensorsketch
+from cupid_engine.featurize import hooks as H
+
+from fz_helpers import explicit_sketch
+
+SEED = 3
+
+
+class DrawTask:
+    """Each sample is ``draws`` contiguous rows (like a diffusion output's noise draws):
+    ``f_b = sum_r sum tanh(model(x_b (1 + s_r) + s_r))^2`` with fixed shifts ``s_r``."""
+
+    supported_outputs = ("f",)
+
+    def build_batch(self, episodes):  # batches are made directly
+        raise NotImplementedError
+
+    def output(self, model, batch, name, *, seed=0, draws=3):
+        x = batch["x"]
+        shift = torch.linspace(-0.5, 0.7, draws, dtype=x.dtype).reshape((draws,) + (1,) * (x.dim() - 1))
+        rows = (x.unsqueeze(1) * (1 + shift) + shift).flatten(0, 1)  # [B * draws, ...], a sample's rows contiguous
+        y = torch.tanh(model(rows)).square().flatten(1).sum(1)
+        return y.reshape(x.shape[0], draws).sum(1)
+
+
+class Net1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 5, 3, padding=2, dilation=2)
+        self.c2 = nn.Conv1d(5, 4, 4, stride=2, bias=False)
+        self.c3 = nn.Conv1d(4, 6, 1)
+        self.head = nn.Linear(6, 5)
+        self.lin = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.lin(torch.tanh(self.head(h.transpose(1, 2))))
+
+
+class Net2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 5, (3, 2), stride=(2, 1), padding=(1, 2))
+        self.c2 = nn.Conv2d(5, 3, 3, padding="same", bias=False)
+        self.gn = nn.GroupNorm(1, 3)
+
+    def forward(self, x):
+        return self.gn(self.c2(torch.relu(self.c1(x))))
+
+
+def _featurizer(model, k, dtype):
+    return Featurizer(None, "f", ProjectionConfig(k=k, seed=SEED), task=DrawTask(), model=model.to(dtype).eval(),
+                      draws=3)
+
+
+@pytest.mark.parametrize("k", [96, 128])  # torch hash (k not a power of two) and the C++ kernel route
+@pytest.mark.parametrize("net,shape", [(Net1d, (5, 3, 11)), (Net2d, (3, 2, 7, 5))])
+def test_streamed_dense_float64_parity(net, shape, k, monkeypatch):
+    torch.manual_seed(0)
+    model = net()
+    f = _featurizer(model, k, torch.float64)
+    batch = {"x": torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)}
+    want = explicit_sketch(model, f.task, batch, "f", k=k, seed=SEED, draws=3)
+    assert want.abs().max() > 1e-3
+    monkeypatch.setattr(H, "choose_strategy", lambda strategy, *a, **kw: "dense" if strategy == "auto" else strategy)
+    for chunk_bytes in (1, 1 << 30):  # one sample per chunk; the whole batch in one
+        monkeypatch.setattr(H, "STREAM_CHUNK_BYTES", chunk_bytes)
+        got = f(batch)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    streamed = [n for n, v in f.layer_strategies.items() if v["strategy"] == "dense"]
+    assert {"c1", "c2"} <= set(streamed)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_streamed_dense_float32_bit_identical_to_laid_out_factors(kernel, monkeypatch):
+    torch.manual_seed(2)
+    model = Net1d()
+    f = _featurizer(model, 128, torch.float32)
+    batch = {"x": torch.randn(6, 3, 13, generator=torch.Generator().manual_seed(4))}
+    if not kernel:
+        monkeypatch.setattr(H, "kernel_route", lambda *a, **kw: False)
+    monkeypatch.setattr(H, "choose_strategy", lambda strategy, *a, **kw: "dense" if strategy == "auto" else strategy)
+    ref = f.layer_factors(batch)
+    want = fused_tensorsketch([(f._seeds[n], d, x) for n, d, x in ref], k=128, strategy="dense")
+    for chunk_bytes in (1, 700, 1 << 30):
+        monkeypatch.setattr(H, "STREAM_CHUNK_BYTES", chunk_bytes)
+        got = f(batch)
+        assert torch.equal(got, want), chunk_bytes
+    # Buffers are reused and bounded by the chunk: with one sample per chunk, the unfold
+    # buffer holds one sample's rows (3 draws x time steps x columns), not the batch's.
+    monkeypatch.setattr(H, "STREAM_CHUNK_BYTES", 1)
+    f._workspace = H._Workspace()
+    f(batch)
+    biggest = max(s["T"] * s["I"] for n, s in f.layer_strategies.items() if n.startswith("c"))
+    assert f._workspace._bufs["dense_x"].numel() == biggest
+
+
+def test_unfold_into_a_given_buffer_and_bad_buffers_refused():
+    conv = nn.Conv1d(3, 4, 3, padding=1)
+    x = torch.randn(5, 3, 8)
+    want = H.unfold_conv1d(conv, x, append_one=True)
+    buf = torch.full(want.shape, 7.0)
+    assert H.unfold_conv1d(conv, x, append_one=True, out=buf) is buf and torch.equal(buf, want)
+    with pytest.raises(ValueError, match="contiguous"):
+        H.unfold_conv1d(conv, x, append_one=True, out=torch.empty(5, 8, 9))
+    conv2 = nn.Conv2d(2, 3, 2, stride=2)
+    x2 = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    want2 = H.unfold_conv2d(conv2, x2, append_one=False)
+    buf2 = torch.empty(want2.shape, dtype=torch.float64)
+    assert torch.equal(H.unfold_conv2d(conv2, x2, out=buf2), want2)
