@@ -342,6 +342,9 @@ class Featurizer:
         factors: list = []
         index_factors = []
         strategies: dict[str, dict[str, Any]] = {}
+        calls: dict[str, int] = {}
+        for name, *_ in raw:
+            calls[name] = calls.get(name, 0) + 1
         for name, module, x, y, delta in raw:
             shape = _hooks.dense_layer_shape(module, x, delta, n) if x.shape[0] % n == 0 else None
             if shape is not None and _hooks.choose_strategy("auto", *shape, self.k, x.device) == "dense":
@@ -350,7 +353,10 @@ class Featurizer:
                 factors.append(_hooks.RawLayer(self._seeds[name], module, x, delta, n))
                 strategies[name] = {"strategy": "dense", "T": shape[0], "O": shape[1], "I": shape[2]}
                 continue
-            d, x = _hooks.HookCapture._layer(name, module, x, y, delta, n)
+            # A Linear's bias column goes into a reused buffer (no fresh [R, I + 1] per batch);
+            # a module called twice in one pass keeps fresh tensors (one buffer per name).
+            ws = self._workspace if calls[name] == 1 else None
+            d, x = _hooks.HookCapture._layer(name, module, x, y, delta, n, ws)
             if isinstance(module, nn.Embedding):
                 O = module.num_embeddings
                 index_factors.append((self._seeds[name], d, x, O))

@@ -366,8 +366,15 @@ class HookCapture:
 
     @staticmethod
     def _layer(
-        name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, groups: int
+        name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, groups: int,
+        workspace: _Workspace | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call's factors (see :meth:`factors`). With ``workspace``, a Linear's input
+        with its bias column is written into the workspace buffer ``lin_x_<name>`` instead
+        of a fresh ``torch.cat`` (same values; the caller must consume the factors before
+        the next batch reuses the buffer, and a module called twice shares the name, so
+        only a caller that consumes each call's factors before laying out the next may
+        pass it)."""
         rows = x.shape[0]
         if rows % groups:
             raise RuntimeError(f"module {name!r}: {rows} captured rows do not split into {groups} samples")
@@ -406,7 +413,12 @@ class HookCapture:
         else:  # Linear: [R, *, I] -> [R, T, I]
             x = x.reshape(x.shape[0], -1, x.shape[-1])
             delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-            if bias:
+            if bias and workspace is not None:
+                buf = workspace.get(f"lin_x_{name}", x.shape[:-1] + (x.shape[-1] + 1,), x.dtype, x.device)
+                buf[..., :-1].copy_(x)
+                buf[..., -1] = 1
+                x = buf
+            elif bias:
                 x = torch.cat((x, x.new_ones(x.shape[:-1] + (1,))), dim=-1)
         # Rows of one sample are contiguous: fold them into T.
         x = x.reshape(groups, per * x.shape[1], x.shape[2])

@@ -120,3 +120,29 @@ def test_unfold_into_a_given_buffer_and_bad_buffers_refused():
     want2 = H.unfold_conv2d(conv2, x2, append_one=False)
     buf2 = torch.empty(want2.shape, dtype=torch.float64)
     assert torch.equal(H.unfold_conv2d(conv2, x2, out=buf2), want2)
+
+
+class Shared(nn.Module):
+    """One Linear called twice per forward (its gradient sums both calls) and one called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("k", [96, 128])
+def test_linear_bias_buffers_reused_across_batches_and_shared_modules(k, monkeypatch):
+    monkeypatch.setattr(H, "choose_strategy", lambda strategy, *a, **kw: "fft" if strategy == "auto" else strategy)
+    torch.manual_seed(1)
+    model = Shared()
+    f = _featurizer(model, k, torch.float64)
+    g = torch.Generator().manual_seed(6)
+    for rows in (5, 3):  # the second, smaller batch reuses the buffers
+        batch = {"x": torch.randn(rows, 2, 4, generator=g, dtype=torch.float64)}
+        want = explicit_sketch(model, f.task, batch, "f", k=k, seed=SEED, draws=3)
+        torch.testing.assert_close(f(batch), want, rtol=1e-9, atol=1e-11)
+    assert "lin_x_b" in f._workspace._bufs and "lin_x_a" not in f._workspace._bufs
