@@ -339,6 +339,12 @@ class Featurizer:
             ref = self._float_ref(batch)
             dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
             return torch.zeros(n, self.k, dtype=dtype, device=ref.device)
+        return self._sketch_raw(raw, n)
+
+    def _sketch_raw(self, raw: list, n: int) -> torch.Tensor:
+        """``[n, k]`` sketch of a batch's raw captures (``HookCapture.raw``, not empty): the
+        per-layer route chosen and recorded in :attr:`layer_strategies`, dense-route
+        Linear/Conv layers streamed (``hooks.stream_dense_layer``), the rest laid out."""
         factors: list = []
         index_factors = []
         strategies: dict[str, dict[str, Any]] = {}
