@@ -121,6 +121,20 @@ def episode_lengths(catalog: pa.Table, ids: list[str], run: Any) -> np.ndarray:
 
 
 
+def performance_inputs(store: StoreReader, run: str, cfg: Any) -> tuple[Any, Any, Preconditioner, list[str], list[str], Any]:
+    """What every performance scorer reads first: ``(run, catalog, preconditioner,
+    rollout ids, demo ids, returns [M])`` from ``cfg``'s ``damping``, ``rollouts``,
+    ``episodes`` and ``returns``, after checking that rollouts and demos share a scale."""
+    r = store.run(run)
+    cat = store.catalog()
+    pre = Preconditioner.from_run(r, damping=cfg.damping)
+    rollouts = _inputs.resolve_episodes(cat, cfg.rollouts, default="rollout")
+    demos = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
+    ret = _inputs.returns_of(cat, rollouts, cfg.returns)
+    _inputs.check_rollout_scale(cat, r, rollouts, demos)
+    return r, cat, pre, rollouts, demos, ret
+
+
 @register
 class CupidScorer(Scorer):
     """CUPID: Ψ_π(ξ) = s_ξᵀu over whitened episode sums."""
@@ -139,13 +153,7 @@ class CupidScorer(Scorer):
             parts = [CupidScorer(single).raw_scores(store, name) for name in self.config.checkpoints]
             return parts[0][0], np.mean([p[1] for p in parts], axis=0)
         cfg = self.config
-        r = store.run(run)
-        cat = store.catalog()
-        pre = Preconditioner.from_run(r, damping=cfg.damping)
-        rollouts = _inputs.resolve_episodes(cat, cfg.rollouts, default="rollout")
-        demos = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
-        ret = _inputs.returns_of(cat, rollouts, cfg.returns)
-        _inputs.check_rollout_scale(cat, r, rollouts, demos)
+        r, cat, pre, rollouts, demos, ret = performance_inputs(store, run, cfg)
         u = rollout_direction(
             pre.whiten(r.episode_features(rollouts)),
             ret,

@@ -56,6 +56,7 @@ import torch
 from cupid_engine.config import Config, check, field
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
+from cupid_engine.scorers.cupid import performance_inputs
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 from cupid_engine.scorers.table import make_table
 
@@ -132,13 +133,7 @@ class CupidStepScorer(Scorer):
     def raw_scores(self, store: StoreReader, run: str) -> tuple[list[str], np.ndarray]:
         """``(ids, [N] Ψ_step)`` for the configured episodes."""
         cfg = self.config
-        r = store.run(run)
-        cat = store.catalog()
-        pre = Preconditioner.from_run(r, damping=cfg.damping)
-        rollouts = _inputs.resolve_episodes(cat, cfg.rollouts, default="rollout")
-        demos = _inputs.resolve_episodes(cat, cfg.episodes, default="train")
-        ret = _inputs.returns_of(cat, rollouts, cfg.returns)
-        _inputs.check_rollout_scale(cat, r, rollouts, demos)
+        r, cat, pre, rollouts, demos, ret = performance_inputs(store, run, cfg)
         if cfg.step_norm == "none":  # the stored episode sums, exactly as CUPID reads them
             roll = pre.whiten(r.episode_features(rollouts)).to(torch.float64)
         else:
