@@ -332,8 +332,7 @@ class Featurizer:
         n = batch_rows(batch)
         raw = self._raw_captures(batch)
         if self._verify:
-            self.verify_hooks(batch, [(name, *_hooks.HookCapture._layer(name, m, x, y, d, n))
-                                      for name, m, x, y, d in raw])
+            self._verify_raw(batch, raw, n)
             self._verify = False
         if not raw:  # no tracked layer influences the output: the gradient is 0
             ref = self._float_ref(batch)
@@ -395,17 +394,36 @@ class Featurizer:
         n = batch_rows(batch)
         captured = self.layer_factors(batch) if captured is None else captured
         rows = tuple(sorted({0, n - 1})) if rows is None else rows
+        self._verify_rows(batch, {b: [(name, d[b], x[b]) for name, d, x in captured] for b in rows})
+
+    def _verify_raw(self, batch: dict[str, torch.Tensor], raw: list, n: int) -> None:
+        """:meth:`verify_hooks` on raw captures, laying out only the checked samples' rows
+        (the first and the last): the check never materialises the whole batch's factors."""
+        rows = tuple(sorted({0, n - 1}))
+        per_row: dict[int, list] = {b: [] for b in rows}
+        for name, module, x, y, delta in raw:
+            if x.shape[0] % n:  # lay out the whole call: raises naming the module
+                _hooks.HookCapture._layer(name, module, x, y, delta, n)
+            per = x.shape[0] // n
+            for b in rows:
+                d1, x1 = _hooks.HookCapture._layer(name, module, x[b * per:(b + 1) * per], y,
+                                                   delta[b * per:(b + 1) * per], 1)
+                per_row[b].append((name, d1[0], x1[0]))
+        self._verify_rows(batch, per_row)
+
+    def _verify_rows(self, batch: dict[str, torch.Tensor], per_row: dict[int, list]) -> None:
+        """The check of :meth:`verify_hooks`: ``per_row[b]`` is ``[(name, delta_b [T, O], x_b [T, I])]``."""
         tol = 1e-8 if self._float_ref(batch).dtype == torch.float64 else 1e-3
         bad: dict[str, float] = {}
-        for b in rows:
+        for b, factors in per_row.items():
             hook_g: dict[str, torch.Tensor] = {}
-            for name, d, x in captured:
+            for name, db, xb in factors:
                 module = self._by_name[name]
                 if isinstance(module, nn.Embedding):
-                    keep = d[b] >= 0
-                    g = x.new_zeros(module.num_embeddings, x.shape[2]).index_add_(0, d[b][keep], x[b][keep])
+                    keep = db >= 0
+                    g = xb.new_zeros(module.num_embeddings, xb.shape[1]).index_add_(0, db[keep], xb[keep])
                 else:
-                    g = d[b].transpose(0, 1) @ x[b]
+                    g = db.transpose(0, 1) @ xb
                 hook_g[name] = hook_g[name] + g if name in hook_g else g
             one = {k: v[b : b + 1] for k, v in batch.items()}
             params = [(n_, pn, p) for n_, m in self.modules for pn, p in m.named_parameters(recurse=False)
