@@ -44,7 +44,9 @@ per sample instead of one per layer. The count sketches use the same factor hash
 as every ``ops`` backend (``reference.countsketch_buckets``), scattered with torch ops
 into reused workspace buffers on the tensors' device; very narrow factors take a direct
 DFT, and layers with many time steps (Conv1d x draws) hash their ``[O, I]`` gradient
-directly when that is smaller and cheaper (:func:`fused_tensorsketch`). All are exact
+directly when that is smaller and cheaper (:func:`fused_tensorsketch`; the featuriser
+streams such Linear/Conv layers from the raw captures chunk of samples by chunk,
+:func:`stream_dense_layer`, so their unfolded inputs never exist for a whole batch). All are exact
 evaluations of the same sketch: equal to summing ``ops.tensorsketch`` per layer up to
 float rounding (tested).
 """
