@@ -73,7 +73,7 @@ from cupid_engine.ops import spectral
 
 __all__ = ["DFT_MAX_DIM", "STRATEGIES", "layer_seed", "check_sample_independent", "HookCapture", "unfold_conv1d",
            "unfold_conv2d", "gradient_matrix", "layer_matrix_shape", "choose_strategy", "fused_tensorsketch",
-           "RawLayer", "dense_layer_shape", "stream_dense_layer", "STREAM_CHUNK_BYTES"]
+           "RawLayer", "dense_layer_shape", "stream_dense_layer", "DENSE_CHUNK_BYTES"]
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -539,7 +539,7 @@ def _spectrum(
     return out
 
 
-STREAM_CHUNK_BYTES = 64 << 20
+DENSE_CHUNK_BYTES = 64 << 20
 """Bytes of one chunk's unfolded inputs + laid-out output gradients in
 :func:`stream_dense_layer`: its buffers are reused across chunks, layers and batches, so
 the unfolded inputs (the largest tensors of the hook path: ~1 GB for the UNet at 64
@@ -619,7 +619,7 @@ def stream_dense_layer(layer: RawLayer, k: int, out: torch.Tensor, ws: _Workspac
     route, ``scatter_add_`` elsewhere). The same factors, GEMM and hash as the ``dense``
     route on ``HookCapture.factors`` output, so each sample's row is the same (every
     sample's GEMM and hash are independent of the others in its batch); only the peak
-    memory (one chunk of :data:`STREAM_CHUNK_BYTES`, not every layer's whole batch) and
+    memory (one chunk of :data:`DENSE_CHUNK_BYTES`, not every layer's whole batch) and
     the page faults differ. On a GPU the chunk is the whole batch.
     """
     module, x, delta, groups = layer.module, layer.x, layer.delta, layer.groups
@@ -629,7 +629,7 @@ def stream_dense_layer(layer: RawLayer, k: int, out: torch.Tensor, ws: _Workspac
     bias = _has(module, "bias")
     device = x.device
     if device.type == "cpu":
-        chunk = max(1, STREAM_CHUNK_BYTES // max(1, T * (I + O) * x.element_size()))
+        chunk = max(1, DENSE_CHUNK_BYTES // max(1, T * (I + O) * x.element_size()))
     else:
         chunk = groups
     use_kernel = kernel_route(k, device, acc)

@@ -75,7 +75,7 @@ def test_streamed_dense_float64_parity(net, shape, k, monkeypatch):
     assert want.abs().max() > 1e-3
     monkeypatch.setattr(H, "choose_strategy", lambda strategy, *a, **kw: "dense" if strategy == "auto" else strategy)
     for chunk_bytes in (1, 1 << 30):  # one sample per chunk; the whole batch in one
-        monkeypatch.setattr(H, "STREAM_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(H, "DENSE_CHUNK_BYTES", chunk_bytes)
         got = f(batch)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
@@ -95,12 +95,12 @@ def test_streamed_dense_float32_bit_identical_to_laid_out_factors(kernel, monkey
     ref = f.layer_factors(batch)
     want = fused_tensorsketch([(f._seeds[n], d, x) for n, d, x in ref], k=128, strategy="dense")
     for chunk_bytes in (1, 700, 1 << 30):
-        monkeypatch.setattr(H, "STREAM_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(H, "DENSE_CHUNK_BYTES", chunk_bytes)
         got = f(batch)
         assert torch.equal(got, want), chunk_bytes
     # Buffers are reused and bounded by the chunk: with one sample per chunk, the unfold
     # buffer holds one sample's rows (3 draws x time steps x columns), not the batch's.
-    monkeypatch.setattr(H, "STREAM_CHUNK_BYTES", 1)
+    monkeypatch.setattr(H, "DENSE_CHUNK_BYTES", 1)
     f._workspace = H._Workspace()
     f(batch)
     biggest = max(s["T"] * s["I"] for n, s in f.layer_strategies.items() if n.startswith("c"))
