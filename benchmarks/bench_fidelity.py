@@ -15,7 +15,7 @@ scorer, and compare each ranking with the ground truth the scorers never see
   the oracle (minority only) and a random kept set of the same size beside it, over
   training seeds, with Wilson 95% CIs.
 
-``--quick`` runs everything at toy sizes (a few demos, a tiny MLP, a handful of rollouts,
+``--quick`` runs everything at toy sizes (a few demos, a tiny policy, a handful of rollouts,
 no retraining) to check that the pipeline runs; its numbers mean nothing. The recorded
 full runs are in ``docs/fidelity.md``. Everything is cached under ``--work`` keyed by its
 inputs, so an interrupted run resumes.
