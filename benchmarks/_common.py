@@ -163,3 +163,18 @@ def traker_policy_output(output: str, draws: int = 64):
             raise NotImplementedError
 
     return PolicyOutput()
+
+
+def policy_batch(policy, B: int) -> dict:
+    """A seeded synthetic batch of ``B`` samples shaped for ``policy``'s config (obs, action,
+    episode_key, step): what the featurisation benchmarks feed every policy."""
+    import torch
+
+    c = policy.config
+    g = torch.Generator().manual_seed(0)
+    return {
+        "obs": torch.randn(B, c.n_obs_steps, c.obs_dim, generator=g),
+        "action": torch.randn(B, c.horizon, c.action_dim, generator=g),
+        "episode_key": torch.arange(B, dtype=torch.int64) * 7919,
+        "step": torch.arange(B, dtype=torch.int64),
+    }

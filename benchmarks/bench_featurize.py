@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    criterion, machine, proc_status_kb, reset_peak_rss, table, timeit, traker_policy_output, write_json,
+    criterion, machine, policy_batch, proc_status_kb, reset_peak_rss, table, timeit, traker_policy_output, write_json,
 )
 
 from cupid_engine.featurize import Featurizer, ProjectionConfig  # noqa: E402
@@ -74,17 +74,6 @@ def _models(quick: bool) -> list[tuple[str, torch.nn.Module, str]]:
         out.append(("mlp-8.5M", MLPPolicy(MLPPolicyConfig.large(obs_dim=OBS_DIM, action_dim=ACTION_DIM)), "loss"))
     out.append(("unet-1.2M", DiffusionPolicy(DiffusionPolicyConfig(obs_dim=OBS_DIM, action_dim=ACTION_DIM)), "square"))
     return out
-
-
-def _batch(policy, B: int) -> dict[str, torch.Tensor]:
-    c = policy.config
-    g = torch.Generator().manual_seed(0)
-    return {
-        "obs": torch.randn(B, c.n_obs_steps, c.obs_dim, generator=g),
-        "action": torch.randn(B, c.horizon, c.action_dim, generator=g),
-        "episode_key": torch.arange(B, dtype=torch.int64) * 7919,
-        "step": torch.arange(B, dtype=torch.int64),
-    }
 
 
 def _traker(policy, output: str, batch: dict, k: int, draws: int, slice_p: int) -> tuple[float, float, bool]:
@@ -137,7 +126,7 @@ def _image_models() -> list[tuple[str, torch.nn.Module, str]]:
 def _image_batch(policy, B: int) -> dict[str, torch.Tensor]:
     c = policy.config
     g = torch.Generator().manual_seed(0)
-    batch = _batch(policy, B)
+    batch = policy_batch(policy, B)
     batch["image"] = torch.randint(0, 256, (B, c.n_obs_steps, len(c.image_keys), *c.image_shape), generator=g,
                                    dtype=torch.uint8)
     batch["text"] = torch.randint(1, c.vocab_size, (B, c.text_tokens), generator=g)
@@ -301,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
         is_unet = output == "square"
         draws = args.draws
         B = args.unet_batch if is_unet else args.batch
-        batch = _batch(policy, B)
+        batch = policy_batch(policy, B)
         reps = args.rounds or (1 if args.quick else 3)
         # hooks + tensorsketch
         f = Featurizer(policy, output, ProjectionConfig(k=k), draws=draws, policy_hash="bench")

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, table, write_json  # noqa: E402
+from _common import machine, policy_batch, table, write_json  # noqa: E402
 
 from cupid_engine.featurize import Featurizer, ProjectionConfig  # noqa: E402
 from cupid_engine.featurize import hooks as H  # noqa: E402
@@ -62,17 +62,6 @@ from cupid_engine.ops import tensorsketch_plan  # noqa: E402
 from cupid_engine.policies import DiffusionPolicy, DiffusionPolicyConfig, MLPPolicy, MLPPolicyConfig  # noqa: E402
 
 OBS_DIM, ACTION_DIM = 40, 7
-
-
-def _batch(policy, B: int) -> dict[str, torch.Tensor]:
-    c = policy.config
-    g = torch.Generator().manual_seed(0)
-    return {
-        "obs": torch.randn(B, c.n_obs_steps, c.obs_dim, generator=g),
-        "action": torch.randn(B, c.horizon, c.action_dim, generator=g),
-        "episode_key": torch.arange(B, dtype=torch.int64) * 7919,
-        "step": torch.arange(B, dtype=torch.int64),
-    }
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -104,7 +93,7 @@ def profile(name: str, policy, output: str, B: int, k: int, draws: int, rounds: 
     import zarr
 
     policy.eval()
-    batch = _batch(policy, B)
+    batch = policy_batch(policy, B)
     f = Featurizer(policy, output, ProjectionConfig(k=k), draws=draws, policy_hash="bench")
     f(batch)  # warm up; records the per-layer routes
     routes = {n: v["strategy"] for n, v in f.layer_strategies.items()}

@@ -159,6 +159,22 @@ def _into(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) 
     return out
 
 
+def _conv1d_geometry(module: nn.Conv1d) -> tuple[int, int, int, int, int]:
+    """``(left pad, right pad, kernel K, dilation, stride)`` of a Conv1d the hook path can
+    unfold into a Linear.
+
+    Raises:
+        ValueError: grouped convolutions or non-zero padding modes.
+    """
+    if module.groups != 1 or module.padding_mode != "zeros":
+        raise ValueError(
+            f"Conv1d with groups={module.groups}, padding_mode={module.padding_mode!r} cannot be unfolded "
+            "into a Linear: only groups=1 and zero padding are supported"
+        )
+    (left, right), = _conv_padding(module)
+    return left, right, module.kernel_size[0], module.dilation[0], module.stride[0]
+
+
 def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = False,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Unfold a Conv1d input into Linear rows: ``[R, C_in, L] -> [R, L_out, C_in * kernel (+1)]``.
@@ -174,13 +190,7 @@ def unfold_conv1d(module: nn.Conv1d, x: torch.Tensor, *, append_one: bool = Fals
     Raises:
         ValueError: grouped convolutions or non-zero padding modes.
     """
-    if module.groups != 1 or module.padding_mode != "zeros":
-        raise ValueError(
-            f"Conv1d with groups={module.groups}, padding_mode={module.padding_mode!r} cannot be unfolded "
-            "into a Linear: only groups=1 and zero padding are supported"
-        )
-    (left, right), = _conv_padding(module)
-    K, d, st = module.kernel_size[0], module.dilation[0], module.stride[0]
+    left, right, K, d, st = _conv1d_geometry(module)
     fast = _im2col_kernel(x.unsqueeze(2), [(0, 0), (left, right)], (1, K), (1, st), (1, d), append_one, out)
     if fast is not None:
         return fast
@@ -586,13 +596,7 @@ def _unfold_conv1d_tap_major(module: nn.Conv1d, x: torch.Tensor, bias: bool, ws:
     values, about twice as fast. :func:`stream_dense_layer` permutes the small ``[O, I]``
     GEMM result back to the layout's order (a column permutation of the GEMM's right-hand
     side: each entry of ``G`` is the same dot product over the steps)."""
-    if module.groups != 1 or module.padding_mode != "zeros":
-        raise ValueError(
-            f"Conv1d with groups={module.groups}, padding_mode={module.padding_mode!r} cannot be unfolded "
-            "into a Linear: only groups=1 and zero padding are supported"
-        )
-    (left, right), = _conv_padding(module)
-    K, d, st = module.kernel_size[0], module.dilation[0], module.stride[0]
+    left, right, K, d, st = _conv1d_geometry(module)
     R, C, L = x.shape
     Lp = L + left + right
     Lo = (Lp - d * (K - 1) - 1) // st + 1
