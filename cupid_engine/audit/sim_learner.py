@@ -212,10 +212,11 @@ class SimLearner:
 
         if method == "loss":
             return self._loss_scores(Path(model_dir) / "policy")
-        if method == "oracle" and self._scenario() is not None:
+        sc = self._scenario()
+        if method == "oracle" and sc is not None:
             from cupid_engine.sim.scenarios import LABEL_KEY
 
-            bad = self._scenario().known_bad
+            bad = sc.known_bad
             return {e.episode_id: 0.0 if e.metadata.get(LABEL_KEY) == bad else 1.0 for e in self.episodes()}
         if method == "oracle":
             rank = {"better": 2.0, "okay": 1.0, "worse": 0.0}
