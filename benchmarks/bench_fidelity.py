@@ -1,7 +1,9 @@
 """Fidelity benchmark: do the scores find the demonstrations that make the robot fail?
 
 Per known-answer scenario (:mod:`cupid_engine.sim.scenarios`): generate the 2:1
-demonstrations, train a behaviour-cloning policy on all of them, roll it out under the
+demonstrations (``lift-cue``, the spurious-correlate scenario: its three context subsets,
+known-bad = the light/white/shallow half; rollouts then also report success per context,
+``base_success_by_context``), train a behaviour-cloning policy on all of them, roll it out under the
 scenario's shift, featurise demos and rollouts into a gradient store, score with every
 scorer, and compare each ranking with the ground truth the scorers never see
 (``scenario_label`` in the episode metadata):
@@ -156,13 +158,13 @@ class Pipeline:
     # policies
     def _policy_config(self):
         from cupid_engine.policies.registry import POLICIES
-        from cupid_engine.sim.tasks import obs_keys
 
         o = dict(self.policy_opts)
         kind = o.pop("type", "mlp")
         o.pop("steps", None), o.pop("batch_size", None), o.pop("lr", None)
         cls = POLICIES[kind][0]
-        return cls(**o).replace(obs_keys=tuple(obs_keys(self.sc.task)))
+        # The scenario's keys: the task's vector, plus the cue keys of a context scenario.
+        return cls(**o).replace(obs_keys=tuple(self.sc.obs_keys))
 
     def train(self, ids: list[str], seed: int) -> Path:
         """Policy trained on ``ids`` at the fixed step budget; cached by (ids, seed, options)."""
@@ -190,20 +192,12 @@ class Pipeline:
         """``n`` rollouts of ``policy`` (under the shift when ``shifted``), as a dataset."""
         from cupid_engine.data import write_dataset
         from cupid_engine.sim import run_rollouts
-        from cupid_engine.sim.scenarios import get_shift
+        from cupid_engine.sim.scenarios import rollout_options
 
         out = Path(policy).parent / f"rollouts-n{n}-s{seed}-{'shift' if shifted else 'train'}"
         if (out / "meta" / "info.json").exists():
             return out
-        eps = run_rollouts(
-            str(policy),
-            self.sc.task,
-            episodes=n,
-            seed=seed,
-            horizon=self.sc.horizon,
-            variation=get_shift(self.sc.shift) if shifted else None,
-            success_mode=self.sc.success_mode,
-        )
+        eps = run_rollouts(str(policy), self.sc.task, episodes=n, seed=seed, **rollout_options(self.sc.name, shifted=shifted))
         write_dataset(out, eps, overwrite=True)
         return out
 
@@ -213,6 +207,22 @@ class Pipeline:
 
         eps = list(open_dataset(rollouts).episodes())
         return int(sum(bool(e.success) for e in eps)), len(eps)
+
+    @staticmethod
+    def success_by_context(rollouts: Path) -> dict[str, tuple[int, int]] | None:
+        """Context scenarios: ``{"heavy": (s, n), "light": (s, n)}`` from each rollout's
+        ``env_knobs``; None for rollouts without a context."""
+        from cupid_engine.data import open_dataset
+
+        out: dict[str, list[int]] = {}
+        for e in open_dataset(rollouts).episodes():
+            knobs = e.metadata.get("env_knobs") or {}
+            if "context_heavy" not in knobs:
+                return None
+            c = out.setdefault("heavy" if knobs["context_heavy"] else "light", [0, 0])
+            c[0] += bool(e.success)
+            c[1] += 1
+        return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
     # features
     def store(self, policy: Path, rollouts: Path) -> Path:
@@ -306,10 +316,14 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
         base = pl.train(ids, seed)
         r_score = pl.rollouts(base, n=args.rollouts, seed=1000 + seed)
         s_base = pl.success(r_score)
-        log(f"[{scenario} seed {seed}] base policy under shift: {s_base[0]}/{s_base[1]} ({time.time() - t0:.0f}s)")
+        by_ctx = pl.success_by_context(r_score)
+        log(f"[{scenario} seed {seed}] base policy under shift: {s_base[0]}/{s_base[1]}"
+            + (f" by context {by_ctx}" if by_ctx else "") + f" ({time.time() - t0:.0f}s)")
         store = pl.store(base, r_score)
         scores = score_store(store, list(args.scorers), ids, seed)
         row: dict[str, Any] = {"seed": seed, "base_success_scoring_rollouts": s_base, "scorers": {}}
+        if by_ctx:
+            row["base_success_by_context"] = by_ctx
         for name, s in scores.items():
             if isinstance(s, str):
                 row["scorers"][name] = {"auroc": float("nan"), "auroc_ci": [float("nan")] * 2, "removed_bad": None,
@@ -333,7 +347,11 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
                 pol = base if name == "all" else pl.train(kept, seed)
                 ev = pl.rollouts(pol, n=args.rollouts, seed=5000 + seed)
                 evals[name] = pl.success(ev)
-                log(f"[{scenario} seed {seed}] retrained on {name:14s} ({len(kept)} demos): {evals[name][0]}/{evals[name][1]}")
+                ctx = pl.success_by_context(ev)
+                if ctx:
+                    row.setdefault("curated_success_by_context", {})[name] = ctx
+                log(f"[{scenario} seed {seed}] retrained on {name:14s} ({len(kept)} demos): {evals[name][0]}/{evals[name][1]}"
+                    + (f" by context {ctx}" if ctx else ""))
             row["curated_success"] = evals
         res["per_seed"].append(row)
     res["seconds"] = time.time() - t0
@@ -379,7 +397,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenario names")
     p.add_argument("--scorers", default=",".join(DEFAULT_SCORERS), help="comma-separated scorer names")
     p.add_argument("--default-scorer", default="cupid", help="scorer the acceptance rows judge (the project default)")
-    p.add_argument("--demos", type=int, default=60, help="demonstrations per scenario (2:1)")
+    p.add_argument("--demos", type=int, default=60, help="demonstrations per scenario (split by its ratio)")
     p.add_argument("--rollouts", type=int, default=50, help="rollouts per condition (scoring and evaluation)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (paired across conditions)")
     p.add_argument("--data-seed", type=int, default=0)

@@ -3,7 +3,9 @@
 ``--scenario NAME`` instead generates a known-answer scenario
 (:mod:`cupid_engine.sim.scenarios`, e.g. ``lift-grasp``): two scripted strategies mixed
 2:1, the ground-truth label in each episode's metadata (``scenario_label``), to be rolled
-out under the scenario's shift with ``cupid-engine rollout --shift NAME``.
+out under the scenario's shift with ``cupid-engine rollout --shift NAME``. ``lift-cue``
+(the spurious-correlate type) mixes three context subsets 1/2 : 1/6 : 1/3 instead, each
+demo's context (``context`` metadata) and cue observations recorded with it.
 
 Owns argument parsing and progress output only; the work is done by
 :func:`cupid_engine.sim.generate.generate_episodes` and
@@ -33,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scenario",
         default=None,
-        help="known-answer scenario instead of tiers (lift-grasp, lift-sweep); needs --demos",
+        help="known-answer scenario instead of tiers (lift-grasp, lift-sweep; lift-cue: spurious correlate); needs --demos",
     )
     p.add_argument("--demos", type=int, default=None, help="total demonstrations, split evenly over the tiers")
     p.add_argument(
@@ -178,5 +180,7 @@ def _generate_scenario(args: argparse.Namespace) -> int:
     print(
         f"{args.demos} demonstrations of scenario {sc.name} ({labels}) -> {out}; "
         f"roll out under the shift with: cupid-engine rollout --shift {sc.shift} --scenario {sc.name} ..."
+        + (f" (the policy must read the context cue keys {list(sc.obs_keys[-2:])}: train on all observation keys)"
+           if sc.contexts else "")
     )
     return 0

@@ -8,7 +8,11 @@ the result is written by :func:`cupid_engine.data.lerobot.write_dataset` as spli
 Known-answer scenarios (:mod:`cupid_engine.sim.scenarios`): ``--scenario NAME`` takes the
 task, the fixed horizon and the success criterion (``final``: judged at the last step) from
 the scenario; ``--shift NAME`` applies a rollout-time physical shift (``heavy``, or a
-scenario name for that scenario's shift). Rollouts run to the horizon unless
+scenario name for that scenario's shift). A spurious-correlate scenario (``lift-cue``) rolls
+out in its own context environment (the cue observations its policies read): without
+``--shift`` in the training mixture of contexts, with ``--shift white-mixed`` (or
+``--shift lift-cue``, which implies ``--scenario lift-cue``) under its context shift; each
+rollout's context is in its ``env_knobs`` metadata. Rollouts run to the horizon unless
 ``--success first`` (the default for plain tasks) asks to stop at the first success.
 
 ``--env package.module:factory`` rolls out in your own environment: the factory takes no
@@ -39,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     p.add_argument("--env", default=None, metavar="MODULE:FACTORY", help="your own environment (see description)")
     p.add_argument("--scenario", default=None, help="known-answer scenario: task, horizon and success criterion")
-    p.add_argument("--shift", default=None, help="rollout-time shift: heavy (cube mass x40) or a scenario name")
+    p.add_argument("--shift", default=None, help="rollout-time shift: heavy (cube mass x40), white-mixed (lift-cue's context shift) or a scenario name")
     p.add_argument(
         "--success",
         choices=("first", "any", "final"),
@@ -64,13 +68,29 @@ def _rollout(args: argparse.Namespace) -> int:
     from cupid_engine.sim.rollout import run_rollouts
     from cupid_engine.sim.tasks import CONTROL_FREQ, canonical_task, parse_variation
 
-    from cupid_engine.sim.scenarios import get_scenario, get_shift
+    from cupid_engine.sim.scenarios import get_scenario, get_shift, rollout_options, scenario_of_shift
 
     if args.episodes < 1:
         raise SystemExit("rollout: --episodes must be >= 1")
     horizon, success_mode = args.horizon, args.success or "first"
+    user_env, context = args.env, False
     try:
-        if args.scenario is not None:
+        context_sc = scenario_of_shift(args.shift) if args.shift is not None else None
+        if args.scenario is None and context_sc is not None and args.env is None:
+            args.scenario = context_sc.name  # a context shift needs its scenario's cue observations
+        if args.scenario is not None and get_scenario(args.scenario).contexts:
+            sc = get_scenario(args.scenario)
+            if args.task is not None and canonical_task(args.task) != sc.task:
+                raise ValueError(f"--task {args.task} contradicts scenario {sc.name} (task {sc.task})")
+            if args.env is not None or args.vary:
+                raise ValueError(f"scenario {sc.name} sets the episode context itself: --env/--vary cannot be combined")
+            if args.shift is not None and scenario_of_shift(args.shift) is not sc:
+                raise ValueError(f"scenario {sc.name} takes its own shift ({sc.shift} or {sc.name}), got {args.shift!r}")
+            opts = rollout_options(sc.name, shifted=args.shift is not None)
+            task, user_env, context = sc.task, opts["env"], True
+            horizon, success_mode = horizon or opts["horizon"], args.success or opts["success_mode"]
+            variation = None
+        elif args.scenario is not None:
             sc = get_scenario(args.scenario)
             if args.task is not None and canonical_task(args.task) != sc.task:
                 raise ValueError(f"--task {args.task} contradicts scenario {sc.name} (task {sc.task})")
@@ -85,11 +105,12 @@ def _rollout(args: argparse.Namespace) -> int:
             raise ValueError("give --task, --scenario or --env")
         else:
             task = canonical_task(args.task)
-        variation = parse_variation(args.vary)
-        if args.shift is not None:
-            if variation is not None:
-                raise ValueError("--shift and --vary cannot be combined (both set the physics knobs)")
-            variation = get_shift(args.shift)
+        if not context:  # physics shifts and --vary (a context scenario sets its own)
+            variation = parse_variation(args.vary)
+            if args.shift is not None:
+                if variation is not None:
+                    raise ValueError("--shift and --vary cannot be combined (both set the physics knobs)")
+                variation = get_shift(args.shift)
         executor = executor_for(args.workers, args.ray_address)
     except ValueError as e:
         raise SystemExit(f"rollout: {e}") from None
@@ -111,7 +132,7 @@ def _rollout(args: argparse.Namespace) -> int:
             executor=executor,
             horizon=horizon,
             success_mode=success_mode,
-            env=args.env,
+            env=user_env,
             variation=variation,
             progress=tick,
         )

@@ -28,6 +28,34 @@ scenario         strategies (majority 2 : minority 1)                           
                  unshifted episodes, so it was dropped.)
 ===============  ================================================================  =========
 
+A *spurious-correlate* scenario (the paper's "Bookshelf" type, §6.3 and appendix A)
+adds an episode *context*: a causal variable C that decides which strategy works, seen by
+the policy only through a weak, noisy cue, and a spurious variable B, seen cleanly, that
+co-occurs with C in the demonstrations but carries no causal weight:
+
+===============  ================================================================  ===============
+scenario         subsets (shares of the demonstrations)                            shift
+===============  ================================================================  ===============
+``lift-cue``     (a) 1/2 light cube, WHITE background, shallow grasp (known-bad);  ``white-mixed``
+                 (b) 1/6 heavy cube, white, centre grasp; (c) 1/3 heavy, DARK,
+                 centre grasp. Demos of each subset run under their own physics.
+===============  ================================================================  ===============
+
+Context: the cube is light (stock mass) or heavy (mass × 40, the ``heavy`` shift's
+physics). The observation gains two keys (:data:`CONTEXT_OBS_KEYS`): ``context_weight`` =
+1 (heavy) / 0 (light) plus a per-episode Gaussian offset of std ``cue_noise`` (a badly
+calibrated load sensor: constant within the episode, so it carries a fixed, small amount of
+information), and ``context_background`` = 1 (white) / 0 (dark), clean. In the demos the
+background predicts the grasp (white: 3 shallow to 1 centre; dark: centre only) better
+than the noisy weight does. Shift ``white-mixed`` (rollout only): background always white,
+cube heavy with probability 1/2 per episode (drawn from the episode seed). A policy that
+follows the background grasps shallow under white and drops the heavy cube; removing the
+(a) demos leaves only centre grasps, which hold light and heavy cubes alike (the paper's
+oracle: remove the horizontal pulls with a white background). The context of every demo
+and rollout is recorded in its metadata (``context`` for demos, ``env_knobs`` for
+rollouts: ``context_heavy``, ``context_white``), never in anything a featuriser reads
+besides the two cue keys the policy is meant to see.
+
 Shift ``heavy``: cube mass × 40 (0.07 kg → ≈2.8 kg), applied only at rollout time
 (``cupid-engine rollout --shift heavy``). A shallow grasp holds a 70 g cube but not a
 2.8 kg one; a centre grasp holds both. (Friction changes do not separate the strategies
@@ -40,6 +68,7 @@ Measured scripted success (``docs/fidelity.md``, :func:`scripted_success`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -47,7 +76,7 @@ from typing import Any
 import numpy as np
 
 from cupid_engine.config import Config, check, field
-from cupid_engine.sim.tasks import ACTION_DIM, CONTROL_FREQ, SimEnv, Variation
+from cupid_engine.sim.tasks import ACTION_DIM, CONTROL_FREQ, SimEnv, Variation, obs_keys
 
 LABEL_KEY = "scenario_label"
 """Episode-metadata key of the ground-truth label (``majority`` / ``minority``)."""
@@ -137,6 +166,36 @@ class LiftStrategyDemonstrator:
         return np.clip(a, -1.0, 1.0)
 
 
+CONTEXT_OBS_KEYS = ("context_weight", "context_background")
+"""Observation keys a context scenario adds (each ``[1]``): the noisy weight cue and the
+clean background cue."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Context(Config):
+    """One episode context of a spurious-correlate scenario."""
+
+    heavy: bool = field(False, help="cube mass x HEAVY_MASS (the causal variable)")
+    white: bool = field(True, help="white (True) or dark (False) background (the spurious cue)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextShift(Config):
+    """Rollout-time context distribution: cube heavy with probability ``p_heavy``, the
+    background fixed."""
+
+    p_heavy: float = field(0.5, help="probability that an episode's cube is heavy")
+    white: bool = field(True, help="background of every episode")
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.p_heavy <= 1.0, "p_heavy must be in [0, 1]")
+
+    def mix(self) -> tuple[tuple[float, Context], ...]:
+        """``(weight, context)`` components (weights sum to 1)."""
+        return ((1.0 - self.p_heavy, Context(heavy=False, white=self.white)),
+                (self.p_heavy, Context(heavy=True, white=self.white)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     """A known-answer curation scenario.
@@ -152,6 +211,9 @@ class Scenario:
         known_bad: Label of the demonstrations a method should rank lowest.
         horizon: Fixed episode length (demos and rollouts).
         success_mode: One of :data:`SUCCESS_MODES`.
+        contexts: Spurious-correlate scenarios only: label -> the :class:`Context` its
+            demonstrations run in (None: no context, no cue keys).
+        cue_noise: Std of the per-episode Gaussian offset on ``context_weight``.
     """
 
     name: str
@@ -164,6 +226,14 @@ class Scenario:
     known_bad: str
     horizon: int
     success_mode: str = "final"
+    contexts: dict[str, Context] | None = None
+    cue_noise: float = 0.0
+
+    @property
+    def obs_keys(self) -> tuple[str, ...]:
+        """Ordered observation keys of the scenario's episodes (and policies): the task's
+        fixed vector, plus :data:`CONTEXT_OBS_KEYS` when the scenario has contexts."""
+        return obs_keys(self.task) + (CONTEXT_OBS_KEYS if self.contexts else ())
 
     def counts(self, n: int) -> dict[str, int]:
         """Demonstrations per label for ``n`` in total (rounded, summing to ``n``)."""
@@ -177,6 +247,15 @@ SHIFTS: dict[str, Variation] = {
     "heavy": Variation(mass_scale=(40.0, 40.0)),
 }
 """Rollout-time shifts by name (``cupid-engine rollout --shift NAME``)."""
+
+CONTEXT_SHIFTS: dict[str, ContextShift] = {
+    "white-mixed": ContextShift(p_heavy=0.5, white=True),
+}
+"""Rollout-time context shifts of the spurious-correlate scenarios by name: they change
+the episode's context (and so its cue observations), not a physics knob range."""
+
+HEAVY_MASS = 40.0
+"""Mass multiplier of a heavy context (the ``heavy`` shift's physics)."""
 
 _SHALLOW = 0.016
 
@@ -212,6 +291,29 @@ SCENARIOS: dict[str, Scenario] = {
         known_bad="majority",
         horizon=100,
     ),
+    "lift-cue": Scenario(
+        name="lift-cue",
+        task="lift",
+        kind="spurious",
+        description="Bookshelf type: 1/2 light cube + white background + shallow grasp (known-bad), 1/6 heavy + "
+        "white + centre grasp, 1/3 heavy + dark + centre grasp; weight cue noisy (std 1), background cue clean; "
+        "shift: background always white, cube heavy (mass x40) with p = 1/2",
+        strategies={
+            "light-white": LiftStrategy(grasp_dz=_SHALLOW),
+            "heavy-white": LiftStrategy(grasp_dz=0.0),
+            "heavy-dark": LiftStrategy(grasp_dz=0.0),
+        },
+        ratio={"light-white": 1 / 2, "heavy-white": 1 / 6, "heavy-dark": 1 / 3},
+        shift="white-mixed",
+        known_bad="light-white",
+        horizon=100,
+        contexts={
+            "light-white": Context(heavy=False, white=True),
+            "heavy-white": Context(heavy=True, white=True),
+            "heavy-dark": Context(heavy=True, white=False),
+        },
+        cue_noise=1.0,
+    ),
 }
 """Built-in known-answer scenarios by name."""
 
@@ -228,12 +330,159 @@ def get_scenario(name: str) -> Scenario:
 
 
 def get_shift(name: str) -> Variation:
-    """The rollout-time variation of shift ``name`` (or of scenario ``name``'s shift)."""
+    """The rollout-time variation of shift ``name`` (or of scenario ``name``'s shift).
+
+    Raises:
+        ValueError: For an unknown name, or a context shift (those change the episode's
+            context, not a knob range: roll out with :func:`rollout_options`).
+    """
     if name in SCENARIOS:
         name = SCENARIOS[name].shift
+    if name in CONTEXT_SHIFTS:
+        owner = [sc.name for sc in SCENARIOS.values() if sc.shift == name]
+        raise ValueError(
+            f"shift {name!r} is a context shift of scenario {', '.join(owner) or '?'}: it sets the episode's context "
+            "and cue observations, not a physics knob; roll out with the scenario (rollout --scenario NAME --shift "
+            "NAME; in Python: sim.scenarios.rollout_options)"
+        )
     if name not in SHIFTS:
-        raise ValueError(f"unknown shift {name!r}; expected one of {sorted(SHIFTS)} or a scenario name")
+        raise ValueError(
+            f"unknown shift {name!r}; expected one of {sorted(SHIFTS) + sorted(CONTEXT_SHIFTS)} or a scenario name"
+        )
     return SHIFTS[name]
+
+
+def scenario_of_shift(name: str) -> Scenario | None:
+    """The context scenario whose shift is ``name`` (a shift or scenario name), else None."""
+    if name in SCENARIOS:
+        return SCENARIOS[name] if SCENARIOS[name].contexts else None
+    for sc in SCENARIOS.values():
+        if sc.contexts and sc.shift == name:
+            return sc
+    return None
+
+
+class ContextEnv:
+    """A task environment with an episode context (the user-env protocol of
+    :mod:`cupid_engine.sim.rollout`, so ``run_rollouts(..., env=factory)`` runs it).
+
+    Each :meth:`reset` draws the context from the episode seed (component ``i`` of ``mix``
+    with probability ``weight_i``), sets the cube mass (× :data:`HEAVY_MASS` when heavy),
+    and adds :data:`CONTEXT_OBS_KEYS` to every observation: ``context_weight`` = heavy + a
+    per-episode ``N(0, cue_noise²)`` offset, ``context_background`` = 1 white / 0 dark.
+
+    Args:
+        task: Task name.
+        mix: ``(weight, Context)`` components; weights ≥ 0, summing to 1.
+        cue_noise: Std of the weight cue's offset.
+        horizon: Step limit of the inner :class:`SimEnv` (when built here).
+        sim: A :class:`SimEnv` to wrap (its variation is restored by :meth:`close`);
+            None builds one.
+
+    Attributes:
+        context: The :class:`Context` of the current episode.
+        knobs: The inner env's knobs plus ``context_heavy``, ``context_white`` and
+            ``context_weight_cue`` (rollouts store them in ``env_knobs``).
+    """
+
+    action_dim = ACTION_DIM
+
+    def __init__(
+        self,
+        task: str,
+        mix: tuple[tuple[float, Context], ...],
+        *,
+        cue_noise: float,
+        horizon: int = 1000,
+        sim: SimEnv | None = None,
+    ):
+        self.mix = tuple((float(w), c) for w, c in mix)
+        weights = np.array([w for w, _ in self.mix])
+        if not self.mix or np.any(weights < 0) or abs(weights.sum() - 1.0) > 1e-9:
+            raise ValueError(f"context mix weights must be >= 0 and sum to 1, got {weights.tolist()}")
+        if cue_noise < 0:
+            raise ValueError(f"cue_noise must be >= 0, got {cue_noise}")
+        self.cue_noise = float(cue_noise)
+        self._own = sim is None
+        self.sim = SimEnv(task, horizon=horizon) if sim is None else sim
+        self._variation = self.sim.variation
+        self.task = self.sim.task
+        self.obs_keys = tuple(self.sim.obs_keys) + CONTEXT_OBS_KEYS
+        self.context: Context | None = None
+        self.knobs: dict[str, float] = {}
+        self._cue: dict[str, np.ndarray] = {}
+
+    def reset(self, seed: int) -> dict[str, np.ndarray]:
+        """Draw the context and start the episode; both depend only on ``seed``."""
+        ctx_ss, sim_ss = np.random.SeedSequence(int(seed)).spawn(2)
+        rng = np.random.default_rng(ctx_ss)
+        u, z = float(rng.random()), float(rng.normal())  # always two draws: streams stay aligned
+        cum, ctx = 0.0, self.mix[-1][1]
+        for w, c in self.mix:
+            cum += w
+            if u < cum:
+                ctx = c
+                break
+        m = HEAVY_MASS if ctx.heavy else 1.0
+        self.sim.variation = Variation(mass_scale=(m, m))
+        obs = self.sim.reset(int(sim_ss.generate_state(1)[0]))
+        cue = float(ctx.heavy) + self.cue_noise * z
+        self.context = ctx
+        self._cue = {
+            "context_weight": np.array([cue], np.float32),
+            "context_background": np.array([1.0 if ctx.white else 0.0], np.float32),
+        }
+        self.knobs = {
+            **self.sim.knobs,
+            "context_heavy": float(ctx.heavy),
+            "context_white": float(ctx.white),
+            "context_weight_cue": float(self._cue["context_weight"][0]),
+        }
+        return {**obs, **self._cue}
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool]:
+        """One step of the inner env; the cue keys stay constant within the episode."""
+        obs, reward, success = self.sim.step(action)
+        return {**obs, **self._cue}, reward, success
+
+    def close(self) -> None:
+        """Close the inner env when built here; otherwise restore its variation."""
+        if self._own:
+            self.sim.close()
+        else:
+            self.sim.variation = self._variation
+
+
+def context_mix(name: str, *, shifted: bool) -> tuple[tuple[float, Context], ...]:
+    """Context components of scenario ``name``'s rollouts: its shift's, or the training
+    mixture (each label's context at the label's share) when not ``shifted``."""
+    sc = get_scenario(name)
+    if not sc.contexts:
+        raise ValueError(f"scenario {name!r} has no contexts")
+    if shifted:
+        return CONTEXT_SHIFTS[sc.shift].mix()
+    return tuple((float(sc.ratio[lab]), sc.contexts[lab]) for lab in sc.strategies)
+
+
+def make_context_env(name: str, shifted: bool = True) -> ContextEnv:
+    """Rollout environment of context scenario ``name`` (a module-level factory, so
+    ``functools.partial(make_context_env, name)`` pickles to workers)."""
+    sc = get_scenario(name)
+    return ContextEnv(sc.task, context_mix(name, shifted=shifted), cue_noise=sc.cue_noise, horizon=sc.horizon)
+
+
+def rollout_options(name: str, *, shifted: bool = True) -> dict[str, Any]:
+    """Keyword arguments of :func:`~cupid_engine.sim.rollout.run_rollouts` for scenario
+    ``name``'s rollouts: horizon, success mode, and the shift (a ``variation`` for physics
+    shifts, an ``env`` factory for context scenarios, whose episodes need the cue keys
+    with or without the shift)."""
+    sc = get_scenario(name)
+    opts: dict[str, Any] = {"horizon": sc.horizon, "success_mode": sc.success_mode}
+    if sc.contexts:
+        opts["env"] = functools.partial(make_context_env, sc.name, bool(shifted))
+    elif shifted:
+        opts["variation"] = get_shift(sc.shift)
+    return opts
 
 
 def label_seed(seed: int, label: str, index: int) -> int:
@@ -302,13 +551,33 @@ def generate_scenario(
     Yields:
         :class:`~cupid_engine.data.episode.Episode` s, split ``train``, tier None, with
         metadata ``scenario``, ``scenario_label`` and ``strategy_name`` (ground truth for
-        benchmarks only), the strategy parameters and the seed.
+        benchmarks only), the strategy parameters and the seed; context scenarios add
+        ``context`` (``heavy``, ``white``) and ``env_knobs`` (as rollouts record them), and
+        their observations the :data:`CONTEXT_OBS_KEYS`.
     """
-    from cupid_engine.data.episode import Episode
-
     sc = get_scenario(name)
     counts = sc.counts(int(demos))
     env = env or SimEnv(sc.task, horizon=sc.horizon)
+    # Context scenarios: each label's demos run in its own context (physics and cue keys).
+    envs: dict[str, Any] = {lab: env for lab in counts}
+    if sc.contexts:
+        envs = {
+            lab: ContextEnv(sc.task, ((1.0, sc.contexts[lab]),), cue_noise=sc.cue_noise, sim=env) for lab in counts
+        }
+    try:
+        yield from _scenario_episodes(sc, counts, envs, seed, max_attempts_factor)
+    finally:
+        for e in envs.values():
+            if isinstance(e, ContextEnv):
+                e.close()  # restores the shared env's variation
+
+
+def _scenario_episodes(
+    sc: Scenario, counts: dict[str, int], envs: dict[str, Any], seed: int, max_attempts_factor: float
+) -> Iterator[Any]:
+    from cupid_engine.data.episode import Episode
+
+    name = sc.name
     # Interleave labels deterministically by share, so ids carry no block structure.
     order: list[str] = []
     pos = {lab: 0 for lab in counts}
@@ -330,13 +599,18 @@ def generate_scenario(
                 raise RuntimeError(f"{name}/{lab}: only {kept[lab]} of {attempts[lab]} attempts succeeded")
             ep_seed = label_seed(seed, lab, attempts[lab])
             obs, act, ok, _ = run_strategy(
-                env, sc.strategies[lab], ep_seed, horizon=sc.horizon, success_mode=sc.success_mode
+                envs[lab], sc.strategies[lab], ep_seed, horizon=sc.horizon, success_mode=sc.success_mode
             )
             attempts[lab] += 1
             if ok:
                 break
         kept[lab] += 1
         attempt = attempts[lab] - 1
+        extra: dict[str, Any] = {}
+        if sc.contexts:
+            ctx = envs[lab].context
+            extra = {"context": {"heavy": bool(ctx.heavy), "white": bool(ctx.white)},
+                     "env_knobs": dict(envs[lab].knobs)}
         yield Episode(
             episode_id=f"{name}_{i:04d}",
             observations=obs,
@@ -357,9 +631,10 @@ def generate_scenario(
                 "episode_seed": int(ep_seed),
                 "fps": CONTROL_FREQ,
                 "controller": "BASIC",
-                "obs_keys": list(env.obs_keys),
+                "obs_keys": list(envs[lab].obs_keys),
                 "horizon": sc.horizon,
                 "success_mode": sc.success_mode,
+                **extra,
             },
         )
 
@@ -369,9 +644,14 @@ def scripted_success(name: str, *, episodes: int, seed: int = 0) -> dict[str, di
 
     Returns:
         ``{"train": {label: rate}, "shift": {label: rate}}`` over ``episodes`` episodes
-        each (seeds disjoint from :func:`generate_scenario`'s).
+        each (seeds disjoint from :func:`generate_scenario`'s). Context scenarios: "train"
+        runs each label in its own context; "shift-heavy" and "shift-light" run every
+        label's strategy in the shift's heavy and light context (``episodes`` each), and
+        "shift" is their mixture at the shift's ``p_heavy``.
     """
     sc = get_scenario(name)
+    if sc.contexts:
+        return _scripted_success_contexts(sc, episodes=episodes, seed=seed)
     out: dict[str, dict[str, float]] = {}
     for cond, var in (("train", None), ("shift", get_shift(sc.shift))):
         env = SimEnv(sc.task, variation=var, horizon=sc.horizon)
@@ -393,3 +673,32 @@ def scripted_success(name: str, *, episodes: int, seed: int = 0) -> dict[str, di
         finally:
             env.close()
     return out
+
+
+def _scripted_success_contexts(sc: Scenario, *, episodes: int, seed: int) -> dict[str, dict[str, float]]:
+    shift = CONTEXT_SHIFTS[sc.shift]
+    sim = SimEnv(sc.task, horizon=sc.horizon)
+    try:
+        conds: dict[str, dict[str, Context]] = {
+            "train": dict(sc.contexts),
+            "shift-heavy": {lab: Context(heavy=True, white=shift.white) for lab in sc.strategies},
+            "shift-light": {lab: Context(heavy=False, white=shift.white) for lab in sc.strategies},
+        }
+        out: dict[str, dict[str, float]] = {}
+        for cond, ctxs in conds.items():
+            out[cond] = {}
+            for lab, st in sc.strategies.items():
+                env = ContextEnv(sc.task, ((1.0, ctxs[lab]),), cue_noise=sc.cue_noise, sim=sim)
+                try:
+                    out[cond][lab] = float(np.mean([
+                        run_strategy(env, st, label_seed(seed + 7919, lab, i), horizon=sc.horizon,
+                                     success_mode=sc.success_mode)[2]
+                        for i in range(int(episodes))
+                    ]))
+                finally:
+                    env.close()
+        p = shift.p_heavy
+        out["shift"] = {lab: p * out["shift-heavy"][lab] + (1 - p) * out["shift-light"][lab] for lab in sc.strategies}
+        return out
+    finally:
+        sim.close()

@@ -127,11 +127,16 @@ def test_scores_ignore_the_label_metadata(tmp_path):
     labelled = eps(lambda i: {"scenario": "lift-grasp", LABEL_KEY: "majority" if i % 3 else "minority"})
     swapped = eps(lambda i: {"scenario": "other", LABEL_KEY: "minority" if i % 3 else "majority"})
     bare = eps(lambda i: {})
+    # The spurious-correlate scenario's ground truth: subset label and context (the cue
+    # observations are what the policy may see; the metadata is not).
+    cue = eps(lambda i: {"scenario": "lift-cue", LABEL_KEY: ("light-white", "heavy-white", "heavy-dark")[i % 3],
+                         "context": {"heavy": i % 3 > 0, "white": i % 3 < 2},
+                         "env_knobs": {"context_heavy": float(i % 3 > 0), "context_white": float(i % 3 < 2)}})
     policy = train_policy(MLPPolicyConfig.tiny(), labelled[:6], TrainConfig(steps=5, batch_size=8), progress=False)
     ckpt = save_policy(policy, tmp_path / "policy")
     cfg = FeaturizeConfig.for_method(k=16, dtype="float32", output="energy")
     results = []
-    for name, data in (("a", labelled), ("b", swapped), ("c", bare)):
+    for name, data in (("a", labelled), ("b", swapped), ("c", bare), ("d", cue)):
         ds = write_dataset(tmp_path / f"data_{name}", data)
         store = GradientStore.create(str(tmp_path / f"{name}.zarr"))
         featurize(str(ds), store, "base", policy=str(ckpt), config=cfg, progress=False)
