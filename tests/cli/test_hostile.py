@@ -8,7 +8,6 @@ store (or of the folder mistaken for one) hashes the same as before.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from cupid_engine.data.episode import Episode
 from cupid_engine.featurize import FeaturizeConfig, featurize
 from cupid_engine.policies import MLPPolicyConfig, TrainConfig, load_policy, save_policy, train_policy
 from cupid_engine.store import GradientStore
+from _snapshot import tree_sha256
 
 K = 16
 
@@ -59,17 +59,6 @@ def world(tmp_path_factory):
     featurize(str(data), root / "base.zarr", "r", policy=str(ckpt), config=cfg, progress=False)
     return {"root": root, "data": data, "rollouts": rollouts, "ckpt": ckpt, "base": root / "base.zarr",
             "demos": demos}
-
-
-def _tree(path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ``path`` (empty when absent)."""
-    out = {}
-    for d, _, names in os.walk(path):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, path)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:
@@ -107,11 +96,11 @@ def store(world, tmp_path):
 def test_store_path_that_is_a_dataset_is_refused(world, tmp_path, capsys, overwrite):
     data = tmp_path / "demos"
     shutil.copytree(world["data"], data)
-    before = _tree(data)
+    before = tree_sha256(data)
     line = _user_error(capsys, *_featurize_args(world, data, data=world["data"],
                                                 extra=["--overwrite"] if overwrite else []))
     assert "LeRobot dataset" in line and str(data) in line
-    assert _tree(data) == before
+    assert tree_sha256(data) == before
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -125,9 +114,9 @@ def test_non_empty_folder_is_never_replaced(world, tmp_path, capsys, overwrite):
 
 
 def test_overwrite_replaces_a_store_only_on_success(world, store, capsys):
-    before = _tree(store)
+    before = tree_sha256(store)
     _user_error(capsys, *_featurize_args(world, store, run="x", extra=["--overwrite", "--split", "rollout"]))
-    assert _tree(store) == before  # the failed replacement left the old store as it was
+    assert tree_sha256(store) == before  # the failed replacement left the old store as it was
     rc, _ = _cli(capsys, *_featurize_args(world, store, run="fresh", extra=["--overwrite"]))
     assert rc == 0 and GradientStore.open(store).runs() == ["fresh"]
     assert not [n for n in os.listdir(store.parent) if n.startswith(".store.zarr.")]
@@ -160,10 +149,10 @@ def test_metadata_length_lie_registers_nothing(world, tmp_path, store, capsys):
     line = _user_error(capsys, *_featurize_args(world, new, data=bad))
     assert "'ep000'" in line and "length" in line and "999999999998853" in line
     assert not new.exists()  # the store this command would have created is gone again
-    before = _tree(store)
+    before = tree_sha256(store)
     line = _user_error(capsys, *_featurize_args(world, store, run="other", data=bad))
     assert "'ep000'" in line
-    assert _tree(store) == before
+    assert tree_sha256(store) == before
     # Not poisoned: the correct data still featurises.
     rc, _ = _cli(capsys, *_featurize_args(world, new))
     assert rc == 0 and GradientStore.open(new).run("r").info()["finalized"]
@@ -171,11 +160,11 @@ def test_metadata_length_lie_registers_nothing(world, tmp_path, store, capsys):
 
 def test_changed_content_under_a_stored_id_is_refused(world, tmp_path, store, capsys):
     changed = write_dataset(tmp_path / "changed", _episodes(6, seed=7), episodes_per_file=3)
-    before = _tree(store)
+    before = tree_sha256(store)
     for run in ("r", "new-run"):  # the finished run, and a new run over the same catalog
         line = _user_error(capsys, *_featurize_args(world, store, run=run, data=changed))
         assert "'ep000'" in line and "other content" in line and str(changed) in line
-        assert _tree(store) == before
+        assert tree_sha256(store) == before
 
 
 def test_replace_rewrites_changed_episodes_in_every_run(world, tmp_path, store, capsys):
@@ -203,26 +192,26 @@ def test_replace_rewrites_changed_episodes_in_every_run(world, tmp_path, store, 
     eps3 = eps2[:4] + [Episode("ep004", {"pos": eps2[4].observations["pos"][:-1]}, eps2[4].actions[:-1],
                                split=eps2[4].split)] + eps2[5:]
     shorter = write_dataset(tmp_path / "shorter", eps3, episodes_per_file=3)
-    before = _tree(store)
+    before = tree_sha256(store)
     line = _user_error(capsys, *_featurize_args(world, store, data=shorter, extra=["--replace"]))
     assert "'ep004'" in line and "length changed" in line
-    assert _tree(store) == before
+    assert tree_sha256(store) == before
 
 
 def test_colliding_ids_of_another_dataset_are_refused(world, tmp_path, store, capsys):
     other = write_dataset(tmp_path / "other", _episodes(3, seed=3, split="rollout"), episodes_per_file=3)
-    before = _tree(store)
+    before = tree_sha256(store)
     line = _user_error(capsys, *_featurize_args(world, store, data=other))
     assert "'ep000'" in line and "'ep-data'" in line  # names the id and the source holding it
-    assert _tree(store) == before
+    assert tree_sha256(store) == before
 
 
 # ----------------------------------------------------------------------------- empty and out-of-reach work
 def test_split_without_episodes_is_an_error(world, tmp_path, store, capsys):
-    before = _tree(store)
+    before = tree_sha256(store)
     line = _user_error(capsys, *_featurize_args(world, store, run="ro", extra=["--split", "rollout"]))
     assert "split 'rollout'" in line and "train 4" in line
-    assert _tree(store) == before and GradientStore.open(store).runs() == ["r"]
+    assert tree_sha256(store) == before and GradientStore.open(store).runs() == ["r"]
     empty = tmp_path / "empty"
     empty.mkdir()
     _user_error(capsys, *_featurize_args(world, empty, extra=["--split", "rollout"]))
@@ -230,12 +219,12 @@ def test_split_without_episodes_is_an_error(world, tmp_path, store, capsys):
 
 
 def test_huge_k_is_refused_before_allocating(world, store, capsys):
-    before = _tree(store)
+    before = tree_sha256(store)
     args = _featurize_args(world, store, run="huge")
     args[args.index("--k") + 1] = 100_000_000
     line = _user_error(capsys, *args)
     assert "GiB" in line and "k=100000000" in line and "--k" in line
-    assert _tree(store) == before
+    assert tree_sha256(store) == before
 
 
 def test_failed_featurisation_leaves_no_run_behind(world, tmp_path, store, capsys):
@@ -243,10 +232,10 @@ def test_failed_featurisation_leaves_no_run_behind(world, tmp_path, store, capsy
     with torch.no_grad():
         next(policy.parameters()).fill_(float("nan"))
     nan_ckpt = save_policy(policy, tmp_path / "nan-policy")
-    before = _tree(store)
+    before = tree_sha256(store)
     line = _user_error(capsys, *_featurize_args(world, store, run="nan", ckpt=nan_ckpt))
     assert "non-finite" in line and "episode 'ep000'" in line
-    assert _tree(store) == before
+    assert tree_sha256(store) == before
 
 
 # ----------------------------------------------------------------------------- two datasets, one store
@@ -323,7 +312,7 @@ def test_corrupt_store_chunk_names_the_episodes(world, store, capsys, tmp_path):
 def test_damaged_store_files_are_named(world, store, capsys, damage):
     path = store / damage
     path.write_bytes(path.read_bytes()[:40])
-    before = _tree(store)
+    before = tree_sha256(store)
     commands = [["store", "info", store], ["score", "cupid", "--store", store, "--run", "r", "--out",
                                              store.parent / "o.parquet"]]
     if "steps" not in damage:  # a damaged array of run r does not stop a new run
@@ -332,7 +321,7 @@ def test_damaged_store_files_are_named(world, store, capsys, damage):
         line = _user_error(capsys, *argv)
         # names the damaged file, or the folder holding it (zarr does not say which child failed)
         assert (str(path) in line or str(path.parent.parent) in line) and "damaged" in line
-    assert _tree(store) == before
+    assert tree_sha256(store) == before
 
 
 def test_bad_checkpoints_name_the_file(world, tmp_path, capsys):
@@ -421,17 +410,17 @@ def test_read_only_store_answers_queries(world, tmp_path, capsys):
     if undo is None:
         pytest.skip("cannot make a folder read-only for root here (no chattr +i)")
     try:
-        before = _tree(store)
+        before = tree_sha256(store)
         env = dict(os.environ, CUPID_ENGINE_CACHE_DIR=str(cache))
         cmd = [sys.executable, "-m", "cupid_engine", "query", "--store", str(store), "--run", "r",
                "--episode", "ro001", "--top", "3"]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stderr
         assert "AVX" not in res.stderr and "faiss.loader" not in res.stderr, res.stderr
-        assert _tree(store) == before and not (store / "index").exists()
+        assert tree_sha256(store) == before and not (store / "index").exists()
         assert any(n.endswith(".faiss") for _, _, ns in os.walk(cache) for n in ns)
         out = tmp_path / "scores.parquet"
         assert main(["score", "cupid", "--store", str(store), "--run", "r", "--out", str(out)]) == 0
-        assert pq.read_table(out).num_rows == 4 and _tree(store) == before
+        assert pq.read_table(out).num_rows == 4 and tree_sha256(store) == before
     finally:
         subprocess.run(undo, check=True)

@@ -18,6 +18,7 @@ import pytest
 from cupid_engine.distributed import RayExecutor
 from cupid_engine.featurize import FeaturizeConfig, SyntheticSource, featurize
 from cupid_engine.store import GradientStore
+from _snapshot import tree_mtimes
 
 pytestmark = pytest.mark.ray
 
@@ -35,16 +36,6 @@ def _arrays(path, run):
     return {"steps": steps, "episodes": r.episode_features(), "gram": r.gram()}
 
 
-def _files(root):
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            out[p] = os.stat(p).st_mtime_ns
-    return out
-
-
-
 def _markers_written(store_path) -> int:
     """Shard completion markers on disk (``runs/r/done/c/<shard>``), counted from the files
     themselves: the kill trigger must not depend on any reader-side state of the store."""
@@ -60,14 +51,14 @@ def test_two_workers_equal_one_and_resubmit_does_nothing(tmp_path, checkpoint):
     # Same catalog / shard plan too.
     assert GradientStore.open(tmp_path / "one.zarr").catalog().equals(GradientStore.open(tmp_path / "two.zarr").catalog())
 
-    before = _files(tmp_path / "two.zarr")
+    before = tree_mtimes(tmp_path / "two.zarr")
     from cupid_engine.distributed.featurize import featurize_distributed
 
     summary = featurize_distributed(_source(), tmp_path / "two.zarr", "r", policy_path=checkpoint, config=CFG,
                                     workers=2, progress=False)
     assert summary["shards"] == 0  # nothing pending: no task was even submitted
     featurize(_source(), tmp_path / "two.zarr", "r", policy=checkpoint, config=CFG, progress=False, executor=RayExecutor(2))
-    assert _files(tmp_path / "two.zarr") == before
+    assert tree_mtimes(tmp_path / "two.zarr") == before
 
 
 def test_killed_worker_is_retried_and_store_is_identical(tmp_path, checkpoint):

@@ -16,6 +16,7 @@ from cupid_engine.policies import MLPPolicyConfig, TrainConfig, build_samples, l
 from cupid_engine.store import GradientStore
 
 from fz_helpers import make_episodes
+from _snapshot import tree_mtimes
 
 
 @pytest.fixture
@@ -25,15 +26,6 @@ def setup(tmp_path):
     policy = train_policy(MLPPolicyConfig.tiny(), episodes, TrainConfig(steps=5, batch_size=16), progress=False)
     ckpt = save_policy(policy, tmp_path / "policy")
     return episodes, data, ckpt, tmp_path
-
-
-def _files(root):
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            out[p] = os.stat(p).st_mtime_ns
-    return out
 
 
 def test_featurize_store_resume_and_gram(setup, monkeypatch):
@@ -62,13 +54,13 @@ def test_featurize_store_resume_and_gram(setup, monkeypatch):
     assert run.config.featurizer == f.describe()
 
     # Resume: nothing pending -> no shard is featurised or rewritten.
-    before = _files(tmp / "store.zarr" / "runs" / "base")
+    before = tree_mtimes(tmp / "store.zarr" / "runs" / "base")
     calls = []
     real = shards_mod.featurize_shard
     monkeypatch.setattr(shards_mod, "featurize_shard", lambda *a, **k: calls.append(a) or real(*a, **k))
     featurize(str(data), tmp / "store.zarr", "base", policy=str(ckpt), config=cfg, progress=False)
     assert calls == []
-    after = _files(tmp / "store.zarr" / "runs" / "base")
+    after = tree_mtimes(tmp / "store.zarr" / "runs" / "base")
     assert after == before  # no shard, marker, Gram or attribute rewritten
 
 

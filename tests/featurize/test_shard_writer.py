@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -17,6 +16,7 @@ from cupid_engine.store import GradientStore
 from cupid_engine.store.run import Run
 
 from fz_helpers import make_episodes
+from _snapshot import tree_bytes
 
 
 @pytest.fixture
@@ -26,16 +26,6 @@ def setup(tmp_path):
     policy = train_policy(MLPPolicyConfig.tiny(), episodes, TrainConfig(steps=3, batch_size=16), progress=False)
     cfg = FeaturizeConfig.for_method(k=32, shard_size=2, dtype="float16", batch_size=4, output="loss")
     return open_dataset(data), policy, cfg, tmp_path
-
-
-def _bytes(root):
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
 
 
 def _run(src, policy, cfg, path, *, overlap):
@@ -52,7 +42,7 @@ def test_overlapped_writes_give_the_same_store_bytes(setup):
     _, seq = _run(src, policy, cfg, tmp / "seq.zarr", overlap=False)
     _, ovl = _run(src, policy, cfg, tmp / "ovl.zarr", overlap=True)
     assert seq.is_complete() and ovl.is_complete() and len(seq.pending_shards()) == 0
-    a, b = _bytes(tmp / "seq.zarr" / "runs" / "r"), _bytes(tmp / "ovl.zarr" / "runs" / "r")
+    a, b = tree_bytes(tmp / "seq.zarr" / "runs" / "r"), tree_bytes(tmp / "ovl.zarr" / "runs" / "r")
     assert a.keys() == b.keys() and len(a) > 5
     assert [k for k in a if a[k] != b[k]] == []
 
@@ -109,7 +99,7 @@ def test_failed_background_write_is_raised_naming_the_shard_and_resumes(setup, m
     done = featurize(src, tmp / "s.zarr", "r", policy=policy, config=cfg, progress=False)
     assert done.is_complete()
     _, ref = _run(src, policy, cfg, tmp / "ref.zarr", overlap=False)
-    a, b = _bytes(tmp / "ref.zarr" / "runs" / "r" / "steps"), _bytes(tmp / "s.zarr" / "runs" / "r" / "steps")
+    a, b = tree_bytes(tmp / "ref.zarr" / "runs" / "r" / "steps"), tree_bytes(tmp / "s.zarr" / "runs" / "r" / "steps")
     assert a == b
 
 

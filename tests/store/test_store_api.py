@@ -22,18 +22,9 @@ from cupid_engine.store.gradient_store import (
     create_store,
     open_store,
 )
+from _snapshot import tree_bytes
 
 K = 12
-
-
-def _files(root) -> dict[str, bytes]:
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = f.read()
-    return out
 
 
 @pytest.fixture
@@ -179,7 +170,7 @@ def test_schema_version_mismatch_raises(store):
 def test_bad_shards_raise_and_write_nothing(store):
     run = store.create_run("r", RunConfig(k=K, dtype="int8"))
     root = os.path.join(store.url, "runs", "r")
-    before = _files(root)
+    before = tree_bytes(root)
     ids, lengths = store.shard_episodes(1)
     x = shard_features(1, int(lengths.sum()), K)
     bad = x.copy()
@@ -202,7 +193,7 @@ def test_bad_shards_raise_and_write_nothing(store):
         run.write_shard(1, ids, x[:-1], lengths - np.eye(len(lengths), dtype=np.int64)[-1])
     with pytest.raises(ValueError, match="not in the catalog's shard plan"):
         run.write_shard(99, ids, x, lengths)
-    assert _files(root) == before
+    assert tree_bytes(root) == before
     assert not run.shard_done(1)
 
 

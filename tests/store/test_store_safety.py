@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -16,18 +15,9 @@ from cupid_engine.store import catalog as _catalog
 from cupid_engine.store.config import RunConfig
 from cupid_engine.store.gradient_store import GradientStore, create_store, open_store
 from cupid_engine.store.undo import StoreUndo
+from _snapshot import tree_sha256
 
 K = 8
-
-
-def _tree(root) -> dict[str, str]:
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 @pytest.fixture
@@ -47,14 +37,14 @@ def test_create_refuses_a_non_empty_folder_that_is_not_a_store(tmp_path, overwri
     (folder / "meta").mkdir(parents=True)
     (folder / "meta" / "info.json").write_text("{}")
     (folder / "notes.txt").write_text("x")
-    before = _tree(folder)
+    before = tree_sha256(folder)
     with pytest.raises(NotAStoreError, match=r"LeRobot dataset.*meta, notes\.txt") as exc:
         create_store(folder, overwrite=overwrite)
     assert isinstance(exc.value, UserError) and "nothing there was changed" in str(exc.value)
-    assert _tree(folder) == before
+    assert tree_sha256(folder) == before
     with pytest.raises(NotAStoreError, match="not a gradient store"):
         GradientStore.open(folder, mode="a")  # "create when missing" must not create over it
-    assert _tree(folder) == before
+    assert tree_sha256(folder) == before
 
 
 def test_create_refuses_a_file_and_a_foreign_zarr_group(tmp_path):
@@ -65,10 +55,10 @@ def test_create_refuses_a_file_and_a_foreign_zarr_group(tmp_path):
     import zarr
 
     zarr.open_group(str(tmp_path / "z"), mode="w").attrs["x"] = 1
-    before = _tree(tmp_path / "z")
+    before = tree_sha256(tmp_path / "z")
     with pytest.raises(NotAStoreError, match="Zarr group that is not"):
         create_store(tmp_path / "z", overwrite=True)
-    assert _tree(tmp_path / "z") == before
+    assert tree_sha256(tmp_path / "z") == before
 
 
 def test_overwrite_replaces_only_a_store_and_empty_folders_are_fine(tmp_path, store):
@@ -88,7 +78,7 @@ def test_open_names_what_is_missing(tmp_path):
 
 # ---------------------------------------------------------------- undo
 def test_undo_puts_catalog_and_runs_back_byte_for_byte(store):
-    before = _tree(store.url)
+    before = tree_sha256(store.url)
     for name in ("r", "other"):  # an existing run grown, a new run created
         undo = StoreUndo(store, run=name)
         store.add_episodes(episode_table(5, prefix="new"), shard_size=2)
@@ -97,7 +87,7 @@ def test_undo_puts_catalog_and_runs_back_byte_for_byte(store):
         else:
             store.create_run("other", RunConfig(k=K))
         undo.restore()
-        assert _tree(store.url) == before
+        assert tree_sha256(store.url) == before
         assert store.num_episodes == 7 and store.runs() == ["r"]
 
 
@@ -113,9 +103,9 @@ def test_undo_leaves_another_process_catalog_and_runs_alone(store):
 
 
 def test_undo_of_an_unchanged_store_leaves_nothing_behind(store):
-    before = _tree(store.url)
+    before = tree_sha256(store.url)
     StoreUndo(store).restore()
-    assert _tree(store.url) == before
+    assert tree_sha256(store.url) == before
     undo = StoreUndo(store)
     store.add_episodes(episode_table(2, prefix="kept"), shard_size=2)
     undo.release()
