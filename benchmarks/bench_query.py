@@ -1,8 +1,12 @@
 """Benchmark: single-rollout top-10 query latency and the CUPID-Quality fused kernel.
 
 Query (DESIGN §7): synthetic whitened episode sums, N ∈ {10⁴, 10⁵, 10⁶} (``--sizes``),
-k = 1024, drawn as low-rank structure plus noise (x = z·B + 0.5·ε with z ∈ R³², the
-shape of real episode sums, which share a few dominant gradient directions). For each N:
+k = 1024, drawn (``--spectrum``) as low-rank structure plus noise (``lowrank``, the
+default: x = z·B + 0.5·ε with z ∈ R³², the shape of real episode sums, which share a few
+dominant gradient directions), with a power-law spectrum (``powerlaw``: coordinate j of
+a random rotation scaled by (j+1)^-½) or isotropic Gaussian (``isotropic``: the hardest
+case for int8 candidate selection, no dominant direction). Every size draws its data
+from the same seed. For each N:
 
 - exact: :class:`cupid_engine.index.InfluenceIndex` ``flat`` (the engine's query path),
   one query at a time, median/p10/p90 latency over ``--queries`` queries after a warm-up;
@@ -11,8 +15,15 @@ shape of real episode sums, which share a few dominant gradient directions). For
 - hnsw (N ≤ ``--hnsw-max``): ``IndexHNSWFlat`` (M, efConstruction) build time, then for
   each efSearch the median latency and recall@10 against the exact answers.
 - sq8: the int8 scan (a quarter of the fp32 bytes) + exact re-ranking of ``--rerank``
-  candidates: median latency as a ratio to the fp32 scan floor, recall@10 against the
-  exact answers, and whether the returned scores equal the exact ones.
+  candidates + the exactness certificate (rows whose error bound lets them beat the
+  k-th exact score are re-ranked too): median latency as a ratio to the fp32 scan floor,
+  recall@10 against the exact answers, the rows re-ranked, and whether the returned
+  scores equal the exact ones; then, without the certificate, recall@10 for each re-rank
+  depth of ``--rerank-depths`` (what the certificate guards against);
+- default: the index ``auto`` resolves to at this N (``choose_kind``), timed again as
+  the engine would search it: latency ratio to the fp32 floor and recall@10 (the
+  ``default_index`` acceptance row, one entry per N). Every row carries the load
+  average (``os.getloadavg``) when it was measured.
 
 Quality kernel: ``--rollout-steps`` × ``--demo-steps`` (default 20k × 45k, k = 1024)
 whitened step features cut into ragged episodes; the fused op (``cupid_engine.ops.
@@ -65,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest N for which HNSW is built")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW M")
     p.add_argument("--rerank", type=int, default=256, help="sq8: candidates re-ranked exactly per query")
+    p.add_argument("--rerank-depths", type=int, nargs="*", default=[10, 32, 64, 256],
+                   help="sq8 without the certificate: re-rank depths whose recall@10 is measured")
+    p.add_argument("--threads", type=int, default=None,
+                   help="query: torch and C++ threads (default: as configured); the quality part keeps its own")
+    p.add_argument("--spectrum", choices=("lowrank", "powerlaw", "isotropic"), default="lowrank",
+                   help="synthetic whitened sums: rank-32 + noise, power-law spectrum, or isotropic Gaussian")
     p.add_argument("--skip-sq8", action="store_true", help="skip the int8-scan index")
     p.add_argument("--ef-construction", type=int, default=200, help="HNSW efConstruction")
     p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128, 256], help="HNSW efSearch values")
@@ -116,20 +133,47 @@ def measure_bandwidth(mib: int, repeats: int = 7) -> dict[str, float]:
     return {"median_GBps": float(np.median(gbps)), "max_GBps": float(max(gbps)), "bytes": x.numel() * 4}
 
 
-def _episode_sums(n: int, k: int, gen: torch.Generator, basis: torch.Tensor, block: int = 65536):
+def _basis(spectrum: str, k: int, gen: torch.Generator) -> torch.Tensor | None:
+    """``[r, k]`` mixing matrix of the synthetic sums (None: isotropic)."""
+    if spectrum == "lowrank":
+        return torch.randn(32, k, generator=gen)
+    if spectrum == "powerlaw":
+        rot, _ = torch.linalg.qr(torch.randn(k, k, generator=gen))
+        return (torch.arange(1, k + 1, dtype=torch.float32) ** -0.5)[:, None] * rot.T * k**0.5
+    return None
+
+
+def _episode_sums(n: int, k: int, gen: torch.Generator, basis: torch.Tensor | None, block: int = 65536):
     for start in range(0, n, block):
         b = min(block, n - start)
-        z = torch.randn(b, basis.shape[0], generator=gen)
-        yield (z @ basis + 0.5 * torch.randn(b, k, generator=gen)).numpy()
+        if basis is None:
+            yield torch.randn(b, k, generator=gen).numpy()
+        elif basis.shape[0] == k:  # power law: a full-rank spectrum, no extra noise
+            yield (torch.randn(b, k, generator=gen) @ basis).numpy()
+        else:
+            z = torch.randn(b, basis.shape[0], generator=gen)
+            yield (z @ basis + 0.5 * torch.randn(b, k, generator=gen)).numpy()
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    from cupid_engine.ops import cpu_backend
+
+    if cpu_backend.is_available():
+        cpu_backend._C().set_num_threads(n)
+
+
+def _load() -> float:
+    return float(os.getloadavg()[0])
 
 
 def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[dict[str, Any]]:
-    from cupid_engine.index import InfluenceIndex, recall_at_k
+    from cupid_engine.index import InfluenceIndex, choose_kind, recall_at_k
 
     results = []
     for n in args.sizes:
         gen = torch.Generator().manual_seed(args.seed)
-        basis = torch.randn(32, args.k, generator=gen)
+        basis = _basis(args.spectrum, args.k, gen)
         exact = InfluenceIndex(args.k)
         sq8 = InfluenceIndex(args.k, kind="sq8", rerank=args.rerank) if not args.skip_sq8 else None
         t_sq8 = 0.0
@@ -165,30 +209,42 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
         floor = nbytes / (bandwidth["median_GBps"] * 1e9)
         res = {"kind": "exact", "n": n, "k": args.k, "latency_ms": _stats([x * 1e3 for x in lat]),
                "index_bytes": nbytes, "floor_ms": floor * 1e3, "ratio_to_floor": float(np.median(lat)) / floor,
-               "build_s": t_build}
+               "build_s": t_build, "spectrum": args.spectrum, "load": _load()}
         results.append(res)
         print(f"exact  N={n:>8} k={args.k}: median {res['latency_ms']['median']:.2f} ms "
               f"(p90 {res['latency_ms']['p90']:.2f}), floor {res['floor_ms']:.2f} ms, ratio {res['ratio_to_floor']:.2f}",
               flush=True)
+        indexes = {"flat": exact}
         if sq8 is not None:
-            sq8.search(q[:1], args.top)  # warm-up
-            lat, got, worst = [], [], 0.0
-            for i in range(args.queries):
-                t = time.perf_counter()
-                sc, ids = sq8.search(q[i : i + 1], args.top)
-                lat.append(time.perf_counter() - t)
-                got.append(ids[0])
-                for e, v in zip(ids[0], sc[0].tolist()):
-                    if e in exact_scores[i]:
-                        worst = max(worst, abs(v - exact_scores[i][e]) / max(abs(exact_scores[i][e]), 1e-30))
-            r = {"kind": "sq8", "n": n, "k": args.k, "rerank": args.rerank, "build_s": t_sq8,
-                 "latency_ms": _stats([x * 1e3 for x in lat]), "recall_at_10": recall_at_k(got, exact_ids),
-                 "bytes_scanned": n * args.k + n * 4, "ratio_to_fp32_floor": float(np.median(lat)) / floor,
-                 "max_rel_score_diff_vs_exact": worst}
+            indexes["sq8"] = sq8
+            r = _time_sq8(sq8, q, args, exact_ids, exact_scores, floor)
+            r.update({"n": n, "k": args.k, "build_s": t_sq8, "spectrum": args.spectrum})
             results.append(r)
             print(f"sq8    N={n:>8} rerank={args.rerank}: median {r['latency_ms']['median']:.2f} ms, "
                   f"{r['ratio_to_fp32_floor']:.2f}x the fp32 floor, recall@10 {r['recall_at_10']:.3f}, "
-                  f"score diff vs exact {worst:.1e}", flush=True)
+                  f"re-ranked {r['reranked_median']:.0f} rows (certificate added <= {r['widened_max']}), "
+                  f"score diff vs exact {r['max_rel_score_diff_vs_exact']:.1e}, load {r['load']:.1f}", flush=True)
+            for depth in args.rerank_depths:
+                sq8.params.update(rerank=depth, certify=False)
+                got = [sq8.search(q[i : i + 1], args.top)[1][0] for i in range(args.queries)]
+                sq8.params.update(rerank=args.rerank, certify=True)
+                d = {"kind": "sq8_uncertified", "n": n, "k": args.k, "rerank": depth, "spectrum": args.spectrum,
+                     "recall_at_10": recall_at_k(got, exact_ids)}
+                results.append(d)
+                print(f"sq8    N={n:>8} rerank={depth:>4} without certificate: recall@10 {d['recall_at_10']:.3f}",
+                      flush=True)
+        kind, reason = choose_kind("auto", n, args.k)
+        if kind in indexes:
+            r = _time_sq8(sq8, q, args, exact_ids, exact_scores, floor) if kind == "sq8" else None
+            lat = r["latency_ms"] if r else _stats([x * 1e3 for x in _time(exact, q, args)])
+            d = {"kind": "default", "index": kind, "reason": reason, "n": n, "k": args.k, "latency_ms": lat,
+                 "ratio_to_fp32_floor": lat["median"] / 1e3 / floor, "spectrum": args.spectrum,
+                 "recall_at_10": r["recall_at_10"] if r else 1.0, "load": _load()}
+            results.append(d)
+            print(f"auto   N={n:>8} -> {kind}: median {lat['median']:.2f} ms, {d['ratio_to_fp32_floor']:.2f}x the fp32 "
+                  f"floor, recall@10 {d['recall_at_10']:.3f}", flush=True)
+        else:
+            print(f"auto   N={n:>8} -> {kind}: not measured (--skip-sq8)", flush=True)
         if hnsw is not None:
             print(f"hnsw   N={n:>8}: built in {t_hnsw:.1f} s", flush=True)
             for ef in args.ef_search:
@@ -206,8 +262,43 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
                 results.append(r)
                 print(f"hnsw   N={n:>8} ef={ef:>4}: median {r['latency_ms']['median']:.3f} ms, "
                       f"recall@10 {r['recall_at_10']:.3f}", flush=True)
-        del exact, hnsw, sq8
+        del exact, hnsw, sq8, indexes
     return results
+
+
+def _time(index, q: np.ndarray, args: argparse.Namespace) -> list[float]:
+    """Seconds per single query, after a warm-up."""
+    index.search(q[:1], args.top)
+    lat = []
+    for i in range(args.queries):
+        t = time.perf_counter()
+        index.search(q[i : i + 1], args.top)
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+def _time_sq8(sq8, q: np.ndarray, args: argparse.Namespace, exact_ids: list, exact_scores: list,
+              floor: float) -> dict[str, Any]:
+    """Latency, recall@10, re-ranked rows and score agreement of the sq8 index (certified)."""
+    from cupid_engine.index import recall_at_k
+
+    sq8.search(q[:1], args.top)  # warm-up
+    lat, got, worst, reranked, widened = [], [], 0.0, [], []
+    for i in range(args.queries):
+        t = time.perf_counter()
+        sc, ids = sq8.search(q[i : i + 1], args.top)
+        lat.append(time.perf_counter() - t)
+        got.append(ids[0])
+        reranked.append(sq8.last_search[0]["reranked"])
+        widened.append(sq8.last_search[0]["widened"])
+        for e, v in zip(ids[0], sc[0].tolist()):
+            if e in exact_scores[i]:
+                worst = max(worst, abs(v - exact_scores[i][e]) / max(abs(exact_scores[i][e]), 1e-30))
+    return {"kind": "sq8", "rerank": int(sq8.params["rerank"]), "certify": bool(sq8.params["certify"]),
+            "latency_ms": _stats([x * 1e3 for x in lat]), "recall_at_10": recall_at_k(got, exact_ids),
+            "bytes_scanned": len(sq8) * (sq8.dim + 4), "ratio_to_fp32_floor": float(np.median(lat)) / floor,
+            "max_rel_score_diff_vs_exact": worst, "reranked_median": float(np.median(reranked)),
+            "widened_max": int(max(widened)), "load": _load()}
 
 
 def _ragged(total: int, mean: int, rng: np.random.Generator) -> np.ndarray:
@@ -333,10 +424,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "results": []}
     acceptance: dict[str, Any] = {}
     if not args.skip_query:
+        threads_before = torch.get_num_threads()
+        if args.threads is not None:
+            _set_threads(args.threads)
         bw = measure_bandwidth(args.bandwidth_mib)
         print(f"read bandwidth (torch.sum, {torch.get_num_threads()} threads): {bw['median_GBps']:.2f} GB/s", flush=True)
         out["bandwidth"] = bw
-        q = bench_query(args, bw)
+        try:
+            q = bench_query(args, bw)
+        finally:
+            if args.threads is not None:
+                _set_threads(threads_before)
         out["results"] += q
         largest = max(args.sizes)
         ex = [r for r in q if r["kind"] == "exact" and r["n"] == largest][0]
@@ -349,6 +447,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "n": largest, "ratio_to_fp32_floor": sq[0]["ratio_to_fp32_floor"], "target_ratio": 0.5,
                 "recall_at_10": sq[0]["recall_at_10"], "target_recall": 0.99, "at_1e6": largest >= 1_000_000,
                 "pass": bool(sq[0]["ratio_to_fp32_floor"] <= 0.5 and sq[0]["recall_at_10"] >= 0.99)}
+        default = [r for r in q if r["kind"] == "default"]
+        if default:
+            # The default must be exact at every N (recall 1 up to float32 ties) and, at
+            # 10^6, at most half the fp32 scan floor (issue 19).
+            big = [r for r in default if r["n"] >= 1_000_000]
+            acceptance["default_index"] = {
+                "rows": [{"n": r["n"], "index": r["index"], "ratio_to_fp32_floor": r["ratio_to_fp32_floor"],
+                          "latency_ms": r["latency_ms"]["median"], "recall_at_10": r["recall_at_10"],
+                          "load": r["load"]} for r in default],
+                "target_recall": 0.99, "target_ratio_at_1e6": 0.5, "at_1e6": bool(big),
+                "pass": bool(all(r["recall_at_10"] >= 0.99 for r in default)
+                             and all(r["ratio_to_fp32_floor"] <= 0.5 for r in big))}
         hn = [r for r in q if r["kind"] == "hnsw"]
         if hn:
             nmax = max(r["n"] for r in hn)

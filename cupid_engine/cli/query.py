@@ -10,7 +10,11 @@ used is printed in words.
 
 The rollout must already be featurised into the run (split ``rollout``; other episodes
 only with ``--any-episode``); the FAISS index over the run's training demos is built on
-first use and saved beside the store.
+first use and saved beside the store. By default (``--kind auto``) the index is the exact
+fp32 scan for small runs and the int8 scan with a certified exact re-rank (``sq8``) from
+8 MiB of fp32 vectors on (``AUTO_SQ8_MIN_BYTES``), where it was measured faster; both
+return the exact top demos and exact scores. The kind used and why is printed (stderr; ``index`` in
+``--json``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run name (repeat for a checkpoint ensemble)")
     p.add_argument("--episode", required=True, help="rollout episode id")
     p.add_argument("--top", type=int, default=10, help="number of demonstrations (default 10, at least 1)")
-    p.add_argument("--kind", choices=("flat", "hnsw", "sq8"), default="flat",
-                   help="exact (flat), HNSW, or sq8 (int8 scan of 1/4 the bytes, best candidates re-ranked exactly)")
+    p.add_argument("--kind", choices=("auto", "flat", "hnsw", "sq8"), default="auto",
+                   help="auto (default: flat or sq8 by the size of the index, from bench query's measured "
+                        "crossover), exact (flat), HNSW (approximate), or sq8 (int8 scan of 1/4 the bytes, "
+                        "candidates re-ranked exactly until the top is certified exact)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (recall/latency)")
+    p.add_argument("--rerank", type=int, default=None,
+                   help="sq8: candidates re-ranked before the exactness certificate adds any it needs (default 256)")
     p.add_argument("--oppose", action="store_true",
                    help="rank the demos that push hardest against the rollout's behaviour (sign -1)")
     p.add_argument("--sign", type=float, default=None,
@@ -79,8 +87,14 @@ def _query(args: argparse.Namespace) -> int:
         top = n_train
     sign = -1.0 if args.oppose else (1.0 if args.sign is None else float(args.sign))
     runs = args.run[0] if len(args.run) == 1 else args.run
+    if args.rerank is not None and args.rerank < 1:
+        raise ConfigError(f"--rerank must be a positive number of candidates, got {args.rerank}")
     params = {} if args.ef_search is None else {"ef_search": args.ef_search}
+    if args.rerank is not None:
+        params["rerank"] = args.rerank
     index = open_index(store, runs, kind=args.kind, damping=args.damping, rebuild=args.rebuild, **params)
+    # No silent choice: the kind searched and why, on stderr so stdout stays the answer.
+    print(f"query: index {index.kind} over {len(index)} training demos ({index.choice['reason']})", file=sys.stderr)
     # A training demo queried with --any-episode is in the index itself: leave it out.
     itself = split == "train"
     res = top_influencers(store, runs, args.episode, k=min(top + itself, n_train), sign=sign,
@@ -90,7 +104,7 @@ def _query(args: argparse.Namespace) -> int:
         res = _without(res, args.episode, top)
         meaning += f"; {args.episode} itself (a training demo) is left out of the ranking"
     if args.json:
-        print(json.dumps({"rollout": res.rollout, "sign": res.sign, "meaning": meaning,
+        print(json.dumps({"rollout": res.rollout, "sign": res.sign, "meaning": meaning, "index": res.index,
                           "results": res.table.to_pylist(),
                           "steps": [dataclasses.asdict(s) for s in res.steps]}, indent=2))
     else:
@@ -108,7 +122,7 @@ def _without(res, episode: str, top: int):
     table = res.table.filter(keep).slice(0, top)
     table = table.set_column(table.column_names.index("rank"), "rank", pa.array(range(1, table.num_rows + 1)))
     steps = [s for s in res.steps if s.episode_id != episode][:top]
-    return type(res)(rollout=res.rollout, sign=res.sign, table=table, steps=steps)
+    return type(res)(rollout=res.rollout, sign=res.sign, table=table, steps=steps, index=res.index)
 
 
 def sign_in_words(sign: float, success: bool | None, split: str | None = "rollout") -> str:

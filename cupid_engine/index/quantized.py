@@ -5,10 +5,13 @@ one int8 code per coordinate and a float32 scale per row (symmetric, per-row:
 ``code = round(127·x/max|x|)``) the scan reads a quarter of the fp32 vectors. The query
 is quantised the same way once per call, so each row's dot product is an exact int32 sum
 of int8 products (vectorisable without reordering concerns, identical for any thread
-count). The scores are approximate (error ≤ ½·sₓ·‖q‖₁ + ½·s_q·‖x‖₁ per row), so the
-index re-ranks the best candidates exactly against the fp32 vectors and returns exact
-scores. Whether the true top-k survive to re-ranking is measured (recall@k in
-``bench query``), not assumed.
+count). The scores are approximate (error ≤ ½·sₓ·‖q‖₁ + ½·s_q·‖x̂‖₁ per row, x̂ = sₓ·codes
+the dequantised row: x·q − x̂·q̂ = (x − x̂)·q + x̂·(q − q̂)), so the index re-ranks the
+best candidates exactly against the fp32 vectors and returns exact scores; with this
+bound it also re-ranks every other row that could still beat the k-th exact score, so
+the top-k is certified exact (``InfluenceIndex._search_sq8``). How many rows that takes,
+and the recall of a fixed re-rank depth without the certificate, are measured in
+``bench query``.
 
 Backends: :func:`scan_reference` (readable, float64 for tests) and the C++ kernel
 ``csrc/cpu/scan.cpp`` (OpenMP over rows).

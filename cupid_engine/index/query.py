@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from cupid_engine.index.faiss_index import InfluenceIndex, save_index, saved_folders
+from cupid_engine.index.faiss_index import DEFAULT_KIND, InfluenceIndex, choose_kind, save_index, saved_folders
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 
@@ -145,19 +145,42 @@ def fingerprint(store: StoreReader, runs: list[str], damping: float, ids: list[s
     return fp
 
 
+def _choose(kind: str, n: int, dim: int, params: dict[str, Any]) -> dict[str, str]:
+    """``{"requested", "kind", "reason"}`` for ``kind`` over ``n`` rows, logged (no silent choice)."""
+    concrete, reason = choose_kind(kind, n, dim, device=params.get("device", "cpu"))
+    log.info("index over %d training demos: %s (%s)", n, concrete, reason)
+    return {"requested": kind, "kind": concrete, "reason": reason}
+
+
 def build_index(
-    store: StoreReader | str | os.PathLike, run: str | Sequence[str], *, kind: str = "flat", damping: float = DEFAULT_DAMPING, block: int = 16384,
-    **params: Any,
+    store: StoreReader | str | os.PathLike, run: str | Sequence[str], *, kind: str = DEFAULT_KIND,
+    damping: float = DEFAULT_DAMPING, block: int = 16384, **params: Any,
 ) -> InfluenceIndex:
-    """Build the index of the training demos of ``run`` (one or several checkpoint runs)."""
+    """Build the index of the training demos of ``run`` (one or several checkpoint runs).
+
+    ``kind="auto"`` (the default) is resolved by :func:`~cupid_engine.index.faiss_index.
+    choose_kind` from the number of training demos; the index's ``choice`` records what
+    was chosen and why (saved with it).
+    """
     store = _open_store(store)
     runs = _runs(run)
-    parts = _ensemble(store, runs, damping)
     ids = _inputs.ids_in_split(store.catalog(), "train")
+    return _build(store, runs, ids, _choose(kind, len(ids), _dim(store, runs), params), damping, block, params)
+
+
+def _dim(store: StoreReader, runs: list[str]) -> int:
+    """Width of the index: the runs' k summed (checkpoint ensembles concatenate)."""
+    return sum(int(store.run(n).k) for n in runs)
+
+
+def _build(store: StoreReader, runs: list[str], ids: list[str], choice: dict[str, str], damping: float, block: int,
+           params: dict[str, Any]) -> InfluenceIndex:
+    parts = _ensemble(store, runs, damping)
     if not ids:
         raise ValueError("the store has no training-split episodes to index")
     dim = sum(r.k for r, _ in parts)
-    index = InfluenceIndex(dim, kind=kind, **params)
+    index = InfluenceIndex(dim, kind=choice["kind"], **params)
+    index.choice = choice
     for start in range(0, len(ids), block):
         chunk = ids[start : start + block]
         vec = whiten_sums(parts, [r.episode_features(chunk) for r, _ in parts])
@@ -167,7 +190,8 @@ def build_index(
 
 
 def open_index(
-    store: StoreReader | str | os.PathLike, run: str | Sequence[str], *, kind: str = "flat", damping: float = DEFAULT_DAMPING,
+    store: StoreReader | str | os.PathLike, run: str | Sequence[str], *, kind: str = DEFAULT_KIND,
+    damping: float = DEFAULT_DAMPING,
     rebuild: bool = False, save: bool = True, **params: Any,
 ) -> InfluenceIndex:
     """The run's index: reopened from ``<store>/index/<run>/`` when still valid, else built.
@@ -175,19 +199,23 @@ def open_index(
     Args:
         store: Open store or path.
         run: Run name, or several (checkpoint ensemble).
-        kind: ``flat`` (exact), ``hnsw`` or ``sq8`` (int8 scan, exact re-ranking).
+        kind: ``auto`` (default: ``flat`` or ``sq8`` by the number of training demos,
+            see :func:`~cupid_engine.index.faiss_index.choose_kind`), ``flat`` (exact),
+            ``hnsw`` or ``sq8`` (int8 scan, certified exact re-ranking).
         damping: Relative damping of the preconditioner.
         rebuild: Rebuild even if a valid saved index exists.
         save: Save a (re)built index beside the store when the store is a local folder.
         **params: :class:`InfluenceIndex` options (``hnsw_m``, ``ef_construction``,
-            ``ef_search``, ``device``).
+            ``ef_search``, ``device``, ``rerank``, ``certify``).
 
     Returns:
-        The index (``meta`` holds its fingerprint).
+        The index (``meta`` holds its fingerprint, ``choice`` the kind chosen and why).
     """
     store = _open_store(store)
     runs = _runs(run)
     ids = _inputs.ids_in_split(store.catalog(), "train")
+    choice = _choose(kind, len(ids), _dim(store, runs), params)
+    kind = choice["kind"]
     build_params = {k: v for k, v in params.items() if k in ("hnsw_m", "ef_construction")}
     folder = store_folder(store)
     sub = urllib.parse.quote("+".join(runs), safe="")  # run names are data: escape them
@@ -210,13 +238,16 @@ def open_index(
                 break
             log.info("index %s/%s is stale (run or build parameters changed): rebuilding", sub, kind)
         if idx is None:
-            idx = build_index(store, runs, kind=kind, damping=damping, **params)
+            idx = _build(store, runs, ids, choice, damping, 16384, params)
             if save and folder is not None:
                 save_index(idx, os.path.join(folder, INDEX_DIR, sub))
     if "ef_search" in params:
         idx.ef_search = params["ef_search"]
     if "rerank" in params:  # query-time, like ef_search
         idx.params["rerank"] = int(params["rerank"])
+    if "certify" in params:
+        idx.params["certify"] = bool(params["certify"])
+    idx.choice = choice  # this call's request and reason (a reopened index may have been built for another)
     _lru_put(_MEMORY_CACHE, key, store, idx, _CACHE_SIZE)
     return idx
 
@@ -249,12 +280,15 @@ class InfluenceResult:
         sign: R(τ) used in q.
         table: ``rank``, ``episode_id``, ``score`` (+ ``tier``/``length`` when catalogued).
         steps: One :class:`StepInfluence` per top demo, in rank order.
+        index: The index searched: ``kind``, ``requested``, ``reason`` (see
+            ``InfluenceIndex.choice``) and ``rows``.
     """
 
     rollout: str
     sign: float
     table: pa.Table
     steps: list[StepInfluence]
+    index: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         lines = [f"top influencers of rollout {self.rollout} (ranked by sign·a(τ, ξ), sign {self.sign:+g})",
@@ -307,7 +341,7 @@ def top_influencers(
     sign: float | None = None,
     returns: str = "pm1",
     damping: float = DEFAULT_DAMPING,
-    kind: str = "flat",
+    kind: str = DEFAULT_KIND,
     steps: int = 3,
     index: InfluenceIndex | None = None,
     **params: Any,
@@ -324,7 +358,9 @@ def top_influencers(
             the failing behaviour instead of those that most oppose it.
         returns: ``pm1``, ``01`` or ``real`` (see ``scorers._inputs.returns_of``).
         damping: Relative damping of the preconditioner.
-        kind: ``flat`` (exact), ``hnsw`` or ``sq8`` (int8 scan, exact re-ranking).
+        kind: ``auto`` (default; ``flat`` or ``sq8`` by the number of training demos),
+            ``flat`` (exact), ``hnsw`` or ``sq8`` (int8 scan, certified exact re-ranking).
+            Scores are always the exact ones; only ``hnsw`` may miss a top demo.
         steps: Top steps/pairs reported per demo.
         index: A prebuilt index (else :func:`open_index`).
         **params: Index options (``ef_search``, ``hnsw_m``, ``rerank``, ``device``, ...).
@@ -370,4 +406,6 @@ def top_influencers(
     for c in ("tier", "length"):
         if c in hits.column_names:
             cols[c] = hits.column(c).to_pylist()
-    return InfluenceResult(rollout=rollout, sign=float(sign), table=pa.table(cols), steps=details)
+    choice = index.choice or {"requested": index.kind, "kind": index.kind, "reason": f"{index.kind} index given"}
+    return InfluenceResult(rollout=rollout, sign=float(sign), table=pa.table(cols), steps=details,
+                           index=dict(choice, rows=len(index)))

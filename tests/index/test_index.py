@@ -1,4 +1,5 @@
-"""Index: exact top-k equals a full sort, HNSW recall measured, top_influencers semantics."""
+"""Index: exact top-k equals a full sort, HNSW recall measured, top_influencers semantics, the
+``auto`` default (flat or sq8 by size, the choice said and saved, always exact)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import os
 import numpy as np
 import pytest
 
-from cupid_engine.index import InfluenceIndex, open_index, recall_at_k, top_influencers
+from cupid_engine.index import (
+    AUTO_SQ8_MIN_BYTES,
+    DEFAULT_KIND,
+    InfluenceIndex,
+    choose_kind,
+    faiss_index,
+    open_index,
+    recall_at_k,
+    top_influencers,
+)
 from cupid_engine.scorers import score
 from cupid_engine.scorers.arrays import ArrayRun, ArrayStore
 from cupid_engine.scorers.preconditioner import Preconditioner, concat_checkpoints
@@ -132,3 +142,52 @@ def test_top_influencers_on_gradient_store_reads_only_hit_rows(rng, tmp_path):
     assert snap._table is None  # the whole catalog was never materialised
     with pytest.raises(ValueError, match="not in the catalog"):
         top_influencers(fresh, "base", "no_such_rollout", k=5, index=index)
+
+
+def test_choose_kind_by_rows_and_device():
+    assert DEFAULT_KIND == "auto"
+    rows = AUTO_SQ8_MIN_BYTES // (4 * 1024)  # the threshold is in fp32 bytes: rows x dim x 4
+    kind, why = choose_kind("auto", rows - 1, 1024)
+    assert kind == "flat" and f"{rows - 1} rows x 1024" in why and "measured" in why
+    kind, why = choose_kind("auto", rows, 1024)
+    assert kind == "sq8" and "exact" in why
+    assert choose_kind("auto", rows, 256)[0] == "flat" and choose_kind("auto", 4 * rows, 256)[0] == "sq8"
+    kind, why = choose_kind("auto", 10 * rows, 1024, device="gpu")
+    assert kind == "flat" and "device='gpu'" in why
+    assert choose_kind("hnsw", 5, 8) == ("hnsw", "hnsw requested")
+    with pytest.raises(ValueError, match="one of"):
+        choose_kind("ivf", 5, 8)
+    with pytest.raises(ValueError, match="choose_kind"):
+        InfluenceIndex(4, kind="auto")  # 'auto' is resolved before an index exists
+
+
+@pytest.mark.parametrize("threshold", [None, 4], ids=["small-store-flat", "forced-sq8"])
+def test_auto_gives_flats_exact_top_and_scores(rng, monkeypatch, threshold):
+    if threshold is not None:  # the same store with the threshold below its size: auto takes sq8
+        monkeypatch.setattr(faiss_index, "AUTO_SQ8_MIN_BYTES", threshold)
+    st = make_store(rng, n_train=300, k=12)
+    for rollout in ("roll_ok", "roll_bad"):
+        auto = top_influencers(st, "base", rollout, k=10, rerank=10)
+        flat = top_influencers(st, "base", rollout, k=10, kind="flat")
+        assert auto.index["requested"] == "auto" and auto.index["rows"] == 300
+        assert auto.index["kind"] == ("flat" if threshold is None else "sq8")
+        assert flat.index["kind"] == "flat" and flat.index["reason"] == "flat requested"
+        assert auto.table["episode_id"].to_pylist() == flat.table["episode_id"].to_pylist()
+        # Scores are the exact float64 a(τ, ξ) of the returned demos: bit for bit.
+        assert auto.table["score"].to_pylist() == flat.table["score"].to_pylist()
+
+
+def test_choice_saved_with_the_index_and_reported_on_load(rng, tmp_path, monkeypatch):
+    monkeypatch.setattr(faiss_index, "AUTO_SQ8_MIN_BYTES", 30 * 8 * 4)
+    st = make_store(rng, path=str(tmp_path))  # 40 training demos x k = 8 >= 30 x 8: sq8
+    idx = open_index(st, "base")
+    assert idx.kind == "sq8" and idx.choice["requested"] == "auto" and "40 rows x 8" in idx.choice["reason"]
+    folder = tmp_path / "index" / "base"
+    saved = json.loads((folder / "sq8.json").read_text())
+    assert saved["choice"] == idx.choice
+    back = InfluenceIndex.load(folder, "sq8")
+    assert back.choice == idx.choice and back.kind == "sq8"
+    assert np.array_equal(back.l1, idx.l1)  # the bound's norms are rebuilt from the saved codes
+    flat = open_index(st, "base", kind="flat")
+    assert flat.choice == {"requested": "flat", "kind": "flat", "reason": "flat requested"}
+    assert json.loads((folder / "flat.json").read_text())["choice"] == flat.choice

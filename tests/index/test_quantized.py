@@ -1,4 +1,5 @@
-"""The int8 scan against its float64 reference, and the sq8 index against exact search."""
+"""The int8 scan against its float64 reference, and the sq8 index against exact search (its
+certified re-rank returns the exact top-k whatever the re-rank depth)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cupid_engine.index.faiss_index import InfluenceIndex
+from cupid_engine.index.faiss_index import InfluenceIndex, recall_at_k
 from cupid_engine.index.quantized import QMAX, quantize_rows, scan, scan_reference
 
 
@@ -79,3 +80,46 @@ def test_sq8_rerank_bounds(rng):
     with pytest.raises(ValueError, match="rerank"):
         InfluenceIndex(8, kind="sq8", rerank=0)
     assert torch.is_tensor(idx.vectors())
+
+
+def _spread(rng, n, d):
+    """Hard rows for int8 ranking: a third near-duplicates of one direction (their scores
+    differ by less than the quantisation error), the rest with norms over two decades,
+    and a few exact zeros."""
+    x = rng.standard_normal((n, d)) * np.exp(rng.uniform(-2.3, 2.3, size=(n, 1)))
+    x[: n // 3] = 8.0 * rng.standard_normal(d) + 0.02 * rng.standard_normal((n // 3, d))
+    x[::97] = 0.0
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("d", [7, 64, 300])
+def test_certificate_widens_until_the_top_is_exact(rng, d):
+    n, k = 4000, 10
+    x = _spread(rng, n, d)
+    ids = [f"e{i}" for i in range(n)]
+    flat = InfluenceIndex(d)
+    flat.add(x, ids)
+    q = rng.standard_normal((12, d)).astype(np.float32)
+    want_scores, want = flat.search(q, k)
+    loose = InfluenceIndex(d, kind="sq8", rerank=k, certify=False)  # no margin at all
+    loose.add(x, ids)
+    assert recall_at_k(loose.search(q, k)[1], want) < 1.0  # the depth alone misses some
+    assert all(s["widened"] == 0 for s in loose.last_search)
+    sure = InfluenceIndex(d, kind="sq8", rerank=k)
+    sure.add(x, ids)
+    scores, got = sure.search(q, k)
+    assert got == want
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6 * np.abs(want_scores).max())
+    assert sum(s["widened"] for s in sure.last_search) > 0
+    assert all(s["reranked"] == k + s["widened"] for s in sure.last_search)
+
+
+def test_k_above_rerank_is_widened_not_missed(rng):
+    x = _spread(rng, 2000, 33)
+    ids = [str(i) for i in range(2000)]
+    flat, sq8 = InfluenceIndex(33), InfluenceIndex(33, kind="sq8", rerank=3)
+    flat.add(x, ids)
+    sq8.add(x, ids)
+    q = rng.standard_normal((4, 33)).astype(np.float32)
+    assert sq8.search(q, 25)[1] == flat.search(q, 25)[1]  # 25 requested > rerank 3
+    assert all(s["reranked"] >= 25 for s in sq8.last_search)
