@@ -44,6 +44,7 @@ import numpy as np
 DEFAULT_SCORERS = ("cupid", "cupid-step", "cupid-quality", "length", "random")
 ACCEPT_AUROC = 0.85
 ACCEPT_ORACLE_FRACTION = 0.8
+SPURIOUS_BASELINES = ("length", "random", "cupid-quality")
 
 
 def _h(obj: Any) -> str:
@@ -300,6 +301,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
     seeds = [int(s) for s in args.seeds.split(",")]
     res: dict[str, Any] = {
         "scenario": scenario,
+        "kind": pl.sc.kind,
         "description": pl.sc.description,
         "demos": n,
         "known_bad": int(bad.sum()),
@@ -382,6 +384,11 @@ def summarise(results: list[dict[str, Any]], default_scorer: str) -> dict[str, A
                 "auroc": summ["auroc_mean"],
                 "auroc_pass": summ["auroc_mean"] >= ACCEPT_AUROC,
             }
+            if r.get("kind") == "spurious":  # issue #13: beat length, random and CUPID-Quality there
+                base = {b: r["summary"][b]["auroc_mean"] for b in SPURIOUS_BASELINES if b in r["summary"]}
+                row["baselines_auroc"] = base
+                row["beats_baselines"] = (len(base) == len(SPURIOUS_BASELINES)
+                                          and all(summ["auroc_mean"] > v for v in base.values()))
             if "curated_pooled" in r and default_scorer in r["curated_pooled"]:
                 cur, ora = r["curated_pooled"][default_scorer]["rate"], r["curated_pooled"]["oracle"]["rate"]
                 row.update({"curated": cur, "oracle": ora, "oracle_fraction": cur / ora if ora else float("nan")})

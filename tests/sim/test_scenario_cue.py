@@ -210,3 +210,23 @@ _BRITTLE_DIGESTS = {
 @pytest.mark.parametrize("name", ["lift-grasp", "lift-sweep"])
 def test_brittle_scenarios_unchanged(sim_env, name):
     assert _digest(generate_scenario(name, demos=3, seed=0, env=sim_env("lift"))) == _BRITTLE_DIGESTS[name]
+
+
+def test_bench_summary_judges_spurious_scenarios_against_the_baselines():
+    from cupid_engine.cli.bench import _load
+
+    bf = _load("fidelity")
+
+    def result(aurocs):
+        return {"scenario": "lift-cue", "kind": "spurious",
+                "per_seed": [{"scorers": {n: {"auroc": a, "removed_bad": 1} for n, a in aurocs.items()}}]}
+
+    good = bf.summarise([result({"cupid": 0.7, "length": 0.5, "random": 0.52, "cupid-quality": 0.4})], "cupid")
+    (row,) = good["acceptance"]
+    assert row["beats_baselines"] is True and row["auroc_pass"] is False
+    bad = bf.summarise([result({"cupid": 0.7, "length": 0.5, "random": 0.52, "cupid-quality": 0.75})], "cupid")
+    assert bad["acceptance"][0]["beats_baselines"] is False
+    missing = bf.summarise([result({"cupid": 0.7, "random": 0.5})], "cupid")
+    assert missing["acceptance"][0]["beats_baselines"] is False  # a baseline not run is not beaten
+    brittle = bf.summarise([dict(result({"cupid": 0.9, "random": 0.5}), kind="brittle")], "cupid")
+    assert "beats_baselines" not in brittle["acceptance"][0]
