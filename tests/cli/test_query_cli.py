@@ -76,3 +76,18 @@ def test_index_kind_is_said_and_sq8_gives_the_same_answer(loop, capsys):
     assert sq8["results"] == out["results"]  # same demos, same exact scores
     assert _query(loop, "--episode", "roll_1", "--rerank", "0") == 2
     assert "--rerank must be a positive number" in capsys.readouterr().err
+
+
+def test_index_command_builds_and_says_which_kind(loop, capsys, tmp_path):
+    from cupid_engine.index import InfluenceIndex
+
+    capsys.readouterr()
+    assert main(["index", "--store", loop["store"], "--run", "base", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["requested"] == "auto" and info["kind"] == "flat" and info["rows"] == 12 and info["dim"] == 16
+    assert "8 MiB" in info["reason"] and len(info["saved"]) == 1
+    back = InfluenceIndex.load(info["saved"][0], "flat")
+    assert back.choice["kind"] == "flat" and back.choice["requested"] == "auto" and len(back) == 12
+    assert main(["index", "--store", loop["store"], "--run", "base", "--kind", "sq8"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("index sq8 over 12 training demos x 16 (sq8 requested)") and "saved in" in text
