@@ -20,6 +20,11 @@ from the same seed. For each N:
   recall@10 against the exact answers, the rows re-ranked, and whether the returned
   scores equal the exact ones; then, without the certificate, recall@10 for each re-rank
   depth of ``--rerank-depths`` (what the certificate guards against);
+- ivf (``--ivf-nlist``, an experiment, not an engine index): faiss ``IndexIVFFlat``
+  (inner product; the scanned lists' scores are exact fp32) and ``IndexIVFScalarQuantizer``
+  8-bit + ``IndexRefineFlat`` (the best ``--rerank`` candidates re-scored exactly),
+  sharing one coarse quantizer trained by k-means on the first 65,536 rows; train and add
+  times, then per ``--ivf-nprobe`` median latency (faiss, one query per call) and recall@10;
 - default: the index ``auto`` resolves to at this N (``choose_kind``), timed again as
   the engine would search it: latency ratio to the fp32 floor and recall@10 (the
   ``default_index`` acceptance row, one entry per N). Every row carries the load
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrum", choices=("lowrank", "powerlaw", "isotropic"), default="lowrank",
                    help="synthetic whitened sums: rank-32 + noise, power-law spectrum, or isotropic Gaussian")
     p.add_argument("--skip-sq8", action="store_true", help="skip the int8-scan index")
+    p.add_argument("--ivf-nlist", type=int, default=0,
+                   help="also build faiss IVF (IVFFlat, and IVF-SQ8 + exact refine) with this many lists (0: skip)")
+    p.add_argument("--ivf-nprobe", type=int, nargs="+", default=[8, 32, 128], help="IVF lists probed per query")
     p.add_argument("--ef-construction", type=int, default=200, help="HNSW efConstruction")
     p.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128, 256], help="HNSW efSearch values")
     p.add_argument("--bandwidth-mib", type=int, default=2048, help="size of the bandwidth probe")
@@ -181,9 +189,12 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
         if n <= args.hnsw_max:
             hnsw = InfluenceIndex(args.k, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
         t_build, t_hnsw = 0.0, 0.0
+        ivf = _IVF(args.k, args.ivf_nlist, args.rerank, args.top) if args.ivf_nlist and n >= 39 * args.ivf_nlist else None
         row = 0
         for block in _episode_sums(n, args.k, gen, basis):
             ids = range(row, row + len(block))
+            if ivf is not None:
+                ivf.add(block)
             t = time.perf_counter()
             exact.add(block, ids)
             t_build += time.perf_counter() - t
@@ -245,6 +256,14 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
                   f"floor, recall@10 {d['recall_at_10']:.3f}", flush=True)
         else:
             print(f"auto   N={n:>8} -> {kind}: not measured (--skip-sq8)", flush=True)
+        if ivf is not None:
+            for r in ivf.measure(q, args, exact_ids, floor):
+                r.update({"n": n, "k": args.k, "spectrum": args.spectrum})
+                results.append(r)
+                print(f"{r['kind']:<8} N={n:>8} nlist={r['nlist']} nprobe={r['nprobe']:>4}: median "
+                      f"{r['latency_ms']['median']:.2f} ms ({r['ratio_to_fp32_floor']:.2f}x the fp32 floor), recall@10 "
+                      f"{r['recall_at_10']:.3f}; train {r['train_s']:.1f} s, add {r['add_s']:.1f} s, load {r['load']:.1f}",
+                      flush=True)
         if hnsw is not None:
             print(f"hnsw   N={n:>8}: built in {t_hnsw:.1f} s", flush=True)
             for ef in args.ef_search:
@@ -262,8 +281,61 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
                 results.append(r)
                 print(f"hnsw   N={n:>8} ef={ef:>4}: median {r['latency_ms']['median']:.3f} ms, "
                       f"recall@10 {r['recall_at_10']:.3f}", flush=True)
-        del exact, hnsw, sq8, indexes
+        del exact, hnsw, sq8, indexes, ivf
     return results
+
+
+class _IVF:
+    """faiss IVF indexes sharing one coarse quantizer, trained on the first block added."""
+
+    def __init__(self, k: int, nlist: int, rerank: int, top: int) -> None:
+        import faiss
+
+        self.faiss, self.nlist = faiss, nlist
+        self.quantizer = faiss.IndexFlatIP(k)  # kept referenced: both indexes borrow it
+        self.flat = faiss.IndexIVFFlat(self.quantizer, k, nlist, faiss.METRIC_INNER_PRODUCT)
+        self.sq = faiss.IndexIVFScalarQuantizer(self.quantizer, k, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                faiss.METRIC_INNER_PRODUCT)
+        self.refine = None
+        self.k_factor = max(1.0, rerank / top)
+        self.train_s = {"ivf_flat": 0.0, "ivf_sq8": 0.0}
+        self.add_s = {"ivf_flat": 0.0, "ivf_sq8": 0.0}
+
+    def add(self, block: np.ndarray) -> None:
+        if self.refine is None:  # the first block (65,536 rows, or all of a smaller N) trains
+            t = time.perf_counter()
+            self.flat.train(block)  # k-means of the coarse quantizer
+            self.train_s["ivf_flat"] = time.perf_counter() - t
+            t = time.perf_counter()
+            self.sq.train(block)  # the quantizer is trained: only the 8-bit ranges
+            self.refine = self.faiss.IndexRefineFlat(self.sq)
+            self.refine.k_factor = self.k_factor
+            self.train_s["ivf_sq8"] = self.train_s["ivf_flat"] + time.perf_counter() - t
+        for name, index in (("ivf_flat", self.flat), ("ivf_sq8", self.refine)):
+            t = time.perf_counter()
+            index.add(block)
+            self.add_s[name] += time.perf_counter() - t
+
+    def measure(self, q: np.ndarray, args: argparse.Namespace, exact_ids: list, floor: float) -> list[dict[str, Any]]:
+        from cupid_engine.index import recall_at_k
+
+        out = []
+        for name, index in (("ivf_flat", self.flat), ("ivf_sq8", self.refine)):
+            for nprobe in args.ivf_nprobe:
+                (self.flat if name == "ivf_flat" else self.sq).nprobe = nprobe
+                index.search(q[:1], args.top)
+                lat, got = [], []
+                for i in range(args.queries):
+                    t = time.perf_counter()
+                    _, rows = index.search(q[i : i + 1], args.top)
+                    lat.append(time.perf_counter() - t)
+                    got.append([str(r) for r in rows[0] if r >= 0])
+                out.append({"kind": name, "nlist": self.nlist, "nprobe": nprobe, "train_s": self.train_s[name],
+                            "add_s": self.add_s[name], "latency_ms": _stats([x * 1e3 for x in lat]),
+                            "ratio_to_fp32_floor": float(np.median(lat)) / floor,
+                            "recall_at_10": recall_at_k(got, exact_ids), "load": _load(),
+                            "refine_k_factor": self.k_factor if name == "ivf_sq8" else None})
+        return out
 
 
 def _time(index, q: np.ndarray, args: argparse.Namespace) -> list[float]:

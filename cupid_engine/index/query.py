@@ -159,8 +159,8 @@ def build_index(
     """Build the index of the training demos of ``run`` (one or several checkpoint runs).
 
     ``kind="auto"`` (the default) is resolved by :func:`~cupid_engine.index.faiss_index.
-    choose_kind` from the number of training demos; the index's ``choice`` records what
-    was chosen and why (saved with it).
+    choose_kind` from the size of the index (training demos × width); the index's
+    ``choice`` records what was chosen and why (saved with it).
     """
     store = _open_store(store)
     runs = _runs(run)
@@ -175,6 +175,7 @@ def _dim(store: StoreReader, runs: list[str]) -> int:
 
 def _build(store: StoreReader, runs: list[str], ids: list[str], choice: dict[str, str], damping: float, block: int,
            params: dict[str, Any]) -> InfluenceIndex:
+    """The index of ``ids`` of the kind ``choice`` names, built block by block."""
     parts = _ensemble(store, runs, damping)
     if not ids:
         raise ValueError("the store has no training-split episodes to index")
@@ -199,7 +200,7 @@ def open_index(
     Args:
         store: Open store or path.
         run: Run name, or several (checkpoint ensemble).
-        kind: ``auto`` (default: ``flat`` or ``sq8`` by the number of training demos,
+        kind: ``auto`` (default: ``flat`` or ``sq8`` by the size of the index,
             see :func:`~cupid_engine.index.faiss_index.choose_kind`), ``flat`` (exact),
             ``hnsw`` or ``sq8`` (int8 scan, certified exact re-ranking).
         damping: Relative damping of the preconditioner.
@@ -358,7 +359,7 @@ def top_influencers(
             the failing behaviour instead of those that most oppose it.
         returns: ``pm1``, ``01`` or ``real`` (see ``scorers._inputs.returns_of``).
         damping: Relative damping of the preconditioner.
-        kind: ``auto`` (default; ``flat`` or ``sq8`` by the number of training demos),
+        kind: ``auto`` (default; ``flat`` or ``sq8`` by the size of the index),
             ``flat`` (exact), ``hnsw`` or ``sq8`` (int8 scan, certified exact re-ranking).
             Scores are always the exact ones; only ``hnsw`` may miss a top demo.
         steps: Top steps/pairs reported per demo.

@@ -18,13 +18,15 @@ def test_bench_query_runs_and_writes_json(tmp_path):
         "--sizes", "300", "--k", "16", "--queries", "3", "--hnsw-max", "300", "--ef-search", "16",
         "--bandwidth-mib", "8", "--rollout-steps", "60", "--demo-steps", "90", "--quality-k", "16",
         "--episode-len", "10", "--naive-pairs", "0", "--rerank", "20", "--rerank-depths", "10",
-        "--spectrum", "isotropic", "--json", str(out_path),
+        "--spectrum", "isotropic", "--ivf-nlist", "4", "--ivf-nprobe", "4", "--json", str(out_path),
     ])
     out = mod.run(args)
     saved = json.loads(out_path.read_text())
     assert saved["acceptance"].keys() == out["acceptance"].keys()
     kinds = {r["kind"] for r in saved["results"]}
-    assert {"exact", "hnsw", "quality", "sq8", "sq8_uncertified", "default"} <= kinds
+    assert {"exact", "hnsw", "quality", "sq8", "sq8_uncertified", "default", "ivf_flat", "ivf_sq8"} <= kinds
+    # Probing all 4 lists scans everything: IVFFlat is then exact, IVF-SQ8 re-scores exactly.
+    assert all(r["recall_at_10"] == 1.0 for r in saved["results"] if r["kind"].startswith("ivf"))
     # The default index's acceptance row: one entry per size, exact recall, load noted.
     default = saved["acceptance"]["default_index"]
     assert [r["n"] for r in default["rows"]] == [300] and default["rows"][0]["recall_at_10"] == 1.0
