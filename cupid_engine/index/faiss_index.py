@@ -248,12 +248,16 @@ class InfluenceIndex:
         ``approx_i + e_i`` reaches the k-th exact score found is scored exactly too, where
         ``e_i = ½·s_i·‖q‖₁ + ½·s_q·‖ŝ_i‖₁`` bounds the quantisation error of row i
         (``ŝ_i`` its dequantised codes; :mod:`cupid_engine.index.quantized`) and a
-        float32 margin covers the rounding of both the approximate and the exact scores
-        (γ_K = K·2⁻²³ of ‖x_i‖∞·‖q‖₁, 2⁻²¹ of the approximate score). A row left out then
+        float32 margin covers the rounding of the quantisation itself, of the approximate
+        and of the exact scores (both halves taken as ½ + γ with γ = K·127·2⁻²³, which
+        bounds a float32 dot product's rounding relative to s_i·‖q‖₁ = ‖x_i‖∞·‖q‖₁/127,
+        plus 2⁻²¹ of the approximate score). A row left out then
         scores below the k-th exact score found, hence below the true k-th score: the
         returned top-k is the exact one (ties at float32 rounding aside), whatever
-        ``rerank`` is. ``last_search`` says, per query, how many rows were re-ranked and
-        how many of those the certificate added.
+        ``rerank`` is. When the bound leaves more than a quarter of the rows in doubt
+        (near-duplicate rows whose scores differ by less than the int8 error), all rows
+        are scored in one fp32 pass instead, as ``flat`` would. ``last_search`` says, per
+        query, how many rows were re-ranked and how many of those the certificate added.
         """
         c = min(len(self), max(k, int(self.params["rerank"])))
         certify = bool(self.params.get("certify", True))
@@ -281,10 +285,13 @@ class InfluenceIndex:
                 upper *= np.float32(2.0**-21)
                 upper += approx
                 upper += np.float32((0.5 + gamma) * q_l1) * self.scales
-                upper += np.float32(0.5 * q_scale) * self.l1
+                upper += np.float32((0.5 + gamma) * q_scale) * self.l1
                 upper[cand] = -np.inf
                 extra = np.flatnonzero(upper >= kth)
-                if extra.size:
+                if extra.size > n // 4:  # gathering that many rows costs more than one fp32 pass
+                    widened = n - c
+                    cand, exact = np.arange(n), vec @ qb
+                elif extra.size:
                     widened = int(extra.size)
                     cand = np.concatenate([cand, extra])
                     exact = np.concatenate([exact, _dots(vec, extra, qb)])

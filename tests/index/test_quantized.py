@@ -123,3 +123,15 @@ def test_k_above_rerank_is_widened_not_missed(rng):
     q = rng.standard_normal((4, 33)).astype(np.float32)
     assert sq8.search(q, 25)[1] == flat.search(q, 25)[1]  # 25 requested > rerank 3
     assert all(s["reranked"] >= 25 for s in sq8.last_search)
+
+
+def test_certificate_falls_back_to_one_fp32_pass_when_most_rows_are_in_doubt(rng):
+    n, d = 1500, 48
+    x = (5.0 * rng.standard_normal(d) + 0.01 * rng.standard_normal((n, d))).astype(np.float32)  # all near-equal
+    ids = [str(i) for i in range(n)]
+    flat, sq8 = InfluenceIndex(d), InfluenceIndex(d, kind="sq8", rerank=16)
+    flat.add(x, ids)
+    sq8.add(x, ids)
+    q = rng.standard_normal((3, d)).astype(np.float32)
+    assert sq8.search(q, 10)[1] == flat.search(q, 10)[1]
+    assert all(s == {"reranked": n, "widened": n - 16} for s in sq8.last_search)
