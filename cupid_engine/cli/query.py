@@ -13,8 +13,8 @@ only with ``--any-episode``); the FAISS index over the run's training demos is b
 first use and saved beside the store. By default (``--kind auto``) the index is the exact
 fp32 scan for small runs and the int8 scan with a certified exact re-rank (``sq8``) from
 8 MiB of fp32 vectors on (``AUTO_SQ8_MIN_BYTES``), where it was measured faster; both
-return the exact top demos and exact scores. The kind used and why is printed (stderr; ``index`` in
-``--json``).
+return the exact top demos and exact scores. The kind used and why is logged when the index is built
+or reopened (stderr) and given as ``index`` in ``--json``.
 """
 
 from __future__ import annotations
@@ -92,9 +92,8 @@ def _query(args: argparse.Namespace) -> int:
     params = {} if args.ef_search is None else {"ef_search": args.ef_search}
     if args.rerank is not None:
         params["rerank"] = args.rerank
+    # The kind built or reopened and why is logged (stderr); --json also gives it as "index".
     index = open_index(store, runs, kind=args.kind, damping=args.damping, rebuild=args.rebuild, **params)
-    # No silent choice: the kind searched and why, on stderr so stdout stays the answer.
-    print(f"query: index {index.kind} over {len(index)} training demos ({index.choice['reason']})", file=sys.stderr)
     # A training demo queried with --any-episode is in the index itself: leave it out.
     itself = split == "train"
     res = top_influencers(store, runs, args.episode, k=min(top + itself, n_train), sign=sign,

@@ -146,9 +146,8 @@ def fingerprint(store: StoreReader, runs: list[str], damping: float, ids: list[s
 
 
 def _choose(kind: str, n: int, dim: int, params: dict[str, Any]) -> dict[str, str]:
-    """``{"requested", "kind", "reason"}`` for ``kind`` over ``n`` rows, logged (no silent choice)."""
+    """``{"requested", "kind", "reason"}`` for ``kind`` over ``n`` rows of width ``dim``."""
     concrete, reason = choose_kind(kind, n, dim, device=params.get("device", "cpu"))
-    log.info("index over %d training demos: %s (%s)", n, concrete, reason)
     return {"requested": kind, "kind": concrete, "reason": reason}
 
 
@@ -180,6 +179,9 @@ def _build(store: StoreReader, runs: list[str], ids: list[str], choice: dict[str
     if not ids:
         raise ValueError("the store has no training-split episodes to index")
     dim = sum(r.k for r, _ in parts)
+    # No silent choice: the kind and why are logged here, kept in ``index.choice``, saved
+    # with the index and returned by top_influencers (InfluenceResult.index).
+    log.info("building the %s index over %d training demos (%s)", choice["kind"], len(ids), choice["reason"])
     index = InfluenceIndex(dim, kind=choice["kind"], **params)
     index.choice = choice
     for start in range(0, len(ids), block):
@@ -236,6 +238,8 @@ def open_index(
             same_build = all(loaded.params.get(k) == v for k, v in build_params.items())
             if loaded.meta == fp and same_build:
                 idx = loaded
+                log.info("reopened the %s index over %d training demos from %s (%s)", kind, len(idx), saved,
+                         choice["reason"])
                 break
             log.info("index %s/%s is stale (run or build parameters changed): rebuilding", sub, kind)
         if idx is None:

@@ -61,18 +61,18 @@ def test_training_demo_with_any_episode_leaves_itself_out(loop, capsys):
     assert lib[0] == "demo_04" and ids == [e for e in lib if e != "demo_04"][:3]
 
 
-def test_index_kind_is_said_and_sq8_gives_the_same_answer(loop, capsys):
+def test_index_kind_is_said_and_sq8_gives_the_same_answer(loop, capsys, caplog):
     capsys.readouterr()
-    assert _query(loop, "--episode", "roll_1", "--top", "4", "--json") == 0
-    captured = capsys.readouterr()
-    out = json.loads(captured.out)
+    caplog.set_level("INFO", logger="cupid_engine")
+    assert _query(loop, "--episode", "roll_1", "--top", "4", "--json", "--rebuild") == 0
+    out = json.loads(capsys.readouterr().out)
     # 12 training demos: the default resolves to the exact flat scan, and says so.
     assert out["index"]["requested"] == "auto" and out["index"]["kind"] == "flat" and out["index"]["rows"] == 12
-    assert "query: index flat over 12 training demos (auto: flat" in captured.err
+    assert "building the flat index over 12 training demos (auto: flat" in caplog.text
+    caplog.clear()
     assert _query(loop, "--episode", "roll_1", "--top", "4", "--kind", "sq8", "--rerank", "2", "--json") == 0
-    captured = capsys.readouterr()
-    sq8 = json.loads(captured.out)
-    assert sq8["index"]["kind"] == "sq8" and "sq8 requested" in captured.err
+    sq8 = json.loads(capsys.readouterr().out)
+    assert sq8["index"]["kind"] == "sq8" and "sq8 index over 12 training demos" in caplog.text
     assert sq8["results"] == out["results"]  # same demos, same exact scores
     assert _query(loop, "--episode", "roll_1", "--rerank", "0") == 2
     assert "--rerank must be a positive number" in capsys.readouterr().err
