@@ -21,7 +21,9 @@ fewer than ~20 queries with one thread per query, which on a many-core machine r
 the vectors at a fraction of the memory bandwidth. A matrix-vector product over the
 *same* stored vectors (a zero-copy view of the FAISS buffer) uses every core and is
 bandwidth-bound; both are exact scans, so the results are the same up to float32
-summation order (``torch.topk`` and FAISS may order exact ties differently).
+summation order (``torch.topk`` and FAISS may order exact ties differently). Below
+:data:`SERIAL_SCAN_BYTES` the scan is one serial pass instead: under load, waiting for a
+parallel region's threads costs far more than so small a scan.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ KINDS = ("flat", "hnsw", "sq8")
 CHOICES = ("auto",) + KINDS  # what build_index/open_index/top_influencers and the CLI accept
 DEFAULT_KIND = "auto"
 SMALL_BATCH = 16  # queries answered by a threaded matrix-vector scan instead of FAISS
+# ... except over fewer fp32 bytes than this, scanned serially (einsum): a parallel region
+# waits for every thread, and on a loaded machine that wait dominates a small scan —
+# measured 12.0 ms (torch mv, 2 threads) vs 0.18 ms (serial) at 1,000 x 1024, load 4.5
+# (benchmarks/RESULTS.md, issue 19 item 3); on an idle many-core machine a serial pass over
+# 8 MiB costs at most ~1 ms.
+SERIAL_SCAN_BYTES = 8 << 20
 # ``auto`` picks ``sq8`` once the fp32 vectors (rows x dim x 4 bytes) reach this size.
 # Measured (benchmarks/RESULTS.md, "Issue 19 item 3: the default index", 2026-12-06,
 # Intel Xeon 2 cores, load 6-7, low-rank synthetic sums, single top-10 queries): with
@@ -234,11 +242,25 @@ class InfluenceIndex:
         if self.kind == "sq8":
             return self._search_sq8(q, k)
         if self.kind == "flat" and self.device == "cpu" and q.shape[0] <= SMALL_BATCH:
+            if len(self) * self.dim * 4 < SERIAL_SCAN_BYTES:
+                return self._search_serial(q, k)
             vals, idx = torch.topk(self.vectors() @ torch.from_numpy(q).T, k, dim=0)  # [k, B]
             scores, rows = vals.T.contiguous().numpy(), idx.T.numpy()
         else:
             scores, rows = self._searcher().search(q, k)
         return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
+
+    def _search_serial(self, q: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """The exact scan of a small flat index, one serial pass per query (no thread wait)."""
+        vec = self.vectors().numpy()
+        scores = np.empty((q.shape[0], k), np.float32)
+        rows = np.empty((q.shape[0], k), np.int64)
+        for b in range(q.shape[0]):
+            full = np.einsum("ij,j->i", vec, q[b])
+            top = np.argpartition(-full, k - 1)[:k]
+            top = top[np.argsort(-full[top], kind="stable")]
+            scores[b], rows[b] = full[top], top
+        return scores, [[self.ids[r] for r in row] for row in rows]
 
     def _search_sq8(self, q: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """Int8 scan for candidates, then exact fp32 scores of the candidates only.

@@ -33,8 +33,10 @@ def make_store(rng, *, k=8, n_train=40, path=None, runs=1):
     return ArrayStore.from_episodes(steps, splits, success=success, path=path, dtype=np.float64)
 
 
+@pytest.mark.parametrize("serial_bytes", [8 << 20, 0], ids=["serial-scan", "threaded-scan"])
 @pytest.mark.parametrize("nq", [1, 5, 40], ids=["one", "small-batch", "faiss-batch"])
-def test_flat_top_k_equals_full_sort(rng, nq):
+def test_flat_top_k_equals_full_sort(rng, monkeypatch, nq, serial_bytes):
+    monkeypatch.setattr(faiss_index, "SERIAL_SCAN_BYTES", serial_bytes)  # which exact path small batches take
     x = rng.standard_normal((500, 16)).astype(np.float32)
     q = rng.standard_normal((nq, 16)).astype(np.float32)
     idx = InfluenceIndex(16)
