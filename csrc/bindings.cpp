@@ -8,6 +8,7 @@
 
 #include "cupid/hash.h"
 #include "cupid/kernels.h"
+#include "cupid/parallel.h"
 #include "cupid/quality.h"
 #include "cupid/scan.h"
 #include "cupid/spectral.h"
@@ -38,6 +39,22 @@ PYBIND11_MODULE(_C, m) {
       "The hash-stream ids of cupid/hash.h (C++ and CUDA), by their cupid_engine.constants names.");
   m.def("num_threads", &cupid::num_threads, "OpenMP threads the CPU kernels use.");
   m.def("set_num_threads", &cupid::set_num_threads, py::arg("n"), "Set the OpenMP threads of the CPU kernels.");
+  m.def("in_forked_child", &cupid::in_forked_child,
+        "Whether this process was forked after the module loaded: its OpenMP kernels then run on one thread\n"
+        "(GNU libgomp's thread pool does not survive fork; see csrc/include/cupid/parallel.h).");
+  m.def("omp_threads", &cupid::omp_threads, py::arg("work"), py::arg("serial_below"),
+        "Threads an OpenMP region of `work` gets: 1 below `serial_below` or in a forked child, else num_threads().");
+  m.def(
+      "serial_thresholds",
+      [] {
+        py::dict d;
+        d["scan_bytes"] = cupid::kSerialScanBytes;
+        d["project_bytes"] = cupid::kSerialProjectBytes;
+        d["quality_flops"] = cupid::kSerialQualityFlops;
+        return d;
+      },
+      "Work below which each OpenMP kernel runs on one thread (scan: codes bytes n*k; projection: input bytes\n"
+      "rows*P*itemsize per row group of 32, count sketch rows*(O+I+2k)*itemsize; quality: 2*rows_r*rows_d*k).");
 
   // --- projection (csrc/cpu/projection.cpp) ---
   m.def("project_cpu", &cupid::project_cpu, py::call_guard<py::gil_scoped_release>(),

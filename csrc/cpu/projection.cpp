@@ -7,7 +7,8 @@
 // partials are reduced in superblock order. Hash values (signs, buckets, shifts) are
 // computed once per coordinate tile and reused for every row of the group. Every output
 // element is therefore summed in the same order whatever the thread count or batch
-// split, and results are bit-identical across both.
+// split, and results are bit-identical across both (and whether a region runs serially:
+// small calls and forked children do, see cupid/parallel.h).
 #include <omp.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 
 #include "cupid/hash.h"
 #include "cupid/kernels.h"
+#include "cupid/parallel.h"
 
 namespace cupid {
 namespace {
@@ -200,7 +202,12 @@ void project_typed(const In* x, AccOf<In>* out, int64_t B, const Plan& p) {
   for (int64_t g0 = 0; g0 < B; g0 += kRowGroup) {
     const int64_t rows = std::min(kRowGroup, B - g0);
     std::fill(partial.begin(), partial.end(), Acc(0));
-#pragma omp parallel for schedule(dynamic, 1)
+    // One superblock is one work item: a second thread would only wait.
+    const int nt_sb = p.nsb < 2                     ? 1
+                      : p.method == Method::kDense ? omp_threads(1, 0)
+                                                   : omp_threads(rows * p.P * static_cast<int64_t>(sizeof(In)),
+                                                                 kSerialProjectBytes);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt_sb) if (nt_sb > 1)
     for (int64_t sb = 0; sb < p.nsb; ++sb) {
       const int64_t c0 = sb * p.sb_size, c1 = std::min(p.P, c0 + p.sb_size);
       Acc* acc = partial.data() + sb * group * width;
@@ -215,7 +222,8 @@ void project_typed(const In* x, AccOf<In>* out, int64_t B, const Plan& p) {
     const Acc scale = p.method == Method::kDense   ? Acc(1) / std::sqrt(static_cast<Acc>(k))
                       : p.method == Method::kSparse ? Acc(1) / std::sqrt(static_cast<Acc>(p.s))
                                                     : Acc(1);
-#pragma omp parallel for schedule(static)
+    const int nt_red = omp_threads(rows * p.nsb * k * static_cast<int64_t>(sizeof(Acc)), kSerialProjectBytes);
+#pragma omp parallel for schedule(static) num_threads(nt_red) if (nt_red > 1)
     for (int64_t r = 0; r < rows; ++r) {
       Acc* o = out + (g0 + r) * k;
       for (int64_t sb = 0; sb < p.nsb; ++sb) {
@@ -239,7 +247,10 @@ void countsketch_typed(const In* delta, const In* x, const int64_t* b1, const in
   std::vector<Acc> f1(O), f2(I);
   for (int64_t i = 0; i < O; ++i) f1[i] = static_cast<Acc>(s1[i]);
   for (int64_t i = 0; i < I; ++i) f2[i] = static_cast<Acc>(s2[i]);
-#pragma omp parallel for schedule(static)
+  const int nt = omp_threads(rows * (O * static_cast<int64_t>(sizeof(In)) + I * static_cast<int64_t>(sizeof(In)) +
+                                     2 * k * static_cast<int64_t>(sizeof(Acc))),
+                             kSerialProjectBytes);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t r = 0; r < rows; ++r) {
     const In* dr = delta + r * O;
     Acc* od = cs_d + r * k;

@@ -30,6 +30,8 @@
 // partial-sum buffer (MR x NC) and running minima/maxima (tile demos x MC).
 #include "cupid/quality.h"
 
+#include "cupid/parallel.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -196,7 +198,7 @@ void run_quality(const T* r, const int64_t* r_off, int64_t m, const T* d, const 
 
   // Column chunks of whole demos: enough items to balance the threads, each at least a
   // few tiles wide so the row block is packed once per many tiles.
-  const int threads = omp_get_max_threads();
+  const int threads = omp_threads(2 * rows_r * d_off[n] * k, kSerialQualityFlops);
   const int64_t want_chunks = std::max<int64_t>(1, (4 * threads + nblocks - 1) / nblocks);
   const int64_t cols_total = d_off[n];
   const int64_t target = std::max<int64_t>(2 * kNC, (cols_total + want_chunks - 1) / want_chunks);
@@ -233,7 +235,7 @@ void run_quality(const T* r, const int64_t* r_off, int64_t m, const T* d, const 
   }
 
   const int64_t nitems = nblocks * nchunks;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<T> apack, bpack, cbuf, rmin, rmax;
     std::vector<int32_t> cd;

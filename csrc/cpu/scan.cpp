@@ -4,13 +4,16 @@
 // both sides are int8 (the query is quantised once per call), products are summed in
 // int32, which is exact and associative, so the compiler vectorises the loop freely
 // (sign-extend + multiply-add pairs) and every score is the same whatever the thread
-// count or vector width. Rows are split over OpenMP threads in static blocks.
+// count or vector width. Rows are split over OpenMP threads in static blocks, each score
+// computed by one thread, so a serial and a parallel scan give the same bytes.
 #include "cupid/scan.h"
 
 #include <omp.h>
 
 #include <stdexcept>
 #include <vector>
+
+#include "cupid/parallel.h"
 
 namespace cupid {
 namespace {
@@ -37,7 +40,8 @@ void scan_int8_cpu(uintptr_t codes_ptr, uintptr_t scales_ptr, int64_t n, int64_t
   std::vector<int16_t> q(static_cast<size_t>(k));
   for (int64_t j = 0; j < k; ++j) q[j] = q8[j];
   auto* scores = reinterpret_cast<float*>(scores_ptr);
-#pragma omp parallel for schedule(static)
+  const int nt = omp_threads(n * k, kSerialScanBytes);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t i = 0; i < n; ++i)
     scores[i] = scales[i] * q_scale * static_cast<float>(row_dot(codes + i * k, q.data(), k));
 }

@@ -8,6 +8,18 @@
 
 namespace cupid {
 
+// Row groups reading fewer input bytes (rows x P x element size) than this run their
+// superblocks on one thread (cupid/parallel.h); so do the superblock reduction and the
+// count sketch below the same number of bytes. Measured (2026-12-06 11:53 UTC, load 2.5-2.7,
+// nice 10, k = 4096, medians of 8 interleaved calls, 1 vs 2 threads): signshift B = 8, P =
+// 262144 (8 MiB) 1.4 vs 22.6 ms, B = 32, P = 131072 (16 MiB) 2.7 vs 27.3 ms, B = 32, P =
+// 524288 (64 MiB) 31.7 vs 44.2 ms, B = 32, P = 2^21 (256 MiB) 92.8 vs 71.6 ms; sparse (s = 4)
+// B = 1, P = 2^20 (4 MiB) 13.9 vs 24.2 ms, B = 8, P = 262144 (8 MiB) 22.3 vs 23.2 ms, B = 32,
+// P = 131072 (16 MiB) 41.9 vs 39.0 ms, B = 32, P = 524288 (64 MiB) 147 vs 109 ms. Dense
+// costs k multiply-adds per coordinate, so its superblocks stay parallel (P > 32768 for
+// two of them: >= 10^8 flops each).
+constexpr int64_t kSerialProjectBytes = int64_t{16} << 20;
+
 // Projection variants, dispatched by enum (never by function-name mangling).
 enum class Method : int { kDense = 0, kSparse = 1, kSignShift = 2 };
 
