@@ -498,9 +498,9 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
       }
       // The inverse's outputs go lane-major into za (free by now), then each sample's row is
       // written contiguously, tile by tile. Storing them lane by lane from the sink wrote W
-      // rows k floats apart (16 KiB at k = 4096: W lines of one L1 set, 4 KiB aliasing) in
-      // the sink's strided order; that was ~22% of an MLP call (4 layers, k = 4096, B = 1024,
-      // one thread: 37.5 -> 29.1 ms, same bytes). Same products, so the same values.
+      // rows k floats apart (16 KiB at k = 4096, likely W lines of one L1 set) in the sink's
+      // strided order; that was ~22% of an MLP call (4 layers, k = 4096, B = 1024, one
+      // thread: 37.5 -> 29.1 ms, same bytes). Same products, so the same values.
       const T scale = T(1) / static_cast<T>(m);
       fft_m<T, true>(zr, zi, w.loc.data(), plan, nullptr, [&](int64_t n, const V& re, const V& im) {
         ar[n] = re * scale;
