@@ -37,8 +37,12 @@ def test_quantisation_error_bound(rng):
 def test_scan_is_thread_count_independent(rng):
     from cupid_engine import _C
 
-    codes, scales = quantize_rows(rng.standard_normal((257, 515)).astype(np.float32))
-    q = rng.standard_normal(515).astype(np.float32)
+    # Above the scan's serial threshold (read from the extension), or both runs are serial.
+    d = 515
+    n = _C.serial_thresholds()["scan_bytes"] // d + 257
+    assert n * d >= _C.serial_thresholds()["scan_bytes"]
+    codes, scales = quantize_rows(rng.standard_normal((n, d), dtype=np.float32))
+    q = rng.standard_normal(d).astype(np.float32)
     before = _C.num_threads()
     try:
         _C.set_num_threads(1)
