@@ -56,7 +56,7 @@ import torch
 from cupid_engine.config import Config, check, field
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
-from cupid_engine.scorers.cupid import performance_inputs
+from cupid_engine.scorers.cupid import BASELINES, centred_returns, performance_inputs
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 from cupid_engine.scorers.table import make_table
 
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from cupid_engine.store.reader import StoreReader
 
 STEP_NORMS = ("none", "rollout", "both")
-BASELINES = ("none", "mean")
 
 
 def normalised_sum(whitened_steps: torch.Tensor, normalise: bool, eps: float = 1e-12) -> torch.Tensor:
@@ -81,18 +80,9 @@ def step_direction(rollout_sums: torch.Tensor, returns: np.ndarray, baseline: st
     Raises:
         ValueError: ``baseline="mean"`` with all returns equal (no contrast exists).
     """
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    r = torch.as_tensor(np.asarray(returns, np.float64))
+    r = torch.as_tensor(centred_returns(returns, baseline, single_outcome="raise")[0])
     if rollout_sums.ndim != 2 or rollout_sums.shape[0] != r.shape[0] or r.shape[0] == 0:
         raise ValueError(f"need [M>0, K] rollout sums and [M] returns, got {tuple(rollout_sums.shape)}, {tuple(r.shape)}")
-    if baseline == "mean":
-        if float(r.max() - r.min()) == 0.0:
-            raise ValueError(
-                "baseline='mean' needs rollouts with different returns (some successes and some failures); "
-                f"all {len(r)} rollouts have return {float(r[0])}: add rollouts or use baseline='none'"
-            )
-        r = r - r.mean()
     return (r[:, None] * rollout_sums.to(torch.float64)).sum(0) / r.shape[0]
 
 

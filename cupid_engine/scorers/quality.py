@@ -88,6 +88,9 @@ class CupidQualityConfig(Config):
     weighting: str = field("alpha", help="'alpha' or 'official' (0.5/0.25/0.25 notebook weighting)")
     normalization: str = field("sum", help="Ψ_π normalisation: 'sum' or 'mean'")
     returns: str = field("pm1", help="R(τ) for Ψ_π: 'pm1', '01' or 'real' (Ψ_qual ignores outcomes)")
+    baseline: str = field(
+        "none", help="return baseline of Ψ_π: 'none' (the paper's CUPID-Quality) or 'mean' (as the cupid scorer's)"
+    )
     damping: float = field(DEFAULT_DAMPING, help="relative damping λ of the preconditioner")
     rollouts: str = field("rollout", help="rollouts τ: a split name or comma-separated episode ids")
     episodes: str = field("train", help="episodes to score: split(s) joined by '+' or comma-separated ids")
@@ -101,7 +104,8 @@ class CupidQualityConfig(Config):
         check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}")
         check(self.dtype in ("float32", "float64"), "dtype must be float32 or float64")
         check(self.block_steps > 0, "block_steps must be positive")
-        CupidConfig(normalization=self.normalization, returns=self.returns, damping=self.damping)
+        CupidConfig(normalization=self.normalization, returns=self.returns, damping=self.damping,
+                    baseline=self.baseline)
 
 
 def whitened_steps(run: Any, pre: Preconditioner, ids: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
@@ -155,7 +159,7 @@ class CupidQualityScorer(Scorer):
         store = cached(store)  # one cache for the quality term and the CUPID term
         ids, maxmin, minmax = self.reductions(store, run)
         perf_ids, perf = CupidScorer(
-            normalization=cfg.normalization, returns=cfg.returns, damping=cfg.damping,
+            normalization=cfg.normalization, returns=cfg.returns, damping=cfg.damping, baseline=cfg.baseline,
             rollouts=cfg.rollouts, episodes=cfg.episodes,
         ).raw_scores(store, run)
         assert perf_ids == ids

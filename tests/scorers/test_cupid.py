@@ -16,9 +16,10 @@ def _ids(store, split):
     return [e for e, s in zip(cat["episode_id"].to_pylist(), cat["split"].to_pylist()) if s == split]
 
 
+@pytest.mark.parametrize("baseline", ["none", "mean"])
 @pytest.mark.parametrize("normalization", ["sum", "mean"])
 @pytest.mark.parametrize("returns", ["pm1", "01", "real"])
-def test_cupid_equals_brute_force_double_sum(store, normalization, returns):
+def test_cupid_equals_brute_force_double_sum(store, normalization, returns, baseline):
     run = store.run("base")
     pre = Preconditioner.from_run(run)
     h_inv = np.linalg.inv(pre.hessian.numpy())
@@ -30,6 +31,8 @@ def test_cupid_equals_brute_force_double_sum(store, normalization, returns):
             return cat[e]["return"]
         return (1.0 if cat[e]["success"] else -1.0) if returns == "pm1" else float(cat[e]["success"])
 
+    b = float(np.mean([ret(t) for t in rollouts])) if baseline == "mean" else 0.0
+    assert len({ret(t) for t in rollouts}) > 1  # the fixture's rollouts have both outcomes
     want = []
     for d in demos:
         xd = run.step_features(d).astype(np.float64)
@@ -39,9 +42,9 @@ def test_cupid_equals_brute_force_double_sum(store, normalization, returns):
             pair = sum(float(zp @ h_inv @ z) for zp in xt for z in xd)  # Σ_z' Σ_z a(z', z)
             if normalization == "mean":
                 pair /= len(xt) * len(xd)
-            total += ret(t) * pair
+            total += (ret(t) - b) * pair
         want.append(total / len(rollouts))
-    table = score("cupid", store=store, run="base", normalization=normalization, returns=returns)
+    table = score("cupid", store=store, run="base", normalization=normalization, returns=returns, baseline=baseline)
     assert table["episode_id"].to_pylist() == demos
     np.testing.assert_allclose(table["score"].to_numpy(), want, rtol=1e-9, atol=1e-12)
 
@@ -122,3 +125,28 @@ def test_checkpoint_ensemble_is_mean_of_runs(rng):
     a, b = (score("cupid", store=st, run=n)["score"].to_numpy() for n in ("ckpt0", "ckpt1"))
     ens = score("cupid", store=st, run="ckpt0", checkpoints=["ckpt0", "ckpt1"])
     np.testing.assert_allclose(ens["score"].to_numpy(), (a + b) / 2, rtol=1e-12)
+
+
+def test_mean_baseline_with_one_outcome_uses_zero_and_says_so(store, caplog):
+    cat = store.catalog()
+    rollouts = [e for e, sp, ok in zip(cat["episode_id"].to_pylist(), cat["split"].to_pylist(),
+                                       cat["success"].to_pylist()) if sp == "rollout" and not ok]
+    assert rollouts
+    ids = ",".join(rollouts)  # failures only: R − R̄ would be zero everywhere
+    with caplog.at_level("WARNING", logger="cupid_engine.scorers.cupid"):
+        centred = score("cupid", store=store, run="base", rollouts=ids, baseline="mean")
+    assert "baseline_used=0" in caplog.text
+    paper = score("cupid", store=store, run="base", rollouts=ids, baseline="none")
+    np.testing.assert_array_equal(centred["score"].to_numpy(), paper["score"].to_numpy())
+    assert np.abs(paper["score"].to_numpy()).max() > 0
+
+
+def test_mean_baseline_is_a_combination_of_two_paper_scores(store):
+    """Linearity, a check independent of the code path: with ±1 returns, (1/m) Σ_τ s_τ =
+    2·Ψ₀₁ − Ψ±₁, so Ψ_mean = Ψ±₁ − R̄ (2·Ψ₀₁ − Ψ±₁) (all with b = 0)."""
+    cat = {r["episode_id"]: r for r in store.catalog().to_pylist()}
+    rbar = float(np.mean([1.0 if cat[e]["success"] else -1.0 for e in _ids(store, "rollout")]))
+    pm1 = score("cupid", store=store, run="base", baseline="none")["score"].to_numpy()
+    z01 = score("cupid", store=store, run="base", baseline="none", returns="01")["score"].to_numpy()
+    mean = score("cupid", store=store, run="base", baseline="mean")["score"].to_numpy()
+    np.testing.assert_allclose(mean, pm1 - rbar * (2 * z01 - pm1), rtol=1e-9, atol=1e-12)

@@ -15,9 +15,10 @@ def _ids(store, split):
     return [e for e, s in zip(cat["episode_id"].to_pylist(), cat["split"].to_pylist()) if s == split]
 
 
-def test_none_none_equals_paper_cupid(store):
-    a = score("cupid", store=store, run="base")
-    b = score("cupid-step", store=store, run="base", step_norm="none", baseline="none")
+@pytest.mark.parametrize("baseline", ["none", "mean"])
+def test_no_step_norm_equals_cupid_with_the_same_baseline(store, baseline):
+    a = score("cupid", store=store, run="base", baseline=baseline)
+    b = score("cupid-step", store=store, run="base", step_norm="none", baseline=baseline)
     assert a["episode_id"].to_pylist() == b["episode_id"].to_pylist()
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=1e-12, atol=1e-13)
 

@@ -157,7 +157,7 @@ def test_cupid_and_quality_equal_official_formulas(real_store, damping):
     nets = _official_net(pairs, success, len(demos))
 
     # CUPID: the engine equals the official net score times n·c/m (a positive constant).
-    ours = score("cupid", store=st, run="base", damping=damping)
+    ours = score("cupid", store=st, run="base", damping=damping, baseline="none")  # Prop. 2, as official
     assert ours["episode_id"].to_pylist() == demos
     engine = ours["score"].to_numpy()
     official = nets["sum_of_sum"] * (n * c / m)

@@ -30,7 +30,7 @@ def test_scorer_matches_arrays_and_ignores_outcomes(store):
     rs = [pre.whiten(run.step_features(e)).numpy() for e in rollouts]
     ds = [pre.whiten(run.step_features(e)).numpy() for e in demos]
     mm, xm = pairwise_minmax(rs, ds)
-    perf = score("cupid", store=store, run="base")["score"].to_numpy()
+    perf = score("cupid", store=store, run="base", baseline="none")["score"].to_numpy()  # the paper's, as cupid-quality
 
     got = score("cupid-quality", store=store, run="base", dtype="float64", backend="torch", block_steps=7)
     want = 0.5 * minmax_normalize(perf) + 0.5 * minmax_normalize((mm - xm).mean(0))
