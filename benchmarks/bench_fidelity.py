@@ -340,8 +340,9 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
             kept_sets = {"all": ids, "oracle": good_ids}
             rng = np.random.default_rng(seed)
             kept_sets["random"] = list(rng.choice(ids, n - k, replace=False))
+            curate = set(args.curate.split(",")) if args.curate else set(scores)
             for name, s in scores.items():
-                if name == "random" or isinstance(s, str):
+                if name == "random" or isinstance(s, str) or name not in curate:
                     continue
                 order = np.argsort(-s, kind="stable")
                 kept_sets[name] = [ids[i] for i in order[: n - k]]
@@ -403,6 +404,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes, no retraining (checks the pipeline only)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenario names")
     p.add_argument("--scorers", default=",".join(DEFAULT_SCORERS), help="comma-separated scorer names")
+    p.add_argument("--curate", default=None,
+                   help="full mode: comma-separated scorers whose kept sets are retrained and rolled out (default: "
+                   "every scorer; each costs one training per seed, the others get AUROC and removed-bad only)")
     p.add_argument("--default-scorer", default="cupid", help="scorer the acceptance rows judge (the project default)")
     p.add_argument("--demos", type=int, default=60, help="demonstrations per scenario (split by its ratio)")
     p.add_argument("--rollouts", type=int, default=50, help="rollouts per condition (scoring and evaluation)")
