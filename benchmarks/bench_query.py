@@ -122,6 +122,19 @@ def _git_commit() -> str | None:
         return None
 
 
+def _timed_queries(search_one, q: np.ndarray, queries: int) -> tuple[list[float], list]:
+    """Seconds and answer of ``search_one(q[i:i+1])`` for the first ``queries`` rows (one
+    untimed warm-up call first)."""
+    search_one(q[:1])
+    lat, got = [], []
+    for i in range(queries):
+        t = time.perf_counter()
+        ans = search_one(q[i : i + 1])
+        lat.append(time.perf_counter() - t)
+        got.append(ans)
+    return lat, got
+
+
 def _stats(xs: list[float]) -> dict[str, float]:
     a = np.asarray(xs)
     return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)), "p90": float(np.percentile(a, 90)),
@@ -268,13 +281,7 @@ def bench_query(args: argparse.Namespace, bandwidth: dict[str, float]) -> list[d
             print(f"hnsw   N={n:>8}: built in {t_hnsw:.1f} s", flush=True)
             for ef in args.ef_search:
                 hnsw.ef_search = ef
-                hnsw.search(q[:1], args.top)
-                lat, got = [], []
-                for i in range(args.queries):
-                    t = time.perf_counter()
-                    _, ids = hnsw.search(q[i : i + 1], args.top)
-                    lat.append(time.perf_counter() - t)
-                    got.append(ids[0])
+                lat, got = _timed_queries(lambda x: hnsw.search(x, args.top)[1][0], q, args.queries)
                 r = {"kind": "hnsw", "n": n, "k": args.k, "ef_search": ef, "hnsw_m": args.hnsw_m,
                      "ef_construction": args.ef_construction, "build_s": t_hnsw,
                      "latency_ms": _stats([x * 1e3 for x in lat]), "recall_at_10": recall_at_k(got, exact_ids)}
@@ -323,13 +330,8 @@ class _IVF:
         for name, index in (("ivf_flat", self.flat), ("ivf_sq8", self.refine)):
             for nprobe in args.ivf_nprobe:
                 (self.flat if name == "ivf_flat" else self.sq).nprobe = nprobe
-                index.search(q[:1], args.top)
-                lat, got = [], []
-                for i in range(args.queries):
-                    t = time.perf_counter()
-                    _, rows = index.search(q[i : i + 1], args.top)
-                    lat.append(time.perf_counter() - t)
-                    got.append([str(r) for r in rows[0] if r >= 0])
+                lat, rows = _timed_queries(lambda x: index.search(x, args.top)[1][0], q, args.queries)
+                got = [[str(r) for r in row if r >= 0] for row in rows]
                 out.append({"kind": name, "nlist": self.nlist, "nprobe": nprobe, "train_s": self.train_s[name],
                             "add_s": self.add_s[name], "latency_ms": _stats([x * 1e3 for x in lat]),
                             "ratio_to_fp32_floor": float(np.median(lat)) / floor,
