@@ -17,8 +17,10 @@ Modules:
 * ``rollout``: seeded policy rollouts with success labels (``cupid-engine rollout``),
   success judged at the first, any or the final step, in a built-in task or your own
   environment (``--env module:factory``; ``point_env`` is the reference example).
-* ``scenarios``: known-answer curation scenarios (two strategies mixed 2:1, one brittle
-  under a rollout-time shift; ``generate --scenario``, ``rollout --shift``).
+* ``scenarios``: known-answer curation scenarios (brittle-strategy: two strategies mixed
+  2:1, one brittle under a rollout-time shift; spurious-correlate: subsets whose clean
+  background cue co-occurs with a strategy that fails in the test context;
+  ``generate --scenario``, ``rollout --shift``).
 * ``scripted_policy``: a memoryless scripted Lift policy behind the learned-policy
   interface (reference policy for rollouts).
 
