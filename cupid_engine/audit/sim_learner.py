@@ -72,9 +72,10 @@ class SimLearner:
         sc = self._scenario()
         if sc is None:
             return {}
-        from cupid_engine.sim.scenarios import get_shift
+        from cupid_engine.sim.scenarios import rollout_options
 
-        return {"variation": get_shift(sc.shift), "horizon": sc.horizon, "success_mode": sc.success_mode}
+        # A physics shift is a ``variation``; a context scenario's (lift-cue) is an env factory.
+        return rollout_options(sc.name, shifted=True)
 
     def _generate(self) -> None:
         from cupid_engine.data import write_dataset
@@ -142,7 +143,8 @@ class SimLearner:
         cls = POLICIES[self.policy_kind][0]
         size = self.options.get("size", "default")
         make = {"tiny": cls.tiny, "default": cls, "large": getattr(cls, "large", None)}[size]
-        return make().replace(obs_keys=tuple(obs_keys(self.task)))
+        sc = self._scenario()  # a context scenario adds its cue keys to the task's
+        return make().replace(obs_keys=tuple(sc.obs_keys if sc is not None else obs_keys(self.task)))
 
     def _train_config(self, seed: int):
         from cupid_engine.policies import TrainConfig

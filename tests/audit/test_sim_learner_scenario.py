@@ -53,3 +53,33 @@ def test_scenario_must_match_the_task(tmp_path):
     cfg.task = "can"
     with pytest.raises(ValueError, match="runs on task 'lift'"):
         SimLearner(cfg)
+
+
+def test_context_scenario_rolls_out_in_its_context_env(tmp_path, monkeypatch):
+    """lift-cue: policies see the cue keys, rollouts run in the scenario's white-mixed env."""
+    from cupid_engine.policies import load_policy
+    from cupid_engine.sim.scenarios import CONTEXT_OBS_KEYS, get_scenario
+
+    learner = SimLearner(_config(tmp_path, scenario="lift-cue", demos=6))  # 3 : 1 : 2
+    info = learner.episode_info()
+    assert sorted(set(info["tier"])) == ["heavy-dark", "heavy-white", "light-white"]
+    oracle = learner.score(tmp_path, "oracle", seed=0)
+    labels = {e.episode_id: e.metadata[LABEL_KEY] for e in learner.episodes()}
+    assert {i: (0.0 if lab == "light-white" else 1.0) for i, lab in labels.items()} == oracle
+
+    seen = []
+    real = sim.run_rollouts
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "run_rollouts", spy)
+    model = tmp_path / "model"
+    learner.train(info["episode_id"], seed=0, workdir=model)
+    assert tuple(load_policy(model / "policy").config.obs_keys) == get_scenario("lift-cue").obs_keys
+    assert set(CONTEXT_OBS_KEYS) <= set(get_scenario("lift-cue").obs_keys)
+    eps = learner.evaluate(model, seed=0, rollouts=1)
+    assert 0.0 <= eps <= 1.0
+    (kw,) = seen
+    assert "variation" not in kw and callable(kw["env"]) and kw["horizon"] == 100
