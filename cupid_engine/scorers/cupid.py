@@ -18,7 +18,7 @@ failed rollouts, u = (1/m) Σ_τ (R(τ) − R̄) s_τ. Why it matters here: the 
 gradients are of the training loss, not of log π, so Σ_τ s_τ is not zero in expectation;
 with b = 0 and most rollouts succeeding (or most failing), u is dominated by what every
 rollout shares with every demonstration, and the part that separates demos is small.
-Measured (``docs/fidelity.md`` §2c, diffusion policy, ``lift-grasp``): b = R̄ was fixed in
+Measured (``docs/fidelity.md`` §3c, diffusion policy, ``lift-grasp``): b = R̄ was fixed in
 a pre-registration before a third training seed existed and raised AUROC there from 0.72 to
 0.82, and its filtered policy succeeded 30/50 against 6/50 for b = 0, so it is the
 default. When every rollout has the same outcome, R − R̄ is zero and there is no contrast;
@@ -50,8 +50,8 @@ NORMALIZATIONS = ("sum", "mean")
 BASELINES = ("none", "mean")
 
 
-def centred_returns(returns: np.ndarray, baseline: str, *, single_outcome: str = "raise") -> tuple[np.ndarray, float]:
-    """``(R − b, b)``: the returns minus the baseline b (0 for ``none``, R̄ for ``mean``).
+def centred_returns(returns: np.ndarray, baseline: str, *, single_outcome: str = "raise") -> np.ndarray:
+    """R − b: the returns minus the baseline b (0 for ``none``, R̄ for ``mean``).
 
     Args:
         returns: ``[M]`` R(τ).
@@ -60,7 +60,7 @@ def centred_returns(returns: np.ndarray, baseline: str, *, single_outcome: str =
             contrast): ``raise``, or ``zero`` (use b = 0, the paper's estimator, and log it).
 
     Returns:
-        ``([M] float64 centred returns, b)``.
+        ``[M]`` float64 centred returns.
 
     Raises:
         ValueError: Unknown ``baseline``; or all returns equal with ``single_outcome="raise"``.
@@ -69,7 +69,7 @@ def centred_returns(returns: np.ndarray, baseline: str, *, single_outcome: str =
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     r = np.asarray(returns, np.float64)
     if baseline == "none" or r.size == 0:
-        return r, 0.0
+        return r
     if float(r.max() - r.min()) == 0.0:
         if single_outcome == "raise":
             raise ValueError(
@@ -80,9 +80,8 @@ def centred_returns(returns: np.ndarray, baseline: str, *, single_outcome: str =
             "all %d rollouts have return %s, so R - mean R is zero and no contrast exists: "
             "baseline_used=0 (the paper's estimator) for this score", len(r), float(r[0]),
         )
-        return r, 0.0
-    b = float(r.mean())
-    return r - b, b
+        return r
+    return r - r.mean()
 
 
 def rollout_direction(
@@ -107,7 +106,7 @@ def rollout_direction(
         ``[K]`` float64.
     """
     s = torch.as_tensor(rollout_psi_sums).to(torch.float64)
-    r = torch.as_tensor(centred_returns(returns, baseline, single_outcome="zero")[0])
+    r = torch.as_tensor(centred_returns(returns, baseline, single_outcome="zero"))
     if s.ndim != 2 or s.shape[0] != r.shape[0] or s.shape[0] == 0:
         raise ValueError(f"need [M>0, K] rollout sums and [M] returns, got {tuple(s.shape)} and {tuple(r.shape)}")
     if normalization == "mean":

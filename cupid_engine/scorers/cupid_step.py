@@ -80,7 +80,7 @@ def step_direction(rollout_sums: torch.Tensor, returns: np.ndarray, baseline: st
     Raises:
         ValueError: ``baseline="mean"`` with all returns equal (no contrast exists).
     """
-    r = torch.as_tensor(centred_returns(returns, baseline, single_outcome="raise")[0])
+    r = torch.as_tensor(centred_returns(returns, baseline, single_outcome="raise"))
     if rollout_sums.ndim != 2 or rollout_sums.shape[0] != r.shape[0] or r.shape[0] == 0:
         raise ValueError(f"need [M>0, K] rollout sums and [M] returns, got {tuple(rollout_sums.shape)}, {tuple(r.shape)}")
     return (r[:, None] * rollout_sums.to(torch.float64)).sum(0) / r.shape[0]

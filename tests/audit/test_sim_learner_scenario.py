@@ -22,6 +22,19 @@ def _config(tmp_path, **options):
     )
 
 
+def _record_rollout_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every ``sim.run_rollouts`` call from here on (calls go through)."""
+    seen = []
+    real = sim.run_rollouts
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "run_rollouts", spy)
+    return seen
+
+
 def test_scenario_learner_labels_oracle_and_shifted_rollouts(tmp_path, monkeypatch):
     learner = SimLearner(_config(tmp_path))
     info = learner.episode_info()
@@ -32,14 +45,7 @@ def test_scenario_learner_labels_oracle_and_shifted_rollouts(tmp_path, monkeypat
     labels = {e.episode_id: e.metadata[LABEL_KEY] for e in learner.episodes()}
     assert {i: (0.0 if lab == "majority" else 1.0) for i, lab in labels.items()} == oracle
 
-    seen = []
-    real = sim.run_rollouts
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sim, "run_rollouts", spy)
+    seen = _record_rollout_calls(monkeypatch)
     model = tmp_path / "model"
     learner.train(info["episode_id"], seed=0, workdir=model)
     rate = learner.evaluate(model, seed=0, rollouts=1)
@@ -67,14 +73,7 @@ def test_context_scenario_rolls_out_in_its_context_env(tmp_path, monkeypatch):
     labels = {e.episode_id: e.metadata[LABEL_KEY] for e in learner.episodes()}
     assert {i: (0.0 if lab == "light-white" else 1.0) for i, lab in labels.items()} == oracle
 
-    seen = []
-    real = sim.run_rollouts
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sim, "run_rollouts", spy)
+    seen = _record_rollout_calls(monkeypatch)
     model = tmp_path / "model"
     learner.train(info["episode_id"], seed=0, workdir=model)
     assert tuple(load_policy(model / "policy").config.obs_keys) == get_scenario("lift-cue").obs_keys
