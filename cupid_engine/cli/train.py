@@ -73,6 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the weights (off by default)")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and noise")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="also save the weights every N optimizer steps under OUT/checkpoints/step-NNNNNN (for "
+                        "checkpoint ensembles: featurize each into its own run, then score with "
+                        "--set checkpoints=run1,run2,...); the run itself is unchanged")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
@@ -81,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from cupid_engine.data.sources import open_source
-    from cupid_engine.policies.checkpoint import compute_policy_hash, save_policy
+    from cupid_engine.policies.checkpoint import CONFIG_FILE, compute_policy_hash, save_policy
     from cupid_engine.policies.diffusion import DiffusionPolicyConfig
     from cupid_engine.policies.mlp import MLPPolicyConfig
     from cupid_engine.policies.training import TrainConfig, train_policy
@@ -158,8 +162,20 @@ def _train(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--encoder-weights: {exc}",
                                   hint="PREFIX must select one ImageEncoder's tensors, e.g. encoders.0.") from None
 
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if os.path.exists(os.path.join(args.out, CONFIG_FILE)) and not args.overwrite:
+        # Refused before training rather than after it.
+        raise ConfigError(f"{args.out} already holds a checkpoint", hint="pass --overwrite or another --out")
+    saved: list[str] = []
+
+    def on_checkpoint(step: int, snapshot) -> None:
+        where = os.path.join(args.out, "checkpoints", f"step-{step:06d}")
+        saved.append(str(save_policy(snapshot, where, overwrite=args.overwrite)))
+
     policy = train_policy(policy_config, episodes, train_config, cluster_weights=weights,
-                          progress=not args.no_progress, init=init)
+                          progress=not args.no_progress, init=init, checkpoint_every=args.checkpoint_every,
+                          on_checkpoint=on_checkpoint if args.checkpoint_every else None)
     path = save_policy(policy, args.out, overwrite=args.overwrite)
     info = policy.train_info
     print(json.dumps({
@@ -174,6 +190,7 @@ def _train(args: argparse.Namespace) -> int:
         "selection": selection.describe(),
         "final_loss": info["step_losses"][-1],
         "content_hash": compute_policy_hash(policy),
+        "checkpoints": saved,
     }, indent=2))
     return 0
 

@@ -168,6 +168,8 @@ def train_policy(
     normalizer: Normalizer | None = None,
     progress: bool = True,
     init: Callable[[Policy], Any] | None = None,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable[[int, Policy], Any] | None = None,
 ) -> Policy:
     """Train a policy from scratch by behaviour cloning.
 
@@ -184,6 +186,13 @@ def train_policy(
         progress: Show a tqdm progress bar.
         init: Called on the freshly initialised policy before training, e.g. to load
             encoder weights from a local file (``DiffusionImagePolicy.load_encoder_weights``).
+        checkpoint_every: Every this many optimizer steps (below the total: the last one is
+            the returned policy) ``on_checkpoint`` receives an intermediate checkpoint, e.g.
+            for checkpoint ensembles of CUPID/TRAK or for TracIn.
+        on_checkpoint: ``(step, policy)``: an eval-mode copy of the weights after ``step``
+            optimizer steps (the EMA weights when ``ema_decay`` is set), with ``train_info``.
+            Taking a checkpoint draws no random numbers, so the run is bit-identical with
+            or without them.
 
     Returns:
         The trained policy in eval mode on ``train_config.device``, with the normaliser fitted
@@ -219,6 +228,11 @@ def train_policy(
     n = kept.numel()
     per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+    marks: list[int] = []
+    if checkpoint_every is not None:
+        if checkpoint_every < 1 or on_checkpoint is None:
+            raise ValueError(f"checkpoint_every must be >= 1 and needs on_checkpoint (got {checkpoint_every})")
+        marks = list(range(checkpoint_every, total, checkpoint_every))
     order_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator().manual_seed((cfg.seed + _NOISE_SEED_OFFSET) % 2**63)
 
@@ -246,6 +260,9 @@ def train_policy(
                 epoch_sum += value * idx.numel()
                 epoch_count += idx.numel()
                 step += 1
+                if marks and step == marks[0]:
+                    marks.pop(0)
+                    on_checkpoint(step, _checkpoint_copy(policy, optim, cfg, step, len(samples), int(n)))
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4g}", refresh=False)
             epoch_losses.append(epoch_sum / max(epoch_count, 1))
@@ -307,6 +324,17 @@ class Optimization:
 
 
 @torch.no_grad()
+def _checkpoint_copy(policy: Policy, optim: Optimization, cfg: TrainConfig, step: int,
+                     num_samples: int, num_kept: int) -> Policy:
+    """An eval-mode copy of the weights after ``step`` steps (the EMA's when kept), leaving
+    the training policy, its mode and every generator untouched."""
+    copy_ = copy.deepcopy(optim.ema if optim.ema is not None else policy)
+    copy_.eval()
+    copy_.train_info = {"steps": step, "num_samples": num_samples, "num_kept": num_kept,
+                        "train_config": cfg.to_dict()}
+    return copy_
+
+
 def _copy_normalizer(dst: Normalizer, src: Normalizer) -> None:
     if not bool(src.fitted):
         raise ValueError("the given normalizer is not fitted")

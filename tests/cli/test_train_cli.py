@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from cupid_engine.cli import main
 from cupid_engine.policies.training import TrainConfig
 
@@ -82,3 +84,22 @@ def test_weights_zero_equals_exclusion(loop, tmp_path, capsys):
     assert rc == 2 and "no weight for 11 episode(s)" in err
     rc, _, err = _train(loop, tmp_path, capsys, "wt4", "--weights", str(csv))
     assert rc == 2 and "has no column 'weight'" in err
+
+
+def test_checkpoint_every_saves_loadable_intermediate_weights(loop, tmp_path, capsys):
+    from cupid_engine.policies.checkpoint import load_policy
+
+    rc, info, err = _train(loop, tmp_path, capsys, "ck", "--steps", "7", "--checkpoint-every", "3")
+    assert rc == 0, err
+    names = [p.rsplit("/", 1)[-1] for p in info["checkpoints"]]
+    assert names == ["step-000003", "step-000006"]
+    snap = load_policy(info["checkpoints"][1])
+    final = load_policy(info["out"])
+    meta = json.loads((tmp_path / "ck" / "checkpoints" / "step-000006" / "config.json").read_text())
+    assert meta["train_info"]["steps"] == 6 and meta["train_config"]["steps"] == 7
+    assert any(not torch.equal(a, b) for a, b in zip(snap.parameters(), final.parameters()))
+    # A second run into the same folder is refused before training, naming the folder.
+    rc, _, err = _train(loop, tmp_path, capsys, "ck", "--steps", "7")
+    assert rc != 0 and "already holds a checkpoint" in err and "ck" in err
+    rc, _, err = _train(loop, tmp_path, capsys, "ck0", "--steps", "2", "--checkpoint-every", "0")
+    assert rc != 0 and "--checkpoint-every must be >= 1" in err

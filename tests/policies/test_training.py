@@ -138,3 +138,29 @@ def test_ema_update_is_public():
     ema_update(a, b, 0.9, 0)  # warm-up decay at step 0: min(0.9, 1/10) = 0.1
     for pa, p0, pb in zip(a.parameters(), before, b.parameters()):
         torch.testing.assert_close(pa, 0.1 * p0 + 0.9 * pb)
+
+
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["plain", "ema"])
+def test_checkpoints_are_the_weights_of_a_shorter_run_and_change_nothing(episodes, ema):
+    cfg = TrainConfig(steps=9, batch_size=16, seed=4, ema_decay=ema)
+    seen = {}
+    with_ckpt = train_policy(DiffusionPolicyConfig.tiny(), episodes, cfg, progress=False, checkpoint_every=4,
+                             on_checkpoint=lambda step, p: seen.setdefault(step, p))
+    plain = train_policy(DiffusionPolicyConfig.tiny(), episodes, cfg, progress=False)
+    _same_params(with_ckpt, plain)  # snapshots draw no random numbers
+    assert sorted(seen) == [4, 8]  # every 4 steps, below the total of 9
+    for step, snap in seen.items():
+        assert not snap.training and snap.train_info["steps"] == step
+        # The step-k checkpoint equals a run stopped after k steps (same data order and noise).
+        _same_params(snap, train_policy(DiffusionPolicyConfig.tiny(), episodes, cfg.replace(steps=step),
+                                        progress=False))
+    assert any(not torch.equal(a, b) for a, b in zip(seen[4].parameters(), plain.parameters()))
+
+
+def test_checkpoint_every_needs_a_callback_and_a_positive_period(episodes):
+    cfg = TrainConfig(steps=3, batch_size=16)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train_policy(MLPPolicyConfig.tiny(), episodes, cfg, progress=False, checkpoint_every=2)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train_policy(MLPPolicyConfig.tiny(), episodes, cfg, progress=False, checkpoint_every=0,
+                     on_checkpoint=lambda s, p: None)
