@@ -356,6 +356,41 @@ void scatter_rows(const T* src, int64_t sb, int lanes, int64_t n, const int64_t*
   }
 }
 
+// dst[j] lane l = sg[j] * src[l * sb + j] for l < lanes (0 in the other lanes), j < n: the
+// W samples' factor values of one coordinate as one vector (the direct route's operands).
+template <typename T>
+void gather_rows(const T* src, int64_t sb, int lanes, int64_t n, const T* sg, typename Lanes<T>::V* dst) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+#ifdef __AVX512F__
+  if (sb * (W - 1) < (int64_t{1} << 31) / static_cast<int64_t>(sizeof(T))) {
+    alignas(64) int32_t off[16];
+    for (int l = 0; l < 16; ++l) off[l] = static_cast<int32_t>(l < W ? l * sb : 0);
+    const __m512i vindex = _mm512_load_si512(reinterpret_cast<const void*>(off));
+    if constexpr (std::is_same_v<T, float>) {
+      const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex, src + j, 4);
+        dst[j] = sg[j] * reinterpret_cast<const V&>(v);
+      }
+    } else {
+      const __mmask8 mask = static_cast<__mmask8>((uint32_t{1} << lanes) - 1);
+      const __m256i vi = _mm512_castsi512_si256(vindex);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, vi, src + j, 8);
+        dst[j] = sg[j] * reinterpret_cast<const V&>(v);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    V v = {};
+    for (int l = 0; l < lanes; ++l) v[l] = src[l * sb + j];
+    dst[j] = sg[j] * v;
+  }
+}
+
 // Per-thread buffers of one lane group ([m] complex vectors each, re then im).
 template <typename T>
 struct Work {
@@ -382,6 +417,8 @@ struct Layer {
   std::vector<int64_t> idx1, idx2;  // flat lane-0 offsets into z of each bucket
   std::vector<T> sg1, sg2;
   std::vector<uint8_t> live1, live2;  // four-step input columns a factor's buckets reach (fft_m)
+  bool direct = false;                // the direct route (time domain, no FFT): see tensorsketch_typed
+  std::vector<int64_t> h1, h2;        // raw buckets in [0, k) (direct route)
 };
 
 // live[n2] = 1 for the four-step input columns n2 that buckets b fill (element b / 2 of the
@@ -414,14 +451,37 @@ std::vector<int64_t> flat_offsets(const int64_t* b, int64_t n, const Plan<T>& pl
 // so per step only P1 = S1 and P2 = S2 are accumulated (two complex multiply-adds per
 // frequency, fed straight from the second factor's FFT), and the split is done once per
 // group instead of twice per step.
+//
+// The direct route (Layer::direct). A layer with a narrow factor (the MLP's 41-wide input
+// layer, its 7-wide action head) costs two full transforms on the FFT route, but its
+// sketch is only T O I hashed products: CS(vec G)[(h1(o) + h2(i)) mod k] += s1(o) s2(i)
+// delta_t[o] x_t[i]. Those are accumulated in the time domain, W lanes per vector, into td
+// [k] (t, then o, then i ascending), and td is added to the inverse FFT's output (or is the
+// output when no layer takes the FFT route). Exact, like the others; which route a layer
+// takes changes the float rounding of its contribution only (the caller's cost model picks
+// it from the shapes, so a call always rounds the same way). Without direct layers the
+// kernel runs exactly as before (same instructions, same bytes).
 template <typename T>
 void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan, T* out, int64_t batch, int64_t k) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const int64_t m = plan.m;
   const int64_t groups = (batch + W - 1) / W;
+  bool any_fft = false, any_direct = false;
+  int64_t max_o = 0, max_i = 0;
+  for (const Layer<T>& L : layers) {
+    if (L.direct) {
+      any_direct = true;
+      max_o = std::max(max_o, L.O);
+      max_i = std::max(max_i, L.I);
+    } else {
+      any_fft = true;
+    }
+  }
   parallel_chunks(groups, 1, [&](int64_t g_begin, int64_t g_end) {
     Work<T> w(plan);
+    // Direct route: time-domain accumulator (k vectors) and the gathered factor values.
+    std::vector<V> td(any_direct ? k : 0), dv(static_cast<size_t>(max_o)), xv(static_cast<size_t>(max_i));
     V* zr = w.z.data();
     V* zi = zr + plan.zsize;
     V* ar = w.za.data();
@@ -433,9 +493,29 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
     for (int64_t g = g_begin; g < g_end; ++g) {
       const int64_t b0 = g * W;
       const int lanes = static_cast<int>(std::min<int64_t>(W, batch - b0));
-      std::memset(static_cast<void*>(w.p1.data()), 0, sizeof(V) * 2 * m);
-      std::memset(static_cast<void*>(w.p2.data()), 0, sizeof(V) * 2 * m);
+      if (any_fft) {
+        std::memset(static_cast<void*>(w.p1.data()), 0, sizeof(V) * 2 * m);
+        std::memset(static_cast<void*>(w.p2.data()), 0, sizeof(V) * 2 * m);
+      }
       for (const Layer<T>& L : layers) {
+        if (L.direct) {
+          V* acc = td.data();
+          const int64_t* h2 = L.h2.data();
+          for (int64_t t = 0; t < L.steps; ++t) {
+            gather_rows<T>(L.delta + b0 * L.d_sb + t * L.d_st, L.d_sb, lanes, L.O, L.sg1.data(), dv.data());
+            gather_rows<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, L.I, L.sg2.data(), xv.data());
+            for (int64_t o = 0; o < L.O; ++o) {
+              const V a = dv[o];
+              const int64_t base = L.h1[o];
+              for (int64_t i = 0; i < L.I; ++i) {
+                int64_t j = base + h2[i];
+                j -= j >= k ? k : 0;
+                acc[j] += a * xv[i];
+              }
+            }
+          }
+          continue;
+        }
         for (int64_t t = 0; t < L.steps; ++t) {
           pack_factor<T>(L.delta + b0 * L.d_sb + t * L.d_st, L.d_sb, lanes, L.O, L.idx1.data(), L.sg1.data(), w);
           fft_m<T, false>(zr, zi, w.loc.data(), plan, L.live1.empty() ? nullptr : L.live1.data(), [&](int64_t f, const V& re, const V& im) {
@@ -455,57 +535,76 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
           });
         }
       }
-      // C[f] for f = 0..m, then the inverse split Z'[f] = E'[f] + i O'[f] with
-      // E' = (C[f] + conj C[m-f]) / 2, O' = w^-f (C[f] - conj C[m-f]) / 2, for f < m.
-      // C[m-f] is needed beside C[f]: compute both from the sums at f and m - f.
-      auto spectrum = [&](int64_t f, V& cr, V& ci) {
-        const int64_t fm = plan.spos(f & (m - 1)), gm = plan.spos((m - f) & (m - 1));
-        const V s1r = p1r[fm], s1i = p1i[fm], s2r = p2r[fm], s2i = p2i[fm];
-        const V s3r = p2r[gm], s3i = -p2i[gm], s4r = p1r[gm], s4i = -p1i[gm];
-        const T q = T(0.25), h = T(0.5);
-        const V er = (s1r + s2r + s3r + s4r) * q, ei = (s1i + s2i + s3i + s4i) * q;
-        // (S1 - S4) / 2i = (Im, -Re) / 2
-        const V dr = (s1i - s4i) * h, di = (s4r - s1r) * h;
-        const V fr = (s1r - s2r - s3r + s4r) * q, fi = (s1i - s2i - s3i + s4i) * q;
-        const T w1r = plan.sr[f], w1i = plan.si[f];
-        // w^2f = exp(-2 pi i 2f / k) = exp(-2 pi i f / m): the split table at 2f mod k, folded.
-        const int64_t f2 = (2 * f) % k;
-        const T w2r = f2 <= m ? plan.sr[f2] : plan.sr[k - f2];
-        const T w2i = f2 <= m ? plan.si[f2] : -plan.si[k - f2];
-        cr = er + (dr * w1r - di * w1i) - (fr * w2r - fi * w2i);
-        ci = ei + (dr * w1i + di * w1r) - (fr * w2i + fi * w2r);
-      };
-      const T half = T(0.5);
-      for (int64_t f = 0; f <= m / 2; ++f) {
-        const int64_t f2 = m - f;
-        V cfr, cfi, cgr, cgi;
-        spectrum(f, cfr, cfi);
-        spectrum(f2, cgr, cgi);
-        // Z'[f] from C[f], C[m-f]; Z'[m-f] from C[m-f], C[f] (f = 0 pairs C[0] with C[m]).
-        for (int side = 0; side < 2; ++side) {
-          const int64_t ff = side == 0 ? f : f2;
-          if (ff == m || (side == 1 && f2 == f)) continue;
-          const V ar_ = side == 0 ? cfr : cgr, ai_ = side == 0 ? cfi : cgi;
-          const V br_ = side == 0 ? cgr : cfr, bi_ = side == 0 ? cgi : cfi;
-          const V er = (ar_ + br_) * half, ei = (ai_ - bi_) * half;
-          const V dr = (ar_ - br_) * half, di = (ai_ + bi_) * half;
-          const T cr = plan.sr[ff], ci = -plan.si[ff];  // w^-f
-          const V orr = dr * cr - di * ci, oi = dr * ci + di * cr;
-          const int64_t zp = plan.zpos(ff);
-          zr[zp] = er - oi;
-          zi[zp] = ei + orr;
+      if (any_fft) {
+        // C[f] for f = 0..m, then the inverse split Z'[f] = E'[f] + i O'[f] with
+        // E' = (C[f] + conj C[m-f]) / 2, O' = w^-f (C[f] - conj C[m-f]) / 2, for f < m.
+        // C[m-f] is needed beside C[f]: compute both from the sums at f and m - f.
+        auto spectrum = [&](int64_t f, V& cr, V& ci) {
+          const int64_t fm = plan.spos(f & (m - 1)), gm = plan.spos((m - f) & (m - 1));
+          const V s1r = p1r[fm], s1i = p1i[fm], s2r = p2r[fm], s2i = p2i[fm];
+          const V s3r = p2r[gm], s3i = -p2i[gm], s4r = p1r[gm], s4i = -p1i[gm];
+          const T q = T(0.25), h = T(0.5);
+          const V er = (s1r + s2r + s3r + s4r) * q, ei = (s1i + s2i + s3i + s4i) * q;
+          // (S1 - S4) / 2i = (Im, -Re) / 2
+          const V dr = (s1i - s4i) * h, di = (s4r - s1r) * h;
+          const V fr = (s1r - s2r - s3r + s4r) * q, fi = (s1i - s2i - s3i + s4i) * q;
+          const T w1r = plan.sr[f], w1i = plan.si[f];
+          // w^2f = exp(-2 pi i 2f / k) = exp(-2 pi i f / m): the split table at 2f mod k, folded.
+          const int64_t f2 = (2 * f) % k;
+          const T w2r = f2 <= m ? plan.sr[f2] : plan.sr[k - f2];
+          const T w2i = f2 <= m ? plan.si[f2] : -plan.si[k - f2];
+          cr = er + (dr * w1r - di * w1i) - (fr * w2r - fi * w2i);
+          ci = ei + (dr * w1i + di * w1r) - (fr * w2i + fi * w2r);
+        };
+        const T half = T(0.5);
+        for (int64_t f = 0; f <= m / 2; ++f) {
+          const int64_t f2 = m - f;
+          V cfr, cfi, cgr, cgi;
+          spectrum(f, cfr, cfi);
+          spectrum(f2, cgr, cgi);
+          // Z'[f] from C[f], C[m-f]; Z'[m-f] from C[m-f], C[f] (f = 0 pairs C[0] with C[m]).
+          for (int side = 0; side < 2; ++side) {
+            const int64_t ff = side == 0 ? f : f2;
+            if (ff == m || (side == 1 && f2 == f)) continue;
+            const V ar_ = side == 0 ? cfr : cgr, ai_ = side == 0 ? cfi : cgi;
+            const V br_ = side == 0 ? cgr : cfr, bi_ = side == 0 ? cgi : cfi;
+            const V er = (ar_ + br_) * half, ei = (ai_ - bi_) * half;
+            const V dr = (ar_ - br_) * half, di = (ai_ + bi_) * half;
+            const T cr = plan.sr[ff], ci = -plan.si[ff];  // w^-f
+            const V orr = dr * cr - di * ci, oi = dr * ci + di * cr;
+            const int64_t zp = plan.zpos(ff);
+            zr[zp] = er - oi;
+            zi[zp] = ei + orr;
+          }
+        }
+        // The inverse's outputs go lane-major into za (free by now), then each sample's row is
+        // written contiguously, tile by tile. Storing them lane by lane from the sink wrote W
+        // rows k floats apart (16 KiB at k = 4096, likely W lines of one L1 set) in the sink's
+        // strided order; that was ~22% of an MLP call (4 layers, k = 4096, B = 1024, one
+        // thread: 37.5 -> 29.1 ms, same bytes). Same products, so the same values.
+        const T scale = T(1) / static_cast<T>(m);
+        if (!any_direct) {
+          fft_m<T, true>(zr, zi, w.loc.data(), plan, nullptr, [&](int64_t n, const V& re, const V& im) {
+            ar[n] = re * scale;
+            ai[n] = im * scale;
+          });
+        } else {  // output element 2n + r is re/im of n: add the direct layers' td, leave td zero
+          fft_m<T, true>(zr, zi, w.loc.data(), plan, nullptr, [&](int64_t n, const V& re, const V& im) {
+            const V fr = re * scale, fi = im * scale;
+            ar[n] = fr + td[2 * n];
+            ai[n] = fi + td[2 * n + 1];
+            td[2 * n] = V{};
+            td[2 * n + 1] = V{};
+          });
+        }
+      } else {  // direct layers only: td is the output
+        for (int64_t n = 0; n < m; ++n) {
+          ar[n] = td[2 * n];
+          ai[n] = td[2 * n + 1];
+          td[2 * n] = V{};
+          td[2 * n + 1] = V{};
         }
       }
-      // The inverse's outputs go lane-major into za (free by now), then each sample's row is
-      // written contiguously, tile by tile. Storing them lane by lane from the sink wrote W
-      // rows k floats apart (16 KiB at k = 4096, likely W lines of one L1 set) in the sink's
-      // strided order; that was ~22% of an MLP call (4 layers, k = 4096, B = 1024, one
-      // thread: 37.5 -> 29.1 ms, same bytes). Same products, so the same values.
-      const T scale = T(1) / static_cast<T>(m);
-      fft_m<T, true>(zr, zi, w.loc.data(), plan, nullptr, [&](int64_t n, const V& re, const V& im) {
-        ar[n] = re * scale;
-        ai[n] = im * scale;
-      });
       constexpr int64_t kTile = 16;  // vectors per tile: 2 KiB of za stays in L1 across the lanes
       for (int64_t n0 = 0; n0 < m; n0 += kTile) {
         const int64_t n1 = std::min(m, n0 + kTile);
@@ -561,7 +660,8 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
              const std::vector<int64_t>& d_sb, const std::vector<int64_t>& d_st, const std::vector<int64_t>& x_sb,
              const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
              const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
-             const std::vector<uintptr_t>& s2_ptrs, T* out, int64_t batch, int64_t k) {
+             const std::vector<uintptr_t>& s2_ptrs, const std::vector<int64_t>& direct, T* out, int64_t batch,
+             int64_t k) {
   const Plan<T> plan(k);
   std::vector<Layer<T>> layers;
   for (size_t l = 0; l < delta_ptrs.size(); ++l) {
@@ -588,6 +688,11 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
     L.live2 = live_columns<T>(b2, L.I, plan);
     L.sg1.assign(s1, s1 + L.O);
     L.sg2.assign(s2, s2 + L.I);
+    if (!direct.empty() && direct[l]) {
+      L.direct = true;
+      L.h1.assign(b1, b1 + L.O);
+      L.h2.assign(b2, b2 + L.I);
+    }
     layers.push_back(std::move(L));
   }
   tensorsketch_typed<T>(layers, plan, out, batch, k);
@@ -609,8 +714,10 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
                           const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
                           const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
                           const std::vector<uintptr_t>& s2_ptrs, uintptr_t out_ptr, int64_t batch, int64_t k,
-                          int dtype) {
+                          int dtype, const std::vector<int64_t>& direct) {
   const size_t n = delta_ptrs.size();
+  if (!direct.empty() && direct.size() != n)
+    throw std::invalid_argument("cupid._C: tensorsketch_fft_cpu: direct flags differ in length from the layers");
   for (const auto* v : {&x_ptrs, &b1_ptrs, &s1_ptrs, &b2_ptrs, &s2_ptrs})
     if (v->size() != n) throw std::invalid_argument("cupid._C: tensorsketch_fft_cpu: per-layer lists differ in length");
   for (const auto* v : {&steps, &out_dims, &in_dims, &d_sb, &d_st, &x_sb, &x_st})
@@ -623,10 +730,10 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
   if (batch == 0) return;
   if (dtype == 0)
     run_fft<float>(delta_ptrs, x_ptrs, steps, out_dims, in_dims, d_sb, d_st, x_sb, x_st, b1_ptrs, s1_ptrs, b2_ptrs,
-                   s2_ptrs, reinterpret_cast<float*>(out_ptr), batch, k);
+                   s2_ptrs, direct, reinterpret_cast<float*>(out_ptr), batch, k);
   else
     run_fft<double>(delta_ptrs, x_ptrs, steps, out_dims, in_dims, d_sb, d_st, x_sb, x_st, b1_ptrs, s1_ptrs, b2_ptrs,
-                    s2_ptrs, reinterpret_cast<double*>(out_ptr), batch, k);
+                    s2_ptrs, direct, reinterpret_cast<double*>(out_ptr), batch, k);
 }
 
 void hash_gradient_cpu(uintptr_t g_ptr, uintptr_t b1_ptr, uintptr_t s1_ptr, uintptr_t b2_ptr, uintptr_t s2_ptr,

@@ -444,7 +444,7 @@ matmul) instead of a scatter + FFT: ``n`` hashed one-hots have a closed-form spe
 and for small ``n`` (e.g. the 7-wide action head) the matmul is far cheaper than a
 length-k FFT."""
 
-STRATEGIES = ("auto", "fft", "dense")
+STRATEGIES = ("auto", "fft", "dense", "direct")
 
 
 @functools.lru_cache(maxsize=512)
@@ -503,29 +503,37 @@ def kernel_route(k: int, device: torch.device | str = "cpu", dtype: torch.dtype 
 
 
 def choose_strategy(strategy: str, T: int, O: int, I: int, k: int, device: torch.device | str = "cpu") -> str:
-    """``fft`` (sum_t of factor spectra) or ``dense`` (hash the layer's ``[O, I]`` gradient).
+    """``fft`` (sum_t of factor spectra), ``dense`` (hash the layer's ``[O, I]`` gradient) or,
+    on the C++ kernel route, ``direct`` (the ``T O I`` hashed products accumulated in the
+    time domain inside the kernel call, ``ops.tensorsketch_plan``).
 
     ``dense`` forms one layer's per-sample gradient for the batch, so it is taken only
     when that is *smaller* than the ``[T, k]`` count sketches the FFT route would hold
     per sample (``O * I <= T * k``: conv layers with many time steps x draws) and, by the
     cost model, is cheaper; the whole model's per-sample gradient still never exists, and
     memory stays bounded by the largest layer, independent of how many are tracked.
+    ``direct`` holds nothing per layer (one ``[k]`` accumulator per lane group), so it is
+    a candidate whatever the shapes: it wins for a narrow factor with few steps (the
+    MLP's 41-wide input layer and 7-wide head: a few thousand products against two
+    4096-point transforms).
 
     The cost model: where the C++ kernel runs (:func:`kernel_route`), the measured model
     of ``ops.tensorsketch_plan`` (seconds per sample of the kernel's FFTs and scatter vs
-    the GEMM and the hash of ``G``); elsewhere (GPU, ``k`` not a power of two) the flop
-    estimate ``T (5 k log2 k + 4k)`` vs ``2 T O I + 4 O I``.
+    the GEMM and the hash of ``G`` vs the direct products; ties go to ``fft``, then
+    ``direct``); elsewhere (GPU, ``k`` not a power of two) the flop estimate
+    ``T (5 k log2 k + 4k)`` vs ``2 T O I + 4 O I`` between ``fft`` and ``dense``.
     """
     if strategy != "auto":
         return strategy
-    if O * I > T * k:
-        return "fft"
     if kernel_route(k, device):
         from cupid_engine.ops import tensorsketch_plan
 
         # Per sample; the inverse FFT is shared by all fused layers, so a layer adds 2T FFTs.
         est = tensorsketch_plan.estimate(tensorsketch_plan.DEFAULT_COST.lanes, T, O, I, k, inverse=False)
-        return "dense" if est["dense"] < est["fft"] else "fft"
+        cands = ("fft", "direct", "dense") if O * I <= T * k else ("fft", "direct")
+        return min(cands, key=lambda r: est[r])  # first of equals: fft, direct, dense
+    if O * I > T * k:
+        return "fft"
     fft_flops = T * (2 * 2.5 * k * math.log2(k) + 4 * k)
     dense_flops = 2 * T * O * I + 4 * O * I
     return "dense" if dense_flops < fft_flops else "fft"
@@ -722,7 +730,7 @@ def fused_tensorsketch(
 ) -> torch.Tensor:
     """Sum over layers of ``ops.tensorsketch(delta, x, k=k, seed=seed)``, evaluated cheaply.
 
-    Per layer, one of two exact evaluations of the same sketch (see :func:`choose_strategy`):
+    Per layer, one of three exact evaluations of the same sketch (see :func:`choose_strategy`):
 
     * ``fft``: ``sum_t rfft(CS1(delta_t)) * rfft(CS2(x_t))``, spectra of all such layers
       accumulated and inverted by ONE ``irfft`` at the end (irfft is linear). On CPU with
@@ -737,9 +745,16 @@ def fused_tensorsketch(
       into ``k`` buckets with the tensorsketch hashes (``(h1(o) + h2(i)) mod k``, sign
       ``s1(o) s2(i)``), i.e. ``reference.tensorsketch_materialized`` (on the kernel route
       by ``ops.cpu_backend.hash_gradient``, else ``scatter_add_``).
+    * ``direct`` (kernel route only): the same hashed products ``s1(o) s2(i) delta_t[o]
+      x_t[i]``, accumulated in the time domain inside the kernel call (16 samples per
+      vector, t, o, i ascending) and added to the inverse FFT's output; no ``G``, no FFT.
+      Off the kernel route a forced ``direct`` is evaluated as ``dense``.
 
-    The two routes agree to float rounding; which one a layer takes changes the last bits
-    of its features only. The kernel route (2026-12) changed the CPU features' float
+    The routes agree to float rounding; which one a layer takes changes the last bits
+    of its features only. Since 2026-12-06 (issue 19) the MLP's narrow layers (41-wide
+    input, 7-wide head) take ``direct`` on CPU, a float-rounding change of the MLP's
+    features against the all-``fft`` evaluation (~1e-7 relative in float32; float64 parity
+    with the definition, tests/featurize/test_direct_route.py). The kernel route (2026-12) changed the CPU features' float
     rounding against the earlier torch.fft evaluation (same sketch, same hashes; float32
     features agree to ~1e-6 relative, tests/featurize/test_hook_kernel.py).
 
@@ -749,7 +764,7 @@ def fused_tensorsketch(
             laid out), which takes the ``dense`` route streamed chunk by chunk
             (:func:`stream_dense_layer`: same per-sample numbers, bounded memory).
         k: Sketch dimension.
-        strategy: ``auto`` (per layer, by cost), or force ``fft`` / ``dense`` (tests).
+        strategy: ``auto`` (per layer, by cost), or force ``fft`` / ``dense`` / ``direct`` (tests).
         workspace: Scratch buffers reused across calls (a :class:`Featurizer` keeps one);
             None allocates fresh ones.
         index_factors: ``[(seed, idx [B, T] int64, x [B, T, I], O)]``: layers whose row
@@ -796,7 +811,11 @@ def fused_tensorsketch(
             continue
         seed, delta, x = entry
         T, O, I = delta.shape[1], delta.shape[2], x.shape[2]
-        if choose_strategy(strategy, T, O, I, k, device) == "dense":
+        route = choose_strategy(strategy, T, O, I, k, device)
+        if route == "direct" and use_kernel:
+            fft_layers.append((seed, delta, x, True))
+            continue
+        if route != "fft":  # dense, or direct off the kernel route: the same hashed products of G
             if use_kernel:  # GEMM, then the C++ hash (fixed order per row)
                 from cupid_engine.ops import cpu_backend
 
@@ -814,7 +833,7 @@ def fused_tensorsketch(
             # O * I indices on CPU (measured ~40x slower here).
             direct.scatter_add_(1, bucket.to(device).expand(B, O * I), G)
             continue
-        fft_layers.append((seed, delta, x))
+        fft_layers.append((seed, delta, x, False))
     if not fft_layers:
         return direct
     if use_kernel:
@@ -825,14 +844,17 @@ def fused_tensorsketch(
             return t if t.stride(-1) == 1 else t.contiguous()
 
         # One call for all layers: per group of W samples, every layer's and step's spectra
-        # are accumulated in cache and inverted once (the kernel threads over groups).
-        out = cpu_backend.tensorsketch_fft_layers([(seed, unit(d), unit(x)) for seed, d, x in fft_layers], k)
+        # are accumulated in cache and inverted once (the kernel threads over groups); the
+        # direct layers' products are added to the inverse's output in the same pass.
+        flags = [flag for *_, flag in fft_layers]
+        out = cpu_backend.tensorsketch_fft_layers([(seed, unit(d), unit(x)) for seed, d, x, _ in fft_layers], k,
+                                                  direct=flags if any(flags) else None)
         if direct is not None:
             out.add_(direct)
         return out
     # The result is returned to the caller, so it is a fresh tensor (not a workspace view).
     out = torch.empty(B, k, dtype=acc, device=device)
-    t_max = max(d.shape[1] for _, d, _ in fft_layers)
+    t_max = max(d.shape[1] for _, d, _, _ in fft_layers)
     # Rows per block: every buffer of a block (count sketches, spectra, accumulator) stays
     # cache-sized, and each block goes scatter -> rfft -> multiply-accumulate -> irfft for
     # all layers before the next, instead of whole-batch passes over multi-MiB buffers.
@@ -844,7 +866,7 @@ def fused_tensorsketch(
         for r0 in range(a, e, rows_per_block):
             r1 = min(e, r0 + rows_per_block)
             spec = None
-            for seed, delta, x in fft_layers:
+            for seed, delta, x, _ in fft_layers:
                 f = _spectrum(delta[r0:r1], seed, C.STREAM_TS_OUT, k, acc, ws, f"out{tag}")
                 g = _spectrum(x[r0:r1], seed, C.STREAM_TS_IN, k, acc, ws, f"in{tag}")
                 # Multiply-accumulate in a fixed order (ops.spectral): a row's features must

@@ -88,7 +88,8 @@ def _kernel_input(t: torch.Tensor) -> torch.Tensor:
 
 
 def tensorsketch_fft_layers(
-    layers: list[tuple[int, torch.Tensor, torch.Tensor]], k: int, out: torch.Tensor | None = None
+    layers: list[tuple[int, torch.Tensor, torch.Tensor]], k: int, out: torch.Tensor | None = None, *,
+    direct: list[bool] | None = None,
 ) -> torch.Tensor:
     """Sum over layers of the tensorsketch by the C++ FFT kernel (``csrc/cpu/tensorsketch.cpp``).
 
@@ -97,6 +98,10 @@ def tensorsketch_fft_layers(
             one float64), any T per layer, unit stride along the last dim (other strides free).
         k: A power of two >= 8 (:func:`fft_kernel_supports`).
         out: ``[B, k]`` contiguous of the inputs' dtype to write into (else a new tensor).
+        direct: One flag per layer (None: none): a flagged layer's ``T O I`` hashed products
+            are accumulated in the time domain (per SIMD lane group) and added to the inverse
+            FFT's output, instead of two FFTs per step: exact, cheaper for a narrow factor, a
+            different float rounding of that layer's contribution.
 
     Returns:
         ``[B, k]``: ``sum_l irfft(sum_t rfft(CS1_l(delta_t)) * rfft(CS2_l(x_t)))``, layers in
@@ -127,6 +132,8 @@ def tensorsketch_fft_layers(
                      ("xst", x.stride(1)), ("b1", b1.data_ptr()), ("s1", s1.data_ptr()), ("b2", b2.data_ptr()),
                      ("s2", s2.data_ptr())):
             args[n].append(v)
+    if direct is not None and len(direct) != len(layers):
+        raise ValueError(f"tensorsketch_fft_layers: {len(direct)} direct flags for {len(layers)} layers")
     if out is None:
         out = torch.empty(B, k, dtype=dtype)
     elif out.shape != (B, k) or out.dtype != dtype or not out.is_contiguous():
@@ -134,6 +141,7 @@ def tensorsketch_fft_layers(
     _C().tensorsketch_fft_cpu(
         args["d"], args["x"], args["T"], args["O"], args["I"], args["dsb"], args["dst"], args["xsb"], args["xst"],
         args["b1"], args["s1"], args["b2"], args["s2"], out.data_ptr(), B, k, _DTYPES[dtype],
+        [int(bool(v)) for v in direct] if direct is not None else [],
     )
     del keep
     return out

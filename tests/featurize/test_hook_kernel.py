@@ -70,7 +70,7 @@ def test_kernel_route_equals_definition_float64(name, generator):
     factors = f.layer_factors(batch)
     dense = [(f._seeds[n], d, xx) for n, d, xx in factors if d.is_floating_point()]
     index = [(f._seeds[n], d, xx, f._by_name[n].num_embeddings) for n, d, xx in factors if not d.is_floating_point()]
-    for s in ("fft", "dense"):
+    for s in ("fft", "dense", "direct"):
         torch.testing.assert_close(fused_tensorsketch(dense, k=K, strategy=s, index_factors=index), want,
                                    rtol=1e-9, atol=1e-11)
 

@@ -35,7 +35,7 @@ def _explicit(model, task, batch, output="f", *, k=K, seed=SEED, track="all"):
     return explicit_sketch(model, task, batch, output, k=k, seed=seed, track=track)
 
 
-def _check(model, x, *, strategies=("fft", "dense")):
+def _check(model, x, *, strategies=("fft", "dense", "direct")):
     torch.manual_seed(0)
     model = model.double().eval()
     task = RowTask()
@@ -182,7 +182,7 @@ def test_mixed_cnn_parity_and_strategy_record():
     assert s["c1"]["T"] == 11 * 13 and s["c1"]["I"] == 3 * 25 + 1 and s["c2"]["T"] == 6 * 7
     # The choice follows the cost model: the wide-T first conv hashes its [O, I] gradient.
     assert s["c1"]["strategy"] == "dense"
-    assert {v["strategy"] for v in s.values()} <= {"dense", "fft"}
+    assert {v["strategy"] for v in s.values()} <= {"dense", "fft", "direct"}
 
 
 def test_multihead_attention_refused_by_name_and_vmap_takes_it():
@@ -249,7 +249,7 @@ def test_parameter_report_accounts_for_every_parameter():
     assert sum(r["count"] for r in rows.values()) == sum(p.numel() for p in model.parameters())
     assert rows["gn.weight"]["why"] == "frozen" and rows["head.weight"]["why"] == "outside track"
     assert rows["gn.bias"]["tracked"] and rows["gn.bias"]["module"] == "GroupNorm"
-    assert rows["c1.weight"]["strategy"] in ("fft", "dense") and rows["c1.weight"]["shape"] == (8, 3, 5, 5)
+    assert rows["c1.weight"]["strategy"] in ("fft", "dense", "direct") and rows["c1.weight"]["shape"] == (8, 3, 5, 5)
     tracked = sum(r["count"] for r in rows.values() if r["tracked"])
     assert tracked == f.num_tracked == f.describe()["num_tracked_parameters"]
     assert f.describe()["untracked_parameters"]["count"] == 8 + 7 * 4 + 4

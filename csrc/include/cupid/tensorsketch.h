@@ -24,6 +24,9 @@ namespace cupid {
 // Per layer l: delta_l at delta_ptrs[l] with element (b, t, o) at b*d_sb + t*d_st + o,
 // x_l likewise with x_sb, x_st; bucket tables b1 [O] int64 in [0, k), signs s1 [O] int64
 // (+-1), b2/s2 [I]. Layers are accumulated in the given order, t ascending, o / i ascending.
+// direct (empty, or one flag per layer): a flagged layer is evaluated in the time domain
+// (its T O I hashed products accumulated per lane group and added to the inverse FFT's
+// output) instead of by two FFTs per step: exact, a different float rounding.
 void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr_t>& x_ptrs,
                           const std::vector<int64_t>& steps, const std::vector<int64_t>& out_dims,
                           const std::vector<int64_t>& in_dims, const std::vector<int64_t>& d_sb,
@@ -31,7 +34,7 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
                           const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
                           const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
                           const std::vector<uintptr_t>& s2_ptrs, uintptr_t out_ptr, int64_t batch, int64_t k,
-                          int dtype);
+                          int dtype, const std::vector<int64_t>& direct = {});
 
 // out[b, (b1[o] + b2[i]) mod k] (+)= s1[o] s2[i] g[b, o, i], o then i ascending; out is
 // overwritten unless accumulate. g row-major [B, O, I] contiguous.
