@@ -621,18 +621,58 @@ def _unfold_conv1d_tap_major(module: nn.Conv1d, x: torch.Tensor, bias: bool, ws:
     return out
 
 
+def _conv1d_taps_gemm(module: nn.Conv1d, xs: torch.Tensor, ds: torch.Tensor, b: int, per: int, bias: bool,
+                      ws: _Workspace, acc: torch.dtype, G: torch.Tensor) -> None:
+    """``G [b, O, I]`` (the layout's column order, :func:`unfold_conv1d`) of a stride-1 Conv1d
+    chunk, without unfolding the input: one GEMM per tap over a shifted view.
+
+    The captured rows of a sample (its ``per`` draws) are laid out position-major,
+    ``xt [b, L_pad, per, C_in]`` (zero rows at the padding positions) and
+    ``delta [b, L_out, per, O]``; the steps are then ``(position, draw)`` pairs, and the
+    input rows tap ``j`` meets are the ``L_out * per`` consecutive rows of ``xt`` from
+    position ``j * dilation``: a plain strided view, so ``G_j = delta^T xt_j`` is one batched
+    GEMM per tap reading the input in place. The unfolded input (``K`` copies of it, the
+    largest tensor of the dense route: ~40% of its time on the UNet) is never written, and
+    no position is computed twice (a row-major layout would need padding between rows,
+    25-100% extra GEMM flops at the UNet's 16/8/4 positions). The bias column is
+    ``sum_t delta_t``. The same products as the unfolded GEMM, summed in another order: a
+    float-rounding change (float64 parity, tests/featurize/test_stream_dense.py)."""
+    left, right, K, d, _ = _conv1d_geometry(module)
+    _, C, L = xs.shape
+    O, Lo = ds.shape[1], ds.shape[2]
+    Lp = L + left + right
+    xt = ws.get("dense_xt", (b, Lp, per, C), xs.dtype, xs.device)
+    if left:
+        xt[:, :left].zero_()
+    if right:
+        xt[:, left + L:].zero_()
+    xt[:, left:left + L].copy_(xs.view(b, per, C, L).permute(0, 3, 1, 2))
+    db = ws.get("dense_d", (b, Lo, per, O), ds.dtype, ds.device)
+    db.copy_(ds.view(b, per, O, Lo).permute(0, 3, 1, 2))
+    dT = db.view(b, Lo * per, O).to(acc).transpose(1, 2)  # [b, O, T]
+    Gt = ws.get("dense_gt", (K, b, O, C), acc, xs.device)
+    for j in range(K):
+        torch.bmm(dT, xt[:, j * d:j * d + Lo].reshape(b, Lo * per, C).to(acc), out=Gt[j])
+    G[..., :K * C].view(b, O, C, K).copy_(Gt.permute(1, 2, 3, 0))
+    if bias:
+        G[..., -1] = dT.sum(-1)
+
+
 def stream_dense_layer(layer: RawLayer, k: int, out: torch.Tensor, ws: _Workspace, acc: torch.dtype) -> None:
     """``out [B, k] +=`` the hashed per-sample gradient ``G = sum_t delta_t x_t^T`` of one
     captured Linear/Conv1d/Conv2d call, formed chunk of samples by chunk of samples.
 
-    Per chunk the inputs are unfolded (im2col, bias column) and the output gradients laid
-    out ``[b, T, O]`` into reused workspace buffers, ``G [b, O, I]`` is one batched GEMM
-    and is hashed into the chunk's rows of ``out`` (C++ ``hash_gradient`` on the kernel
-    route, ``scatter_add_`` elsewhere). The same factors, GEMM and hash as the ``dense``
-    route on ``HookCapture.factors`` output, so each sample's row is the same (every
-    sample's GEMM and hash are independent of the others in its batch); only the peak
-    memory (one chunk of :data:`DENSE_CHUNK_BYTES`, not every layer's whole batch) and
-    the page faults differ. On a GPU the chunk is the whole batch.
+    Per chunk the inputs are laid out (im2col, bias column) and the output gradients
+    ``[b, T, O]`` into reused workspace buffers, ``G [b, O, I]`` is one batched GEMM and is
+    hashed into the chunk's rows of ``out`` (C++ ``hash_gradient`` on the kernel route,
+    ``scatter_add_`` elsewhere). A stride-1 Conv1d is not unfolded at all: one GEMM per tap
+    over a shifted view of its position-major input (:func:`_conv1d_taps_gemm`; a
+    float-rounding change against the unfolded GEMM, issue 19); a 1x1 Conv1d's unfold is a
+    transposing copy. Every sample's GEMMs and hash are independent of the others in its
+    batch, so a row is the same bit for bit whatever the chunk; against the dense route on
+    ``HookCapture.factors`` output it is the same up to that rounding, with bounded peak
+    memory (one chunk of :data:`DENSE_CHUNK_BYTES`, not every layer's whole batch). On a
+    GPU the chunk is the whole batch.
     """
     module, x, delta, groups = layer.module, layer.x, layer.delta, layer.groups
     T, O, I = dense_layer_shape(module, x, delta, groups)
@@ -649,32 +689,24 @@ def stream_dense_layer(layer: RawLayer, k: int, out: torch.Tensor, ws: _Workspac
         bucket, sign = _dense_table(layer.seed, O, I, k)
         bucket, sign = bucket.to(device), sign.to(device=device, dtype=acc)
     conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
-    taps = module.kernel_size[0] if isinstance(module, nn.Conv1d) else 1
+    conv1d = isinstance(module, nn.Conv1d)
+    taps = module.kernel_size[0] if conv1d else 1
+    stride1 = conv1d and module.stride[0] == 1
+    shifted = stride1 and taps > 1  # one GEMM per tap over a shifted view, no unfold
+    # A 1x1 Conv1d without padding: its unfold is a transpose, and torch's transposing
+    # copy is faster than the im2col kernel's one-element runs (same values).
+    pointwise = stride1 and taps == 1 and _conv1d_geometry(module)[:2] == (0, 0)
     for a in range(0, groups, chunk):
         e = min(groups, a + chunk)
         b, r0, r1 = e - a, a * per, e * per
         xs, ds = x[r0:r1], delta[r0:r1]
-        if taps > 1:
+        G = ws.get("dense_g", (b, O, I), acc, device)
+        if shifted:
+            _conv1d_taps_gemm(module, xs, ds, b, per, bias, ws, acc, G)
+        elif taps > 1:  # strided Conv1d: unfolded tap-major, G's columns put back in the layout's order
             xb = _unfold_conv1d_tap_major(module, xs, bias, ws)
             db = ws.get("dense_d", (r1 - r0, steps, O), delta.dtype, device)
             db.copy_(ds.transpose(1, 2))
-        elif conv:
-            xb = ws.get("dense_x", (r1 - r0, steps, I), x.dtype, device)
-            unfold = unfold_conv1d if isinstance(module, nn.Conv1d) else unfold_conv2d
-            unfold(module, xs, append_one=bias, out=xb)
-            db = ws.get("dense_d", (r1 - r0, steps, O), delta.dtype, device)
-            db.copy_(ds.flatten(2).transpose(1, 2))  # [r, C_out, *pos] -> [r, pos, C_out]
-        else:
-            xs = xs.reshape(r1 - r0, steps, xs.shape[-1])
-            if bias:
-                xb = ws.get("dense_x", (r1 - r0, steps, I), x.dtype, device)
-                xb[..., :-1].copy_(xs)
-                xb[..., -1] = 1
-            else:
-                xb = xs
-            db = ds.reshape(r1 - r0, steps, O)
-        G = ws.get("dense_g", (b, O, I), acc, device)
-        if taps > 1:  # G's columns come tap-major, (j, c): put them in the layout's (c, j) order
             Gt = ws.get("dense_gt", (b, O, I), acc, device)
             torch.bmm(db.reshape(b, T, O).to(acc).transpose(1, 2), xb.reshape(b, T, I).to(acc), out=Gt)
             n = I - int(bias)
@@ -683,6 +715,28 @@ def stream_dense_layer(layer: RawLayer, k: int, out: torch.Tensor, ws: _Workspac
             if bias:
                 G[..., -1] = Gt[..., -1]
         else:
+            if pointwise:
+                xb = ws.get("dense_x", (r1 - r0, steps, I), x.dtype, device)
+                xb[..., :xs.shape[1]].copy_(xs.transpose(1, 2))
+                if bias:
+                    xb[..., -1] = 1
+                db = ws.get("dense_d", (r1 - r0, steps, O), delta.dtype, device)
+                db.copy_(ds.transpose(1, 2))
+            elif conv:
+                xb = ws.get("dense_x", (r1 - r0, steps, I), x.dtype, device)
+                unfold = unfold_conv1d if conv1d else unfold_conv2d
+                unfold(module, xs, append_one=bias, out=xb)
+                db = ws.get("dense_d", (r1 - r0, steps, O), delta.dtype, device)
+                db.copy_(ds.flatten(2).transpose(1, 2))  # [r, C_out, *pos] -> [r, pos, C_out]
+            else:
+                xs = xs.reshape(r1 - r0, steps, xs.shape[-1])
+                if bias:
+                    xb = ws.get("dense_x", (r1 - r0, steps, I), x.dtype, device)
+                    xb[..., :-1].copy_(xs)
+                    xb[..., -1] = 1
+                else:
+                    xb = xs
+                db = ds.reshape(r1 - r0, steps, O)
             torch.bmm(db.reshape(b, T, O).to(acc).transpose(1, 2), xb.reshape(b, T, I).to(acc), out=G)
         if use_kernel:
             from cupid_engine.ops import cpu_backend

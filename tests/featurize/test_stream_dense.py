@@ -1,7 +1,8 @@
 """Dense-route layers streamed from the raw captures (``hooks.stream_dense_layer``): the
-unfolded inputs are formed chunk by chunk in reused buffers, with the same numbers as the
-dense route on the fully laid-out factors (float64 parity against the definition over odd
-shapes, float32 bit for bit, any chunk size, both hash routes)."""
+unfolded inputs are formed chunk by chunk in reused buffers (stride-1 Conv1d: not formed at
+all, one GEMM per tap over a shifted view), with the same numbers as the dense route on the
+fully laid-out factors up to float rounding (float64 parity against the definition over odd
+shapes; float32 bit for bit across chunk sizes, both hash routes)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,10 @@ def test_streamed_dense_float64_parity(net, shape, k, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-def test_streamed_dense_float32_bit_identical_to_laid_out_factors(kernel, monkeypatch):
+def test_streamed_dense_float32_chunk_independent_and_close_to_laid_out(kernel, monkeypatch):
+    """Bit for bit whatever the chunk (a sample's GEMMs and hash do not see the others);
+    against the laid-out factors (one GEMM on the unfolded input) a float-rounding change
+    from c1's per-tap GEMMs only."""
     torch.manual_seed(2)
     model = Net1d()
     f = _featurizer(model, 128, torch.float32)
@@ -94,17 +98,49 @@ def test_streamed_dense_float32_bit_identical_to_laid_out_factors(kernel, monkey
     monkeypatch.setattr(H, "choose_strategy", lambda strategy, *a, **kw: "dense" if strategy == "auto" else strategy)
     ref = f.layer_factors(batch)
     want = fused_tensorsketch([(f._seeds[n], d, x) for n, d, x in ref], k=128, strategy="dense")
+    got = {}
     for chunk_bytes in (1, 700, 1 << 30):
         monkeypatch.setattr(H, "DENSE_CHUNK_BYTES", chunk_bytes)
-        got = f(batch)
-        assert torch.equal(got, want), chunk_bytes
+        got[chunk_bytes] = f(batch)
+        torch.testing.assert_close(got[chunk_bytes], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert torch.equal(got[1], got[700]) and torch.equal(got[1], got[1 << 30])
     # Buffers are reused and bounded by the chunk: with one sample per chunk, the unfold
-    # buffer holds one sample's rows (3 draws x time steps x columns), not the batch's.
+    # buffer holds one sample's rows (3 draws x time steps x columns), not the batch's;
+    # the stride-1 conv c1 unfolds nothing: its buffer is one sample's padded input
+    # (draws x padded length x C_in: 3 x 17 x 3), shared with c2's transposed input (3 x 13 x 5).
     monkeypatch.setattr(H, "DENSE_CHUNK_BYTES", 1)
     f._workspace = H._Workspace()
     f(batch)
-    biggest = max(s["T"] * s["I"] for n, s in f.layer_strategies.items() if n.startswith("c"))
-    assert f._workspace._bufs["dense_x"].numel() == biggest
+    unfolded = max(s["T"] * s["I"] for n, s in f.layer_strategies.items() if n in ("c2", "c3"))
+    assert f._workspace._bufs["dense_x"].numel() == unfolded
+    assert f._workspace._bufs["dense_xt"].numel() == max(3 * 17 * 3, 3 * 13 * 5)
+
+
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=3, out_channels=5, kernel_size=5, padding=2),
+    dict(in_channels=4, out_channels=3, kernel_size=4, padding="same", bias=False),
+    dict(in_channels=2, out_channels=7, kernel_size=3, padding=3, dilation=2),
+    dict(in_channels=5, out_channels=2, kernel_size=2),
+    dict(in_channels=3, out_channels=4, kernel_size=1),
+    dict(in_channels=3, out_channels=4, kernel_size=1, padding=1),
+    dict(in_channels=3, out_channels=6, kernel_size=3, stride=3, padding=1),
+])
+@pytest.mark.parametrize("draws", [1, 3])
+def test_conv1d_paths_float64_parity_odd_shapes(conv, draws, monkeypatch):
+    """Every Conv1d path of the stream (per-tap GEMMs for stride 1, the pointwise transpose,
+    the strided unfold) against the definition, over odd lengths, chunks of 1 and all."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv1d(**conv), nn.Tanh())
+    task = DrawTask()
+    f = Featurizer(None, "f", ProjectionConfig(k=128, seed=SEED), task=task, model=model.double().eval(), draws=draws)
+    batch = {"x": torch.randn(5, conv["in_channels"], 9, generator=torch.Generator().manual_seed(6),
+                              dtype=torch.float64)}
+    want = explicit_sketch(model, task, batch, "f", k=128, seed=SEED, draws=draws)
+    assert want.abs().max() > 1e-3
+    monkeypatch.setattr(H, "choose_strategy", lambda strategy, *a, **kw: "dense" if strategy == "auto" else strategy)
+    for chunk_bytes in (1, 1 << 30):
+        monkeypatch.setattr(H, "DENSE_CHUNK_BYTES", chunk_bytes)
+        torch.testing.assert_close(f(batch), want, rtol=1e-10, atol=1e-12)
 
 
 def test_unfold_into_a_given_buffer_and_bad_buffers_refused():
