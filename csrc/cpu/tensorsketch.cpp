@@ -391,6 +391,14 @@ void gather_rows(const T* src, int64_t sb, int lanes, int64_t n, const T* sg, ty
   }
 }
 
+// 1 in the first `lanes` lanes, 0 in the others: a stored 1 gathered by gather_rows/scatter_rows.
+template <typename T>
+typename Lanes<T>::V lane_ones(int lanes) {
+  typename Lanes<T>::V v = {};
+  for (int l = 0; l < lanes; ++l) v[l] = T(1);
+  return v;
+}
+
 // Per-thread buffers of one lane group ([m] complex vectors each, re then im).
 template <typename T>
 struct Work {
@@ -418,6 +426,7 @@ struct Layer {
   std::vector<T> sg1, sg2;
   std::vector<uint8_t> live1, live2;  // four-step input columns a factor's buckets reach (fft_m)
   bool direct = false;                // the direct route (time domain, no FFT): see tensorsketch_typed
+  bool x_one = false;                 // x's last coordinate (I - 1) is a constant 1 not in memory (a bias)
   std::vector<int64_t> h1, h2;        // raw buckets in [0, k) (direct route)
 };
 
@@ -503,7 +512,9 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
           const int64_t* h2 = L.h2.data();
           for (int64_t t = 0; t < L.steps; ++t) {
             gather_rows<T>(L.delta + b0 * L.d_sb + t * L.d_st, L.d_sb, lanes, L.O, L.sg1.data(), dv.data());
-            gather_rows<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, L.I, L.sg2.data(), xv.data());
+            const int64_t nx = L.x_one ? L.I - 1 : L.I;
+            gather_rows<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, nx, L.sg2.data(), xv.data());
+            if (L.x_one) xv[nx] = L.sg2[nx] * lane_ones<T>(lanes);
             for (int64_t o = 0; o < L.O; ++o) {
               const V a = dv[o];
               const int64_t base = L.h1[o];
@@ -523,7 +534,10 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
             ar[sf] = re;
             ai[sf] = im;
           });
-          pack_factor<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, L.I, L.idx2.data(), L.sg2.data(), w);
+          // The constant 1 goes last, as the stored column would (same sums, same order).
+          const int64_t nx = L.x_one ? L.I - 1 : L.I;
+          pack_factor<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, nx, L.idx2.data(), L.sg2.data(), w);
+          if (L.x_one) w.z[L.idx2[nx] / W] += L.sg2[nx] * lane_ones<T>(lanes);
           fft_m<T, false>(zr, zi, w.loc.data(), plan, L.live2.empty() ? nullptr : L.live2.data(), [&](int64_t f, const V& br, const V& bi) {
             // P1[f] += Za[f] Zb[f]; P2[m-f] += Za[m-f] conj(Zb[f]) (indices mod m).
             const int64_t sf = plan.spos(f);
@@ -660,8 +674,8 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
              const std::vector<int64_t>& d_sb, const std::vector<int64_t>& d_st, const std::vector<int64_t>& x_sb,
              const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
              const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
-             const std::vector<uintptr_t>& s2_ptrs, const std::vector<int64_t>& direct, T* out, int64_t batch,
-             int64_t k) {
+             const std::vector<uintptr_t>& s2_ptrs, const std::vector<int64_t>& direct,
+             const std::vector<int64_t>& x_ones, T* out, int64_t batch, int64_t k) {
   const Plan<T> plan(k);
   std::vector<Layer<T>> layers;
   for (size_t l = 0; l < delta_ptrs.size(); ++l) {
@@ -688,6 +702,10 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
     L.live2 = live_columns<T>(b2, L.I, plan);
     L.sg1.assign(s1, s1 + L.O);
     L.sg2.assign(s2, s2 + L.I);
+    if (!x_ones.empty() && x_ones[l]) {
+      if (L.I < 1) throw std::invalid_argument("cupid._C: tensorsketch x_ones needs I >= 1");
+      L.x_one = true;
+    }
     if (!direct.empty() && direct[l]) {
       L.direct = true;
       L.h1.assign(b1, b1 + L.O);
@@ -714,10 +732,12 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
                           const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
                           const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
                           const std::vector<uintptr_t>& s2_ptrs, uintptr_t out_ptr, int64_t batch, int64_t k,
-                          int dtype, const std::vector<int64_t>& direct) {
+                          int dtype, const std::vector<int64_t>& direct, const std::vector<int64_t>& x_ones) {
   const size_t n = delta_ptrs.size();
   if (!direct.empty() && direct.size() != n)
     throw std::invalid_argument("cupid._C: tensorsketch_fft_cpu: direct flags differ in length from the layers");
+  if (!x_ones.empty() && x_ones.size() != n)
+    throw std::invalid_argument("cupid._C: tensorsketch_fft_cpu: x_ones flags differ in length from the layers");
   for (const auto* v : {&x_ptrs, &b1_ptrs, &s1_ptrs, &b2_ptrs, &s2_ptrs})
     if (v->size() != n) throw std::invalid_argument("cupid._C: tensorsketch_fft_cpu: per-layer lists differ in length");
   for (const auto* v : {&steps, &out_dims, &in_dims, &d_sb, &d_st, &x_sb, &x_st})
@@ -730,10 +750,10 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
   if (batch == 0) return;
   if (dtype == 0)
     run_fft<float>(delta_ptrs, x_ptrs, steps, out_dims, in_dims, d_sb, d_st, x_sb, x_st, b1_ptrs, s1_ptrs, b2_ptrs,
-                   s2_ptrs, direct, reinterpret_cast<float*>(out_ptr), batch, k);
+                   s2_ptrs, direct, x_ones, reinterpret_cast<float*>(out_ptr), batch, k);
   else
     run_fft<double>(delta_ptrs, x_ptrs, steps, out_dims, in_dims, d_sb, d_st, x_sb, x_st, b1_ptrs, s1_ptrs, b2_ptrs,
-                    s2_ptrs, direct, reinterpret_cast<double*>(out_ptr), batch, k);
+                    s2_ptrs, direct, x_ones, reinterpret_cast<double*>(out_ptr), batch, k);
 }
 
 void hash_gradient_cpu(uintptr_t g_ptr, uintptr_t b1_ptr, uintptr_t s1_ptr, uintptr_t b2_ptr, uintptr_t s2_ptr,

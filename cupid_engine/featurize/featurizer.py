@@ -358,6 +358,15 @@ class Featurizer:
                 factors.append(_hooks.RawLayer(self._seeds[name], module, x, delta, n))
                 strategies[name] = {"strategy": "dense", "T": shape[0], "O": shape[1], "I": shape[2]}
                 continue
+            if isinstance(module, nn.Linear) and shape is not None and module.bias is not None \
+                    and module.bias.requires_grad and _hooks.kernel_route(self.k, x.device, x.dtype):
+                # fft/direct on the C++ kernel: the bias input (a constant 1) is added by the
+                # kernel itself, so x is handed over as captured (no [R, I + 1] copy).
+                d, x = _hooks.HookCapture._layer(name, module, x, y, delta, n, bias_column=False)
+                factors.append((self._seeds[name], d, x, True))
+                strategies[name] = {"strategy": _hooks.choose_strategy("auto", *shape, self.k, x.device),
+                                    "T": shape[0], "O": shape[1], "I": shape[2]}
+                continue
             # A Linear's bias column goes into a reused buffer (no fresh [R, I + 1] per batch);
             # a module called twice in one pass keeps fresh tensors (one buffer per name).
             ws = self._workspace if calls[name] == 1 else None

@@ -379,14 +379,16 @@ class HookCapture:
     @staticmethod
     def _layer(
         name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, groups: int,
-        workspace: _Workspace | None = None,
+        workspace: _Workspace | None = None, bias_column: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One call's factors (see :meth:`factors`). With ``workspace``, a Linear's input
         with its bias column is written into the workspace buffer ``lin_x_<name>`` instead
         of a fresh ``torch.cat`` (same values; the caller must consume the factors before
         the next batch reuses the buffer, and a module called twice shares the name, so
         only a caller that consumes each call's factors before laying out the next may
-        pass it)."""
+        pass it). ``bias_column=False``: a Linear's ``x`` comes without its trailing
+        column of ones (a view of the capture, no copy), for a caller that passes it to
+        :func:`fused_tensorsketch` as an implicit-bias factor ``(seed, delta, x, True)``."""
         rows = x.shape[0]
         if rows % groups:
             raise RuntimeError(f"module {name!r}: {rows} captured rows do not split into {groups} samples")
@@ -425,7 +427,9 @@ class HookCapture:
         else:  # Linear: [R, *, I] -> [R, T, I]
             x = x.reshape(x.shape[0], -1, x.shape[-1])
             delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
-            if bias and workspace is not None:
+            if not bias_column:
+                pass
+            elif bias and workspace is not None:
                 buf = workspace.get(f"lin_x_{name}", x.shape[:-1] + (x.shape[-1] + 1,), x.dtype, x.device)
                 buf[..., :-1].copy_(x)
                 buf[..., -1] = 1
@@ -814,9 +818,13 @@ def fused_tensorsketch(
 
     Args:
         factors: ``[(seed, delta [B, T, O], x [B, T, I])]`` per layer (any T per layer);
-            an entry may instead be a :class:`RawLayer` (a captured Linear/Conv call not
-            laid out), which takes the ``dense`` route streamed chunk by chunk
-            (:func:`stream_dense_layer`: same per-sample numbers, bounded memory).
+            an entry ``(seed, delta, x [B, T, I - 1], True)`` is a layer whose last input
+            coordinate is an implicit constant 1 (a Linear's bias): on the kernel's ``fft``
+            and ``direct`` routes the kernel adds it itself (the same sums as a stored
+            column of ones, bit for bit, without writing one), elsewhere the column is
+            appended. An entry may instead be a :class:`RawLayer` (a captured Linear/Conv
+            call not laid out), which takes the ``dense`` route streamed chunk by chunk
+            (:func:`stream_dense_layer`: bounded memory).
         k: Sketch dimension.
         strategy: ``auto`` (per layer, by cost), or force ``fft`` / ``dense`` / ``direct`` (tests).
         workspace: Scratch buffers reused across calls (a :class:`Featurizer` keeps one);
@@ -863,12 +871,15 @@ def fused_tensorsketch(
                 direct = torch.zeros(B, k, dtype=acc, device=device)
             stream_dense_layer(entry, k, direct, ws, acc)
             continue
-        seed, delta, x = entry
-        T, O, I = delta.shape[1], delta.shape[2], x.shape[2]
+        seed, delta, x, *implicit = entry
+        ones = bool(implicit[0]) if implicit else False
+        T, O, I = delta.shape[1], delta.shape[2], x.shape[2] + int(ones)
         route = choose_strategy(strategy, T, O, I, k, device)
-        if route == "direct" and use_kernel:
-            fft_layers.append((seed, delta, x, True))
+        if use_kernel and route in ("fft", "direct"):
+            fft_layers.append((seed, delta, x, route == "direct", ones))
             continue
+        if ones:
+            x = torch.cat((x, x.new_ones(x.shape[:-1] + (1,))), dim=-1)
         if route != "fft":  # dense, or direct off the kernel route: the same hashed products of G
             if use_kernel:  # GEMM, then the C++ hash (fixed order per row)
                 from cupid_engine.ops import cpu_backend
@@ -887,7 +898,7 @@ def fused_tensorsketch(
             # O * I indices on CPU (measured ~40x slower here).
             direct.scatter_add_(1, bucket.to(device).expand(B, O * I), G)
             continue
-        fft_layers.append((seed, delta, x, False))
+        fft_layers.append((seed, delta, x, False, False))
     if not fft_layers:
         return direct
     if use_kernel:
@@ -900,15 +911,17 @@ def fused_tensorsketch(
         # One call for all layers: per group of W samples, every layer's and step's spectra
         # are accumulated in cache and inverted once (the kernel threads over groups); the
         # direct layers' products are added to the inverse's output in the same pass.
-        flags = [flag for *_, flag in fft_layers]
-        out = cpu_backend.tensorsketch_fft_layers([(seed, unit(d), unit(x)) for seed, d, x, _ in fft_layers], k,
-                                                  direct=flags if any(flags) else None)
+        flags = [e[3] for e in fft_layers]
+        ones = [e[4] for e in fft_layers]
+        out = cpu_backend.tensorsketch_fft_layers([(e[0], unit(e[1]), unit(e[2])) for e in fft_layers], k,
+                                                  direct=flags if any(flags) else None,
+                                                  x_ones=ones if any(ones) else None)
         if direct is not None:
             out.add_(direct)
         return out
     # The result is returned to the caller, so it is a fresh tensor (not a workspace view).
     out = torch.empty(B, k, dtype=acc, device=device)
-    t_max = max(d.shape[1] for _, d, _, _ in fft_layers)
+    t_max = max(e[1].shape[1] for e in fft_layers)
     # Rows per block: every buffer of a block (count sketches, spectra, accumulator) stays
     # cache-sized, and each block goes scatter -> rfft -> multiply-accumulate -> irfft for
     # all layers before the next, instead of whole-batch passes over multi-MiB buffers.
@@ -920,7 +933,7 @@ def fused_tensorsketch(
         for r0 in range(a, e, rows_per_block):
             r1 = min(e, r0 + rows_per_block)
             spec = None
-            for seed, delta, x, _ in fft_layers:
+            for seed, delta, x, *_ in fft_layers:
                 f = _spectrum(delta[r0:r1], seed, C.STREAM_TS_OUT, k, acc, ws, f"out{tag}")
                 g = _spectrum(x[r0:r1], seed, C.STREAM_TS_IN, k, acc, ws, f"in{tag}")
                 # Multiply-accumulate in a fixed order (ops.spectral): a row's features must

@@ -89,7 +89,7 @@ def _kernel_input(t: torch.Tensor) -> torch.Tensor:
 
 def tensorsketch_fft_layers(
     layers: list[tuple[int, torch.Tensor, torch.Tensor]], k: int, out: torch.Tensor | None = None, *,
-    direct: list[bool] | None = None,
+    direct: list[bool] | None = None, x_ones: list[bool] | None = None,
 ) -> torch.Tensor:
     """Sum over layers of the tensorsketch by the C++ FFT kernel (``csrc/cpu/tensorsketch.cpp``).
 
@@ -102,6 +102,9 @@ def tensorsketch_fft_layers(
             are accumulated in the time domain (per SIMD lane group) and added to the inverse
             FFT's output, instead of two FFTs per step: exact, cheaper for a narrow factor, a
             different float rounding of that layer's contribution.
+        x_ones: One flag per layer (None: none): a flagged layer's ``x [B, T, I - 1]`` lacks
+            its last coordinate, a constant 1 (a bias input), which the kernel adds itself:
+            the same sums as a stored column of ones, without writing one.
 
     Returns:
         ``[B, k]``: ``sum_l irfft(sum_t rfft(CS1_l(delta_t)) * rfft(CS2_l(x_t)))``, layers in
@@ -116,7 +119,11 @@ def tensorsketch_fft_layers(
         raise TypeError(f"tensorsketch_fft_layers takes float32 or float64, got {dtype}")
     args: dict[str, list] = {n: [] for n in ("d", "x", "T", "O", "I", "dsb", "dst", "xsb", "xst", "b1", "s1", "b2", "s2")}
     keep = []
-    for seed, d, x in layers:
+    for v, what in ((direct, "direct"), (x_ones, "x_ones")):
+        if v is not None and len(v) != len(layers):
+            raise ValueError(f"tensorsketch_fft_layers: {len(v)} {what} flags for {len(layers)} layers")
+    for l, (seed, d, x) in enumerate(layers):
+        one = int(x_ones is not None and bool(x_ones[l]))
         if d.dtype != dtype or x.dtype != dtype:
             raise TypeError(f"tensorsketch_fft_layers: mixed dtypes {d.dtype}, {x.dtype}, expected {dtype}")
         if d.dim() != 3 or x.dim() != 3 or d.shape[:2] != x.shape[:2] or d.shape[0] != B:
@@ -125,15 +132,13 @@ def tensorsketch_fft_layers(
         _check(x, "x")
         if d.stride(-1) != 1 or x.stride(-1) != 1:
             raise ValueError("tensorsketch_fft_layers: delta and x need a unit stride along the last dim")
-        b1, s1, b2, s2 = _tables(seed, d.shape[2], x.shape[2], k)
+        b1, s1, b2, s2 = _tables(seed, d.shape[2], x.shape[2] + one, k)
         keep += [b1, s1, b2, s2]
         for n, v in (("d", d.data_ptr()), ("x", x.data_ptr()), ("T", d.shape[1]), ("O", d.shape[2]),
-                     ("I", x.shape[2]), ("dsb", d.stride(0)), ("dst", d.stride(1)), ("xsb", x.stride(0)),
+                     ("I", x.shape[2] + one), ("dsb", d.stride(0)), ("dst", d.stride(1)), ("xsb", x.stride(0)),
                      ("xst", x.stride(1)), ("b1", b1.data_ptr()), ("s1", s1.data_ptr()), ("b2", b2.data_ptr()),
                      ("s2", s2.data_ptr())):
             args[n].append(v)
-    if direct is not None and len(direct) != len(layers):
-        raise ValueError(f"tensorsketch_fft_layers: {len(direct)} direct flags for {len(layers)} layers")
     if out is None:
         out = torch.empty(B, k, dtype=dtype)
     elif out.shape != (B, k) or out.dtype != dtype or not out.is_contiguous():
@@ -142,6 +147,7 @@ def tensorsketch_fft_layers(
         args["d"], args["x"], args["T"], args["O"], args["I"], args["dsb"], args["dst"], args["xsb"], args["xst"],
         args["b1"], args["s1"], args["b2"], args["s2"], out.data_ptr(), B, k, _DTYPES[dtype],
         [int(bool(v)) for v in direct] if direct is not None else [],
+        [int(bool(v)) for v in x_ones] if x_ones is not None else [],
     )
     del keep
     return out

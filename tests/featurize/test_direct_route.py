@@ -120,3 +120,20 @@ def test_mlp_featurizer_records_direct_and_matches_definition_float64():
     for s in ("fft", "dense"):
         torch.testing.assert_close(got, fused_tensorsketch(factors, k=4096, strategy=s), rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(got, _definition(factors, 4096), rtol=1e-11, atol=1e-13)
+
+
+def test_mlp_featurizer_implicit_bias_same_bytes_as_laid_out_float32():
+    """The featuriser hands the MLP's Linear inputs to the kernel without their bias column
+    (the kernel adds the constant 1): the same bytes as the laid-out factors with the column."""
+    torch.manual_seed(3)
+    policy = MLPPolicy(MLPPolicyConfig(obs_dim=6, action_dim=2, hidden_sizes=(40, 33))).eval()
+    g = torch.Generator().manual_seed(2)
+    B = 37
+    c = policy.config
+    batch = {"obs": torch.randn(B, c.n_obs_steps, 6, generator=g), "action": torch.randn(B, c.horizon, 2, generator=g),
+             "episode_key": torch.arange(B), "step": torch.arange(B)}
+    f = Featurizer(policy, "loss", ProjectionConfig(k=1024, seed=9))
+    got = f(batch)
+    factors = [(f._seeds[n], d, x) for n, d, x in f.layer_factors(batch)]
+    assert all(x.shape[2] == m.in_features + 1 for (_, _, x), (_, m) in zip(factors, f.modules))
+    assert torch.equal(got, fused_tensorsketch(factors, k=1024))

@@ -181,4 +181,20 @@ def test_linear_bias_buffers_reused_across_batches_and_shared_modules(k, monkeyp
         batch = {"x": torch.randn(rows, 2, 4, generator=g, dtype=torch.float64)}
         want = explicit_sketch(model, f.task, batch, "f", k=k, seed=SEED, draws=3)
         torch.testing.assert_close(f(batch), want, rtol=1e-9, atol=1e-11)
-    assert "lin_x_b" in f._workspace._bufs and "lin_x_a" not in f._workspace._bufs
+    if H.kernel_route(k, "cpu", torch.float64):  # the kernel adds the bias input itself: no buffer at all
+        assert not any(n.startswith("lin_x_") for n in f._workspace._bufs)
+    else:
+        assert "lin_x_b" in f._workspace._bufs and "lin_x_a" not in f._workspace._bufs
+
+
+@pytest.mark.parametrize("route", ["fft", "direct", "dense"])
+def test_implicit_bias_factor_bit_identical_to_stored_ones(route, generator):
+    """``(seed, delta, x, True)``: the kernel's implicit constant-1 input gives the same
+    bytes as the stored column of ones on every route (float32, odd shapes, 2 steps)."""
+    B = 19
+    d = torch.randn(B, 2, 9, generator=generator)
+    x = torch.randn(B, 2, 12, generator=generator)
+    full = torch.cat((x, torch.ones(B, 2, 1)), dim=-1)
+    want = fused_tensorsketch([(7, d, full)], k=256, strategy=route)
+    got = fused_tensorsketch([(7, d, x, True)], k=256, strategy=route)
+    assert torch.equal(got, want)

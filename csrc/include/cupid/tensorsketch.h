@@ -27,6 +27,8 @@ namespace cupid {
 // direct (empty, or one flag per layer): a flagged layer is evaluated in the time domain
 // (its T O I hashed products accumulated per lane group and added to the inverse FFT's
 // output) instead of by two FFTs per step: exact, a different float rounding.
+// x_ones (empty, or one flag per layer): a flagged layer's x holds I - 1 columns in memory and
+// its last coordinate is a constant 1 (a bias input; the same sums as a stored column of ones).
 void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr_t>& x_ptrs,
                           const std::vector<int64_t>& steps, const std::vector<int64_t>& out_dims,
                           const std::vector<int64_t>& in_dims, const std::vector<int64_t>& d_sb,
@@ -34,7 +36,8 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
                           const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
                           const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
                           const std::vector<uintptr_t>& s2_ptrs, uintptr_t out_ptr, int64_t batch, int64_t k,
-                          int dtype, const std::vector<int64_t>& direct = {});
+                          int dtype, const std::vector<int64_t>& direct = {},
+                          const std::vector<int64_t>& x_ones = {});
 
 // out[b, (b1[o] + b2[i]) mod k] (+)= s1[o] s2[i] g[b, o, i], o then i ascending; out is
 // overwritten unless accumulate. g row-major [B, O, I] contiguous.
