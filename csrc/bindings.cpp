@@ -82,9 +82,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("d_sb"), py::arg("d_st"), py::arg("x_sb"), py::arg("x_st"), py::arg("b1_ptrs"), py::arg("s1_ptrs"),
         py::arg("b2_ptrs"), py::arg("s2_ptrs"), py::arg("out_ptr"), py::arg("batch"), py::arg("k"), py::arg("dtype"),
         py::arg("direct") = std::vector<int64_t>{}, py::arg("x_ones") = std::vector<int64_t>{},
+        py::arg("sums_ptr") = 0,
         "out[B, k] = sum over layers and steps of the tensorsketch of delta_t x_t^T (FFT route, W samples per SIMD\n"
         "lane group, k a power of two >= 8; layers flagged in direct: hashed products in the time domain; in x_ones:\n"
-        "x's last coordinate is an implicit 1).");
+        "x's last coordinate is an implicit 1; sums_ptr: row sums of out).");
   m.def("hash_gradient_cpu", &cupid::hash_gradient_cpu, py::call_guard<py::gil_scoped_release>(), py::arg("g_ptr"),
         py::arg("b1_ptr"), py::arg("s1_ptr"), py::arg("b2_ptr"), py::arg("s2_ptr"), py::arg("out_ptr"),
         py::arg("batch"), py::arg("out_dim"), py::arg("in_dim"), py::arg("k"), py::arg("dtype"),

@@ -470,8 +470,13 @@ std::vector<int64_t> flat_offsets(const int64_t* b, int64_t n, const Plan<T>& pl
 // takes changes the float rounding of its contribution only (the caller's cost model picks
 // it from the shapes, so a call always rounds the same way). Without direct layers the
 // kernel runs exactly as before (same instructions, same bytes).
+//
+// sums (nullptr: none): sums[b] = the sum of row b of out (lane-vector sums over the
+// lane-major result, in a fixed order), for the caller's NaN/Inf check without another pass
+// over the [B, k] output.
 template <typename T>
-void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan, T* out, int64_t batch, int64_t k) {
+void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan, T* out, int64_t batch, int64_t k,
+                        T* sums) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const int64_t m = plan.m;
@@ -487,6 +492,11 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
       any_fft = true;
     }
   }
+  // Non-temporal output stores need every row 64-byte aligned and whole 16-float pieces
+  // (W = 16 float32 lanes, m * W * 2 floats addressable by int32 gather offsets).
+  const bool streamed = std::is_same_v<T, float> && W == 16 && k % 16 == 0 && m * W * 2 < (int64_t{1} << 31) &&
+                        reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  (void)streamed;
   parallel_chunks(groups, 1, [&](int64_t g_begin, int64_t g_end) {
     Work<T> w(plan);
     // Direct route: time-domain accumulator (k vectors) and the gathered factor values.
@@ -515,6 +525,9 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
             const int64_t nx = L.x_one ? L.I - 1 : L.I;
             gather_rows<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, nx, L.sg2.data(), xv.data());
             if (L.x_one) xv[nx] = L.sg2[nx] * lane_ones<T>(lanes);
+            // Random read-modify-writes of td (L2-resident); tried in bucket order (sorted
+            // products, or passes of one product per bucket): no faster, the td traffic
+            // stays the bound.
             for (int64_t o = 0; o < L.O; ++o) {
               const V a = dv[o];
               const int64_t base = L.h1[o];
@@ -619,6 +632,37 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
           td[2 * n + 1] = V{};
         }
       }
+      if (sums != nullptr) {
+        V sr_ = {}, si_ = {};
+        for (int64_t n = 0; n < m; ++n) {
+          sr_ += ar[n];
+          si_ += ai[n];
+        }
+        const V tot = sr_ + si_;
+        for (int l = 0; l < lanes; ++l) sums[b0 + l] = tot[l];
+      }
+#ifdef __AVX512F__
+      // float32, k a multiple of 16 and 64-byte aligned rows: each 16-float piece of a row
+      // is gathered from the lane-major (ar, ai) pairs and written by a non-temporal store
+      // (the [B, k] output is far larger than the caches and is not read here again; a
+      // normal store first reads each line for ownership). Same values as the loop below.
+      if constexpr (std::is_same_v<T, float>) {
+        if (streamed) {
+          const float* base = reinterpret_cast<const float*>(ar);
+          for (int64_t n0 = 0; n0 < m; n0 += 8) {
+            alignas(64) int32_t off[16];
+            for (int i = 0; i < 8; ++i) {
+              off[2 * i] = static_cast<int32_t>((n0 + i) * W);
+              off[2 * i + 1] = static_cast<int32_t>((m + n0 + i) * W);
+            }
+            const __m512i vidx = _mm512_load_si512(reinterpret_cast<const void*>(off));
+            for (int l = 0; l < lanes; ++l)
+              _mm512_stream_ps(out + (b0 + l) * k + 2 * n0, _mm512_i32gather_ps(vidx, base + l, 4));
+          }
+          continue;
+        }
+      }
+#endif
       constexpr int64_t kTile = 16;  // vectors per tile: 2 KiB of za stays in L1 across the lanes
       for (int64_t n0 = 0; n0 < m; n0 += kTile) {
         const int64_t n1 = std::min(m, n0 + kTile);
@@ -633,6 +677,9 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
         }
       }
     }
+#ifdef __AVX512F__
+    if (streamed) _mm_sfence();  // order the non-temporal stores before this thread is joined
+#endif
   });
 }
 
@@ -675,7 +722,7 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
              const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
              const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
              const std::vector<uintptr_t>& s2_ptrs, const std::vector<int64_t>& direct,
-             const std::vector<int64_t>& x_ones, T* out, int64_t batch, int64_t k) {
+             const std::vector<int64_t>& x_ones, T* out, int64_t batch, int64_t k, T* sums) {
   const Plan<T> plan(k);
   std::vector<Layer<T>> layers;
   for (size_t l = 0; l < delta_ptrs.size(); ++l) {
@@ -713,7 +760,7 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
     }
     layers.push_back(std::move(L));
   }
-  tensorsketch_typed<T>(layers, plan, out, batch, k);
+  tensorsketch_typed<T>(layers, plan, out, batch, k, sums);
 }
 
 }  // namespace
@@ -732,7 +779,8 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
                           const std::vector<int64_t>& x_st, const std::vector<uintptr_t>& b1_ptrs,
                           const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
                           const std::vector<uintptr_t>& s2_ptrs, uintptr_t out_ptr, int64_t batch, int64_t k,
-                          int dtype, const std::vector<int64_t>& direct, const std::vector<int64_t>& x_ones) {
+                          int dtype, const std::vector<int64_t>& direct, const std::vector<int64_t>& x_ones,
+                          uintptr_t sums_ptr) {
   const size_t n = delta_ptrs.size();
   if (!direct.empty() && direct.size() != n)
     throw std::invalid_argument("cupid._C: tensorsketch_fft_cpu: direct flags differ in length from the layers");
@@ -750,10 +798,12 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
   if (batch == 0) return;
   if (dtype == 0)
     run_fft<float>(delta_ptrs, x_ptrs, steps, out_dims, in_dims, d_sb, d_st, x_sb, x_st, b1_ptrs, s1_ptrs, b2_ptrs,
-                   s2_ptrs, direct, x_ones, reinterpret_cast<float*>(out_ptr), batch, k);
+                   s2_ptrs, direct, x_ones, reinterpret_cast<float*>(out_ptr), batch, k,
+                   reinterpret_cast<float*>(sums_ptr));
   else
     run_fft<double>(delta_ptrs, x_ptrs, steps, out_dims, in_dims, d_sb, d_st, x_sb, x_st, b1_ptrs, s1_ptrs, b2_ptrs,
-                    s2_ptrs, direct, x_ones, reinterpret_cast<double*>(out_ptr), batch, k);
+                    s2_ptrs, direct, x_ones, reinterpret_cast<double*>(out_ptr), batch, k,
+                    reinterpret_cast<double*>(sums_ptr));
 }
 
 void hash_gradient_cpu(uintptr_t g_ptr, uintptr_t b1_ptr, uintptr_t s1_ptr, uintptr_t b2_ptr, uintptr_t s2_ptr,

@@ -294,11 +294,17 @@ class Featurizer:
         Returns:
             ``[B, k]`` float32 (float64 for a float64 policy and batch).
         """
+        sums = None
         with exact_float32(self._float_ref(batch).device):
-            out = self._hooks(batch) if self.path == "hooks" else self._vmap(batch)
+            if self.path == "hooks":
+                out, sums = self._hooks(batch)
+            else:
+                out = self._vmap(batch)
         out = out.detach()
         if check_finite:
-            bad = ops.nonfinite_rows(out)
+            # ops.nonfinite_rows' test (a row whose sum is not finite), on the row sums the
+            # hook path's kernel formed while writing the rows: no second pass over [B, k].
+            bad = ~torch.isfinite(sums) if sums is not None else ops.nonfinite_rows(out)
             if bool(bad.any()):
                 rows = bad.nonzero().flatten().tolist()
                 raise ValueError(f"non-finite features (NaN/Inf gradients) in batch rows {rows[:10]}")
@@ -328,7 +334,8 @@ class Featurizer:
                 total = values.sum()
             return cap.raw(total)
 
-    def _hooks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _hooks(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([n, k] features, [n] row sums or None)`` of one batch on the hook path."""
         n = batch_rows(batch)
         raw = self._raw_captures(batch)
         if self._verify:
@@ -337,13 +344,18 @@ class Featurizer:
         if not raw:  # no tracked layer influences the output: the gradient is 0
             ref = self._float_ref(batch)
             dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-            return torch.zeros(n, self.k, dtype=dtype, device=ref.device)
-        return self._sketch_raw(raw, n)
+            return torch.zeros(n, self.k, dtype=dtype, device=ref.device), None
+        delta = raw[0][4]  # an output gradient: floating, of the model's dtype
+        sums = torch.empty(n, dtype=torch.float64 if delta.dtype == torch.float64 else torch.float32,
+                           device=delta.device)
+        return self._sketch_raw(raw, n, row_sums=sums), sums
 
-    def _sketch_raw(self, raw: list, n: int) -> torch.Tensor:
+    def _sketch_raw(self, raw: list, n: int, *, row_sums: torch.Tensor | None = None) -> torch.Tensor:
         """``[n, k]`` sketch of a batch's raw captures (``HookCapture.raw``, not empty): the
         per-layer route chosen and recorded in :attr:`layer_strategies`, dense-route
-        Linear/Conv layers streamed (``hooks.stream_dense_layer``), the rest laid out."""
+        Linear/Conv layers streamed (``hooks.stream_dense_layer``), the rest laid out.
+        ``row_sums`` (``[n]``, the features' dtype): filled with each row's sum
+        (``hooks.fused_tensorsketch``)."""
         factors: list = []
         index_factors = []
         strategies: dict[str, dict[str, Any]] = {}
@@ -386,7 +398,8 @@ class Featurizer:
             log.info("featurizer per-layer strategies: %s",
                      {k: f"{v['strategy']} (T={v['T']}, O={v['O']}, I={v['I']})" for k, v in strategies.items()})
         self.layer_strategies = strategies
-        return _hooks.fused_tensorsketch(factors, k=self.k, workspace=self._workspace, index_factors=index_factors)
+        return _hooks.fused_tensorsketch(factors, k=self.k, workspace=self._workspace, index_factors=index_factors,
+                                         row_sums=row_sums)
 
     def verify_hooks(self, batch: dict[str, torch.Tensor], captured: list | None = None, *,
                      rows: tuple[int, ...] | None = None) -> None:

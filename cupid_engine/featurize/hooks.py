@@ -785,6 +785,7 @@ def fused_tensorsketch(
     strategy: str = "auto",
     workspace: _Workspace | None = None,
     index_factors: Sequence[tuple[int, torch.Tensor, torch.Tensor, int]] = (),
+    row_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over layers of ``ops.tensorsketch(delta, x, k=k, seed=seed)``, evaluated cheaply.
 
@@ -835,6 +836,10 @@ def fused_tensorsketch(
             bucket ``(h1(idx_t) + h2(i)) mod k`` with sign ``s1(idx_t) s2(i)``, i.e.
             exactly ``reference.tensorsketch_materialized`` of the one-hot factorisation,
             at ``O(T * I)`` per sample and no ``[O, I]`` matrix.
+        row_sums: ``[B]`` tensor of the result's dtype and device, filled with the sum of
+            each result row (for a NaN/Inf check, ``ops.nonfinite_rows``' test): by the C++
+            kernel while it writes the rows when its output is the result (no pass over the
+            ``[B, k]`` output afterwards), else by ``result.sum(1)``.
 
     Returns:
         ``[B, k]`` float32 (float64 for float64 inputs).
@@ -900,6 +905,8 @@ def fused_tensorsketch(
             continue
         fft_layers.append((seed, delta, x, False, False))
     if not fft_layers:
+        if row_sums is not None:
+            row_sums.copy_(direct.sum(dim=1))
         return direct
     if use_kernel:
         from cupid_engine.ops import cpu_backend
@@ -913,11 +920,15 @@ def fused_tensorsketch(
         # direct layers' products are added to the inverse's output in the same pass.
         flags = [e[3] for e in fft_layers]
         ones = [e[4] for e in fft_layers]
+        in_kernel = row_sums is not None and direct is None and row_sums.dtype == acc and row_sums.is_contiguous()
         out = cpu_backend.tensorsketch_fft_layers([(e[0], unit(e[1]), unit(e[2])) for e in fft_layers], k,
                                                   direct=flags if any(flags) else None,
-                                                  x_ones=ones if any(ones) else None)
+                                                  x_ones=ones if any(ones) else None,
+                                                  row_sums=row_sums if in_kernel else None)
         if direct is not None:
             out.add_(direct)
+        if row_sums is not None and not in_kernel:
+            row_sums.copy_(out.sum(dim=1))
         return out
     # The result is returned to the caller, so it is a fresh tensor (not a workspace view).
     out = torch.empty(B, k, dtype=acc, device=device)
@@ -948,4 +959,6 @@ def fused_tensorsketch(
     _run_split(part, B, device)
     if direct is not None:
         out.add_(direct)
+    if row_sums is not None:
+        row_sums.copy_(out.sum(dim=1))
     return out

@@ -89,7 +89,7 @@ def _kernel_input(t: torch.Tensor) -> torch.Tensor:
 
 def tensorsketch_fft_layers(
     layers: list[tuple[int, torch.Tensor, torch.Tensor]], k: int, out: torch.Tensor | None = None, *,
-    direct: list[bool] | None = None, x_ones: list[bool] | None = None,
+    direct: list[bool] | None = None, x_ones: list[bool] | None = None, row_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over layers of the tensorsketch by the C++ FFT kernel (``csrc/cpu/tensorsketch.cpp``).
 
@@ -105,6 +105,8 @@ def tensorsketch_fft_layers(
         x_ones: One flag per layer (None: none): a flagged layer's ``x [B, T, I - 1]`` lacks
             its last coordinate, a constant 1 (a bias input), which the kernel adds itself:
             the same sums as a stored column of ones, without writing one.
+        row_sums: ``[B]`` contiguous of the inputs' dtype: receives the sum of each output
+            row (fixed order), for a NaN/Inf check without another pass over the output.
 
     Returns:
         ``[B, k]``: ``sum_l irfft(sum_t rfft(CS1_l(delta_t)) * rfft(CS2_l(x_t)))``, layers in
@@ -143,11 +145,14 @@ def tensorsketch_fft_layers(
         out = torch.empty(B, k, dtype=dtype)
     elif out.shape != (B, k) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"tensorsketch_fft_layers: out must be a contiguous [{B}, {k}] {dtype} tensor")
+    if row_sums is not None and (row_sums.shape != (B,) or row_sums.dtype != dtype or not row_sums.is_contiguous()):
+        raise ValueError(f"tensorsketch_fft_layers: row_sums must be a contiguous [{B}] {dtype} tensor")
     _C().tensorsketch_fft_cpu(
         args["d"], args["x"], args["T"], args["O"], args["I"], args["dsb"], args["dst"], args["xsb"], args["xst"],
         args["b1"], args["s1"], args["b2"], args["s2"], out.data_ptr(), B, k, _DTYPES[dtype],
         [int(bool(v)) for v in direct] if direct is not None else [],
         [int(bool(v)) for v in x_ones] if x_ones is not None else [],
+        row_sums.data_ptr() if row_sums is not None else 0,
     )
     del keep
     return out

@@ -137,3 +137,47 @@ def test_mlp_featurizer_implicit_bias_same_bytes_as_laid_out_float32():
     factors = [(f._seeds[n], d, x) for n, d, x in f.layer_factors(batch)]
     assert all(x.shape[2] == m.in_features + 1 for (_, _, x), (_, m) in zip(factors, f.modules))
     assert torch.equal(got, fused_tensorsketch(factors, k=1024))
+
+
+@pytest.mark.parametrize("direct", [None, [True, False, True, False, True]])
+def test_kernel_output_stores_same_bytes_aligned_or_not(direct, generator):
+    """The float32 kernel writes 64-byte aligned outputs by non-temporal stores and other
+    outputs by the plain loop: the same bytes."""
+    B, k = 35, 1024
+    factors = _factors(B, torch.float32, generator)
+    aligned = cpu_backend.tensorsketch_fft_layers(factors, k, direct=direct)
+    assert aligned.data_ptr() % 64 == 0
+    buf = torch.empty(B * k + 1)
+    shifted = buf[1:].view(B, k)
+    assert shifted.data_ptr() % 64 != 0
+    cpu_backend.tensorsketch_fft_layers(factors, k, out=shifted, direct=direct)
+    assert torch.equal(aligned, shifted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_row_sums_match_the_rows(dtype, generator):
+    factors = _factors(29, dtype, generator)
+    sums = torch.empty(29, dtype=dtype)
+    out = cpu_backend.tensorsketch_fft_layers(factors, 512, direct=[True, False, False, True, False], row_sums=sums)
+    torch.testing.assert_close(sums, out.sum(1), rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4)
+    with pytest.raises(ValueError, match="row_sums"):
+        cpu_backend.tensorsketch_fft_layers(factors, 512, row_sums=torch.empty(28, dtype=dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_featurizer_names_nonfinite_rows_from_the_kernel_sums(bad):
+    """The hook path's NaN/Inf check reads the kernel's row sums: a sample with a non-finite
+    observation is refused by row, the others are not blamed."""
+    torch.manual_seed(0)
+    policy = MLPPolicy(MLPPolicyConfig(obs_dim=5, action_dim=3, hidden_sizes=(16,))).eval()
+    g = torch.Generator().manual_seed(1)
+    B = 20
+    c = policy.config
+    batch = {"obs": torch.randn(B, c.n_obs_steps, 5, generator=g), "action": torch.randn(B, c.horizon, 3, generator=g),
+             "episode_key": torch.arange(B), "step": torch.arange(B)}
+    f = Featurizer(policy, "loss", ProjectionConfig(k=256), verify=False)
+    assert torch.isfinite(f(batch)).all()
+    batch["obs"][17, 0, 2] = bad
+    with pytest.raises(ValueError, match=r"batch rows \[17\]"):
+        f(batch)
+    assert not torch.isfinite(f(batch, check_finite=False)[17]).all()

@@ -29,6 +29,7 @@ namespace cupid {
 // output) instead of by two FFTs per step: exact, a different float rounding.
 // x_ones (empty, or one flag per layer): a flagged layer's x holds I - 1 columns in memory and
 // its last coordinate is a constant 1 (a bias input; the same sums as a stored column of ones).
+// sums_ptr (0: none): [B] of the dtype, receives each output row's sum (for a NaN/Inf check).
 void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr_t>& x_ptrs,
                           const std::vector<int64_t>& steps, const std::vector<int64_t>& out_dims,
                           const std::vector<int64_t>& in_dims, const std::vector<int64_t>& d_sb,
@@ -37,7 +38,7 @@ void tensorsketch_fft_cpu(const std::vector<uintptr_t>& delta_ptrs, const std::v
                           const std::vector<uintptr_t>& s1_ptrs, const std::vector<uintptr_t>& b2_ptrs,
                           const std::vector<uintptr_t>& s2_ptrs, uintptr_t out_ptr, int64_t batch, int64_t k,
                           int dtype, const std::vector<int64_t>& direct = {},
-                          const std::vector<int64_t>& x_ones = {});
+                          const std::vector<int64_t>& x_ones = {}, uintptr_t sums_ptr = 0);
 
 // out[b, (b1[o] + b2[i]) mod k] (+)= s1[o] s2[i] g[b, o, i], o then i ascending; out is
 // overwritten unless accumulate. g row-major [B, O, I] contiguous.
