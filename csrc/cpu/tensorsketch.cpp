@@ -28,6 +28,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <exception>
 #include <cmath>
 #include <cstring>
@@ -497,7 +498,12 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
   const bool streamed = std::is_same_v<T, float> && W == 16 && k % 16 == 0 && m * W * 2 < (int64_t{1} << 31) &&
                         reinterpret_cast<uintptr_t>(out) % 64 == 0;
   (void)streamed;
-  parallel_chunks(groups, 1, [&](int64_t g_begin, int64_t g_end) {
+  // Groups are handed out one at a time (an atomic counter), not in fixed halves: on a
+  // shared machine a thread that waits for a core leaves its groups to the one that runs.
+  // A group's result does not depend on the thread that computes it.
+  std::atomic<int64_t> next_group{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), groups));
+  parallel_chunks(nthreads, 1, [&](int64_t, int64_t) {
     Work<T> w(plan);
     // Direct route: time-domain accumulator (k vectors) and the gathered factor values.
     std::vector<V> td(any_direct ? k : 0), dv(static_cast<size_t>(max_o)), xv(static_cast<size_t>(max_i));
@@ -509,7 +515,7 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
     V* p1i = p1r + m;
     V* p2r = w.p2.data();
     V* p2i = p2r + m;
-    for (int64_t g = g_begin; g < g_end; ++g) {
+    for (int64_t g = next_group.fetch_add(1); g < groups; g = next_group.fetch_add(1)) {
       const int64_t b0 = g * W;
       const int lanes = static_cast<int>(std::min<int64_t>(W, batch - b0));
       if (any_fft) {
@@ -689,8 +695,13 @@ void hash_typed(const T* g, const int64_t* b1, const int64_t* s1, const int64_t*
   std::vector<int64_t> bb2(b2, b2 + I);
   std::vector<T> ss2(I);
   for (int64_t i = 0; i < I; ++i) ss2[i] = static_cast<T>(s2[i]);
-  parallel_chunks(batch, 4, [&](int64_t b_begin, int64_t b_end) {
-  for (int64_t b = b_begin; b < b_end; ++b) {
+  // Rows handed out in blocks of 4 by an atomic counter (see tensorsketch_typed).
+  constexpr int64_t kRows = 4;
+  std::atomic<int64_t> next_row{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), batch / kRows));
+  parallel_chunks(nthreads, 1, [&](int64_t, int64_t) {
+  for (int64_t b0 = next_row.fetch_add(kRows); b0 < batch; b0 = next_row.fetch_add(kRows))
+  for (int64_t b = b0; b < std::min(batch, b0 + kRows); ++b) {
     T* o = out + b * k;
     if (!accumulate) std::fill(o, o + k, T(0));
     const T* gb = g + b * O * I;
