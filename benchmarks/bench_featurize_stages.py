@@ -21,8 +21,9 @@ median over rounds is reported):
 * ``capture``: forward with hooks + the output deltas + the whole-batch factor layout
   (im2col/unfold, bias column, norm recomputation): ``Featurizer.layer_factors``;
 * ``sketch``: ``hooks.fused_tensorsketch`` on those factors, split into its routes:
-  ``fft`` layers (the C++ lane-FFT kernel in one call) and ``dense`` layers (batched GEMM
-  forming ``G`` + the C++ hash), each timed alone on the same factors;
+  ``fft`` layers (the C++ lane-FFT kernel in one call), ``direct`` layers (the kernel's
+  time-domain products, one call) and ``dense`` layers (batched GEMM forming ``G`` + the
+  C++ hash), each timed alone on the same factors (each alone pays its own output write);
 * ``store_write``: the batch's features cast to the store dtype (float16) and written as
   one ``[B, k]`` zarr v3 chunk (the format of a run's ``steps`` array), on local disk.
 
@@ -118,14 +119,15 @@ def profile(name: str, policy, output: str, B: int, k: int, draws: int, rounds: 
         t_cap, captured = _timed(lambda: f.layer_factors(batch))
         times.setdefault("capture", []).append(t_cap)
         layers = [(f._seeds[n], d, x) for n, d, x in captured if d.is_floating_point()]
-        fft = [(s, d, x) for s, d, x in layers
-               if H.choose_strategy("auto", d.shape[1], d.shape[2], x.shape[2], k) == "fft"]
-        dense = [(s, d, x) for s, d, x in layers if all(d is not e[1] for e in fft)]
+        by_route: dict[str, list] = {"fft": [], "direct": [], "dense": []}
+        for s, d, x in layers:
+            by_route[H.choose_strategy("auto", d.shape[1], d.shape[2], x.shape[2], k)].append((s, d, x))
+        fft = by_route["fft"]
         t_all, feats = _timed(lambda: H.fused_tensorsketch(layers, k=k))
         times.setdefault("sketch", []).append(t_all)
-        times.setdefault("sketch_fft_layers", []).append(_timed(lambda: H.fused_tensorsketch(fft, k=k))[0] if fft else 0.0)
-        times.setdefault("sketch_dense_layers", []).append(
-            _timed(lambda: H.fused_tensorsketch(dense, k=k))[0] if dense else 0.0)
+        for route, group in by_route.items():  # each route's layers alone (fft + direct: one kernel call each)
+            times.setdefault(f"sketch_{route}_layers", []).append(
+                _timed(lambda: H.fused_tensorsketch(group, k=k))[0] if group else 0.0)
         times.setdefault("store_write", []).append(_timed(lambda: arr.__setitem__(
             (slice(None), slice(None)), feats.to(torch.float16).numpy()))[0])
         # Modelled split of the fft kernel's time: scatter vs transforms (+ fused MAC).
