@@ -46,7 +46,10 @@ into reused workspace buffers on the tensors' device; very narrow factors take a
 DFT, and layers with many time steps (Conv1d x draws) hash their ``[O, I]`` gradient
 directly when that is smaller and cheaper (:func:`fused_tensorsketch`; the featuriser
 streams such Linear/Conv layers from the raw captures chunk of samples by chunk,
-:func:`stream_dense_layer`, so their unfolded inputs never exist for a whole batch). All are exact
+:func:`stream_dense_layer`, so their unfolded inputs never exist for a whole batch; a
+stride-1 Conv1d is not unfolded at all). On the CPU kernel route a layer with few steps
+and a narrow factor (the MLP's input layer and action head) takes ``direct``: its hashed
+products accumulated in the time domain inside the kernel call, no FFT. All are exact
 evaluations of the same sketch: equal to summing ``ops.tensorsketch`` per layer up to
 float rounding (tested).
 """
