@@ -101,6 +101,16 @@ class Config:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
+def names_tuple(value: Any, what: str) -> tuple[str, ...]:
+    """A tuple-of-names field from a sequence or a comma-separated string (``--set
+    checkpoints=a,b`` arrives as one string; ``tuple("a,b")`` would be its characters)."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    out = tuple(value)
+    check(all(isinstance(v, str) and v for v in out), f"{what} must be names (strings), got {out!r}")
+    return out
+
+
 def check(cond: bool, msg: str) -> None:
     """Raise :class:`~cupid_engine.errors.ConfigError` (a ``ValueError``) unless ``cond``."""
     if not cond:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cupid_engine.config import Config, check, field
+from cupid_engine.config import Config, check, field, names_tuple
 from cupid_engine.constants import SPLITS
 
 
@@ -34,7 +34,7 @@ class ArrayRunConfig(Config):
 
     def __post_init__(self) -> None:
         check(self.k > 0, f"k must be positive, got {self.k}")
-        object.__setattr__(self, "gram_splits", tuple(self.gram_splits))
+        object.__setattr__(self, "gram_splits", names_tuple(self.gram_splits, "gram_splits"))
         for s in self.gram_splits:
             check(s in SPLITS, f"gram_splits entry {s!r} is not one of {SPLITS}")
 

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cupid_engine.config import Config, check, field
+from cupid_engine.config import Config, check, field, names_tuple
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
@@ -165,7 +165,7 @@ class CupidConfig(Config):
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        object.__setattr__(self, "checkpoints", names_tuple(self.checkpoints, "checkpoints"))
         check(self.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}")
         check(self.returns in _inputs.RETURN_MODES, f"returns must be one of {_inputs.RETURN_MODES}")
         check(self.baseline in BASELINES, f"baseline must be one of {BASELINES}")

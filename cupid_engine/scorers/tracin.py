@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from cupid_engine.config import Config, check, field
+from cupid_engine.config import Config, check, field, names_tuple
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.table import make_table
@@ -56,7 +56,7 @@ class TracInConfig(Config):
     episodes: str = field("train", help="episodes to score")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        object.__setattr__(self, "checkpoints", names_tuple(self.checkpoints, "checkpoints"))
         object.__setattr__(self, "learning_rates", tuple(float(x) for x in self.learning_rates))
         check(
             not self.learning_rates or len(self.learning_rates) == max(len(self.checkpoints), 1),

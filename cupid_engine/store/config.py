@@ -12,7 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
-from cupid_engine.config import Config, check, field
+from cupid_engine.config import Config, check, field, names_tuple
 from cupid_engine.constants import SPLITS
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -46,7 +46,7 @@ class RunConfig(Config):
         check(self.dtype in STORAGE_DTYPES, f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         check(self.compressor in COMPRESSORS, f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
         # Accept a list from callers (JSON style) but store a tuple so the config hashes.
-        object.__setattr__(self, "gram_splits", tuple(self.gram_splits))
+        object.__setattr__(self, "gram_splits", names_tuple(self.gram_splits, "gram_splits"))
         for s in self.gram_splits:
             check(s in SPLITS, f"gram_splits entry {s!r} is not one of {SPLITS}")
         check(isinstance(self.featurizer, dict), "featurizer must be a dict")

@@ -125,6 +125,12 @@ def test_checkpoint_ensemble_is_mean_of_runs(rng):
     a, b = (score("cupid", store=st, run=n)["score"].to_numpy() for n in ("ckpt0", "ckpt1"))
     ens = score("cupid", store=st, run="ckpt0", checkpoints=["ckpt0", "ckpt1"])
     np.testing.assert_allclose(ens["score"].to_numpy(), (a + b) / 2, rtol=1e-12)
+    # The command line's `--set checkpoints=ckpt0,ckpt1` arrives as one string: the same runs,
+    # not its characters.
+    from_cli = score("cupid", store=st, run="ckpt0", checkpoints="ckpt0, ckpt1")
+    np.testing.assert_array_equal(from_cli["score"].to_numpy(), ens["score"].to_numpy())
+    with pytest.raises(ValueError, match="checkpoints must be names"):
+        score("cupid", store=st, run="ckpt0", checkpoints=["ckpt0", 3])
 
 
 def test_mean_baseline_with_one_outcome_uses_zero_and_says_so(store, caplog):
