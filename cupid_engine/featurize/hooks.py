@@ -665,6 +665,58 @@ def _conv1d_taps_gemm(module: nn.Conv1d, xs: torch.Tensor, ds: torch.Tensor, b: 
         G[..., -1] = dT.sum(-1)
 
 
+@functools.lru_cache(maxsize=256)
+def _tap_tables(seed: int, O: int, I: int, k: int, taps: int) -> tuple[torch.Tensor, ...]:
+    """Hash tables of a Conv1d layer's ``G [O, C_in * taps (+1)]`` split by tap:
+    ``(b1, s1, [(b2_j, s2_j)] per tap j (columns c * taps + j), (b2, s2) of the bias column)``."""
+    from cupid_engine.ops import cpu_backend
+
+    b1, s1, b2, s2 = cpu_backend._tables(seed, O, I, k)
+    C = (I // taps) if I % taps == 0 else (I - 1) // taps
+    per_tap = tuple((b2[:C * taps].view(C, taps)[:, j].contiguous(), s2[:C * taps].view(C, taps)[:, j].contiguous())
+                    for j in range(taps))
+    return b1, s1, per_tap, (b2[C * taps:].contiguous(), s2[C * taps:].contiguous())
+
+
+def _conv1d_taps_hash(module: nn.Conv1d, xs: torch.Tensor, ds: torch.Tensor, b: int, per: int, bias: bool,
+                      ws: _Workspace, acc: torch.dtype, seed: int, k: int, out: torch.Tensor) -> None:
+    """``out [b, k] +=`` the hashed ``G`` of a stride-1 Conv1d chunk on the kernel route: as
+    :func:`_conv1d_taps_gemm`, but each tap's ``G_j [b, O, C_in]`` is hashed as it comes
+    (with the bucket/sign tables of its columns ``c * K + j``), so ``G`` is never assembled
+    in the layout's column order (one permuting copy less). Tap-major hashing order: a
+    float-rounding change only (float64 parity, tests/featurize/test_stream_dense.py)."""
+    from cupid_engine.ops import cpu_backend
+
+    left, right, K, d, _ = _conv1d_geometry(module)
+    _, C, L = xs.shape
+    O, Lo = ds.shape[1], ds.shape[2]
+    Lp = L + left + right
+    I = K * C + int(bias)
+    xt = ws.get("dense_xt", (b, Lp, per, C), xs.dtype, xs.device)
+    if left:
+        xt[:, :left].zero_()
+    if right:
+        xt[:, left + L:].zero_()
+    xt[:, left:left + L].copy_(xs.view(b, per, C, L).permute(0, 3, 1, 2))
+    db = ws.get("dense_d", (b, Lo, per, O), ds.dtype, ds.device)
+    db.copy_(ds.view(b, per, O, Lo).permute(0, 3, 1, 2))
+    dT = db.view(b, Lo * per, O).to(acc).transpose(1, 2)  # [b, O, T]
+    b1, s1, per_tap, (bb, sb) = _tap_tables(seed, O, I, k, K)
+    Gj = ws.get("dense_gt", (b, O, C), acc, xs.device)
+    code = cpu_backend._DTYPES[acc]
+    lib = cpu_backend._C()
+    for j in range(K):
+        torch.bmm(dT, xt[:, j * d:j * d + Lo].reshape(b, Lo * per, C).to(acc), out=Gj)
+        b2, s2 = per_tap[j]
+        lib.hash_gradient_cpu(Gj.data_ptr(), b1.data_ptr(), s1.data_ptr(), b2.data_ptr(), s2.data_ptr(),
+                              out.data_ptr(), b, O, C, k, code, True)
+    if bias:
+        gb = ws.get("dense_gb", (b, O), acc, xs.device)
+        torch.sum(dT, dim=-1, out=gb)
+        lib.hash_gradient_cpu(gb.data_ptr(), b1.data_ptr(), s1.data_ptr(), bb.data_ptr(), sb.data_ptr(),
+                              out.data_ptr(), b, O, 1, k, code, True)
+
+
 def stream_dense_layer(layer: RawLayer, k: int, out: torch.Tensor, ws: _Workspace, acc: torch.dtype) -> None:
     """``out [B, k] +=`` the hashed per-sample gradient ``G = sum_t delta_t x_t^T`` of one
     captured Linear/Conv1d/Conv2d call, formed chunk of samples by chunk of samples.
@@ -707,6 +759,9 @@ def stream_dense_layer(layer: RawLayer, k: int, out: torch.Tensor, ws: _Workspac
         e = min(groups, a + chunk)
         b, r0, r1 = e - a, a * per, e * per
         xs, ds = x[r0:r1], delta[r0:r1]
+        if shifted and use_kernel:
+            _conv1d_taps_hash(module, xs, ds, b, per, bias, ws, acc, layer.seed, k, out[a:e])
+            continue
         G = ws.get("dense_g", (b, O, I), acc, device)
         if shifted:
             _conv1d_taps_gemm(module, xs, ds, b, per, bias, ws, acc, G)
