@@ -695,10 +695,17 @@ void hash_typed(const T* g, const int64_t* b1, const int64_t* s1, const int64_t*
   std::vector<int64_t> bb2(b2, b2 + I);
   std::vector<T> ss2(I);
   for (int64_t i = 0; i < I; ++i) ss2[i] = static_cast<T>(s2[i]);
-  // Rows handed out in blocks of 4 by an atomic counter (see tensorsketch_typed).
+  // Rows handed out in blocks of 4 by an atomic counter (see tensorsketch_typed). Below 2^20
+  // hashed entries (~2 ms on one core) the call runs on the calling thread alone: a started
+  // thread is joined even when it finds no work left, and on a loaded machine its first time
+  // slice can come several ms late (the hook path hashes a stride-1 Conv1d tap by tap, five
+  // calls of 0.06-1 M entries per UNet layer).
   constexpr int64_t kRows = 4;
+  constexpr int64_t kSerialEntries = int64_t{1} << 20;
   std::atomic<int64_t> next_row{0};
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), batch / kRows));
+  const int64_t nthreads = batch * O * I < kSerialEntries
+                               ? 1
+                               : std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), batch / kRows));
   parallel_chunks(nthreads, 1, [&](int64_t, int64_t) {
   for (int64_t b0 = next_row.fetch_add(kRows); b0 < batch; b0 = next_row.fetch_add(kRows))
   for (int64_t b = b0; b < std::min(batch, b0 + kRows); ++b) {

@@ -181,3 +181,21 @@ def test_featurizer_names_nonfinite_rows_from_the_kernel_sums(bad):
     with pytest.raises(ValueError, match=r"batch rows \[17\]"):
         f(batch)
     assert not torch.isfinite(f(batch, check_finite=False)[17]).all()
+
+
+def test_hash_gradient_same_bytes_serial_and_threaded(generator):
+    """hash_gradient runs serially below 2^20 entries and hands out rows by an atomic counter
+    above: the same bytes on 1 and 2 threads, on both sides of the threshold."""
+    C = cpu_backend._C()
+    before = C.num_threads()
+    for B, O, I in ((64, 128, 129), (9, 17, 23)):  # 1.06 M entries (threaded), 3.5 k (serial)
+        G = torch.randn(B, O, I, generator=generator)
+        outs = []
+        try:
+            for nt in (1, 2):
+                C.set_num_threads(nt)
+                outs.append(cpu_backend.hash_gradient(G, 5, 512, torch.zeros(B, 512), accumulate=True))
+        finally:
+            C.set_num_threads(before)
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(outs[0][3:5], cpu_backend.hash_gradient(G[3:5], 5, 512, torch.zeros(2, 512), accumulate=True))
