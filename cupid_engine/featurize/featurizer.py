@@ -151,7 +151,7 @@ class Featurizer:
         self._policy_hash = policy_hash
         self._verify = bool(verify)
         self.layer_strategies: dict[str, dict[str, Any]] = {}
-        """Per hooked layer: ``{"strategy": "fft"|"dense"|"index", "T", "O", "I"}`` of the
+        """Per hooked layer: ``{"strategy": "fft"|"direct"|"dense"|"index", "T", "O", "I"}`` of the
         last batch (how :func:`hooks.fused_tensorsketch` evaluated its sketch)."""
         if path == "hooks":
             self.modules = tracked_modules(model, self.track, hook_compatible=True)
