@@ -319,36 +319,49 @@ void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>
   }
 }
 
+// With AVX-512 and offsets that fit 32 bits: calls f(j, v) for j = 0 .. n-1 in order, v the
+// vector of src[l * sb + j] for l < lanes (0 in the other lanes), fetched by one masked
+// gather, and returns true; otherwise returns false without calling f (the caller's scalar
+// path). One gather setup for scatter_rows and gather_rows.
+template <typename T, typename F>
+bool for_each_gathered(const T* src, int64_t sb, int lanes, int64_t n, F&& f) {
+#ifdef __AVX512F__
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  if (sb * (W - 1) >= (int64_t{1} << 31) / static_cast<int64_t>(sizeof(T))) return false;
+  alignas(64) int32_t off[16];
+  for (int l = 0; l < 16; ++l) off[l] = static_cast<int32_t>(l < W ? l * sb : 0);
+  const __m512i vindex = _mm512_load_si512(reinterpret_cast<const void*>(off));
+  if constexpr (std::is_same_v<T, float>) {
+    const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex, src + j, 4);
+      f(j, reinterpret_cast<const V&>(v));
+    }
+  } else {
+    const __mmask8 mask = static_cast<__mmask8>((uint32_t{1} << lanes) - 1);
+    const __m256i vi = _mm512_castsi512_si256(vindex);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, vi, src + j, 8);
+      f(j, reinterpret_cast<const V&>(v));
+    }
+  }
+  return true;
+#else
+  (void)src, (void)sb, (void)lanes, (void)n, (void)f;
+  return false;
+#endif
+}
+
 // z[idx[j] / W] lane l += sg[j] * src[l * sb + j] for l < lanes, j ascending. With AVX-512 the
 // W values of one j are fetched by one masked gather and added as one vector (the lanes of
 // one bucket are one 64-byte vector); otherwise lane by lane. Same sums, same order per lane.
 template <typename T>
 void scatter_rows(const T* src, int64_t sb, int lanes, int64_t n, const int64_t* idx, const T* sg,
                   typename Lanes<T>::V* z) {
-#ifdef __AVX512F__
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
-  if (sb * (W - 1) < (int64_t{1} << 31) / static_cast<int64_t>(sizeof(T))) {
-    alignas(64) int32_t off[16];
-    for (int l = 0; l < 16; ++l) off[l] = static_cast<int32_t>(l < W ? l * sb : 0);
-    const __m512i vindex = _mm512_load_si512(reinterpret_cast<const void*>(off));
-    if constexpr (std::is_same_v<T, float>) {
-      const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
-      for (int64_t j = 0; j < n; ++j) {
-        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex, src + j, 4);
-        z[idx[j] / W] += sg[j] * reinterpret_cast<const V&>(v);
-      }
-    } else {
-      const __mmask8 mask = static_cast<__mmask8>((uint32_t{1} << lanes) - 1);
-      const __m256i vi = _mm512_castsi512_si256(vindex);
-      for (int64_t j = 0; j < n; ++j) {
-        const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, vi, src + j, 8);
-        z[idx[j] / W] += sg[j] * reinterpret_cast<const V&>(v);
-      }
-    }
-    return;
-  }
-#endif
+  if (for_each_gathered<T>(src, sb, lanes, n, [&](int64_t j, const V& v) { z[idx[j] / W] += sg[j] * v; })) return;
   T* flat = reinterpret_cast<T*>(z);
   for (int l = 0; l < lanes; ++l) {
     const T* row = src + l * sb;
@@ -362,29 +375,7 @@ void scatter_rows(const T* src, int64_t sb, int lanes, int64_t n, const int64_t*
 template <typename T>
 void gather_rows(const T* src, int64_t sb, int lanes, int64_t n, const T* sg, typename Lanes<T>::V* dst) {
   using V = typename Lanes<T>::V;
-  constexpr int W = Lanes<T>::W;
-#ifdef __AVX512F__
-  if (sb * (W - 1) < (int64_t{1} << 31) / static_cast<int64_t>(sizeof(T))) {
-    alignas(64) int32_t off[16];
-    for (int l = 0; l < 16; ++l) off[l] = static_cast<int32_t>(l < W ? l * sb : 0);
-    const __m512i vindex = _mm512_load_si512(reinterpret_cast<const void*>(off));
-    if constexpr (std::is_same_v<T, float>) {
-      const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
-      for (int64_t j = 0; j < n; ++j) {
-        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex, src + j, 4);
-        dst[j] = sg[j] * reinterpret_cast<const V&>(v);
-      }
-    } else {
-      const __mmask8 mask = static_cast<__mmask8>((uint32_t{1} << lanes) - 1);
-      const __m256i vi = _mm512_castsi512_si256(vindex);
-      for (int64_t j = 0; j < n; ++j) {
-        const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, vi, src + j, 8);
-        dst[j] = sg[j] * reinterpret_cast<const V&>(v);
-      }
-    }
-    return;
-  }
-#endif
+  if (for_each_gathered<T>(src, sb, lanes, n, [&](int64_t j, const V& v) { dst[j] = sg[j] * v; })) return;
   for (int64_t j = 0; j < n; ++j) {
     V v = {};
     for (int l = 0; l < lanes; ++l) v[l] = src[l * sb + j];

@@ -62,7 +62,7 @@ import os
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -628,6 +628,35 @@ def _unfold_conv1d_tap_major(module: nn.Conv1d, x: torch.Tensor, bias: bool, ws:
     return out
 
 
+def _conv1d_taps_layout(module: nn.Conv1d, xs: torch.Tensor, ds: torch.Tensor, b: int, per: int, ws: _Workspace,
+                        acc: torch.dtype) -> tuple[Callable[[int], torch.Tensor], torch.Tensor, int, int]:
+    """Position-major layout of a stride-1 Conv1d chunk for the per-tap GEMMs
+    (:func:`_conv1d_taps_gemm`, :func:`_conv1d_taps_hash`).
+
+    Returns ``(taps, dT, K, C_in)``: ``dT [b, O, T]`` (``T = L_out * per`` steps, ordered
+    ``(position, draw)``) and ``taps(j)`` the ``[b, T, C_in]`` input rows tap ``j`` meets (a
+    shifted view of ``xt [b, L_pad, per, C_in]``, zero rows at the padding; a copy only
+    where ``acc`` differs from the captured dtype), so ``G_j = dT @ taps(j)``."""
+    left, right, K, d, _ = _conv1d_geometry(module)
+    _, C, L = xs.shape
+    O, Lo = ds.shape[1], ds.shape[2]
+    Lp = L + left + right
+    xt = ws.get("dense_xt", (b, Lp, per, C), xs.dtype, xs.device)
+    if left:
+        xt[:, :left].zero_()
+    if right:
+        xt[:, left + L:].zero_()
+    xt[:, left:left + L].copy_(xs.view(b, per, C, L).permute(0, 3, 1, 2))
+    db = ws.get("dense_d", (b, Lo, per, O), ds.dtype, ds.device)
+    db.copy_(ds.view(b, per, O, Lo).permute(0, 3, 1, 2))
+    dT = db.view(b, Lo * per, O).to(acc).transpose(1, 2)  # [b, O, T]
+
+    def taps(j: int) -> torch.Tensor:
+        return xt[:, j * d:j * d + Lo].reshape(b, Lo * per, C).to(acc)
+
+    return taps, dT, K, C
+
+
 def _conv1d_taps_gemm(module: nn.Conv1d, xs: torch.Tensor, ds: torch.Tensor, b: int, per: int, bias: bool,
                       ws: _Workspace, acc: torch.dtype, G: torch.Tensor) -> None:
     """``G [b, O, I]`` (the layout's column order, :func:`unfold_conv1d`) of a stride-1 Conv1d
@@ -644,22 +673,11 @@ def _conv1d_taps_gemm(module: nn.Conv1d, xs: torch.Tensor, ds: torch.Tensor, b: 
     25-100% extra GEMM flops at the UNet's 16/8/4 positions). The bias column is
     ``sum_t delta_t``. The same products as the unfolded GEMM, summed in another order: a
     float-rounding change (float64 parity, tests/featurize/test_stream_dense.py)."""
-    left, right, K, d, _ = _conv1d_geometry(module)
-    _, C, L = xs.shape
-    O, Lo = ds.shape[1], ds.shape[2]
-    Lp = L + left + right
-    xt = ws.get("dense_xt", (b, Lp, per, C), xs.dtype, xs.device)
-    if left:
-        xt[:, :left].zero_()
-    if right:
-        xt[:, left + L:].zero_()
-    xt[:, left:left + L].copy_(xs.view(b, per, C, L).permute(0, 3, 1, 2))
-    db = ws.get("dense_d", (b, Lo, per, O), ds.dtype, ds.device)
-    db.copy_(ds.view(b, per, O, Lo).permute(0, 3, 1, 2))
-    dT = db.view(b, Lo * per, O).to(acc).transpose(1, 2)  # [b, O, T]
+    taps, dT, K, C = _conv1d_taps_layout(module, xs, ds, b, per, ws, acc)
+    O = dT.shape[1]
     Gt = ws.get("dense_gt", (K, b, O, C), acc, xs.device)
     for j in range(K):
-        torch.bmm(dT, xt[:, j * d:j * d + Lo].reshape(b, Lo * per, C).to(acc), out=Gt[j])
+        torch.bmm(dT, taps(j), out=Gt[j])
     G[..., :K * C].view(b, O, C, K).copy_(Gt.permute(1, 2, 3, 0))
     if bias:
         G[..., -1] = dT.sum(-1)
@@ -687,26 +705,15 @@ def _conv1d_taps_hash(module: nn.Conv1d, xs: torch.Tensor, ds: torch.Tensor, b: 
     float-rounding change only (float64 parity, tests/featurize/test_stream_dense.py)."""
     from cupid_engine.ops import cpu_backend
 
-    left, right, K, d, _ = _conv1d_geometry(module)
-    _, C, L = xs.shape
-    O, Lo = ds.shape[1], ds.shape[2]
-    Lp = L + left + right
+    taps, dT, K, C = _conv1d_taps_layout(module, xs, ds, b, per, ws, acc)
+    O = dT.shape[1]
     I = K * C + int(bias)
-    xt = ws.get("dense_xt", (b, Lp, per, C), xs.dtype, xs.device)
-    if left:
-        xt[:, :left].zero_()
-    if right:
-        xt[:, left + L:].zero_()
-    xt[:, left:left + L].copy_(xs.view(b, per, C, L).permute(0, 3, 1, 2))
-    db = ws.get("dense_d", (b, Lo, per, O), ds.dtype, ds.device)
-    db.copy_(ds.view(b, per, O, Lo).permute(0, 3, 1, 2))
-    dT = db.view(b, Lo * per, O).to(acc).transpose(1, 2)  # [b, O, T]
     b1, s1, per_tap, (bb, sb) = _tap_tables(seed, O, I, k, K)
     Gj = ws.get("dense_gt", (b, O, C), acc, xs.device)
     code = cpu_backend._DTYPES[acc]
     lib = cpu_backend._C()
     for j in range(K):
-        torch.bmm(dT, xt[:, j * d:j * d + Lo].reshape(b, Lo * per, C).to(acc), out=Gj)
+        torch.bmm(dT, taps(j), out=Gj)
         b2, s2 = per_tap[j]
         lib.hash_gradient_cpu(Gj.data_ptr(), b1.data_ptr(), s1.data_ptr(), b2.data_ptr(), s2.data_ptr(),
                               out.data_ptr(), b, O, C, k, code, True)
