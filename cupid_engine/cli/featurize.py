@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="observation and camera keys to read (default: all the dataset has); unknown keys are "
                         "refused naming them and listing the dataset's keys")
     p.add_argument("--batch-size", type=int, default=1024, help="samples per featuriser batch")
+    p.add_argument("--max-rows", type=int, default=16384,
+                   help="most (sample x draw) rows per forward/backward: diffusion outputs featurise at most "
+                        "max-rows // draws samples at once (bounds activation memory)")
     p.add_argument("--dtype", default="float16", help="storage dtype: float32, float16, bfloat16, int8")
     p.add_argument("--shard-size", type=int, default=256, help="most episodes per store shard")
     p.add_argument("--backend", default="auto", help="projection kernel backend (auto, cpu, torch, triton, cuda)")
@@ -115,6 +118,7 @@ def _featurize(args: argparse.Namespace) -> int:
         config = FeaturizeConfig.for_method(
             args.method, k=args.k, seed=args.seed, backend=args.backend, output=output, draws=args.draws,
             track=args.track, batch_size=args.batch_size, dtype=args.dtype, shard_size=args.shard_size,
+            max_rows=args.max_rows,
         ).replace(seed=args.noise_seed)  # for_method's seed is the projection's; this is the noise seed
     except ValueError as exc:
         from cupid_engine.errors import ConfigError

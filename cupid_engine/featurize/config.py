@@ -88,6 +88,12 @@ class FeaturizeConfig(Config):
     path: str = field("hooks", help=f"gradient path: one of {PATHS}; tensorsketch needs hooks, the others vmap")
     seed: int = field(0, help="global seed of the diffusion noise draws, in [0, 2**63)")
     batch_size: int = field(1024, help="samples per featuriser batch (batches cross episode boundaries)")
+    max_rows: int = field(
+        16384,
+        help="most (sample x draw) rows through the network at once: with a draw-using output a batch holds at most "
+        "max_rows // draws samples, which bounds activation memory (a tiny diffusion UNet at 64 draws x 1024 "
+        "samples needed ~20 GB); the default leaves every batch of <= 16 draws x 1024 samples as it was",
+    )
     dtype: str = field("float16", help=f"storage dtype of per-step features: one of {STORAGE_DTYPES}")
     shard_size: int = field(256, help="most episodes per store shard (one worker writes one shard)")
 
@@ -118,6 +124,7 @@ class FeaturizeConfig(Config):
             isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed must be an int in [0, 2**63), got {self.seed!r}"
         )
         check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        check(isinstance(self.max_rows, int) and self.max_rows >= 1, f"max_rows must be >= 1, got {self.max_rows!r}")
         check(self.dtype in STORAGE_DTYPES, f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         check(isinstance(self.shard_size, int) and self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size!r}")
 

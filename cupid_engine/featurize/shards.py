@@ -30,7 +30,7 @@ from cupid_engine.executor import Executor, InProcess
 from cupid_engine.featurize.config import FeaturizeConfig
 from cupid_engine.featurize.featurizer import Featurizer
 from cupid_engine.featurize.register import _reading, _where, shard_units
-from cupid_engine.policies.task import batch_rows
+from cupid_engine.policies.task import batch_rows, task_uses_draws
 from cupid_engine.store import GradientStore
 from cupid_engine.store.catalog import fingerprint_of
 
@@ -93,6 +93,15 @@ def _batches(episodes: list, featurizer: Featurizer, batch_size: int) -> Iterato
         have -= take
         yield emitted, batch
         emitted += take
+
+
+def samples_per_batch(config: FeaturizeConfig, featurizer: Featurizer) -> int:
+    """``config.batch_size``, capped for a draw-using output so that one forward/backward
+    holds at most ``config.max_rows`` (sample x draw) rows: activation memory grows with
+    rows, and 64 draws x 1024 samples of even a tiny UNet is tens of GB."""
+    if not task_uses_draws(featurizer.task):
+        return config.batch_size
+    return max(1, min(config.batch_size, config.max_rows // featurizer.draws))
 
 
 def compute_shard_features(
@@ -325,7 +334,7 @@ class ShardWorker:
 
             source = open_source(source)
         return _Shards(GradientStore.open(self.store, mode="r+"), self.run, source, featurizer, self.units,
-                       config.batch_size)
+                       samples_per_batch(config, featurizer))
 
 
 def featurize_shards(
@@ -377,7 +386,8 @@ def featurize_shards(
         return summary
     units = shard_units(source, store, shards)
     if executor.in_process and featurizer is not None:
-        factory: Any = functools.partial(_Shards, store, run_name, source, featurizer, units, config.batch_size,
+        factory: Any = functools.partial(_Shards, store, run_name, source, featurizer, units,
+                                         samples_per_batch(config, featurizer),
                                          overlap_writes=overlap_writes)
     elif policy_path is None:
         raise ValueError(f"{executor!r} needs the policy as a checkpoint path (its workers load it themselves)")

@@ -79,3 +79,47 @@ def test_task_with_workers_is_refused_clearly(tmp_path):
 
 def episodes_source(tmp_path, episodes):
     return str(write_dataset(tmp_path / "d", episodes))
+
+
+def test_max_rows_caps_sample_draw_rows_per_call_and_keeps_the_features(tmp_path, monkeypatch):
+    """A diffusion output at ``draws`` d featurises at most ``max_rows // d`` samples per
+    forward/backward (bounded activation memory); an MLP's batches are left alone."""
+    from cupid_engine.featurize.shards import samples_per_batch
+
+    episodes = make_episodes(n=4, length=6)
+    data = write_dataset(tmp_path / "data", episodes, episodes_per_file=2)
+    dcfg = DiffusionPolicyConfig.tiny(obs_dim=5, action_dim=3)
+    policy = train_policy(dcfg, episodes, TrainConfig(steps=2, batch_size=8), progress=False)
+    ckpt = save_policy(policy, tmp_path / "p")
+    base = FeaturizeConfig.for_method(k=32, output="square", draws=4, dtype="float32", batch_size=10)
+    f = Featurizer.from_config(policy, base)
+    assert samples_per_batch(base, f) == 10  # 40 rows <= 16384: unchanged
+    capped = base.replace(max_rows=9)
+    assert samples_per_batch(capped, f) == 2 and samples_per_batch(base.replace(max_rows=3), f) == 1
+    mlp = train_policy(MLPPolicyConfig.tiny(obs_dim=5, action_dim=3), episodes, TrainConfig(steps=2, batch_size=8),
+                       progress=False)
+    mlp_cfg = FeaturizeConfig.for_method(k=32, output="energy", draws=4, batch_size=10, max_rows=9)
+    assert samples_per_batch(mlp_cfg, Featurizer.from_config(mlp, mlp_cfg)) == 10  # no draws: not capped
+
+    seen = []
+    call = Featurizer.__call__
+
+    def spy(self, batch, **kw):
+        seen.append(int(next(iter(batch.values())).shape[0]))
+        return call(self, batch, **kw)
+
+    monkeypatch.setattr(Featurizer, "__call__", spy)
+    runs = {}
+    for name, cfg in (("whole", base), ("capped", capped)):
+        seen.clear()
+        run = featurize(str(data), tmp_path / "s.zarr", name, policy=str(ckpt), config=cfg, progress=False)
+        runs[name] = (max(seen), np.concatenate([run.step_features(e.episode_id) for e in episodes]))
+    assert runs["whole"][0] == 10 and runs["capped"][0] == 2
+    # Rows are computed per sample: splitting a batch changes at most the float32 rounding of
+    # the network's GEMMs (relative to each row's scale).
+    whole, capped_f = runs["whole"][1], runs["capped"][1]
+    scale = np.abs(whole).max(axis=1, keepdims=True)
+    assert np.all(np.abs(capped_f - whole) <= 1e-5 * scale), np.max(np.abs(capped_f - whole) / scale)
+    assert not np.allclose(capped_f, 0)
+    with pytest.raises(ValueError, match="max_rows"):
+        base.replace(max_rows=0)
