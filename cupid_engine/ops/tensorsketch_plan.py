@@ -31,7 +31,12 @@ its route); the defaults are the median of three
 calibrations on the development machine (Intel Xeon, Ice Lake, AVX-512, 2026-12-06, load
 avg ~4: c_fft 4.9-5.2e-11, c_scatter 3.5-6.3e-10, c_flop 7.2-8.2e-12, c_hash 1.7-2.0e-9; c_direct
 1.86-2.2e-9 from the direct route's marginal CPU time on (512, 513), (64, 64) at T = 16 and
-(512, 41) layers, B = 1024, k = 4096, one thread, load ~2, 2026-12-06). The choice is a pure
+(512, 41) layers, B = 1024, k = 4096, one thread, load ~2, 2026-12-06; ``calibrate`` now fits
+it too, from the direct route alone at two sizes: 1.33-1.44e-9 in five calibrations at load
+~1.3, below the in-call marginal cost; with the other defaults every layer of the MLP and
+of the UNet at 64 draws, k = 4096, keeps its route for any c_direct in 6.5e-10..3.7e-9 (below
+~6e-10 the UNet's T = 64 Linear layers would go direct, above ~3.75e-9 the MLP's 41-wide
+input layer fft), and so does the whole median calibration: the default stays). The choice is a pure
 function of the shapes and these constants, never of a live timing, so the same call
 makes the same choice (and the same float rounding) on every run.
 """
