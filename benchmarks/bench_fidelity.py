@@ -96,6 +96,29 @@ def auroc_ci(scores: np.ndarray, bad: np.ndarray, *, n_boot: int = 1000, seed: i
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
+def paired_auroc_difference(a: list[np.ndarray], b: list[np.ndarray], bad: np.ndarray, *, n_boot: int = 2000,
+                            seed: int = 0) -> dict[str, Any]:
+    """Mean over seeds of AUROC(a) − AUROC(b) with a paired bootstrap 95% CI: demos are
+    resampled (within class, per seed) and the same resample scores both scorers.
+
+    Args:
+        a, b: Per seed, ``[N]`` scores of the two scorers (same demos, same order).
+        bad: ``[N]`` known-bad mask.
+    """
+    rng = np.random.default_rng(seed)
+    bad = np.asarray(bad, bool)
+    ib, ig = np.flatnonzero(bad), np.flatnonzero(~bad)
+    diff = float(np.mean([auroc(x, bad) - auroc(y, bad) for x, y in zip(a, b)]))
+    vals = np.empty(n_boot)
+    for i in range(n_boot):
+        tot = 0.0
+        for x, y in zip(a, b):
+            idx = np.concatenate([rng.choice(ib, len(ib)), rng.choice(ig, len(ig))])
+            tot += auroc(np.asarray(x)[idx], bad[idx]) - auroc(np.asarray(y)[idx], bad[idx])
+        vals[i] = tot / len(a)
+    return {"mean_difference": diff, "ci95": [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]}
+
+
 def removed_bad(scores: np.ndarray, bad: np.ndarray, k: int, *, seed: int = 0) -> int:
     """Known-bad demos among the ``k`` lowest scores (ties broken by a seeded permutation)."""
     rng = np.random.default_rng(seed)
@@ -314,6 +337,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
         "per_seed": [],
     }
     good_ids = [i for i, b in zip(ids, bad) if not b]
+    per_seed_scores: list[dict[str, Any]] = []
     for seed in seeds:
         base = pl.train(ids, seed)
         r_score = pl.rollouts(base, n=args.rollouts, seed=1000 + seed)
@@ -323,6 +347,7 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
             + (f" by context {by_ctx}" if by_ctx else "") + f" ({time.time() - t0:.0f}s)")
         store = pl.store(base, r_score)
         scores = score_store(store, list(args.scorers), ids, seed)
+        per_seed_scores.append(scores)
         row: dict[str, Any] = {"seed": seed, "base_success_scoring_rollouts": s_base, "scorers": {}}
         if by_ctx:
             row["base_success_by_context"] = by_ctx
@@ -338,9 +363,10 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
         if not args.quick:
             evals = {}
             kept_sets = {"all": ids, "oracle": good_ids}
-            rng = np.random.default_rng(seed)
-            kept_sets["random"] = list(rng.choice(ids, n - k, replace=False))
             curate = set(args.curate.split(",")) if args.curate else set(scores)
+            if curate != {"none"}:  # "none": all data vs oracle only (attribution rows + the scenario's gap)
+                rng = np.random.default_rng(seed)
+                kept_sets["random"] = list(rng.choice(ids, n - k, replace=False))
             for name, s in scores.items():
                 if name == "random" or isinstance(s, str) or name not in curate:
                     continue
@@ -357,6 +383,17 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
                     + (f" by context {ctx}" if ctx else ""))
             row["curated_success"] = evals
         res["per_seed"].append(row)
+    # The default against every other scorer, paired over the same demos and seeds.
+    ref = args.default_scorer
+    if all(not isinstance(sc.get(ref), (str, type(None))) for sc in per_seed_scores):
+        res["paired_vs_default"] = {
+            name: paired_auroc_difference([sc[ref] for sc in per_seed_scores], [sc[name] for sc in per_seed_scores],
+                                          bad, seed=0)
+            for name in per_seed_scores[0]
+            if name != ref and all(not isinstance(sc.get(name), (str, type(None))) for sc in per_seed_scores)
+        }
+        for name, d in res["paired_vs_default"].items():
+            log(f"[{scenario}] {ref} − {name}: AUROC {d['mean_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
     res["seconds"] = time.time() - t0
     return res
 
@@ -390,6 +427,11 @@ def summarise(results: list[dict[str, Any]], default_scorer: str) -> dict[str, A
                 row["baselines_auroc"] = base
                 row["beats_baselines"] = (len(base) == len(SPURIOUS_BASELINES)
                                           and all(summ["auroc_mean"] > v for v in base.values()))
+                paired = r.get("paired_vs_default", {})
+                # Beating a baseline beyond noise: the paired 95% CI of the difference above 0.
+                row["beats_baselines_significantly"] = (
+                    all(b in paired for b in SPURIOUS_BASELINES)
+                    and all(paired[b]["ci95"][0] > 0 for b in SPURIOUS_BASELINES))
             if "curated_pooled" in r and default_scorer in r["curated_pooled"]:
                 cur, ora = r["curated_pooled"][default_scorer]["rate"], r["curated_pooled"]["oracle"]["rate"]
                 row.update({"curated": cur, "oracle": ora, "oracle_fraction": cur / ora if ora else float("nan")})
@@ -406,7 +448,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorers", default=",".join(DEFAULT_SCORERS), help="comma-separated scorer names")
     p.add_argument("--curate", default=None,
                    help="full mode: comma-separated scorers whose kept sets are retrained and rolled out (default: "
-                   "every scorer; each costs one training per seed, the others get AUROC and removed-bad only)")
+                   "every scorer; each costs one training per seed, the others get AUROC and removed-bad only); "
+                   "'none': retrain nothing but the oracle (no random set either)")
     p.add_argument("--default-scorer", default="cupid", help="scorer the acceptance rows judge (the project default)")
     p.add_argument("--demos", type=int, default=60, help="demonstrations per scenario (split by its ratio)")
     p.add_argument("--rollouts", type=int, default=50, help="rollouts per condition (scoring and evaluation)")

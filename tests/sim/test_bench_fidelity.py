@@ -22,6 +22,19 @@ def test_metrics_reference_values():
     assert 0.78 < lo < 0.80 and 0.95 < hi < 0.97
 
 
+def test_paired_auroc_difference():
+    bf = _load("fidelity")
+    rng = np.random.default_rng(0)
+    bad = np.arange(40) < 20
+    good = [np.where(bad, 0.0, 1.0) + 0.3 * rng.standard_normal(40) for _ in range(3)]
+    noise = [rng.standard_normal(40) for _ in range(3)]
+    d = bf.paired_auroc_difference(good, noise, bad, n_boot=300)
+    want = np.mean([bf.auroc(g, bad) - bf.auroc(n, bad) for g, n in zip(good, noise)])
+    assert d["mean_difference"] == pytest.approx(want) and d["ci95"][0] > 0.2
+    same = bf.paired_auroc_difference(good, good, bad, n_boot=50)  # paired: identical scorers differ by exactly 0
+    assert same == {"mean_difference": 0.0, "ci95": [0.0, 0.0]}
+
+
 @pytest.mark.sim
 def test_quick_runs_and_writes_acceptance(tmp_path):
     bf = _load("fidelity")
