@@ -323,7 +323,6 @@ class Optimization:
             self.policy.load_state_dict(self.ema.state_dict())
 
 
-@torch.no_grad()
 def _checkpoint_copy(policy: Policy, optim: Optimization, cfg: TrainConfig, step: int,
                      num_samples: int, num_kept: int) -> Policy:
     """An eval-mode copy of the weights after ``step`` steps (the EMA's when kept), leaving
@@ -335,6 +334,7 @@ def _checkpoint_copy(policy: Policy, optim: Optimization, cfg: TrainConfig, step
     return copy_
 
 
+@torch.no_grad()
 def _copy_normalizer(dst: Normalizer, src: Normalizer) -> None:
     if not bool(src.fitted):
         raise ValueError("the given normalizer is not fitted")
