@@ -346,6 +346,10 @@ class Featurizer:
             dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
             return torch.zeros(n, self.k, dtype=dtype, device=ref.device), None
         delta = raw[0][4]  # an output gradient: floating, of the model's dtype
+        if delta.device.type == "cpu":
+            # Each batch's fresh tensors (features, captures) on warm pages, not fresh ones
+            # from the OS (page faults: up to ~1/3 of an MLP hook call); once per process.
+            _hooks.retain_freed_memory()
         sums = torch.empty(n, dtype=torch.float64 if delta.dtype == torch.float64 else torch.float32,
                            device=delta.device)
         return self._sketch_raw(raw, n, row_sums=sums), sums
