@@ -84,14 +84,19 @@ def auroc(scores: np.ndarray, bad: np.ndarray) -> float:
     return float((rp - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def _class_resample(rng: np.random.Generator, bad: np.ndarray) -> np.ndarray:
+    """Bootstrap indices of the demos, resampled within each class (known-bad, then the rest)."""
+    ib, ig = np.flatnonzero(bad), np.flatnonzero(~bad)
+    return np.concatenate([rng.choice(ib, len(ib)), rng.choice(ig, len(ig))])
+
+
 def auroc_ci(scores: np.ndarray, bad: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Bootstrap (over demos, stratified by class) 95% CI of :func:`auroc`."""
     rng = np.random.default_rng(seed)
     s, b = np.asarray(scores, np.float64), np.asarray(bad, bool)
-    ib, ig = np.flatnonzero(b), np.flatnonzero(~b)
     vals = []
     for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(ib, len(ib)), rng.choice(ig, len(ig))])
+        idx = _class_resample(rng, b)
         vals.append(auroc(s[idx], b[idx]))
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
@@ -107,13 +112,12 @@ def paired_auroc_difference(a: list[np.ndarray], b: list[np.ndarray], bad: np.nd
     """
     rng = np.random.default_rng(seed)
     bad = np.asarray(bad, bool)
-    ib, ig = np.flatnonzero(bad), np.flatnonzero(~bad)
     diff = float(np.mean([auroc(x, bad) - auroc(y, bad) for x, y in zip(a, b)]))
     vals = np.empty(n_boot)
     for i in range(n_boot):
         tot = 0.0
         for x, y in zip(a, b):
-            idx = np.concatenate([rng.choice(ib, len(ib)), rng.choice(ig, len(ig))])
+            idx = _class_resample(rng, bad)
             tot += auroc(np.asarray(x)[idx], bad[idx]) - auroc(np.asarray(y)[idx], bad[idx])
         vals[i] = tot / len(a)
     return {"mean_difference": diff, "ci95": [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]}

@@ -35,22 +35,35 @@ def _record_rollout_calls(monkeypatch) -> list[dict]:
     return seen
 
 
+def _check_oracle(learner, tmp_path, bad_label: str) -> None:
+    """The oracle scores 0 exactly for the demos labelled ``bad_label``."""
+    oracle = learner.score(tmp_path, "oracle", seed=0)
+    labels = {e.episode_id: e.metadata[LABEL_KEY] for e in learner.episodes()}
+    assert {i: (0.0 if lab == bad_label else 1.0) for i, lab in labels.items()} == oracle
+
+
+def _train_and_roll_once(learner, info, tmp_path, monkeypatch, check_model=None) -> dict:
+    """Train on every demo, evaluate one rollout; the single ``run_rollouts`` call's kwargs."""
+    seen = _record_rollout_calls(monkeypatch)
+    model = tmp_path / "model"
+    learner.train(info["episode_id"], seed=0, workdir=model)
+    if check_model is not None:
+        check_model(model)
+    rate = learner.evaluate(model, seed=0, rollouts=1)
+    assert 0.0 <= rate <= 1.0
+    (kw,) = seen
+    return kw
+
+
 def test_scenario_learner_labels_oracle_and_shifted_rollouts(tmp_path, monkeypatch):
     learner = SimLearner(_config(tmp_path))
     info = learner.episode_info()
     assert sorted(info["tier"]) == ["majority", "majority", "minority"]
     assert set(info["length"]) == {100}  # fixed horizon: length reveals nothing
 
-    oracle = learner.score(tmp_path, "oracle", seed=0)
-    labels = {e.episode_id: e.metadata[LABEL_KEY] for e in learner.episodes()}
-    assert {i: (0.0 if lab == "majority" else 1.0) for i, lab in labels.items()} == oracle
+    _check_oracle(learner, tmp_path, "majority")
 
-    seen = _record_rollout_calls(monkeypatch)
-    model = tmp_path / "model"
-    learner.train(info["episode_id"], seed=0, workdir=model)
-    rate = learner.evaluate(model, seed=0, rollouts=1)
-    assert 0.0 <= rate <= 1.0
-    (kw,) = seen
+    kw = _train_and_roll_once(learner, info, tmp_path, monkeypatch)
     assert kw["variation"] == get_shift("heavy") and kw["horizon"] == 100 and kw["success_mode"] == "final"
 
 
@@ -69,16 +82,11 @@ def test_context_scenario_rolls_out_in_its_context_env(tmp_path, monkeypatch):
     learner = SimLearner(_config(tmp_path, scenario="lift-cue", demos=6))  # 3 : 1 : 2
     info = learner.episode_info()
     assert sorted(set(info["tier"])) == ["heavy-dark", "heavy-white", "light-white"]
-    oracle = learner.score(tmp_path, "oracle", seed=0)
-    labels = {e.episode_id: e.metadata[LABEL_KEY] for e in learner.episodes()}
-    assert {i: (0.0 if lab == "light-white" else 1.0) for i, lab in labels.items()} == oracle
+    _check_oracle(learner, tmp_path, "light-white")
 
-    seen = _record_rollout_calls(monkeypatch)
-    model = tmp_path / "model"
-    learner.train(info["episode_id"], seed=0, workdir=model)
-    assert tuple(load_policy(model / "policy").config.obs_keys) == get_scenario("lift-cue").obs_keys
-    assert set(CONTEXT_OBS_KEYS) <= set(get_scenario("lift-cue").obs_keys)
-    eps = learner.evaluate(model, seed=0, rollouts=1)
-    assert 0.0 <= eps <= 1.0
-    (kw,) = seen
+    def check_model(model) -> None:
+        assert tuple(load_policy(model / "policy").config.obs_keys) == get_scenario("lift-cue").obs_keys
+        assert set(CONTEXT_OBS_KEYS) <= set(get_scenario("lift-cue").obs_keys)
+
+    kw = _train_and_roll_once(learner, info, tmp_path, monkeypatch, check_model)
     assert "variation" not in kw and callable(kw["env"]) and kw["horizon"] == 100
