@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel Ray actors (1 = in-process)")
     p.add_argument("--out", required=True, help="output dataset folder (LeRobot v3 layout)")
     p.add_argument("--seed", type=int, default=0, help="base seed; rollout i depends only on (seed, i)")
+    p.add_argument(
+        "--repeats", type=int, default=1, metavar="R",
+        help="policy draws per initial state: rollout i starts from initial state i // R with draw i %% R "
+        "(--episodes a multiple of R); R >= 2 enables score cupid --set baseline=initial-state",
+    )
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local instance")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(handler=_rollout)
@@ -72,6 +77,8 @@ def _rollout(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise SystemExit("rollout: --episodes must be >= 1")
+    if args.repeats < 1 or args.episodes % args.repeats:
+        raise SystemExit(f"rollout: --repeats must be >= 1 and divide --episodes ({args.episodes}), got {args.repeats}")
     horizon, success_mode = args.horizon, args.success or "first"
     user_env, context = args.env, False
     try:
@@ -135,6 +142,7 @@ def _rollout(args: argparse.Namespace) -> int:
             env=user_env,
             variation=variation,
             progress=tick,
+            repeats=args.repeats,
         )
     finally:
         bar.close()

@@ -23,6 +23,18 @@ a pre-registration before a third training seed existed and raised AUROC there f
 0.82, and its filtered policy succeeded 30/50 against 6/50 for b = 0, so it is the
 default. When every rollout has the same outcome, R − R̄ is zero and there is no contrast;
 the scorer then uses b = 0 and logs a warning saying so (``baseline_used`` in the log).
+
+**Initial-state baseline** (``baseline="initial-state"``, for rollouts with repeated policy
+draws per initial state: ``run_rollouts(repeats=R)``, ``cupid-engine rollout --repeats R``).
+b_τ = b(s₀(τ)) is the mean return of the *other* rollouts that started from τ's initial
+state (leave-one-out). The identity above also holds for a baseline that depends on the
+initial state alone, and the leave-one-out mean does not depend on τ's own outcome, so the
+estimator's expectation is unchanged. Within one initial state it turns u into
+success-minus-failure contrasts from the same start: what the rollouts of one start share
+(object pose, the states that follow from it) cancels, what differs (the behaviour the
+policy sampled) stays. An initial state whose draws all share one outcome contributes
+nothing. Rollouts are grouped by the ``episode_seed`` in their metadata; every group needs
+at least two rollouts and at least one group both outcomes (else a ValueError).
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import pyarrow as pa
 import torch
 
 from cupid_engine.config import Config, check, field, names_tuple
+from cupid_engine.errors import DataError
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
@@ -47,15 +60,49 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("sum", "mean")
-BASELINES = ("none", "mean")
+BASELINES = ("none", "mean", "initial-state")
+INITIAL_STATE_KEY = "episode_seed"
+"""Rollout metadata key shared by the rollouts that start from one initial state."""
 
 
-def centred_returns(returns: np.ndarray, baseline: str, *, single_outcome: str = "raise") -> np.ndarray:
-    """R − b: the returns minus the baseline b (0 for ``none``, R̄ for ``mean``).
+def initial_state_groups(catalog: pa.Table, ids: list[str]) -> np.ndarray:
+    """``[M]`` int64 initial-state group of each rollout (equal ``episode_seed``).
+
+    Raises:
+        DataError: naming the first rollout without an ``episode_seed`` in its metadata, or
+            alone in its group (``initial-state`` needs repeated draws per initial state).
+    """
+    rows = _inputs.catalog_dict(catalog, ids)
+    keys = []
+    for e in ids:
+        v = _inputs.metadata_value(rows[e], INITIAL_STATE_KEY)
+        if v is None:
+            raise DataError(
+                f"rollout {e!r} has no {INITIAL_STATE_KEY!r} in its metadata: baseline='initial-state' "
+                "needs rollouts made with repeated draws per initial state (rollout --repeats R)"
+            )
+        keys.append(int(v))
+    _, groups, counts = np.unique(np.asarray(keys, np.int64), return_inverse=True, return_counts=True)
+    alone = np.flatnonzero(counts[groups] < 2)
+    if alone.size:
+        raise DataError(
+            f"rollout {ids[alone[0]]!r} is the only rollout from its initial state ({INITIAL_STATE_KEY} "
+            f"{keys[alone[0]]}; {alone.size} of {len(ids)} are alone): baseline='initial-state' needs >= 2 "
+            "policy draws per initial state (rollout --repeats R, R >= 2)"
+        )
+    return groups.astype(np.int64)
+
+
+def centred_returns(returns: np.ndarray, baseline: str, *, groups: np.ndarray | None = None,
+                    single_outcome: str = "raise") -> np.ndarray:
+    """R − b: the returns minus the baseline b (0 for ``none``, R̄ for ``mean``, the
+    leave-one-out mean return of the same initial state for ``initial-state``).
 
     Args:
         returns: ``[M]`` R(τ).
         baseline: One of :data:`BASELINES`.
+        groups: ``[M]`` initial-state group per rollout (``initial-state`` only; see
+            :func:`initial_state_groups`), every group of size >= 2.
         single_outcome: What ``mean`` does when every return is equal (R − R̄ ≡ 0, no
             contrast): ``raise``, or ``zero`` (use b = 0, the paper's estimator, and log it).
 
@@ -63,13 +110,17 @@ def centred_returns(returns: np.ndarray, baseline: str, *, single_outcome: str =
         ``[M]`` float64 centred returns.
 
     Raises:
-        ValueError: Unknown ``baseline``; or all returns equal with ``single_outcome="raise"``.
+        ValueError: Unknown ``baseline``; all returns equal with ``single_outcome="raise"``;
+            ``initial-state`` without groups, with a group of one, or with no group holding
+            two different returns (no contrast exists; there is no fallback).
     """
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     r = np.asarray(returns, np.float64)
     if baseline == "none" or r.size == 0:
         return r
+    if baseline == "initial-state":
+        return _initial_state_centred(r, groups)
     if float(r.max() - r.min()) == 0.0:
         if single_outcome == "raise":
             raise ValueError(
@@ -84,6 +135,27 @@ def centred_returns(returns: np.ndarray, baseline: str, *, single_outcome: str =
     return r - r.mean()
 
 
+def _initial_state_centred(r: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """R_τ − (Σ_{τ'∈g(τ)} R_τ' − R_τ) / (|g(τ)| − 1): the leave-one-out group baseline."""
+    if groups is None:
+        raise ValueError("baseline='initial-state' needs each rollout's initial-state group (groups=)")
+    g = np.asarray(groups)
+    if g.shape != r.shape:
+        raise ValueError(f"groups {g.shape} and returns {r.shape} differ in shape")
+    _, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
+    n = counts[inv].astype(np.float64)
+    if (n < 2).any():
+        raise ValueError("baseline='initial-state' needs >= 2 rollouts per initial state")
+    total = np.bincount(inv, weights=r)[inv]
+    out = r - (total - r) / (n - 1.0)
+    if not out.any():
+        raise ValueError(
+            f"baseline='initial-state': none of the {counts.size} initial states has rollouts with different "
+            "returns, so there is no contrast; add policy draws per initial state or use baseline='mean'"
+        )
+    return out
+
+
 def rollout_direction(
     rollout_psi_sums: np.ndarray | torch.Tensor,
     returns: np.ndarray,
@@ -91,6 +163,7 @@ def rollout_direction(
     rollout_lengths: np.ndarray | None = None,
     normalization: str = "sum",
     baseline: str = "none",
+    groups: np.ndarray | None = None,
 ) -> torch.Tensor:
     """u = (1/m) Σ_τ (R(τ) − b) s_τ (s_τ divided by |τ| for ``mean``).
 
@@ -99,14 +172,16 @@ def rollout_direction(
         returns: ``[M]`` R(τ).
         rollout_lengths: ``[M]`` |τ| (required for ``mean``).
         normalization: ``sum`` or ``mean``.
-        baseline: ``none`` (b = 0, Prop. 2) or ``mean`` (b = R̄; b = 0 with a warning when
-            every rollout has the same return, see :func:`centred_returns`).
+        baseline: ``none`` (b = 0, Prop. 2), ``mean`` (b = R̄; b = 0 with a warning when
+            every rollout has the same return) or ``initial-state`` (leave-one-out mean of
+            the rollout's initial state; needs ``groups``), see :func:`centred_returns`.
+        groups: ``[M]`` initial-state groups (``initial-state`` only).
 
     Returns:
         ``[K]`` float64.
     """
     s = torch.as_tensor(rollout_psi_sums).to(torch.float64)
-    r = torch.as_tensor(centred_returns(returns, baseline, single_outcome="zero"))
+    r = torch.as_tensor(centred_returns(returns, baseline, groups=groups, single_outcome="zero"))
     if s.ndim != 2 or s.shape[0] != r.shape[0] or s.shape[0] == 0:
         raise ValueError(f"need [M>0, K] rollout sums and [M] returns, got {tuple(s.shape)} and {tuple(r.shape)}")
     if normalization == "mean":
@@ -154,7 +229,9 @@ class CupidConfig(Config):
     baseline: str = field(
         "mean",
         help="return baseline b in R(τ) − b: 'mean' (b = mean return of the rollouts; measured default, "
-        "b = 0 with a warning when all rollouts share one outcome) or 'none' (b = 0: the paper's Prop. 2 exactly)",
+        "b = 0 with a warning when all rollouts share one outcome), 'none' (b = 0: the paper's Prop. 2 exactly) "
+        "or 'initial-state' (leave-one-out mean return of the rollouts from the same initial state; needs "
+        "rollouts made with --repeats R >= 2)",
     )
     damping: float = field(DEFAULT_DAMPING, help="relative damping λ of the preconditioner")
     rollouts: str = field("rollout", help="rollouts τ: a split name or comma-separated episode ids")
@@ -181,6 +258,11 @@ def episode_lengths(catalog: pa.Table, ids: list[str], run: Any) -> np.ndarray:
     return np.asarray([run.step_features(e).shape[0] for e in ids], np.float64)
 
 
+
+
+def baseline_groups(catalog: pa.Table, rollouts: list[str], baseline: str) -> np.ndarray | None:
+    """The rollouts' initial-state groups when ``baseline`` is ``initial-state``, else None."""
+    return initial_state_groups(catalog, rollouts) if baseline == "initial-state" else None
 
 
 def performance_inputs(store: StoreReader, run: str, cfg: Any) -> tuple[Any, Any, Preconditioner, list[str], list[str], Any]:
@@ -222,6 +304,7 @@ class CupidScorer(Scorer):
             rollout_lengths=episode_lengths(cat, rollouts, r) if cfg.normalization == "mean" else None,
             normalization=cfg.normalization,
             baseline=cfg.baseline,
+            groups=baseline_groups(cat, rollouts, cfg.baseline),
         )
         lengths = episode_lengths(cat, demos, r) if cfg.normalization == "mean" else None
         out = np.empty(len(demos), np.float64)

@@ -56,7 +56,7 @@ import torch
 from cupid_engine.config import Config, check, field
 from cupid_engine.scorers import _inputs
 from cupid_engine.scorers.base import Scorer, register
-from cupid_engine.scorers.cupid import BASELINES, centred_returns, performance_inputs
+from cupid_engine.scorers.cupid import BASELINES, baseline_groups, centred_returns, performance_inputs
 from cupid_engine.scorers.preconditioner import DEFAULT_DAMPING, Preconditioner
 from cupid_engine.scorers.table import make_table
 
@@ -74,13 +74,15 @@ def normalised_sum(whitened_steps: torch.Tensor, normalise: bool, eps: float = 1
     return x.sum(0)
 
 
-def step_direction(rollout_sums: torch.Tensor, returns: np.ndarray, baseline: str) -> torch.Tensor:
-    """u = (1/m) Σ_τ (R(τ) − b) S_τ for ``[M, K]`` (normalised) rollout sums S_τ.
+def step_direction(rollout_sums: torch.Tensor, returns: np.ndarray, baseline: str,
+                   groups: np.ndarray | None = None) -> torch.Tensor:
+    """u = (1/m) Σ_τ (R(τ) − b) S_τ for ``[M, K]`` (normalised) rollout sums S_τ
+    (``groups``: initial-state groups for ``baseline="initial-state"``).
 
     Raises:
         ValueError: ``baseline="mean"`` with all returns equal (no contrast exists).
     """
-    r = torch.as_tensor(centred_returns(returns, baseline, single_outcome="raise"))
+    r = torch.as_tensor(centred_returns(returns, baseline, groups=groups, single_outcome="raise"))
     if rollout_sums.ndim != 2 or rollout_sums.shape[0] != r.shape[0] or r.shape[0] == 0:
         raise ValueError(f"need [M>0, K] rollout sums and [M] returns, got {tuple(rollout_sums.shape)}, {tuple(r.shape)}")
     return (r[:, None] * rollout_sums.to(torch.float64)).sum(0) / r.shape[0]
@@ -93,7 +95,10 @@ class CupidStepConfig(Config):
     step_norm: str = field(
         "rollout", help="per-step unit normalisation of whitened features: 'none', 'rollout' or 'both'"
     )
-    baseline: str = field("mean", help="return baseline b: 'mean' (R - mean R; needs both outcomes) or 'none'")
+    baseline: str = field(
+        "mean", help="return baseline b: 'mean' (R - mean R; needs both outcomes), 'none' or 'initial-state' "
+        "(leave-one-out mean of the same initial state; rollouts made with --repeats R >= 2)"
+    )
     returns: str = field("pm1", help="R(τ): 'pm1' (±1 from success), '01', or 'real' (catalog return)")
     damping: float = field(DEFAULT_DAMPING, help="relative damping λ of the preconditioner")
     rollouts: str = field("rollout", help="rollouts τ: a split name or comma-separated episode ids")
@@ -128,7 +133,7 @@ class CupidStepScorer(Scorer):
             roll = pre.whiten(r.episode_features(rollouts)).to(torch.float64)
         else:
             roll = _sums(r, pre, rollouts, True)
-        u = step_direction(roll, ret, cfg.baseline)
+        u = step_direction(roll, ret, cfg.baseline, baseline_groups(cat, rollouts, cfg.baseline))
         if cfg.step_norm == "both":
             s = _sums(r, pre, demos, True)
         else:  # whitening is linear: whiten the stored episode sums

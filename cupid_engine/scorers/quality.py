@@ -89,7 +89,7 @@ class CupidQualityConfig(Config):
     normalization: str = field("sum", help="Ψ_π normalisation: 'sum' or 'mean'")
     returns: str = field("pm1", help="R(τ) for Ψ_π: 'pm1', '01' or 'real' (Ψ_qual ignores outcomes)")
     baseline: str = field(
-        "none", help="return baseline of Ψ_π: 'none' (the paper's CUPID-Quality) or 'mean' (as the cupid scorer's)"
+        "none", help="return baseline of Ψ_π: 'none' (the paper's CUPID-Quality), 'mean' or 'initial-state' (as the cupid scorer's)"
     )
     damping: float = field(DEFAULT_DAMPING, help="relative damping λ of the preconditioner")
     rollouts: str = field("rollout", help="rollouts τ: a split name or comma-separated episode ids")

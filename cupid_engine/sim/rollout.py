@@ -193,17 +193,25 @@ class RolloutWorker:
             raise ValueError("episode_ids and episode_seeds differ in length")
         return [self.run_one(s, i) for s, i in zip(episode_seeds, episode_ids)]
 
-    def __call__(self, job: tuple[int, str]) -> Episode:
-        """``run_one(*job)``: the executor's item is ``(seed, episode_id)``."""
+    def __call__(self, job: tuple[int, str] | tuple[int, str, int]) -> Episode:
+        """``run_one(*job)``: the executor's item is ``(seed, episode_id[, draw])``."""
         return self.run_one(*job)
 
-    def run_one(self, seed: int, episode_id: str) -> Episode:
+    def run_one(self, seed: int, episode_id: str, draw: int = 0) -> Episode:
         """Run one episode from ``seed``; it stops at the horizon (or the first success
         when ``success_mode`` is ``first``). Image policies see live frames, which the
-        episode keeps in ``images``."""
+        episode keeps in ``images``.
+
+        ``draw`` > 0 keeps the initial state (and the environment's knobs) of ``seed`` and
+        gives the policy's sampling generator another seed: repeated draws of a stochastic
+        policy from one initial state. ``draw`` 0 is the episode of ``seed`` itself.
+        """
         env_ss, policy_ss = np.random.SeedSequence(int(seed)).spawn(2)
         obs = self.env.reset(int(env_ss.generate_state(1)[0]))
-        generator = _make_generator(self.policy, int(policy_ss.generate_state(1)[0]))
+        policy_seed = int(policy_ss.generate_state(1)[0])
+        if draw:
+            policy_seed = int(np.random.SeedSequence([policy_seed, int(draw)]).generate_state(1)[0])
+        generator = _make_generator(self.policy, policy_seed)
         env_keys = self.env.obs_keys
         rows: dict[str, list[np.ndarray]] = {k: [] for k in env_keys}
         frames: dict[str, list[np.ndarray]] = {c: [] for c in self.cameras}
@@ -244,7 +252,7 @@ class RolloutWorker:
             render = {"cameras": list(self.cameras), "size": int(self.renderer.size),
                       "renderer": "mujoco.Renderer MUJOCO_GL=egl (live, the policy's input)"}
         return self._episode(episode_id, seed, rows, actions, success, env_keys, queries, reward_sum,
-                             images=images, render=render)
+                             images=images, render=render, draw=draw)
 
     def _obs_vector(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The policy's observation vector ``[D]`` (its keys, in its order)."""
@@ -289,10 +297,13 @@ class RolloutWorker:
 
     def _episode(self, episode_id: str, seed: int, rows: dict, actions: list, success: bool, env_keys: Any,
                  queries: int, reward_sum: float, *, images: dict | None = None,
-                 render: dict | None = None) -> Episode:
+                 render: dict | None = None, draw: int = 0) -> Episode:
         """The rollout episode and its metadata (state and image rollouts alike)."""
         metadata = {
+            # Episodes with equal ``episode_seed`` start from the same initial state;
+            # ``policy_draw`` tells their policy sampling apart (``run_rollouts(repeats=)``).
             "episode_seed": int(seed),
+            "policy_draw": int(draw),
             "horizon": self.horizon,
             "fps": CONTROL_FREQ,
             "obs_keys": list(env_keys),
@@ -364,6 +375,7 @@ def run_rollouts(
     progress: Callable[[Episode], None] | None = None,
     success_mode: str = "first",
     env: Any = None,
+    repeats: int = 1,
 ) -> list[Episode]:
     """Roll a policy out for ``episodes`` seeded episodes.
 
@@ -386,6 +398,12 @@ def run_rollouts(
             module docstring); ``task`` is then just a name. Out of this process the
             factory is pickled to every worker: give a ``"module:factory"`` string or a
             module-level callable that the workers can import.
+        repeats: Policy draws per initial state R. Episode ``i`` starts from initial
+            state ``i // R`` (seed :func:`episode_seed(seed, i // R) <episode_seed>`)
+            with policy draw ``i % R``; so ``episodes`` must be a multiple of R. With
+            R = 1 (default) every episode has its own initial state, as before. Repeated
+            draws let the ``cupid`` scorer's ``baseline="initial-state"`` contrast
+            successes and failures from the same start.
 
     Returns:
         ``episodes`` episodes with ids ``{task}_rollout_{i:04d}``, ordered by ``i``;
@@ -396,12 +414,16 @@ def run_rollouts(
     task = canonical_task(task) if env is None else str(task)
     if episodes < 0:
         raise ValueError(f"episodes must be >= 0, got {episodes}")
+    repeats = int(repeats)
+    if repeats < 1 or episodes % repeats:
+        raise ValueError(f"repeats must be >= 1 and divide episodes ({episodes}), got {repeats}")
     executor = executor or InProcess()
     if env is not None and not horizon:
         raise ValueError("a user env needs an explicit horizon")
     horizon = int(horizon or DEFAULT_HORIZON[task])
-    seeds = [episode_seed(seed, i) for i in range(episodes)]
+    seeds = [episode_seed(seed, i // repeats) for i in range(episodes)]
     ids = [f"{task}_rollout_{i:04d}" for i in range(episodes)]
+    jobs = list(zip(seeds, ids)) if repeats == 1 else [(s, e, i % repeats) for i, (s, e) in enumerate(zip(seeds, ids))]
     cameras = policy_cameras(policy)
     # Image policies render in spawned EGL processes unless this process renders and runs them.
     rendering = bool(cameras) and (not executor.in_process or not _renders_here())
@@ -428,7 +450,7 @@ def run_rollouts(
     if rendering:
         executor, factory = _rendering_processes(executor.workers, factory)
     return executor.map(
-        factory, list(zip(seeds, ids)), on_result=None if progress is None else (lambda job, ep: progress(ep))
+        factory, jobs, on_result=None if progress is None else (lambda job, ep: progress(ep))
     )
 
 

@@ -156,3 +156,85 @@ def test_mean_baseline_is_a_combination_of_two_paper_scores(store):
     z01 = score("cupid", store=store, run="base", baseline="none", returns="01")["score"].to_numpy()
     mean = score("cupid", store=store, run="base", baseline="mean")["score"].to_numpy()
     np.testing.assert_allclose(mean, pm1 - rbar * (2 * z01 - pm1), rtol=1e-9, atol=1e-12)
+
+
+def _paired_store(rng, *, k=6, n_states=4, draws=3, shared_scale=50.0):
+    """Rollouts in groups of ``draws`` per initial state (equal ``episode_seed``): each
+    rollout's steps carry a large component shared by its group plus its own part."""
+    steps, splits, success, meta = {}, {}, {}, {}
+    for i in range(10):
+        steps[f"demo_{i}"] = rng.standard_normal((3 + i % 4, k))
+        splits[f"demo_{i}"] = "train"
+    steps["demo_big"], splits["demo_big"] = rng.standard_normal((4 * k, k)), "train"
+    for g in range(n_states):
+        shared = shared_scale * rng.standard_normal(k)
+        for d in range(draws):
+            e = f"roll_{g}_{d}"
+            own = rng.standard_normal((5, k))
+            steps[e], splits[e] = own + shared / 5, "rollout"
+            success[e] = bool((g + d) % 2)
+            meta[e] = {"episode_seed": 1000 + g, "policy_draw": d}
+    return steps, splits, success, meta
+
+
+def test_initial_state_baseline_is_leave_one_out_and_cancels_what_a_start_shares(rng):
+    from cupid_engine.scorers.arrays import ArrayStore
+    from cupid_engine.scorers.cupid import centred_returns
+
+    r = np.array([1.0, -1.0, -1.0, 1.0, 1.0, 1.0, -1.0])
+    g = np.array([0, 0, 0, 1, 1, 2, 2])
+    want = [1 - (-2) / 2, -1 - 0 / 2, -1 - 0 / 2, 0.0, 0.0, 1 - (-1), -1 - 1]
+    np.testing.assert_array_equal(centred_returns(r, "initial-state", groups=g), want)
+    with pytest.raises(ValueError, match=">= 2 rollouts per initial state"):
+        centred_returns(r, "initial-state", groups=np.arange(7))
+    with pytest.raises(ValueError, match="no contrast"):
+        centred_returns(np.ones(4), "initial-state", groups=np.array([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="groups="):
+        centred_returns(r, "initial-state")
+
+    steps, splits, success, meta = _paired_store(rng)
+    st = ArrayStore.from_episodes(steps, splits, success=success, metadata=meta, dtype=np.float64)
+    paired = score("cupid", store=st, run="base", baseline="initial-state")["score"].to_numpy()
+    # Brute force from the definition: whitened sums, leave-one-out group means of ±1 returns.
+    run, pre = st.run("base"), Preconditioner.from_run(st.run("base"))
+    rollouts, demos = _ids(st, "rollout"), _ids(st, "train")
+    ret = {e: 1.0 if success[e] else -1.0 for e in rollouts}
+    u = np.zeros(pre.hessian.shape[0])
+    for e in rollouts:
+        mates = [f for f in rollouts if meta[f]["episode_seed"] == meta[e]["episode_seed"] and f != e]
+        b = np.mean([ret[f] for f in mates])
+        u += (ret[e] - b) * pre.whiten(run.step_features(e).sum(0, keepdims=True)).numpy()[0]
+    u /= len(rollouts)
+    want = [float(pre.whiten(run.step_features(d).sum(0, keepdims=True)).numpy()[0] @ u) for d in demos]
+    np.testing.assert_allclose(paired, want, rtol=1e-9, atol=1e-12)
+
+    # What one start's rollouts share cancels: a different shared part per start changes
+    # the mean-baseline score and leaves the initial-state score unchanged.
+    moved = dict(steps)
+    for grp in range(4):
+        shift = 30.0 * rng.standard_normal(steps["demo_0"].shape[1])
+        for d in range(3):
+            e = f"roll_{grp}_{d}"
+            moved[e] = steps[e] + shift / steps[e].shape[0]
+    st2 = ArrayStore.from_episodes(moved, splits, success=success, metadata=meta, dtype=np.float64)
+    # The preconditioner is built from the demos' (train) rows only, so it is unchanged.
+    np.testing.assert_allclose(score("cupid", store=st2, run="base", baseline="initial-state")["score"].to_numpy(),
+                               paired, rtol=1e-7, atol=1e-9)
+    mean2 = score("cupid", store=st2, run="base", baseline="mean")["score"].to_numpy()
+    mean1 = score("cupid", store=st, run="base", baseline="mean")["score"].to_numpy()
+    assert np.abs(mean2 - mean1).max() > 1e-3 * np.abs(mean1).max()
+
+
+def test_initial_state_baseline_names_the_rollout_without_partners(rng):
+    from cupid_engine.errors import DataError
+    from cupid_engine.scorers.arrays import ArrayStore
+
+    steps, splits, success, meta = _paired_store(rng)
+    meta["roll_2_1"] = {"episode_seed": 77, "policy_draw": 0}
+    st = ArrayStore.from_episodes(steps, splits, success=success, metadata=meta, dtype=np.float64)
+    with pytest.raises(DataError, match="'roll_2_1' is the only rollout from its initial state"):
+        score("cupid", store=st, run="base", baseline="initial-state")
+    del meta["roll_2_1"]
+    st = ArrayStore.from_episodes(steps, splits, success=success, metadata=meta, dtype=np.float64)
+    with pytest.raises(DataError, match="'roll_2_1' has no 'episode_seed'"):
+        score("cupid-step", store=st, run="base", baseline="initial-state")

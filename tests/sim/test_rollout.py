@@ -76,6 +76,25 @@ def test_failed_rollout_labelled_and_chunking():
     _same(ep, again)
 
 
+def test_repeats_share_initial_states_and_keep_draw_zero():
+    plain = run_rollouts(RecordingPolicy(), "lift", episodes=2, horizon=10, seed=5)
+    rep = run_rollouts(RecordingPolicy(), "lift", episodes=4, horizon=10, seed=5, repeats=2)
+    keys = sorted(rep[0].observations)
+    for j in range(2):
+        a, b = rep[2 * j], rep[2 * j + 1]
+        np.testing.assert_array_equal(a.obs_vector(keys)[0], b.obs_vector(keys)[0])  # same start
+        assert not np.array_equal(a.actions, b.actions)  # another policy draw
+        assert a.metadata["episode_seed"] == b.metadata["episode_seed"] == episode_seed(5, j)
+        assert (a.metadata["policy_draw"], b.metadata["policy_draw"]) == (0, 1)
+        # Draw 0 of initial state j is episode j of the plain run, bit for bit (ids aside).
+        np.testing.assert_array_equal(a.actions, plain[j].actions)
+        np.testing.assert_array_equal(a.obs_vector(keys), plain[j].obs_vector(keys))
+    assert not np.array_equal(rep[0].obs_vector(keys)[0], rep[2].obs_vector(keys)[0])
+    assert [e.episode_id for e in rep] == [f"lift_rollout_{i:04d}" for i in range(4)]
+    with pytest.raises(ValueError, match="repeats must be >= 1 and divide episodes"):
+        run_rollouts(RecordingPolicy(), "lift", episodes=3, horizon=10, repeats=2)
+
+
 def test_policy_object_refused_for_ray_workers():
     with pytest.raises(TypeError, match="checkpoint path"):
         run_rollouts(ZeroPolicy(), "lift", episodes=2, executor=RayExecutor(2), horizon=5)

@@ -207,6 +207,8 @@ def test_user_env_errors():
         (["rollout", "--policy", "P", "--env", "a:b", "--shift", "heavy", "--horizon", "5", "--episodes", "1",
           "--out", "X"], "configure your own env"),
         (["rollout", "--policy", "P", "--env", "a:b", "--episodes", "1", "--out", "X"], "--env needs --horizon"),
+        (["rollout", "--policy", "P", "--task", "lift", "--episodes", "5", "--repeats", "2", "--out", "X"],
+         "--repeats must be >= 1 and divide --episodes (5)"),
     ],
 )
 def test_cli_scenario_errors_are_one_line(argv, message, tmp_path, capsys):
