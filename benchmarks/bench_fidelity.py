@@ -101,6 +101,55 @@ def auroc_ci(scores: np.ndarray, bad: np.ndarray, *, n_boot: int = 1000, seed: i
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
+def cupid_rollout_bootstrap(store: Any, ids: list[str], bad: np.ndarray, *, n_boot: int = 1000,
+                            seed: int = 0) -> dict[str, Any]:
+    """The default ``cupid``'s AUROC with a 95% CI that resamples the scoring rollouts too.
+
+    :func:`auroc_ci` resamples demos only, as if the m rollouts behind u were fixed; but
+    another draw of m rollouts gives another u (session 7 measured a seed's AUROC moving by
+    up to 0.11 between two rollout sets of one policy). CUPID is linear in the rollouts, so
+    each bootstrap draw resamples the rollouts with replacement (u recomputed from their
+    whitened sums and outcomes, the return baseline included) and the demos within class.
+
+    Args:
+        store: Store path or reader (run ``base``) scored by ``cupid`` with its defaults.
+        ids: ``[N]`` demo ids in the order of ``bad``.
+        bad: ``[N]`` known-bad mask.
+
+    Returns:
+        ``{"auroc": point estimate (equal to the scorer's), "ci95": [lo, hi],
+        "ci95_demos_only": [lo, hi], "rollouts": m}``.
+    """
+    import logging
+
+    from cupid_engine.scorers.cupid import CupidConfig, cupid_scores, performance_inputs, rollout_direction
+    from cupid_engine.store import open_store
+
+    st = open_store(str(store)) if isinstance(store, (str, os.PathLike)) else store
+    cfg = CupidConfig()
+    run, _, pre, rollouts, demos, ret = performance_inputs(st, "base", cfg)
+    s_r = pre.whiten(run.episode_features(rollouts)).double()
+    pos = {e: i for i, e in enumerate(demos)}
+    s_d = pre.whiten(run.episode_features(demos)).double()[[pos[e] for e in ids]]
+    b = np.asarray(bad, bool)
+    point = cupid_scores(s_d, rollout_direction(s_r, ret, baseline=cfg.baseline))
+    rng = np.random.default_rng(seed)
+    vals = np.empty(n_boot)
+    quiet = logging.getLogger("cupid_engine.scorers.cupid")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # a one-outcome resample would log its b = 0 once per draw
+    try:
+        for i in range(n_boot):
+            j = rng.integers(0, len(rollouts), len(rollouts))
+            x = cupid_scores(s_d, rollout_direction(s_r[j], ret[j], baseline=cfg.baseline))
+            d = _class_resample(rng, b)
+            vals[i] = auroc(x[d], b[d])
+    finally:
+        quiet.setLevel(level)
+    return {"auroc": auroc(point, b), "ci95": [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))],
+            "ci95_demos_only": list(auroc_ci(point, b, n_boot=n_boot, seed=seed)), "rollouts": len(rollouts)}
+
+
 def paired_auroc_difference(a: list[np.ndarray], b: list[np.ndarray], bad: np.ndarray, *, n_boot: int = 2000,
                             seed: int = 0) -> dict[str, Any]:
     """Mean over seeds of AUROC(a) − AUROC(b) with a paired bootstrap 95% CI: demos are
@@ -364,6 +413,11 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
             lo, hi = auroc_ci(s, bad, seed=seed)
             row["scorers"][name] = {"auroc": a, "auroc_ci": [lo, hi], "removed_bad": removed_bad(s, bad, k, seed=seed)}
             log(f"[{scenario} seed {seed}] {name:14s} AUROC {a:.3f} [{lo:.2f}, {hi:.2f}]  removed-bad {row['scorers'][name]['removed_bad']}/{k}")
+        if args.default_scorer == "cupid" and not isinstance(scores.get("cupid"), (str, type(None))):
+            boot = cupid_rollout_bootstrap(store, ids, bad, seed=seed)
+            row["scorers"]["cupid"]["auroc_ci_demos_and_rollouts"] = boot["ci95"]
+            log(f"[{scenario} seed {seed}] cupid AUROC CI resampling demos and the {boot['rollouts']} rollouts: "
+                f"[{boot['ci95'][0]:.2f}, {boot['ci95'][1]:.2f}]")
         if not args.quick:
             evals = {}
             kept_sets = {"all": ids, "oracle": good_ids}

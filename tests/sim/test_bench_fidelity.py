@@ -35,6 +35,31 @@ def test_paired_auroc_difference():
     assert same == {"mean_difference": 0.0, "ci95": [0.0, 0.0]}
 
 
+def test_cupid_rollout_bootstrap_matches_the_scorer(rng):
+    from cupid_engine.scorers import score
+    from cupid_engine.scorers.arrays import ArrayStore
+
+    bf = _load("fidelity")
+    k = 6
+    steps, splits, success = {}, {}, {}
+    for i in range(12):
+        steps[f"d{i:02d}"] = rng.standard_normal((4, k)) + (0.8 if i % 3 else -0.8)
+        splits[f"d{i:02d}"] = "train"
+    steps["d_big"], splits["d_big"] = rng.standard_normal((5 * k, k)), "train"
+    for i in range(9):
+        steps[f"r{i}"], splits[f"r{i}"], success[f"r{i}"] = rng.standard_normal((5, k)), "rollout", bool(i % 2)
+    st = ArrayStore.from_episodes(steps, splits, success=success, dtype=np.float64)
+    ids = [f"d{i:02d}" for i in range(12)][::-1]  # any order of the ids
+    bad = np.array([int(e[1:]) % 3 == 0 for e in ids])
+    table = score("cupid", store=st, run="base")
+    by_id = dict(zip(table["episode_id"].to_pylist(), table["score"].to_numpy()))
+    out = bf.cupid_rollout_bootstrap(st, ids, bad, n_boot=200, seed=3)
+    assert out["auroc"] == bf.auroc(np.array([by_id[e] for e in ids]), bad) and out["rollouts"] == 9
+    assert 0.0 <= out["ci95"][0] <= out["ci95"][1] <= 1.0
+    assert out == bf.cupid_rollout_bootstrap(st, ids, bad, n_boot=200, seed=3)  # seeded
+    assert out["ci95_demos_only"] == list(bf.auroc_ci(np.array([by_id[e] for e in ids]), bad, n_boot=200, seed=3))
+
+
 @pytest.mark.sim
 def test_quick_runs_and_writes_acceptance(tmp_path):
     bf = _load("fidelity")
@@ -58,3 +83,5 @@ def test_quick_runs_and_writes_acceptance(tmp_path):
     assert saved["criteria"] == {"auroc": 0.85, "oracle_fraction": 0.8}
     assert [(a["scenario"], a["scorer"]) for a in saved["acceptance"]] == [("lift-grasp", "cupid")]
     assert saved["acceptance"][0]["auroc"] == row["cupid"]["auroc"]
+    lo, hi = row["cupid"]["auroc_ci_demos_and_rollouts"]
+    assert 0.0 <= lo <= hi <= 1.0
