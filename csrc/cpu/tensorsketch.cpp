@@ -255,14 +255,21 @@ bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
 }
 
 // Complex FFT of length plan.m of (zr, zi); each output X[f] is handed to sink(f, re, im)
-// exactly once, and (zr, zi) are left all zero. loc: 4 * max(m1, m2) local vectors.
+// exactly once. loc: 4 * max(m1, m2) local vectors.
+// Single Stockham transform (m2 == 1): in place, and (zr, zi) are left all zero.
+// Four-step: the column pass reads (zr, zi) and writes its output to (yr, yi) (the same
+// layout), the row pass works in place there. (zr, zi) are not written (unless they are
+// (yr, yi)): a caller that scattered a count sketch into them zeroes just the scattered
+// slots afterwards (zero_slots), instead of the whole buffer being zeroed row by row (one
+// 2 KiB memset per row: ~1.4 ms of an MLP call of ~23 ms, one thread).
 // live (four-step only; nullptr: all): live[n2] == 0 promises that input column n2 (elements
-// n = m2 n1 + n2) is all zero. Its column FFT and twiddle pass are skipped: z keeps the
-// zeros they would have written, so the row pass reads the same values (a count sketch with
-// few buckets, e.g. a 7-wide output layer's factor, fills 5 of the 32 columns at k = 4096).
+// n = m2 n1 + n2) is all zero. Its column FFT and twiddle pass are skipped and the column
+// of (yr, yi) is set to the zeros they would have written, so the row pass reads the same
+// values (a count sketch with few buckets, e.g. a 7-wide output layer's factor, fills 5 of
+// the 32 columns at k = 4096).
 template <typename T, bool Inv, typename Sink>
-void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>::V* loc, const Plan<T>& plan,
-           const uint8_t* live, Sink&& sink) {
+void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>::V* yr, typename Lanes<T>::V* yi,
+           typename Lanes<T>::V* loc, const Plan<T>& plan, const uint8_t* live, Sink&& sink) {
   using V = typename Lanes<T>::V;
   const int64_t m = plan.m;
   if (plan.m2 == 1) {
@@ -280,9 +287,15 @@ void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>
   V* br = loc + 2 * m1;
   V* bi = loc + 3 * m1;
   const int64_t ld = plan.ld;
-  // Columns: c[n1] = z[m2 n1 + n2] -> FFT_m1 -> * w_m^(n2 k1) -> z[m2 k1 + n2] (at row k1 of ld).
+  // Columns: c[n1] = z[m2 n1 + n2] -> FFT_m1 -> * w_m^(n2 k1) -> y[m2 k1 + n2] (at row k1 of ld).
   for (int64_t n2 = 0; n2 < m2; ++n2) {
-    if (live != nullptr && !live[n2]) continue;
+    if (live != nullptr && !live[n2]) {
+      for (int64_t k1 = 0; k1 < m1; ++k1) {
+        yr[ld * k1 + n2] = V{};
+        yi[ld * k1 + n2] = V{};
+      }
+      continue;
+    }
     for (int64_t n1 = 0; n1 < m1; ++n1) {
       ar[n1] = zr[ld * n1 + n2];
       ai[n1] = zi[ld * n1 + n2];
@@ -294,29 +307,36 @@ void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>
     const T* twi = plan.ti.data() + n2 * m1;
     if (n2 == 0) {  // twiddles of column 0 are all 1
       for (int64_t k1 = 0; k1 < m1; ++k1) {
-        zr[ld * k1] = cr[k1];
-        zi[ld * k1] = ci[k1];
+        yr[ld * k1] = cr[k1];
+        yi[ld * k1] = ci[k1];
       }
       continue;
     }
     for (int64_t k1 = 0; k1 < m1; ++k1) {
       const T wr = twr[k1], wi = Inv ? -twi[k1] : twi[k1];
-      zr[ld * k1 + n2] = cr[k1] * wr - ci[k1] * wi;
-      zi[ld * k1 + n2] = cr[k1] * wi + ci[k1] * wr;
+      yr[ld * k1 + n2] = cr[k1] * wr - ci[k1] * wi;
+      yi[ld * k1 + n2] = cr[k1] * wi + ci[k1] * wr;
     }
   }
-  // Rows: r[n2] = z[m2 k1 + n2] (contiguous) -> FFT_m2 -> X[k1 + m1 k2].
+  // Rows: r[n2] = y[m2 k1 + n2] (contiguous) -> FFT_m2 -> X[k1 + m1 k2].
   for (int64_t k1 = 0; k1 < m1; ++k1) {
-    V* rr = zr + ld * k1;
-    V* ri = zi + ld * k1;
+    V* rr = yr + ld * k1;
+    V* ri = yi + ld * k1;
     const bool in_y = cfft<T, Inv>(rr, ri, br, bi, plan.s2);
     const V* xr = in_y ? br : rr;
     const V* xi = in_y ? bi : ri;
     for (int64_t k2 = 0; k2 < m2; ++k2) sink(k1 + m1 * k2, xr[k2], xi[k2]);
-    // Leave z zeroed for the next scatter while the row is still in L1 (no separate pass).
-    std::memset(static_cast<void*>(rr), 0, sizeof(V) * m2);
-    std::memset(static_cast<void*>(ri), 0, sizeof(V) * m2);
   }
+}
+
+// After a four-step fft_m of a scattered count sketch: zero the n slots it was scattered
+// into (flat lane-0 offsets idx, see flat_offsets), leaving z all zero for the next scatter.
+// A single Stockham transform zeroed all of z itself.
+template <typename T>
+void zero_slots(typename Lanes<T>::V* z, const Plan<T>& plan, const int64_t* idx, int64_t n) {
+  constexpr int W = Lanes<T>::W;
+  if (plan.m2 == 1) return;
+  for (int64_t j = 0; j < n; ++j) z[idx[j] / W] = typename Lanes<T>::V{};
 }
 
 // With AVX-512 and offsets that fit 32 bits: calls f(j, v) for j = 0 .. n-1 in order, v the
@@ -395,11 +415,13 @@ typename Lanes<T>::V lane_ones(int lanes) {
 template <typename T>
 struct Work {
   using V = typename Lanes<T>::V;
-  // z: FFT input; za: spectrum Z of the packed first factor; p1, p2: the step sums
-  // sum_t Za[f] Zb[f] and sum_t Za[f] conj(Zb[m - f]); loc: sub-transform buffers.
-  std::vector<V> z, za, p1, p2, loc;
+  // z: FFT input (count sketches scattered in, all zero between them); y: the four-step
+  // transforms' work buffer (and the inverse's input); za: spectrum Z of the packed first
+  // factor; p1, p2: the step sums sum_t Za[f] Zb[f] and sum_t Za[f] conj(Zb[m - f]); loc:
+  // sub-transform buffers.
+  std::vector<V> z, y, za, p1, p2, loc;
   explicit Work(const Plan<T>& p)
-      : z(2 * p.zsize), za(2 * p.m), p1(2 * p.m), p2(2 * p.m), loc(4 * std::max(p.m1, p.m2)) {}
+      : z(2 * p.zsize), y(2 * p.zsize), za(2 * p.m), p1(2 * p.m), p2(2 * p.m), loc(4 * std::max(p.m1, p.m2)) {}
 };
 
 // z (all zero: fresh, or left so by fft_m) += the packed count sketch
@@ -420,7 +442,44 @@ struct Layer {
   bool direct = false;                // the direct route (time domain, no FFT): see tensorsketch_typed
   bool x_one = false;                 // x's last coordinate (I - 1) is a constant 1 not in memory (a bias)
   std::vector<int64_t> h1, h2;        // raw buckets in [0, k) (direct route)
+  // Direct route, products in bucket-block order (empty: the (o, i) loop): entry
+  // o | i << 16 | bucket << 32 for every (o, i), stably sorted by bucket / kDirectBlock.
+  std::vector<uint64_t> prods;
 };
+
+// Buckets per block of the direct route's product order: 128 lane vectors (8 KiB of td) stay
+// in L1 while the block's products are added, instead of each product's random
+// read-modify-write of the k-vector td going to L2 (256 KiB at k = 4096).
+constexpr int64_t kDirectBlock = 128;
+// Largest O * I laid out as a product list (8 bytes per product); wider layers (forced onto
+// the direct route) keep the (o, i) loop.
+constexpr int64_t kDirectListMax = int64_t{1} << 20;
+
+// The direct route's products (o ascending, then i) stably sorted by bucket block: the
+// products of one bucket keep their (o, i) order, so every td[j] receives the same additions
+// in the same order as the (o, i) loop, bit for bit.
+inline std::vector<uint64_t> direct_products(const std::vector<int64_t>& h1, const std::vector<int64_t>& h2,
+                                             int64_t k) {
+  const int64_t O = static_cast<int64_t>(h1.size()), I = static_cast<int64_t>(h2.size());
+  if (O > 65536 || I > 65536 || O * I > kDirectListMax || k > (int64_t{1} << 31)) return {};
+  const int64_t nb = (k + kDirectBlock - 1) / kDirectBlock;
+  std::vector<int64_t> start(static_cast<size_t>(nb) + 1, 0);
+  auto bucket = [&](int64_t o, int64_t i) {
+    int64_t j = h1[o] + h2[i];
+    return j - (j >= k ? k : 0);
+  };
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i = 0; i < I; ++i) ++start[static_cast<size_t>(bucket(o, i) / kDirectBlock) + 1];
+  for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
+  std::vector<uint64_t> out(static_cast<size_t>(O * I));
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i = 0; i < I; ++i) {
+      const int64_t j = bucket(o, i);
+      out[static_cast<size_t>(start[j / kDirectBlock]++)] =
+          static_cast<uint64_t>(o) | static_cast<uint64_t>(i) << 16 | static_cast<uint64_t>(j) << 32;
+    }
+  return out;
+}
 
 // live[n2] = 1 for the four-step input columns n2 that buckets b fill (element b / 2 of the
 // packed z sits in column (b / 2) mod m2); empty (all live) for a single Stockham transform.
@@ -442,6 +501,39 @@ std::vector<int64_t> flat_offsets(const int64_t* b, int64_t n, const Plan<T>& pl
     idx[j] = ((b[j] & 1) ? plan.zsize : 0) * W + plan.zpos(b[j] >> 1) * W;
   return idx;
 }
+
+#ifdef __AVX512F__
+// rows[l][j] = v[j][l] for a 16 x 16 float block: unpack pairs of floats, then of doubles,
+// then 128-bit lanes twice (64 shuffles).
+inline void transpose16(const __m512* v, __m512* rows) {
+  __m512 t[16], u[16], w[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  // u[4q + c]: within each 128-bit lane j, element 4j + c of rows 4q .. 4q + 3.
+  for (int q = 0; q < 4; ++q) {
+    const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * q + 1]), d = _mm512_castps_pd(t[4 * q + 3]);
+    u[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    // w[4c]: columns c, 8 + c of rows 0-7; w[4c + 1]: columns 4 + c, 12 + c of rows 0-7;
+    // w[4c + 2], w[4c + 3]: the same of rows 8-15.
+    w[4 * c] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    w[4 * c + 1] = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    w[4 * c + 2] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    w[4 * c + 3] = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    rows[c] = _mm512_shuffle_f32x4(w[4 * c], w[4 * c + 2], 0x88);
+    rows[8 + c] = _mm512_shuffle_f32x4(w[4 * c], w[4 * c + 2], 0xdd);
+    rows[4 + c] = _mm512_shuffle_f32x4(w[4 * c + 1], w[4 * c + 3], 0x88);
+    rows[12 + c] = _mm512_shuffle_f32x4(w[4 * c + 1], w[4 * c + 3], 0xdd);
+  }
+}
+#endif
 
 // Why two step sums instead of the spectra. With Z = FFT_m of the packed factor
 // (z[n] = v[2n] + i v[2n+1]), the rfft is X[f] = E[f] + w^f O[f] with
@@ -492,6 +584,10 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
   // Groups are handed out one at a time (an atomic counter), not in fixed halves: on a
   // shared machine a thread that waits for a core leaves its groups to the one that runs.
   // A group's result does not depend on the thread that computes it.
+  // The first FFT layer with a step (-1: none): its step 0 initialises the step sums.
+  int64_t first_fft = -1;
+  for (size_t li = 0; li < layers.size() && first_fft < 0; ++li)
+    if (!layers[li].direct && layers[li].steps > 0) first_fft = static_cast<int64_t>(li);
   std::atomic<int64_t> next_group{0};
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), groups));
   parallel_chunks(nthreads, 1, [&](int64_t, int64_t) {
@@ -500,20 +596,30 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
     std::vector<V> td(any_direct ? k : 0), dv(static_cast<size_t>(max_o)), xv(static_cast<size_t>(max_i));
     V* zr = w.z.data();
     V* zi = zr + plan.zsize;
+    V* yr = w.y.data();
+    V* yi = yr + plan.zsize;
     V* ar = w.za.data();
     V* ai = ar + m;
     V* p1r = w.p1.data();
     V* p1i = p1r + m;
     V* p2r = w.p2.data();
     V* p2i = p2r + m;
+    // A zero the optimiser cannot see through: `zero + x` is then evaluated like `p + x`
+    // with p a stored zero (not folded to x: that would flip a -0 to +0 differently).
+    V zero = {};
+    asm volatile("" : "+v"(zero));
     for (int64_t g = next_group.fetch_add(1); g < groups; g = next_group.fetch_add(1)) {
       const int64_t b0 = g * W;
       const int lanes = static_cast<int>(std::min<int64_t>(W, batch - b0));
-      if (any_fft) {
+      // The step sums start at zero: the group's first FFT step writes 0 + its products
+      // (opaque zero, see below) instead of adding them to a cleared buffer; only when no
+      // FFT layer has a step are they cleared (C[f] = 0).
+      if (any_fft && first_fft < 0) {
         std::memset(static_cast<void*>(w.p1.data()), 0, sizeof(V) * 2 * m);
         std::memset(static_cast<void*>(w.p2.data()), 0, sizeof(V) * 2 * m);
       }
-      for (const Layer<T>& L : layers) {
+      for (size_t li = 0; li < layers.size(); ++li) {
+        const Layer<T>& L = layers[li];
         if (L.direct) {
           V* acc = td.data();
           const int64_t* h2 = L.h2.data();
@@ -522,9 +628,13 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
             const int64_t nx = L.x_one ? L.I - 1 : L.I;
             gather_rows<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, nx, L.sg2.data(), xv.data());
             if (L.x_one) xv[nx] = L.sg2[nx] * lane_ones<T>(lanes);
-            // Random read-modify-writes of td (L2-resident); tried in bucket order (sorted
-            // products, or passes of one product per bucket): no faster, the td traffic
-            // stays the bound.
+            if (!L.prods.empty()) {  // block by block (see direct_products)
+              const V* dvp = dv.data();
+              const V* xvp = xv.data();
+              for (const uint64_t e : L.prods)
+                acc[e >> 32] += dvp[e & 0xffff] * xvp[(e >> 16) & 0xffff];
+              continue;
+            }
             for (int64_t o = 0; o < L.O; ++o) {
               const V a = dv[o];
               const int64_t base = L.h1[o];
@@ -538,25 +648,38 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
           continue;
         }
         for (int64_t t = 0; t < L.steps; ++t) {
+          const bool first = static_cast<int64_t>(li) == first_fft && t == 0;
           pack_factor<T>(L.delta + b0 * L.d_sb + t * L.d_st, L.d_sb, lanes, L.O, L.idx1.data(), L.sg1.data(), w);
-          fft_m<T, false>(zr, zi, w.loc.data(), plan, L.live1.empty() ? nullptr : L.live1.data(), [&](int64_t f, const V& re, const V& im) {
+          fft_m<T, false>(zr, zi, yr, yi, w.loc.data(), plan, L.live1.empty() ? nullptr : L.live1.data(), [&](int64_t f, const V& re, const V& im) {
             const int64_t sf = plan.spos(f);
             ar[sf] = re;
             ai[sf] = im;
           });
+          zero_slots<T>(zr, plan, L.idx1.data(), L.O);
           // The constant 1 goes last, as the stored column would (same sums, same order).
           const int64_t nx = L.x_one ? L.I - 1 : L.I;
           pack_factor<T>(L.x + b0 * L.x_sb + t * L.x_st, L.x_sb, lanes, nx, L.idx2.data(), L.sg2.data(), w);
           if (L.x_one) w.z[L.idx2[nx] / W] += L.sg2[nx] * lane_ones<T>(lanes);
-          fft_m<T, false>(zr, zi, w.loc.data(), plan, L.live2.empty() ? nullptr : L.live2.data(), [&](int64_t f, const V& br, const V& bi) {
-            // P1[f] += Za[f] Zb[f]; P2[m-f] += Za[m-f] conj(Zb[f]) (indices mod m).
-            const int64_t sf = plan.spos(f);
-            p1r[sf] += ar[sf] * br - ai[sf] * bi;
-            p1i[sf] += ar[sf] * bi + ai[sf] * br;
-            const int64_t g2 = plan.spos((m - f) & (m - 1));
-            p2r[g2] += ar[g2] * br + ai[g2] * bi;
-            p2i[g2] += ai[g2] * br - ar[g2] * bi;
-          });
+          // P1[f] += Za[f] Zb[f]; P2[m-f] += Za[m-f] conj(Zb[f]) (indices mod m). On the
+          // group's first step the old sums are the opaque zero `zero` (same expression, so
+          // the same contraction and rounding as adding to a cleared buffer: 0 + x = x).
+          auto mac = [&](auto first_step) {
+            fft_m<T, false>(zr, zi, yr, yi, w.loc.data(), plan, L.live2.empty() ? nullptr : L.live2.data(), [&](int64_t f, const V& br, const V& bi) {
+              const int64_t sf = plan.spos(f);
+              const int64_t g2 = plan.spos((m - f) & (m - 1));
+              const V o1r = first_step ? zero : p1r[sf], o1i = first_step ? zero : p1i[sf];
+              p1r[sf] = o1r + (ar[sf] * br - ai[sf] * bi);
+              p1i[sf] = o1i + (ar[sf] * bi + ai[sf] * br);
+              const V o2r = first_step ? zero : p2r[g2], o2i = first_step ? zero : p2i[g2];
+              p2r[g2] = o2r + (ar[g2] * br + ai[g2] * bi);
+              p2i[g2] = o2i + (ai[g2] * br - ar[g2] * bi);
+            });
+          };
+          if (first)
+            mac(std::true_type{});
+          else
+            mac(std::false_type{});
+          zero_slots<T>(zr, plan, L.idx2.data(), L.I);
         }
       }
       if (any_fft) {
@@ -596,77 +719,103 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
             const V dr = (ar_ - br_) * half, di = (ai_ + bi_) * half;
             const T cr = plan.sr[ff], ci = -plan.si[ff];  // w^-f
             const V orr = dr * cr - di * ci, oi = dr * ci + di * cr;
-            const int64_t zp = plan.zpos(ff);
-            zr[zp] = er - oi;
-            zi[zp] = ei + orr;
+            const int64_t zp = plan.zpos(ff);  // the inverse's input goes to y (z stays zero)
+            yr[zp] = er - oi;
+            yi[zp] = ei + orr;
           }
         }
-        // The inverse's outputs go lane-major into za (free by now), then each sample's row is
-        // written contiguously, tile by tile. Storing them lane by lane from the sink wrote W
-        // rows k floats apart (16 KiB at k = 4096, likely W lines of one L1 set) in the sink's
-        // strided order; that was ~22% of an MLP call (4 layers, k = 4096, B = 1024, one
-        // thread: 37.5 -> 29.1 ms, same bytes). Same products, so the same values.
-        const T scale = T(1) / static_cast<T>(m);
-        if (!any_direct) {
-          fft_m<T, true>(zr, zi, w.loc.data(), plan, nullptr, [&](int64_t n, const V& re, const V& im) {
-            ar[n] = re * scale;
-            ai[n] = im * scale;
-          });
-        } else {  // output element 2n + r is re/im of n: add the direct layers' td, leave td zero
-          fft_m<T, true>(zr, zi, w.loc.data(), plan, nullptr, [&](int64_t n, const V& re, const V& im) {
-            const V fr = re * scale, fi = im * scale;
-            ar[n] = fr + td[2 * n];
-            ai[n] = fi + td[2 * n + 1];
-            td[2 * n] = V{};
-            td[2 * n + 1] = V{};
-          });
+        // The inverse's outputs go unscaled into za (free by now) in the order the row pass
+        // produces them (position spos(n), contiguous); the finishing pass below reads them
+        // back in row order n. Storing them in row order from the sink wrote a stride of m1
+        // vectors (4 KiB at k = 4096: one L1 set), and so did the direct layers' td reads.
+        fft_m<T, true>(yr, yi, yr, yi, w.loc.data(), plan, nullptr, [&](int64_t n, const V& re, const V& im) {
+          const int64_t sn = plan.spos(n);
+          ar[sn] = re;
+          ai[sn] = im;
+        });
+      }
+      // Output element 2n + r of the group's rows: re/im of the inverse's n-th value times
+      // 1/m, plus the direct layers' td[2n + r] (td left zero for the next group); td alone
+      // when no layer takes the FFT route. `scale * v + t` is one expression, as before the
+      // change (contracted to one fused multiply-add, the same rounding), and the empty asm
+      // keeps the rounded value from being fused into the row sums' additions.
+      const T scale = T(1) / static_cast<T>(m);
+      auto finish = [&](int64_t n, V& re, V& im) {
+        if (!any_fft) {
+          re = td[2 * n];
+          im = td[2 * n + 1];
+        } else {
+          const int64_t sn = plan.spos(n);
+          if (any_direct) {
+            re = ar[sn] * scale + td[2 * n];
+            im = ai[sn] * scale + td[2 * n + 1];
+          } else {
+            re = ar[sn] * scale;
+            im = ai[sn] * scale;
+          }
         }
-      } else {  // direct layers only: td is the output
-        for (int64_t n = 0; n < m; ++n) {
-          ar[n] = td[2 * n];
-          ai[n] = td[2 * n + 1];
+        if (any_direct) {
           td[2 * n] = V{};
           td[2 * n + 1] = V{};
         }
-      }
-      if (sums != nullptr) {
-        V sr_ = {}, si_ = {};
-        for (int64_t n = 0; n < m; ++n) {
-          sr_ += ar[n];
-          si_ += ai[n];
-        }
-        const V tot = sr_ + si_;
-        for (int l = 0; l < lanes; ++l) sums[b0 + l] = tot[l];
-      }
+        asm("" : "+v"(re), "+v"(im));
+      };
+      V sr_ = {}, si_ = {};  // row sums: n ascending, as the values are finished
 #ifdef __AVX512F__
-      // float32, k a multiple of 16 and 64-byte aligned rows: each 16-float piece of a row
-      // is gathered from the lane-major (ar, ai) pairs and written by a non-temporal store
-      // (the [B, k] output is far larger than the caches and is not read here again; a
-      // normal store first reads each line for ownership). Same values as the loop below.
+      // float32, k a multiple of 16 and 64-byte aligned rows: 8 finished values (16 vectors,
+      // re/im interleaved as in the row) are transposed in registers into 16 pieces of 16
+      // floats, one per sample, each written by a non-temporal store (the [B, k] output is
+      // far larger than the caches and is not read here again; a normal store first reads
+      // each line for ownership). Data movement only: the same values as the loop below.
       if constexpr (std::is_same_v<T, float>) {
         if (streamed) {
-          const float* base = reinterpret_cast<const float*>(ar);
           for (int64_t n0 = 0; n0 < m; n0 += 8) {
-            alignas(64) int32_t off[16];
+            __m512 v[16];
             for (int i = 0; i < 8; ++i) {
-              off[2 * i] = static_cast<int32_t>((n0 + i) * W);
-              off[2 * i + 1] = static_cast<int32_t>((m + n0 + i) * W);
+              V re, im;
+              finish(n0 + i, re, im);
+              if (sums != nullptr) {
+                sr_ += re;
+                si_ += im;
+              }
+              v[2 * i] = reinterpret_cast<const __m512&>(re);
+              v[2 * i + 1] = reinterpret_cast<const __m512&>(im);
             }
-            const __m512i vidx = _mm512_load_si512(reinterpret_cast<const void*>(off));
-            for (int l = 0; l < lanes; ++l)
-              _mm512_stream_ps(out + (b0 + l) * k + 2 * n0, _mm512_i32gather_ps(vidx, base + l, 4));
+            __m512 rows[16];
+            transpose16(v, rows);
+            for (int l = 0; l < lanes; ++l) _mm512_stream_ps(out + (b0 + l) * k + 2 * n0, rows[l]);
+          }
+          if (sums != nullptr) {
+            const V tot = sr_ + si_;
+            for (int l = 0; l < lanes; ++l) sums[b0 + l] = tot[l];
           }
           continue;
         }
       }
 #endif
-      constexpr int64_t kTile = 16;  // vectors per tile: 2 KiB of za stays in L1 across the lanes
+      // Elsewhere: finished values lane-major into p1 (free by now: the step sums were
+      // consumed by the split), then each sample's row written contiguously, tile by tile.
+      for (int64_t n = 0; n < m; ++n) {
+        V re, im;
+        finish(n, re, im);
+        if (sums != nullptr) {
+          sr_ += re;
+          si_ += im;
+        }
+        p1r[n] = re;
+        p1i[n] = im;
+      }
+      if (sums != nullptr) {
+        const V tot = sr_ + si_;
+        for (int l = 0; l < lanes; ++l) sums[b0 + l] = tot[l];
+      }
+      constexpr int64_t kTile = 16;  // vectors per tile: 2 KiB of values stays in L1 across the lanes
       for (int64_t n0 = 0; n0 < m; n0 += kTile) {
         const int64_t n1 = std::min(m, n0 + kTile);
         for (int l = 0; l < lanes; ++l) {
           T* o = out + (b0 + l) * k;
-          const T* sr = reinterpret_cast<const T*>(ar) + l;
-          const T* si = reinterpret_cast<const T*>(ai) + l;
+          const T* sr = reinterpret_cast<const T*>(p1r) + l;
+          const T* si = reinterpret_cast<const T*>(p1i) + l;
           for (int64_t n = n0; n < n1; ++n) {
             o[2 * n] = sr[n * W];
             o[2 * n + 1] = si[n * W];
@@ -766,6 +915,7 @@ void run_fft(const std::vector<uintptr_t>& delta_ptrs, const std::vector<uintptr
       L.direct = true;
       L.h1.assign(b1, b1 + L.O);
       L.h2.assign(b2, b2 + L.I);
+      L.prods = direct_products(L.h1, L.h2, k);
     }
     layers.push_back(std::move(L));
   }
