@@ -178,32 +178,41 @@ struct Plan {
 // Complex FFT of length st.m on W lanes of (xr, xi) [m] vectors with scratch (yr, yi); the
 // result is left in (xr, xi) or in (yr, yi): the returned flag says which (true: y).
 // Forward: X[f] = sum_n x[n] exp(-2 pi i f n / m); inverse (Inv): exp(+...), unnormalised.
+// ir != nullptr: the input is ir/ii[e * is] (e < m, strided, e.g. a four-step column read
+// straight from its buffer) instead of (xr, xi), which are then scratch: the first radix-4
+// stage reads it there (the same butterflies, so the same values as copying the column
+// into (xr, xi) first). m >= 4 with a strided input.
 template <typename T, bool Inv>
 bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>::V* yr, typename Lanes<T>::V* yi,
-          const Stock<T>& plan) {
+          const Stock<T>& plan, const typename Lanes<T>::V* ir = nullptr, const typename Lanes<T>::V* ii = nullptr,
+          int64_t is = 1) {
   using V = typename Lanes<T>::V;
   const int64_t m = plan.m;
   V *ar = xr, *ai = xi, *br = yr, *bi = yi;
   int64_t n = m, s = 1;
   size_t tw = 0;
-  while (n >= 4) {
+  // One radix-4 stage from (in_r, in_i) into (br, bi). Strided: the first stage (s = 1),
+  // element e at in[e * st].
+  auto stage = [&](auto strided, const V* in_r, const V* in_i, int64_t st) {
     const int64_t n1 = n / 4, n2 = n / 2, n3 = n1 + n2;
     for (int64_t p = 0; p < n1; ++p) {
       const T w1r = plan.w1r[tw + p], w2r = plan.w2r[tw + p], w3r = plan.w3r[tw + p];
       const T w1i = Inv ? -plan.w1i[tw + p] : plan.w1i[tw + p];
       const T w2i = Inv ? -plan.w2i[tw + p] : plan.w2i[tw + p];
       const T w3i = Inv ? -plan.w3i[tw + p] : plan.w3i[tw + p];
-      const V* a_r = ar + s * p;
-      const V* a_i = ai + s * p;
+      const V* a_r = strided ? in_r + st * p : in_r + s * p;
+      const V* a_i = strided ? in_i + st * p : in_i + s * p;
+      // input element offsets of the butterfly's four points (q = 0 when strided: s = 1)
+      const int64_t e1 = strided ? st * n1 : s * n1, e2 = strided ? st * n2 : s * n2, e3 = strided ? st * n3 : s * n3;
       V* o_r = br + s * 4 * p;
       V* o_i = bi + s * 4 * p;
       // p = 0: every twiddle is 1 (a quarter of the butterflies at n = 16, all at n = 4).
       const bool one = p == 0;
       for (int64_t q = 0; q < s; ++q) {
         const V pr = a_r[q], pi = a_i[q];
-        const V qr = a_r[q + s * n1], qi = a_i[q + s * n1];
-        const V cr = a_r[q + s * n2], ci = a_i[q + s * n2];
-        const V dr = a_r[q + s * n3], di = a_i[q + s * n3];
+        const V qr = a_r[q + e1], qi = a_i[q + e1];
+        const V cr = a_r[q + e2], ci = a_i[q + e2];
+        const V dr = a_r[q + e3], di = a_i[q + e3];
         const V apc_r = pr + cr, apc_i = pi + ci, amc_r = pr - cr, amc_i = pi - ci;
         const V bpd_r = qr + dr, bpd_i = qi + di, bmd_r = qr - dr, bmd_i = qi - di;
         // u1 = amc - j*bmd (forward) / amc + j*bmd (inverse); u3 the other sign.
@@ -235,11 +244,21 @@ bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
         }
       }
     }
-    tw += static_cast<size_t>(n1);
+  };
+  auto advance = [&] {
+    tw += static_cast<size_t>(n / 4);
     std::swap(ar, br);
     std::swap(ai, bi);
     n /= 4;
     s *= 4;
+  };
+  if (ir != nullptr) {
+    stage(std::true_type{}, ir, ii, is);
+    advance();
+  }
+  while (n >= 4) {
+    stage(std::false_type{}, ar, ai, int64_t{1});
+    advance();
   }
   if (n == 2) {  // radix-2 last stage, into (xr, xi)
     for (int64_t q = 0; q < s; ++q) {
@@ -296,11 +315,8 @@ void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>
       }
       continue;
     }
-    for (int64_t n1 = 0; n1 < m1; ++n1) {
-      ar[n1] = zr[ld * n1 + n2];
-      ai[n1] = zi[ld * n1 + n2];
-    }
-    const bool in_y = cfft<T, Inv>(ar, ai, br, bi, plan.s1);
+    // The column c[n1] = z[ld n1 + n2] is read in place by the first stage (no copy).
+    const bool in_y = cfft<T, Inv>(ar, ai, br, bi, plan.s1, zr + n2, zi + n2, ld);
     const V* cr = in_y ? br : ar;
     const V* ci = in_y ? bi : ai;
     const T* twr = plan.tr.data() + n2 * m1;
