@@ -182,10 +182,13 @@ struct Plan {
 // straight from its buffer) instead of (xr, xi), which are then scratch: the first radix-4
 // stage reads it there (the same butterflies, so the same values as copying the column
 // into (xr, xi) first). m >= 4 with a strided input.
-template <typename T, bool Inv>
+// out (not nullptr): the last stage hands each output X[f] to out(f, re, im) instead of
+// storing it (the same values; the return value is then meaningless).
+template <typename T, bool Inv, typename Out = std::nullptr_t>
 bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>::V* yr, typename Lanes<T>::V* yi,
           const Stock<T>& plan, const typename Lanes<T>::V* ir = nullptr, const typename Lanes<T>::V* ii = nullptr,
-          int64_t is = 1) {
+          int64_t is = 1, Out&& out = nullptr) {
+  constexpr bool kOut = !std::is_same_v<std::decay_t<Out>, std::nullptr_t>;
   using V = typename Lanes<T>::V;
   const int64_t m = plan.m;
   V *ar = xr, *ai = xi, *br = yr, *bi = yi;
@@ -193,7 +196,7 @@ bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
   size_t tw = 0;
   // One radix-4 stage from (in_r, in_i) into (br, bi). Strided: the first stage (s = 1),
   // element e at in[e * st].
-  auto stage = [&](auto strided, const V* in_r, const V* in_i, int64_t st) {
+  auto stage = [&](auto strided, auto emit, const V* in_r, const V* in_i, int64_t st) {
     const int64_t n1 = n / 4, n2 = n / 2, n3 = n1 + n2;
     for (int64_t p = 0; p < n1; ++p) {
       const T w1r = plan.w1r[tw + p], w2r = plan.w2r[tw + p], w3r = plan.w3r[tw + p];
@@ -225,6 +228,15 @@ bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
           u3r = amc_r - bmd_i; u3i = amc_i + bmd_r;
         }
         const V u2r = apc_r - bpd_r, u2i = apc_i - bpd_i;
+        if constexpr (decltype(emit)::value) {  // the last stage (n = 4: p = 0, no twiddles)
+          if constexpr (kOut) {
+            out(q, apc_r + bpd_r, apc_i + bpd_i);
+            out(q + s, u1r, u1i);
+            out(q + 2 * s, u2r, u2i);
+            out(q + 3 * s, u3r, u3i);
+          }
+          continue;
+        }
         o_r[q] = apc_r + bpd_r;
         o_i[q] = apc_i + bpd_i;
         if (one) {
@@ -253,16 +265,27 @@ bool cfft(typename Lanes<T>::V* xr, typename Lanes<T>::V* xi, typename Lanes<T>:
     s *= 4;
   };
   if (ir != nullptr) {
-    stage(std::true_type{}, ir, ii, is);
+    if (kOut && n == 4)
+      stage(std::true_type{}, std::bool_constant<kOut>{}, ir, ii, is);
+    else
+      stage(std::true_type{}, std::false_type{}, ir, ii, is);
     advance();
   }
   while (n >= 4) {
-    stage(std::false_type{}, ar, ai, int64_t{1});
+    if (kOut && n == 4)
+      stage(std::false_type{}, std::bool_constant<kOut>{}, ar, ai, int64_t{1});
+    else
+      stage(std::false_type{}, std::false_type{}, ar, ai, int64_t{1});
     advance();
   }
   if (n == 2) {  // radix-2 last stage, into (xr, xi)
     for (int64_t q = 0; q < s; ++q) {
       const V pr = ar[q], pi = ai[q], qr = ar[q + s], qi = ai[q + s];
+      if constexpr (kOut) {
+        out(q, pr + qr, pi + qi);
+        out(q + s, pr - qr, pi - qi);
+        continue;
+      }
       xr[q] = pr + qr;
       xi[q] = pi + qi;
       xr[q + s] = pr - qr;
@@ -315,24 +338,22 @@ void fft_m(typename Lanes<T>::V* zr, typename Lanes<T>::V* zi, typename Lanes<T>
       }
       continue;
     }
-    // The column c[n1] = z[ld n1 + n2] is read in place by the first stage (no copy).
-    const bool in_y = cfft<T, Inv>(ar, ai, br, bi, plan.s1, zr + n2, zi + n2, ld);
-    const V* cr = in_y ? br : ar;
-    const V* ci = in_y ? bi : ai;
+    // The column c[n1] = z[ld n1 + n2] is read in place by the first stage (no copy), and
+    // the last stage's outputs go straight to y, times the four-step twiddles.
     const T* twr = plan.tr.data() + n2 * m1;
     const T* twi = plan.ti.data() + n2 * m1;
     if (n2 == 0) {  // twiddles of column 0 are all 1
-      for (int64_t k1 = 0; k1 < m1; ++k1) {
-        yr[ld * k1] = cr[k1];
-        yi[ld * k1] = ci[k1];
-      }
+      cfft<T, Inv>(ar, ai, br, bi, plan.s1, zr + n2, zi + n2, ld, [&](int64_t k1, const V& cr, const V& ci) {
+        yr[ld * k1] = cr;
+        yi[ld * k1] = ci;
+      });
       continue;
     }
-    for (int64_t k1 = 0; k1 < m1; ++k1) {
+    cfft<T, Inv>(ar, ai, br, bi, plan.s1, zr + n2, zi + n2, ld, [&](int64_t k1, const V& cr, const V& ci) {
       const T wr = twr[k1], wi = Inv ? -twi[k1] : twi[k1];
-      yr[ld * k1 + n2] = cr[k1] * wr - ci[k1] * wi;
-      yi[ld * k1 + n2] = cr[k1] * wi + ci[k1] * wr;
-    }
+      yr[ld * k1 + n2] = cr * wr - ci * wi;
+      yi[ld * k1 + n2] = cr * wi + ci * wr;
+    });
   }
   // Rows: r[n2] = y[m2 k1 + n2] (contiguous) -> FFT_m2 -> X[k1 + m1 k2].
   for (int64_t k1 = 0; k1 < m1; ++k1) {
