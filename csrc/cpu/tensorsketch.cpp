@@ -386,12 +386,15 @@ bool for_each_gathered(const T* src, int64_t sb, int lanes, int64_t n, F&& f) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   if (sb * (W - 1) >= (int64_t{1} << 31) / static_cast<int64_t>(sizeof(T))) return false;
+  constexpr int64_t kAhead = 64;
   alignas(64) int32_t off[16];
   for (int l = 0; l < 16; ++l) off[l] = static_cast<int32_t>(l < W ? l * sb : 0);
   const __m512i vindex = _mm512_load_si512(reinterpret_cast<const void*>(off));
   if constexpr (std::is_same_v<T, float>) {
     const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
     for (int64_t j = 0; j < n; ++j) {
+      if ((j & 15) == 0 && j + kAhead < n)  // the rows' lines kAhead coordinates on
+        for (int l = 0; l < lanes; ++l) __builtin_prefetch(src + l * sb + j + kAhead);
       const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vindex, src + j, 4);
       f(j, reinterpret_cast<const V&>(v));
     }
