@@ -776,7 +776,7 @@ void tensorsketch_typed(const std::vector<Layer<T>>& layers, const Plan<T>& plan
       }
       // Output element 2n + r of the group's rows: re/im of the inverse's n-th value times
       // 1/m, plus the direct layers' td[2n + r] (td left zero for the next group); td alone
-      // when no layer takes the FFT route. `scale * v + t` is one expression, as before the
+      // when no layer takes the FFT route. `v * scale + td` is one expression, as before the
       // change (contracted to one fused multiply-add, the same rounding), and the empty asm
       // keeps the rounded value from being fused into the row sums' additions.
       const T scale = T(1) / static_cast<T>(m);
