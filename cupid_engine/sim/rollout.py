@@ -423,7 +423,7 @@ def run_rollouts(
     horizon = int(horizon or DEFAULT_HORIZON[task])
     seeds = [episode_seed(seed, i // repeats) for i in range(episodes)]
     ids = [f"{task}_rollout_{i:04d}" for i in range(episodes)]
-    jobs = list(zip(seeds, ids)) if repeats == 1 else [(s, e, i % repeats) for i, (s, e) in enumerate(zip(seeds, ids))]
+    jobs = [(s, e, i % repeats) for i, (s, e) in enumerate(zip(seeds, ids))]
     cameras = policy_cameras(policy)
     # Image policies render in spawned EGL processes unless this process renders and runs them.
     rendering = bool(cameras) and (not executor.in_process or not _renders_here())
