@@ -38,6 +38,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cupid/parallel.h"
 #include "cupid/tensorsketch.h"
 
 namespace cupid {
@@ -46,12 +47,18 @@ namespace {
 constexpr double kTwoPi = 6.283185307179586476925286766559;
 
 // fn(begin, end) over [0, n) in contiguous chunks on up to omp_get_max_threads() threads
-// (the count _C.set_num_threads sets), started for this call and joined before returning.
-// Not an OpenMP region: GNU libgomp's thread pool does not survive fork(), so a child forked
-// after the parent had run a parallel region hung in its first one (measured here with the
-// projection kernels too). These kernels run in featurising processes that may fork; a
-// per-call thread is safe there, and costs ~tens of microseconds against calls of
-// milliseconds. Each item is computed by one thread, so results do not depend on the count.
+// (the count _C.set_num_threads sets). Each item is computed by one thread, so results do
+// not depend on the count or on which thread runs a chunk.
+//
+// Where: an OpenMP region on the process's pool, except in a forked child. The pool is the
+// one torch's own ops run on (the module links libgomp.so.1, the copy torch has loaded),
+// and its workers keep spinning for a while after torch's last region: on the hook path
+// this call follows the capture's backward at once, and per-call std::threads then shared
+// the two cores with a spinning worker (sketch 13.2 ms after a capture vs 11.1 ms with
+// GOMP_SPINCOUNT=10000, MLP B = 1024, k = 4096, 2 threads, issue 19); in the pool that
+// worker takes its chunk instead. A forked child keeps per-call std::threads: libgomp's pool
+// does not survive fork() (a child forked after the parent ran a region hung in its first
+// one, see cupid/parallel.h), and a per-call thread is safe there at ~tens of microseconds.
 template <typename F>
 void parallel_chunks(int64_t n, int64_t min_per_thread, F&& fn) {
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n / std::max<int64_t>(1, min_per_thread)));
@@ -59,24 +66,39 @@ void parallel_chunks(int64_t n, int64_t min_per_thread, F&& fn) {
     fn(int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors(want);
-  threads.reserve(want - 1);
-  for (int64_t t = 1; t < want; ++t) {
-    threads.emplace_back([&, t] {
+  if (!in_forked_child()) {
+#pragma omp parallel num_threads(static_cast<int>(want))
+    {
+      // The team may be smaller than asked (nested inside another region: one thread);
+      // chunks follow the team actually started, so every item is still covered once.
+      const int64_t team = omp_get_num_threads();
+      const int64_t t = omp_get_thread_num();
       try {
-        fn(n * t / want, n * (t + 1) / want);
+        fn(n * t / team, n * (t + 1) / team);
       } catch (...) {
         errors[t] = std::current_exception();
       }
-    });
+    }
+  } else {
+    std::vector<std::thread> threads;
+    threads.reserve(want - 1);
+    for (int64_t t = 1; t < want; ++t) {
+      threads.emplace_back([&, t] {
+        try {
+          fn(n * t / want, n * (t + 1) / want);
+        } catch (...) {
+          errors[t] = std::current_exception();
+        }
+      });
+    }
+    try {
+      fn(int64_t{0}, n / want);
+    } catch (...) {
+      errors[0] = std::current_exception();
+    }
+    for (auto& th : threads) th.join();
   }
-  try {
-    fn(int64_t{0}, n / want);
-  } catch (...) {
-    errors[0] = std::current_exception();
-  }
-  for (auto& th : threads) th.join();
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
 }

@@ -12,7 +12,8 @@
 //    scan hung in a multiprocessing 'fork' child). A pthread_atfork child handler, registered
 //    when the module loads, marks the process, and every region runs serially there from then
 //    on; a one-thread region (`if(false)`) does not touch the pool's threads and completes.
-//    The tensorsketch kernels use per-call std::threads (not OpenMP) and keep their threads.
+//    The tensorsketch kernels run on the pool as well, and in a forked child start per-call
+//    std::threads instead (parallel_chunks in tensorsketch.cpp), so they keep their threads there.
 //
 // Every region splits its outputs so that each output element is computed by one thread in
 // a fixed order: results are bit-identical whatever count this returns.
