@@ -26,6 +26,13 @@ scenario         strategies (majority 2 : minority 1)                           
                  8 cm above, grasps at the centre, lifts slowly and holds still.
                  (A side approach was tried first: it knocked the cube in 55% of
                  unshifted episodes, so it was dropped.)
+``lift-carry``   ``lift-sweep``'s strategies with a lighter shift, so that a        ``heavy30``
+                 centre grasp holds the cube with margin: the majority grasps
+                 1.8 cm above the centre (``lift-sweep``: 1.6 cm; at 1.6 cm no
+                 mass up to × 30 broke the sweep carry often enough), the rest is
+                 as ``lift-sweep``. The sweep's speed and width did not matter in
+                 the scripted scans (docs/fidelity.md §2d): grasp depth against
+                 mass decides.
 ===============  ================================================================  =========
 
 A *spurious-correlate* scenario (the paper's "Bookshelf" type, §6.3 and appendix A)
@@ -61,6 +68,9 @@ Shift ``heavy``: cube mass × 40 (0.07 kg → ≈2.8 kg), applied only at rollou
 2.8 kg one; a centre grasp holds both. (Friction changes do not separate the strategies
 on Lift: MuJoCo takes the larger friction of a contact pair, and the Panda finger pads'
 friction, 2.0, dominates the cube's.)
+
+Shift ``heavy30``: cube mass × 30 (≈2.1 kg), ``lift-carry``'s shift: the lightest scanned
+mass at which its majority meets the ≤ 20% target (× 25: 10/40 succeed).
 
 Measured scripted success (``docs/fidelity.md``, :func:`scripted_success`).
 """
@@ -245,6 +255,7 @@ class Scenario:
 
 SHIFTS: dict[str, Variation] = {
     "heavy": Variation(mass_scale=(40.0, 40.0)),
+    "heavy30": Variation(mass_scale=(30.0, 30.0)),
 }
 """Rollout-time shifts by name (``cupid-engine rollout --shift NAME``)."""
 
@@ -258,6 +269,9 @@ HEAVY_MASS = 40.0
 """Mass multiplier of a heavy context (the ``heavy`` shift's physics)."""
 
 _SHALLOW = 0.016
+# lift-carry's majority: at 1.6 cm the sweep carry still held 13/20 at mass x25 and 7/20 at x30;
+# at 1.8 cm it holds 5/40 at x30 and still succeeds unshifted 39/40 (2.0 cm does not: 2/10).
+_SHALLOWER = 0.018
 
 SCENARIOS: dict[str, Scenario] = {
     "lift-grasp": Scenario(
@@ -288,6 +302,23 @@ SCENARIOS: dict[str, Scenario] = {
         },
         ratio={"majority": 2 / 3, "minority": 1 / 3},
         shift="heavy",
+        known_bad="majority",
+        horizon=100,
+    ),
+    "lift-carry": Scenario(
+        name="lift-carry",
+        task="lift",
+        kind="brittle",
+        description="2:1 high hover + shallower (1.8 cm) grasp + fast side-to-side carry (majority) vs low hover + "
+        "centre grasp + slow lift, held still (minority); shift: cube mass x30",
+        strategies={
+            "majority": LiftStrategy(
+                hover_offset=(0.0, 0.0, 0.12), grasp_dz=_SHALLOWER, lift_speed=1.0, sweep_amp=0.06
+            ),
+            "minority": LiftStrategy(hover_offset=(0.0, 0.0, 0.08), grasp_dz=0.0, lift_speed=0.3),
+        },
+        ratio={"majority": 2 / 3, "minority": 1 / 3},
+        shift="heavy30",
         known_bad="majority",
         horizon=100,
     ),
