@@ -34,6 +34,21 @@ def test_unknown_names_are_named():
         get_shift("nope")
     assert get_shift("lift-sweep") == get_shift("heavy")
     assert get_shift("heavy").mass_scale == (40.0, 40.0)
+    assert get_shift("lift-carry") == get_shift("heavy30")
+    assert get_shift("heavy30").mass_scale == (30.0, 30.0)
+
+
+def test_lift_carry_is_lift_sweep_with_a_shallower_grasp_and_a_lighter_shift():
+    """lift-carry changes only the majority's grasp height and the shift mass; lift-sweep and
+    heavy stay as recorded (docs/fidelity.md §2d)."""
+    carry, sweep = get_scenario("lift-carry"), get_scenario("lift-sweep")
+    assert carry.kind == "brittle" and carry.known_bad == "majority" and carry.horizon == 100
+    assert carry.ratio == sweep.ratio and carry.success_mode == sweep.success_mode == "final"
+    assert carry.strategies["minority"] == sweep.strategies["minority"]
+    assert carry.strategies["majority"] == sweep.strategies["majority"].replace(grasp_dz=0.018)
+    assert sweep.strategies["majority"].grasp_dz == 0.016 and sweep.shift == "heavy"
+    assert carry.shift == "heavy30" and carry.counts(60) == {"majority": 40, "minority": 20}
+    assert get_shift(carry.shift).mass_scale[0] < get_shift(sweep.shift).mass_scale[0]
 
 
 def test_judge_modes():
@@ -64,14 +79,14 @@ def test_generated_demos_hide_the_label(sim_env):
 
 
 @pytest.mark.sim
-def test_shift_breaks_the_majority_only(sim_env):
-    """One seed per strategy under the heavy shift (measured rates: docs/fidelity.md)."""
+@pytest.mark.parametrize("name, seed", [("lift-grasp", 3), ("lift-carry", 0)])
+def test_shift_breaks_the_majority_only(sim_env, name, seed):
+    """One seed per strategy under the scenario's shift (measured rates: docs/fidelity.md)."""
     from cupid_engine.sim.tasks import SimEnv
 
-    sc = SCENARIOS["lift-grasp"]
-    env = SimEnv("lift", variation=get_shift("heavy"), horizon=sc.horizon)
+    sc = SCENARIOS[name]
+    env = SimEnv("lift", variation=get_shift(sc.shift), horizon=sc.horizon)
     try:
-        seed = 3
         _, _, maj, _ = run_strategy(env, sc.strategies["majority"], seed, horizon=sc.horizon)
         _, _, mino, phases = run_strategy(env, sc.strategies["minority"], seed, horizon=sc.horizon)
     finally:
