@@ -12,8 +12,10 @@ was reached (``from cupid_engine import _C`` included) and for any fork, not onl
 loading the module registers a ``pthread_atfork`` child handler that marks the process, and
 from then on every OpenMP region there runs on one thread (``_C.in_forked_child()``; a
 one-thread region does not touch the pool, and results are bit-identical either way;
-``tests/ops/test_omp_threads.py`` forks a real child). The tensorsketch kernels start their
-own per-call threads and keep them in a child. torch's own CPU ops share libgomp and still
+``tests/ops/test_omp_threads.py`` forks a real child). The tensorsketch kernels run on the
+same pool (where torch's still-spinning workers pick up their chunks at once) and start
+per-call threads instead in a child, so they keep their threads there
+(``tests/ops/test_tensorsketch_routes.py::test_kernels_survive_fork``). torch's own CPU ops share libgomp and still
 hang in such a child unless it calls ``torch.set_num_threads(1)`` first (as DataLoader
 workers do); that also sets these kernels' count, since ``_C.set_num_threads`` and torch
 set the same OpenMP thread count.
