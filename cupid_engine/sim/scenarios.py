@@ -27,10 +27,11 @@ scenario         strategies (majority 2 : minority 1)                           
                  (A side approach was tried first: it knocked the cube in 55% of
                  unshifted episodes, so it was dropped.)
 ``lift-carry``   ``lift-sweep``'s strategies with a lighter shift, so that a        ``heavy30``
-                 centre grasp holds the cube with margin: the majority grasps
-                 1.8 cm above the centre (``lift-sweep``: 1.6 cm; at 1.6 cm no
-                 mass up to × 30 broke the sweep carry often enough), the rest is
-                 as ``lift-sweep``. The sweep's speed and width did not matter in
+                 *learned* centre grasp holds the cube (``lift-sweep``'s learned
+                 oracle drops the ×40 cube): the majority grasps 1.8 cm above the
+                 centre (``lift-sweep``: 1.6 cm; at 1.6 cm no mass up to × 30
+                 broke the sweep carry often enough), the rest is as
+                 ``lift-sweep``. The sweep's speed and width did not matter in
                  the scripted scans (docs/fidelity.md §2d): grasp depth against
                  mass decides.
 ===============  ================================================================  =========
