@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scenario",
         default=None,
-        help="known-answer scenario instead of tiers (lift-grasp, lift-sweep; lift-cue: spurious correlate); needs --demos",
+        help="known-answer scenario instead of tiers (brittle strategies: lift-grasp, lift-sweep, lift-carry; "
+        "spurious correlate: lift-cue); needs --demos",
     )
     p.add_argument("--demos", type=int, default=None, help="total demonstrations, split evenly over the tiers")
     p.add_argument(
