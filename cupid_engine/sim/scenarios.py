@@ -274,6 +274,17 @@ _SHALLOW = 0.016
 # at 1.8 cm it holds 5/40 at x30 and still succeeds unshifted 39/40 (2.0 cm does not: 2/10).
 _SHALLOWER = 0.018
 
+
+def _sweep_pair(grasp_dz: float) -> dict[str, LiftStrategy]:
+    """The long-phase pair of ``lift-sweep``/``lift-carry``: a high hover, a grasp ``grasp_dz``
+    above the centre and a fast ±6 cm side-to-side carry (majority) against a low hover, a centre
+    grasp and a slow lift held still (minority)."""
+    return {
+        "majority": LiftStrategy(hover_offset=(0.0, 0.0, 0.12), grasp_dz=grasp_dz, lift_speed=1.0, sweep_amp=0.06),
+        "minority": LiftStrategy(hover_offset=(0.0, 0.0, 0.08), grasp_dz=0.0, lift_speed=0.3),
+    }
+
+
 SCENARIOS: dict[str, Scenario] = {
     "lift-grasp": Scenario(
         name="lift-grasp",
@@ -295,12 +306,7 @@ SCENARIOS: dict[str, Scenario] = {
         kind="brittle",
         description="2:1 high hover + shallow grasp + fast side-to-side carry (majority) vs low hover + centre "
         "grasp + slow lift, held still (minority); shift: cube mass x40",
-        strategies={
-            "majority": LiftStrategy(
-                hover_offset=(0.0, 0.0, 0.12), grasp_dz=_SHALLOW, lift_speed=1.0, sweep_amp=0.06
-            ),
-            "minority": LiftStrategy(hover_offset=(0.0, 0.0, 0.08), grasp_dz=0.0, lift_speed=0.3),
-        },
+        strategies=_sweep_pair(_SHALLOW),
         ratio={"majority": 2 / 3, "minority": 1 / 3},
         shift="heavy",
         known_bad="majority",
@@ -312,12 +318,7 @@ SCENARIOS: dict[str, Scenario] = {
         kind="brittle",
         description="2:1 high hover + shallower (1.8 cm) grasp + fast side-to-side carry (majority) vs low hover + "
         "centre grasp + slow lift, held still (minority); shift: cube mass x30",
-        strategies={
-            "majority": LiftStrategy(
-                hover_offset=(0.0, 0.0, 0.12), grasp_dz=_SHALLOWER, lift_speed=1.0, sweep_amp=0.06
-            ),
-            "minority": LiftStrategy(hover_offset=(0.0, 0.0, 0.08), grasp_dz=0.0, lift_speed=0.3),
-        },
+        strategies=_sweep_pair(_SHALLOWER),
         ratio={"majority": 2 / 3, "minority": 1 / 3},
         shift="heavy30",
         known_bad="majority",
