@@ -67,36 +67,24 @@ void parallel_chunks(int64_t n, int64_t min_per_thread, F&& fn) {
     return;
   }
   std::vector<std::exception_ptr> errors(want);
-  if (!in_forked_child()) {
-#pragma omp parallel num_threads(static_cast<int>(want))
-    {
-      // The team may be smaller than asked (nested inside another region: one thread);
-      // chunks follow the team actually started, so every item is still covered once.
-      const int64_t team = omp_get_num_threads();
-      const int64_t t = omp_get_thread_num();
-      try {
-        fn(n * t / team, n * (t + 1) / team);
-      } catch (...) {
-        errors[t] = std::current_exception();
-      }
+  // Chunk t of `parts`, its exception kept for the caller's thread.
+  auto chunk = [&](int64_t t, int64_t parts) {
+    try {
+      fn(n * t / parts, n * (t + 1) / parts);
+    } catch (...) {
+      errors[t] = std::current_exception();
     }
+  };
+  if (!in_forked_child()) {
+    // The team may be smaller than asked (nested inside another region: one thread);
+    // chunks follow the team actually started, so every item is still covered once.
+#pragma omp parallel num_threads(static_cast<int>(want))
+    chunk(omp_get_thread_num(), omp_get_num_threads());
   } else {
     std::vector<std::thread> threads;
     threads.reserve(want - 1);
-    for (int64_t t = 1; t < want; ++t) {
-      threads.emplace_back([&, t] {
-        try {
-          fn(n * t / want, n * (t + 1) / want);
-        } catch (...) {
-          errors[t] = std::current_exception();
-        }
-      });
-    }
-    try {
-      fn(int64_t{0}, n / want);
-    } catch (...) {
-      errors[0] = std::current_exception();
-    }
+    for (int64_t t = 1; t < want; ++t) threads.emplace_back(chunk, t, want);
+    chunk(0, want);
     for (auto& th : threads) th.join();
   }
   for (auto& e : errors)
