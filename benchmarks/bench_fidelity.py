@@ -101,20 +101,27 @@ def auroc_ci(scores: np.ndarray, bad: np.ndarray, *, n_boot: int = 1000, seed: i
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
-def cupid_rollout_bootstrap(store: Any, ids: list[str], bad: np.ndarray, *, n_boot: int = 1000,
-                            seed: int = 0) -> dict[str, Any]:
-    """The default ``cupid``'s AUROC with a 95% CI that resamples the scoring rollouts too.
+ROLLOUT_BOOTSTRAP_SCORERS = ("cupid", "cupid-quality")
 
-    :func:`auroc_ci` resamples demos only, as if the m rollouts behind u were fixed; but
-    another draw of m rollouts gives another u (session 7 measured a seed's AUROC moving by
-    up to 0.11 between two rollout sets of one policy). CUPID is linear in the rollouts, so
-    each bootstrap draw resamples the rollouts with replacement (u recomputed from their
-    whitened sums and outcomes, the return baseline included) and the demos within class.
+
+def rollout_bootstrap(store: Any, ids: list[str], bad: np.ndarray, *, scorer: str = "cupid", n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+    """A scorer's AUROC with a 95% CI that resamples the scoring rollouts too.
+
+    :func:`auroc_ci` resamples demos only, as if the m rollouts behind the score were fixed;
+    but another draw of m rollouts gives another score (session 7 measured a seed's AUROC
+    moving by up to 0.11 between two rollout sets of one policy). Both scorers here are
+    means over rollouts of per-rollout terms, so each bootstrap draw resamples the rollouts
+    with replacement and recomputes the score from them, then resamples the demos within
+    class: for ``cupid`` u from the whitened rollout sums and outcomes (return baseline
+    included); for ``cupid-quality`` also the rows of the per-(rollout, demo) max-min and
+    min-max reductions, and the min-max normalisation of both terms.
 
     Args:
-        store: Store path or reader (run ``base``) scored by ``cupid`` with its defaults.
+        store: Store path or reader (run ``base``), scored with the scorer's defaults.
         ids: ``[N]`` demo ids in the order of ``bad``.
         bad: ``[N]`` known-bad mask.
+        scorer: One of :data:`ROLLOUT_BOOTSTRAP_SCORERS`.
 
     Returns:
         ``{"auroc": point estimate (equal to the scorer's), "ci95": [lo, hi],
@@ -123,16 +130,30 @@ def cupid_rollout_bootstrap(store: Any, ids: list[str], bad: np.ndarray, *, n_bo
     import logging
 
     from cupid_engine.scorers.cupid import CupidConfig, cupid_scores, performance_inputs, rollout_direction
+    from cupid_engine.scorers.quality import CupidQualityConfig, CupidQualityScorer, combine_quality
     from cupid_engine.store import open_store
 
+    if scorer not in ROLLOUT_BOOTSTRAP_SCORERS:
+        raise ValueError(f"rollout_bootstrap supports {ROLLOUT_BOOTSTRAP_SCORERS}, not {scorer!r}")
     st = open_store(str(store)) if isinstance(store, (str, os.PathLike)) else store
-    cfg = CupidConfig()
+    cfg = CupidConfig() if scorer == "cupid" else CupidQualityConfig()
     run, _, pre, rollouts, demos, ret = performance_inputs(st, "base", cfg)
     s_r = pre.whiten(run.episode_features(rollouts)).double()
     pos = {e: i for i, e in enumerate(demos)}
-    s_d = pre.whiten(run.episode_features(demos)).double()[[pos[e] for e in ids]]
+    order = [pos[e] for e in ids]
+    s_d = pre.whiten(run.episode_features(demos)).double()
+    if scorer == "cupid-quality":
+        q_ids, maxmin, minmax = CupidQualityScorer(cfg).reductions(st, "base")
+        assert q_ids == demos
+
+    def scores(j: np.ndarray) -> np.ndarray:
+        perf = cupid_scores(s_d, rollout_direction(s_r[j], ret[j], baseline=cfg.baseline))
+        if scorer == "cupid-quality":
+            perf = combine_quality(perf, maxmin[j], minmax[j], alpha=cfg.alpha, weighting=cfg.weighting)
+        return perf[order]
+
     b = np.asarray(bad, bool)
-    point = cupid_scores(s_d, rollout_direction(s_r, ret, baseline=cfg.baseline))
+    point = scores(np.arange(len(rollouts)))
     rng = np.random.default_rng(seed)
     vals = np.empty(n_boot)
     quiet = logging.getLogger("cupid_engine.scorers.cupid")
@@ -140,8 +161,7 @@ def cupid_rollout_bootstrap(store: Any, ids: list[str], bad: np.ndarray, *, n_bo
     quiet.setLevel(logging.ERROR)  # a one-outcome resample would log its b = 0 once per draw
     try:
         for i in range(n_boot):
-            j = rng.integers(0, len(rollouts), len(rollouts))
-            x = cupid_scores(s_d, rollout_direction(s_r[j], ret[j], baseline=cfg.baseline))
+            x = scores(rng.integers(0, len(rollouts), len(rollouts)))
             d = _class_resample(rng, b)
             vals[i] = auroc(x[d], b[d])
     finally:
@@ -413,10 +433,12 @@ def run_scenario(args: argparse.Namespace, scenario: str, log) -> dict[str, Any]
             lo, hi = auroc_ci(s, bad, seed=seed)
             row["scorers"][name] = {"auroc": a, "auroc_ci": [lo, hi], "removed_bad": removed_bad(s, bad, k, seed=seed)}
             log(f"[{scenario} seed {seed}] {name:14s} AUROC {a:.3f} [{lo:.2f}, {hi:.2f}]  removed-bad {row['scorers'][name]['removed_bad']}/{k}")
-        if args.default_scorer == "cupid" and not isinstance(scores.get("cupid"), (str, type(None))):
-            boot = cupid_rollout_bootstrap(store, ids, bad, seed=seed)
-            row["scorers"]["cupid"]["auroc_ci_demos_and_rollouts"] = boot["ci95"]
-            log(f"[{scenario} seed {seed}] cupid AUROC CI resampling demos and the {boot['rollouts']} rollouts: "
+        for name in ROLLOUT_BOOTSTRAP_SCORERS:
+            if isinstance(scores.get(name), (str, type(None))):
+                continue
+            boot = rollout_bootstrap(store, ids, bad, scorer=name, seed=seed)
+            row["scorers"][name]["auroc_ci_demos_and_rollouts"] = boot["ci95"]
+            log(f"[{scenario} seed {seed}] {name} AUROC CI resampling demos and the {boot['rollouts']} rollouts: "
                 f"[{boot['ci95'][0]:.2f}, {boot['ci95'][1]:.2f}]")
         if not args.quick:
             evals = {}

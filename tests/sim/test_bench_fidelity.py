@@ -35,7 +35,8 @@ def test_paired_auroc_difference():
     assert same == {"mean_difference": 0.0, "ci95": [0.0, 0.0]}
 
 
-def test_cupid_rollout_bootstrap_matches_the_scorer(rng):
+@pytest.mark.parametrize("scorer", ["cupid", "cupid-quality"])
+def test_rollout_bootstrap_matches_the_scorer(rng, scorer):
     from cupid_engine.scorers import score
     from cupid_engine.scorers.arrays import ArrayStore
 
@@ -51,12 +52,13 @@ def test_cupid_rollout_bootstrap_matches_the_scorer(rng):
     st = ArrayStore.from_episodes(steps, splits, success=success, dtype=np.float64)
     ids = [f"d{i:02d}" for i in range(12)][::-1]  # any order of the ids
     bad = np.array([int(e[1:]) % 3 == 0 for e in ids])
-    table = score("cupid", store=st, run="base")
+    table = score(scorer, store=st, run="base")
     by_id = dict(zip(table["episode_id"].to_pylist(), table["score"].to_numpy()))
-    out = bf.cupid_rollout_bootstrap(st, ids, bad, n_boot=200, seed=3)
+    out = bf.rollout_bootstrap(st, ids, bad, scorer=scorer, n_boot=200, seed=3)
     assert out["auroc"] == bf.auroc(np.array([by_id[e] for e in ids]), bad) and out["rollouts"] == 9
     assert 0.0 <= out["ci95"][0] <= out["ci95"][1] <= 1.0
-    assert out == bf.cupid_rollout_bootstrap(st, ids, bad, n_boot=200, seed=3)  # seeded
+    assert out["ci95"] != out["ci95_demos_only"]  # the rollouts were resampled too
+    assert out == bf.rollout_bootstrap(st, ids, bad, scorer=scorer, n_boot=200, seed=3)  # seeded
     assert out["ci95_demos_only"] == list(bf.auroc_ci(np.array([by_id[e] for e in ids]), bad, n_boot=200, seed=3))
 
 
