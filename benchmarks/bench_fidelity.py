@@ -41,10 +41,14 @@ from typing import Any
 
 import numpy as np
 
+from cupid_engine.constants import DEFAULT_SCORER
+
 DEFAULT_SCORERS = ("cupid", "cupid-step", "cupid-quality", "length", "random")
 ACCEPT_AUROC = 0.85
 ACCEPT_ORACLE_FRACTION = 0.8
-SPURIOUS_BASELINES = ("length", "random", "cupid-quality")
+# What the default must beat on a spurious-correlate scenario (issue #13): length, random and
+# the other of the paper's two performance scorers (the default itself is dropped from the list).
+SPURIOUS_BASELINES = ("length", "random", "cupid-quality", "cupid")
 
 
 def _h(obj: Any) -> str:
@@ -503,15 +507,15 @@ def summarise(results: list[dict[str, Any]], default_scorer: str) -> dict[str, A
                 "auroc_pass": summ["auroc_mean"] >= ACCEPT_AUROC,
             }
             if r.get("kind") == "spurious":  # issue #13: beat length, random and CUPID-Quality there
-                base = {b: r["summary"][b]["auroc_mean"] for b in SPURIOUS_BASELINES if b in r["summary"]}
+                wanted = [b for b in SPURIOUS_BASELINES if b != default_scorer]
+                base = {b: r["summary"][b]["auroc_mean"] for b in wanted if b in r["summary"]}
                 row["baselines_auroc"] = base
-                row["beats_baselines"] = (len(base) == len(SPURIOUS_BASELINES)
+                row["beats_baselines"] = (len(base) == len(wanted)
                                           and all(summ["auroc_mean"] > v for v in base.values()))
                 paired = r.get("paired_vs_default", {})
                 # Beating a baseline beyond noise: the paired 95% CI of the difference above 0.
                 row["beats_baselines_significantly"] = (
-                    all(b in paired for b in SPURIOUS_BASELINES)
-                    and all(paired[b]["ci95"][0] > 0 for b in SPURIOUS_BASELINES))
+                    all(b in paired for b in wanted) and all(paired[b]["ci95"][0] > 0 for b in wanted))
             if "curated_pooled" in r and default_scorer in r["curated_pooled"]:
                 cur, ora = r["curated_pooled"][default_scorer]["rate"], r["curated_pooled"]["oracle"]["rate"]
                 row.update({"curated": cur, "oracle": ora, "oracle_fraction": cur / ora if ora else float("nan")})
@@ -530,7 +534,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="full mode: comma-separated scorers whose kept sets are retrained and rolled out (default: "
                    "every scorer; each costs one training per seed, the others get AUROC and removed-bad only); "
                    "'none': retrain nothing but the oracle (no random set either)")
-    p.add_argument("--default-scorer", default="cupid", help="scorer the acceptance rows judge (the project default)")
+    p.add_argument("--default-scorer", default=DEFAULT_SCORER,
+                   help=f"scorer the acceptance rows judge (default: the project default, {DEFAULT_SCORER})")
     p.add_argument("--demos", type=int, default=60, help="demonstrations per scenario (split by its ratio)")
     p.add_argument("--rollouts", type=int, default=50, help="rollouts per condition (scoring and evaluation)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (paired across conditions)")

@@ -24,5 +24,9 @@ OUTPUT_FUNCTIONS = ("loss", "logprob", "square", "energy")
 SPLITS = ("train", "holdout", "validation", "rollout", "target")
 TIERS = ("better", "okay", "worse")
 
+DEFAULT_SCORER = "cupid-quality"
+"""What ``cupid-engine score`` runs without a METHOD and what ``bench fidelity`` judges:
+chosen by a pre-registered test on six new known-answer stores (docs/fidelity.md §3g)."""
+
 DATAMODEL_ESTIMATORS = ("regression", "metagradient")
 CLUSTER_MODES = ("trajectory", "subtrajectory")

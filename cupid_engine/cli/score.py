@@ -17,6 +17,8 @@ import argparse
 import json
 import sys
 
+from cupid_engine.constants import DEFAULT_SCORER
+
 METHODS_HELP = "cupid, cupid-quality, qoq, trak-traj, tracin, datamodel, random, length, loss, success-sim, oracle"
 
 
@@ -24,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``score`` command to the CLI dispatcher."""
     p = subparsers.add_parser("score", help="score demonstrations with an influence method or baseline",
                               description=__doc__)
-    p.add_argument("method", metavar="METHOD", help=f"scoring method: {METHODS_HELP}")
+    p.add_argument("method", metavar="METHOD", nargs="?", default=None,
+                   help=f"scoring method: {METHODS_HELP} (default: {DEFAULT_SCORER}, the scorer that found the "
+                        "known-bad demos best across the known-answer scenarios, docs/fidelity.md §3g)")
     p.add_argument("--store", required=True, help="gradient store path or URL")
     p.add_argument("--run", required=True, help="run name in the store")
     p.add_argument("--rollouts", help="rollouts: a split name (default 'rollout') or comma-separated episode ids")
@@ -71,6 +75,9 @@ def _score(args: argparse.Namespace) -> int:
     from cupid_engine.errors import ConfigError
     from cupid_engine.scorers import get_scorer, score, write_table
 
+    if args.method is None:
+        args.method = DEFAULT_SCORER
+        print(f"score: no METHOD given, using the default {DEFAULT_SCORER} (docs/fidelity.md §3g)", file=sys.stderr)
     if args.method == "datamodel":
         from cupid_engine.cli._datamodel_args import cli_score
 

@@ -82,3 +82,15 @@ def test_tie_warning(loop, tmp_path, capsys):
     rc, _ = _score(loop, tmp_path, "cupid")
     assert rc == 0 and "share the score" not in capsys.readouterr().err
     assert np.unique(read_table(out)["score"].to_numpy()).size == 1
+
+
+def test_no_method_scores_with_the_default_and_says_so(loop, tmp_path, capsys):
+    from cupid_engine.constants import DEFAULT_SCORER
+
+    out = str(tmp_path / "default.parquet")
+    rc = main(["score", "--store", loop["store"], "--run", "base", "--out", out])
+    assert rc == 0 and f"using the default {DEFAULT_SCORER}" in capsys.readouterr().err
+    rc, named = _score(loop, tmp_path, DEFAULT_SCORER)
+    a, b = read_table(out), read_table(named)
+    assert a["episode_id"].to_pylist() == b["episode_id"].to_pylist()
+    assert a["score"].to_pylist() == b["score"].to_pylist()

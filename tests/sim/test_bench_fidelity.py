@@ -67,15 +67,16 @@ def test_quick_runs_and_writes_acceptance(tmp_path):
     bf = _load("fidelity")
     parser = bf.build_parser()
     out = tmp_path / "fid.json"
-    args = parser.parse_args(["--quick", "--scenarios", "lift-grasp", "--scorers", "cupid,cupid-step,length,random",
-                              "--work", str(tmp_path / "work"), "--json", str(out)])
+    args = parser.parse_args(["--quick", "--scenarios", "lift-grasp", "--scorers",
+                              "cupid,cupid-step,cupid-quality,length,random", "--work", str(tmp_path / "work"),
+                              "--json", str(out)])
     res = bf.run(args)
     saved = json.loads(out.read_text())
     assert saved["quick"] is True and res["quick"] is True
     (r,) = saved["results"]
     assert r["scenario"] == "lift-grasp" and r["demos"] == 6 and r["known_bad"] == 4 and r["k"] == 4
     row = r["per_seed"][0]["scorers"]
-    assert set(row) == {"cupid", "cupid-step", "length", "random"}
+    assert set(row) == {"cupid", "cupid-step", "cupid-quality", "length", "random"}
     for name, m in row.items():
         if "error" in m:  # e.g. no successful toy rollout: the contrast is undefined, and says so
             assert name == "cupid-step" and "different returns" in m["error"]
@@ -83,7 +84,25 @@ def test_quick_runs_and_writes_acceptance(tmp_path):
             assert 0.0 <= m["auroc"] <= 1.0 and 0 <= m["removed_bad"] <= 4
     assert row["length"]["auroc"] == 0.5  # fixed horizon: length ties every demo
     assert saved["criteria"] == {"auroc": 0.85, "oracle_fraction": 0.8}
-    assert [(a["scenario"], a["scorer"]) for a in saved["acceptance"]] == [("lift-grasp", "cupid")]
-    assert saved["acceptance"][0]["auroc"] == row["cupid"]["auroc"]
-    lo, hi = row["cupid"]["auroc_ci_demos_and_rollouts"]
-    assert 0.0 <= lo <= hi <= 1.0
+    # The acceptance rows judge the project default (docs/fidelity.md §3g).
+    assert [(a["scenario"], a["scorer"]) for a in saved["acceptance"]] == [("lift-grasp", "cupid-quality")]
+    assert saved["acceptance"][0]["auroc"] == row["cupid-quality"]["auroc"]
+    for name in ("cupid", "cupid-quality"):
+        lo, hi = row[name]["auroc_ci_demos_and_rollouts"]
+        assert 0.0 <= lo <= hi <= 1.0
+
+
+def test_spurious_row_compares_the_default_with_the_other_performance_scorer():
+    bf = _load("fidelity")
+
+    def result():
+        seed = {"scorers": {n: {"auroc": a, "removed_bad": 3} for n, a in
+                            {"cupid": 0.6, "cupid-quality": 0.7, "length": 0.5, "random": 0.55}.items()}}
+        paired = {n: {"mean_difference": 0.1, "ci95": [0.01, 0.2]} for n in ("cupid", "cupid-quality", "length", "random")}
+        return {"scenario": "lift-cue", "kind": "spurious", "per_seed": [seed], "paired_vs_default": paired}
+
+    (q,) = bf.summarise([result()], "cupid-quality")["acceptance"]
+    assert q["scorer"] == "cupid-quality" and set(q["baselines_auroc"]) == {"length", "random", "cupid"}
+    assert q["beats_baselines"] and q["beats_baselines_significantly"]
+    (c,) = bf.summarise([result()], "cupid")["acceptance"]
+    assert set(c["baselines_auroc"]) == {"length", "random", "cupid-quality"} and not c["beats_baselines"]
