@@ -506,7 +506,7 @@ def summarise(results: list[dict[str, Any]], default_scorer: str) -> dict[str, A
                 "auroc": summ["auroc_mean"],
                 "auroc_pass": summ["auroc_mean"] >= ACCEPT_AUROC,
             }
-            if r.get("kind") == "spurious":  # issue #13: beat length, random and CUPID-Quality there
+            if r.get("kind") == "spurious":  # issue #13: beat length, random and the other performance scorer there
                 wanted = [b for b in SPURIOUS_BASELINES if b != default_scorer]
                 base = {b: r["summary"][b]["auroc_mean"] for b in wanted if b in r["summary"]}
                 row["baselines_auroc"] = base

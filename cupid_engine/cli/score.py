@@ -1,4 +1,6 @@
-"""``cupid-engine score METHOD``: score a store run's episodes and write a Parquet score table.
+"""``cupid-engine score [METHOD]``: score a store run's episodes and write a Parquet score table.
+
+Without a METHOD it runs the project default, ``cupid-quality`` (``constants.DEFAULT_SCORER``).
 
 Every baseline runs from what the store and the dataset hold: ``loss`` takes the policy
 checkpoint (``--checkpoint``) and the dataset (``--data``) and computes each episode's
@@ -19,7 +21,7 @@ import sys
 
 from cupid_engine.constants import DEFAULT_SCORER
 
-METHODS_HELP = "cupid, cupid-quality, qoq, trak-traj, tracin, datamodel, random, length, loss, success-sim, oracle"
+METHODS_HELP = "cupid-quality, cupid, qoq, trak-traj, tracin, datamodel, random, length, loss, success-sim, oracle"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
