@@ -30,6 +30,24 @@ def test_example_config_loads():
     assert AuditConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_lift_carry_example_audits_the_default_on_the_known_bad_share():
+    """The recorded lift-carry audit prunes exactly the scenario's known-bad count, by the default scorer."""
+    from cupid_engine.constants import DEFAULT_SCORER
+    from cupid_engine.sim.scenarios import get_scenario
+
+    cfg = AuditConfig.from_toml(EXAMPLE.parent / "lift_carry_audit.toml")
+    opts = cfg.learner_options
+    sc = get_scenario(opts["scenario"])
+    assert sc.task == cfg.task and cfg.methods == (DEFAULT_SCORER,)
+    n = int(opts["demos"])
+    (ratio,) = cfg.prune_ratios
+    assert n_pruned(ratio, n) == sc.counts(n)[sc.known_bad] == 40
+    assert len(cfg.seeds) == 5  # the fewest seeds at which gate 1's permutation test can pass at 0.05
+    assert 2.0 ** -len(cfg.seeds) < cfg.alpha <= 2.0 ** -(len(cfg.seeds) - 1)
+    assert cfg.policy["type"] == "diffusion" and cfg.rollouts == 50 and opts["score_rollouts"] == 50
+    assert AuditConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_toml_keep_ratios_and_validation(tmp_path):
     path = tmp_path / "a.toml"
     path.write_text('task = "can"\ndataset = "d"\nmethods = ["cupid"]\nseeds = [1, 2]\n'
