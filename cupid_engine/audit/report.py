@@ -229,6 +229,10 @@ def _card(result: AuditResult, commit: str, date: str) -> str:
     rows = [
         ["task", cfg["task"]], ["dataset", cfg["dataset"]],
         ["policy", json.dumps(cfg.get("policy", {}), sort_keys=True)],
+        # What the learner was told (a scenario, its shift, the feature settings): without it the
+        # card would not say which experiment the numbers come from.
+        ["learner options",
+         json.dumps(cfg["learner_options"], sort_keys=True, default=str) if cfg.get("learner_options") else "none"],
         ["methods", ", ".join(cfg["methods"])], ["baselines", ", ".join(cfg["baselines"]) or "none"],
         ["comparator", "matched random pruning (same seed, same ratio)"],
         ["prune ratios", ", ".join(f"{r:g}" for r in cfg["prune_ratios"])],

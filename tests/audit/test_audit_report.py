@@ -47,7 +47,7 @@ def test_html_parses_and_has_the_sections(report_dir):
     text = " ".join(parser.text)
     assert parser.tags.count("table") >= 5 and parser.tags.count("img") >= 7
     for needle in ("Benchmark card", "Decision table", "git commit", "rollouts per condition",
-                   "Prune-ratio sensitivity", "gate 1", "cupid", "null"):
+                   "Prune-ratio sensitivity", "gate 1", "cupid", "null", "learner options", '"signal"'):
         assert needle in text, needle
     for d in result.decisions:
         assert d.verdict in text
