@@ -39,6 +39,8 @@ def test_lift_carry_example_audits_the_default_on_the_known_bad_share():
     opts = cfg.learner_options
     sc = get_scenario(opts["scenario"])
     assert sc.task == cfg.task and cfg.methods == (DEFAULT_SCORER,)
+    # The scenario fixes every episode's length, so `length` would tie all demos: `loss` is the cheap rule.
+    assert sc.horizon > 0 and cfg.baselines == ("loss",)
     n = int(opts["demos"])
     (ratio,) = cfg.prune_ratios
     assert n_pruned(ratio, n) == sc.counts(n)[sc.known_bad] == 40
