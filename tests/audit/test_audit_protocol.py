@@ -30,13 +30,15 @@ def test_example_config_loads():
     assert AuditConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_lift_carry_example_audits_the_default_on_the_known_bad_share():
-    """The recorded lift-carry audit prunes exactly the scenario's known-bad count, by the default scorer."""
+@pytest.mark.parametrize("scenario", ["lift-carry", "lift-grasp"])
+def test_scenario_examples_audit_the_default_on_the_known_bad_share(scenario):
+    """The recorded scenario audits prune exactly the scenario's known-bad count, by the default scorer."""
     from cupid_engine.constants import DEFAULT_SCORER
     from cupid_engine.sim.scenarios import get_scenario
 
-    cfg = AuditConfig.from_toml(EXAMPLE.parent / "lift_carry_audit.toml")
+    cfg = AuditConfig.from_toml(EXAMPLE.parent / f"{scenario.replace('-', '_')}_audit.toml")
     opts = cfg.learner_options
+    assert opts["scenario"] == scenario and Path(cfg.dataset).name == scenario.replace("-", "_")
     sc = get_scenario(opts["scenario"])
     assert sc.task == cfg.task and cfg.methods == (DEFAULT_SCORER,)
     # The scenario fixes every episode's length, so `length` would tie all demos: `loss` is the cheap rule.
