@@ -30,7 +30,7 @@ def test_example_config_loads():
     assert AuditConfig.from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("scenario", ["lift-carry", "lift-grasp"])
+@pytest.mark.parametrize("scenario", ["lift-carry", "lift-grasp", "lift-cue"])
 def test_scenario_examples_audit_the_default_on_the_known_bad_share(scenario):
     """The recorded scenario audits prune exactly the scenario's known-bad count, by the default scorer."""
     from cupid_engine.constants import DEFAULT_SCORER
@@ -45,7 +45,7 @@ def test_scenario_examples_audit_the_default_on_the_known_bad_share(scenario):
     assert sc.horizon > 0 and cfg.baselines == ("loss",)
     n = int(opts["demos"])
     (ratio,) = cfg.prune_ratios
-    assert n_pruned(ratio, n) == sc.counts(n)[sc.known_bad] == 40
+    assert n_pruned(ratio, n) == sc.counts(n)[sc.known_bad] == {"lift-cue": 30}.get(scenario, 40)
     assert len(cfg.seeds) == 5  # the fewest seeds at which gate 1's permutation test can pass at 0.05
     assert 2.0 ** -len(cfg.seeds) < cfg.alpha <= 2.0 ** -(len(cfg.seeds) - 1)
     assert cfg.policy["type"] == "diffusion" and cfg.rollouts == 50 and opts["score_rollouts"] == 50
