@@ -224,9 +224,26 @@ class AuditRunner:
                 conds.append(Condition(seed, block, rule, ratio, success, cfg.rollouts, pruned))
         return conds, scores
 
-    def run_data(self) -> AuditData:
-        """Run or resume every condition and return the raw :class:`AuditData`."""
+    def run_data(self, only_seeds: Sequence[int] | None = None) -> AuditData:
+        """Run or resume the conditions and return the raw :class:`AuditData`.
+
+        Args:
+            only_seeds: Run just these seeds of the config (primary or held-out). Several
+                processes given disjoint seeds and the same ``cache_dir`` fill one cache
+                side by side (each entry is renamed into place when complete); a final run
+                without ``only_seeds`` then finds every condition cached. The data of a
+                partial run covers only its seeds, so do not apply the gates to it.
+
+        Raises:
+            ValueError: a seed in ``only_seeds`` is not one of the config's.
+        """
         jobs = [(s, PRIMARY) for s in self.config.seeds] + [(s, HELDOUT) for s in self.config.heldout_seeds]
+        if only_seeds is not None:
+            known = {s for s, _ in jobs}
+            unknown = sorted(set(only_seeds) - known)
+            if unknown:
+                raise ValueError(f"seeds {unknown} are not in the config (seeds + heldout_seeds: {sorted(known)})")
+            jobs = [j for j in jobs if j[0] in set(only_seeds)]
         data = AuditData(list(self.ids), [float(x) for x in self.lengths], list(self.tiers))
         if self.config.workers > 1:
             with ThreadPoolExecutor(max_workers=self.config.workers) as pool:

@@ -3,6 +3,7 @@
 Example::
 
     cupid-engine audit --config audit.toml --out report/ [--learner synthetic|sim]
+    cupid-engine audit --config audit.toml --only-seeds 10,13   # one share, cache only
 
 The ``sim`` learner lives in ``cupid_engine.audit.sim_learner`` (robosuite) and is
 imported only when asked for, so this command never imports robosuite otherwise.
@@ -28,7 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(resuming from its cache), apply the four gates and write an HTML/PNG/JSON report.",
     )
     p.add_argument("--config", required=True, help="audit TOML (see cupid_engine/audit/examples/)")
-    p.add_argument("--out", required=True, help="report folder (index.html, *.png, audit.json)")
+    p.add_argument("--out", default=None,
+                   help="report folder (index.html, *.png, audit.json); required unless --only-seeds is given")
+    p.add_argument(
+        "--only-seeds", default=None, metavar="S1,S2",
+        help="run just these seeds of the config into its cache and write no report: start one process per "
+        "share of the seeds (same config), then run once without this option to gate and report from the cache",
+    )
     p.add_argument(
         "--learner", choices=LEARNERS, default="sim",
         help="sim: robosuite learner from cupid_engine.audit.sim_learner; "
@@ -76,13 +83,36 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     config = AuditConfig.from_toml(args.config)
+    only = None
+    if args.only_seeds is not None:
+        try:
+            only = [int(x) for x in args.only_seeds.split(",") if x.strip()]
+        except ValueError:
+            print(f"cupid-engine audit: error: --only-seeds takes integers separated by commas, got "
+                  f"{args.only_seeds!r}", file=sys.stderr)
+            return 2
+    elif args.out is None:
+        print("cupid-engine audit: error: --out is required (only a run with --only-seeds writes no report)",
+              file=sys.stderr)
+        return 2
     try:
         learner = make_learner(args.learner, config)
     except RuntimeError as exc:
         # A missing learner is a usage error, not a crash: say what to do, exit 2.
         print(f"cupid-engine audit: error: {exc}", file=sys.stderr)
         return 2
-    result = AuditRunner(config, learner).run()
+    runner = AuditRunner(config, learner)
+    if only is not None:
+        try:
+            data = runner.run_data(only_seeds=only)
+        except ValueError as exc:
+            print(f"cupid-engine audit: error: {exc}", file=sys.stderr)
+            return 2
+        # A share of the seeds is not an audit: no gates, no report, and the output says so.
+        print(f"cached {len(data.conditions)} conditions of seeds {only} in {config.cache_dir}; no report written. "
+              f"When every share is done: cupid-engine audit --config {args.config} --out REPORT_DIR")
+        return 0
+    result = runner.run()
     index = write_report(result, args.out)
     for d in result.decisions:
         logger.info("%s @ ratio %g: %s -- %s", d.method, d.ratio, d.verdict, d.reason)

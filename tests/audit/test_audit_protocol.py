@@ -171,3 +171,20 @@ def test_workers_give_the_same_result(config_factory, tmp_path):
     par = AuditRunner(cfg.replace(workers=2, cache_dir=str(tmp_path / "par")),
                       SyntheticLearner(cfg.learner_options)).run_data()
     assert [dataclasses.astuple(c) for c in one.conditions] == [dataclasses.astuple(c) for c in par.conditions]
+
+
+def test_seed_shares_fill_one_cache(config_factory, tmp_path):
+    cfg = config_factory(seeds=(0, 1, 2), heldout_seeds=(7,), prune_ratios=(0.2,))
+    first = SyntheticLearner(cfg.learner_options)
+    part = AuditRunner(cfg, first).run_data(only_seeds=[2, 7])
+    assert sorted({c.seed for c in part.conditions}) == [2, 7]
+    AuditRunner(cfg, SyntheticLearner(cfg.learner_options)).run_data(only_seeds=[0, 1])
+    last = SyntheticLearner(cfg.learner_options)
+    runner = AuditRunner(cfg, last)
+    data = runner.run_data()
+    assert last.train_calls == [] and runner.counts["cached"] == len(data.conditions) == 4 * (1 + 5)
+    fresh = AuditRunner(cfg.replace(cache_dir=str(tmp_path / "fresh")), SyntheticLearner(cfg.learner_options))
+    assert [dataclasses.astuple(c) for c in data.conditions] == [
+        dataclasses.astuple(c) for c in fresh.run_data().conditions]
+    with pytest.raises(ValueError, match=r"seeds \[3\] are not in the config"):
+        runner.run_data(only_seeds=[0, 3])

@@ -102,3 +102,33 @@ def test_cli_synthetic(tmp_path, capsys):
     assert rc == 0
     assert (tmp_path / "rep" / "index.html").is_file() and (tmp_path / "rep" / "audit.json").is_file()
     assert "index.html" in capsys.readouterr().out
+
+
+def test_cli_seed_shares_fill_the_cache_then_one_run_reports(tmp_path, capsys):
+    cfg = str(_toml(tmp_path))
+    for share in ("0,3,9", "1,2,4,10"):
+        rc = main(["audit", "--config", cfg, "--only-seeds", share, "--learner", "synthetic"])
+        out = capsys.readouterr().out
+        assert rc == 0 and "no report written" in out and f"seeds [{share.replace(',', ', ')}]" in out
+    assert not (tmp_path / "rep").exists()
+    rc = main(["audit", "--config", cfg, "--out", str(tmp_path / "rep"), "--learner", "synthetic"])
+    assert rc == 0 and (tmp_path / "rep" / "audit.json").is_file()
+    # Every condition came from the shares' cache; the report equals a one-process run's.
+    shared = json.loads((tmp_path / "rep" / "audit.json").read_text())
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    assert main(["audit", "--config", str(_toml(fresh_dir)), "--out", str(fresh_dir / "rep"),
+                 "--learner", "synthetic"]) == 0
+    fresh = json.loads((fresh_dir / "rep" / "audit.json").read_text())
+    assert shared["data"]["conditions"] == fresh["data"]["conditions"]
+    assert [d["verdict"] for d in shared["decisions"]] == [d["verdict"] for d in fresh["decisions"]]
+
+
+def test_cli_seed_shares_refuse_bad_input(tmp_path, capsys):
+    cfg = str(_toml(tmp_path))
+    assert main(["audit", "--config", cfg, "--only-seeds", "0,77", "--learner", "synthetic"]) == 2
+    assert "seeds [77] are not in the config" in capsys.readouterr().err
+    assert main(["audit", "--config", cfg, "--only-seeds", "0,x", "--learner", "synthetic"]) == 2
+    assert "--only-seeds takes integers" in capsys.readouterr().err
+    assert main(["audit", "--config", cfg, "--learner", "synthetic"]) == 2
+    assert "--out is required" in capsys.readouterr().err
