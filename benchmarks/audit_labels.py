@@ -13,9 +13,17 @@ The labels come from the dataset the audit trained on (``--data``), or, without 
 the scenario generated again from the audit config's ``learner_options`` (``scenario``,
 ``demos``, ``data_seed``); either way the episode ids must match the audit's exactly.
 
+``--contexts`` also re-runs every condition's evaluation rollouts from the audit's cache
+(``SimLearner.evaluation_rollouts``: the same initial states, shift and policy), checks
+that each reproduces the recorded success rate exactly, and splits success by the rollout
+context a scenario records (``env_knobs`` ``context_*`` flags, e.g. heavy / light cube on
+``lift-cue``). Run it from the directory the audit ran in (the config's ``dataset`` is
+relative to it); it costs one evaluation per condition (about 40 s each for `lift-cue`).
+
 Example::
 
     python benchmarks/audit_labels.py docs/runs/audit_lift_grasp.json --json /tmp/labels.json
+    cd AUDIT_DIR && python benchmarks/audit_labels.py audit.json --data data/lift_cue --contexts
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +94,66 @@ def label_view(audit: Mapping[str, Any], labels: Mapping[str, str], known_bad: s
     }
 
 
+def by_context(episodes: Sequence[Any]) -> dict[str, list[int]]:
+    """Successes and counts per rollout context: ``{"heavy=1,white=1": [successes, n]}``.
+
+    The context is the set of ``context_*`` knobs in the episodes' ``env_knobs`` that are
+    0 or 1 in every episode (a knob that takes any other value, such as a noisy cue, is not
+    a context); episodes without any fall under ``"all"``.
+    """
+    knobs = [(e.metadata or {}).get("env_knobs", {}) for e in episodes]
+    keys = sorted({k for kn in knobs for k in kn if k.startswith("context_")})
+    flags = [k for k in keys if all(kn.get(k) in (0.0, 1.0) for kn in knobs)]
+    out: dict[str, list[int]] = {}
+    for e, kn in zip(episodes, knobs):
+        tag = ",".join(f"{k[len('context_'):]}={int(kn[k])}" for k in flags) or "all"
+        row = out.setdefault(tag, [0, 0])
+        row[0] += int(bool(e.success))
+        row[1] += 1
+    return dict(sorted(out.items()))
+
+
+def context_view(audit: Mapping[str, Any]) -> dict[str, Any]:
+    """Re-run each condition's evaluation from the audit's cache; success per context.
+
+    Returns:
+        ``{"conditions": [{"seed", "method", "ratio", "success", "by_context"}],
+        "totals": {tag: {context: [successes, n]}}}``.
+
+    Raises:
+        RuntimeError: a re-run does not reproduce the recorded success rate, or a
+            condition's checkpoint is not in the cache.
+    """
+    from cupid_engine.audit.config import AuditConfig
+    from cupid_engine.audit.protocol import AuditRunner
+    from cupid_engine.audit.sim_learner import make_learner
+
+    config = AuditConfig.from_dict(dict(audit["config"]))
+    learner = make_learner(config)
+    runner = AuditRunner(config, learner)
+    rows, totals = [], {}
+    for c in sorted(audit["data"]["conditions"], key=lambda c: (c["seed"], c["method"], c["ratio"])):
+        key = runner.cache.key("train", seed=c["seed"], method=c["method"], ratio=c["ratio"])
+        if not runner.cache.has_train(key):
+            raise RuntimeError(f"seed {c['seed']} {c['method']} @ {c['ratio']}: no checkpoint in {config.cache_dir}")
+        eps = learner.evaluation_rollouts(runner.cache.train_dir(key) / "checkpoint", c["seed"], c["rollouts"])
+        success = float(np.mean([bool(e.success) for e in eps]))
+        if success != c["success"]:
+            raise RuntimeError(f"seed {c['seed']} {c['method']} @ {c['ratio']}: re-run success {success} "
+                               f"differs from the recorded {c['success']}")
+        ctx = by_context(eps)
+        rows.append({"seed": c["seed"], "method": c["method"], "ratio": c["ratio"], "success": success,
+                     "by_context": ctx})
+        tag = c["method"] if c["method"] == "full" else f"{c['method']}@{c['ratio']:g}"
+        for k, (won, n) in ctx.items():
+            t = totals.setdefault(tag, {}).setdefault(k, [0, 0])
+            t[0] += won
+            t[1] += n
+        print(f"seed {c['seed']} {tag}: {success:.2f} " + " ".join(f"{k} {w}/{n}" for k, (w, n) in ctx.items()),
+              flush=True)
+    return {"conditions": rows, "totals": totals}
+
+
 def scenario_labels(audit: Mapping[str, Any], data: str | None) -> tuple[dict[str, str], str]:
     """``(episode id -> label, known-bad label)`` from ``data`` or the regenerated scenario."""
     from cupid_engine.sim.scenarios import LABEL_KEY, generate_scenario, get_scenario
@@ -119,12 +187,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("audit", help="audit.json written by `cupid-engine audit`")
     p.add_argument("--data", default=None, help="the audit's dataset (default: regenerate the scenario)")
+    p.add_argument("--contexts", action="store_true",
+                   help="re-run the evaluations from the audit's cache and split success by rollout context")
     p.add_argument("--json", default=None, help="write the view here")
     args = p.parse_args(argv)
     audit = json.loads(Path(args.audit).read_text())
     labels, known_bad = scenario_labels(audit, args.data)
     view = label_view(audit, labels, known_bad)
     _print(view)
+    if args.contexts:
+        view["contexts"] = context_view(audit)
+        for tag, ctx in view["contexts"]["totals"].items():
+            print(f"all seeds {tag}: " + " ".join(f"{k} {w}/{n}" for k, (w, n) in ctx.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(view, indent=1, sort_keys=True))
     return view

@@ -236,15 +236,24 @@ class SimLearner:
         return dict(zip(table.column("episode_id").to_pylist(), table.column("score").to_pylist()))
 
     # -- evaluation ---------------------------------------------------------------------
-    def evaluate(self, model_dir: Path, seed: int, rollouts: int) -> float:
+    def evaluation_rollouts(self, model_dir: Path, seed: int, rollouts: int) -> list:
+        """The evaluation rollouts behind :meth:`evaluate`, with their metadata (e.g. context).
+
+        Deterministic in ``(model_dir, seed, rollouts)``: the same initial states and shift
+        for every condition of a seed, so a later look at them (success per context)
+        reproduces the audit's success rate exactly.
+        """
         from cupid_engine.distributed import executor_for
         from cupid_engine.sim import run_rollouts
 
-        eps = run_rollouts(
+        return run_rollouts(
             str(Path(model_dir) / "policy"), self.task, episodes=int(rollouts), seed=seed * _SEED_STRIDE + 5,
             executor=executor_for(int(self.options.get("rollout_workers", 1))),
             **self._rollout_options(),
         )
+
+    def evaluate(self, model_dir: Path, seed: int, rollouts: int) -> float:
+        eps = self.evaluation_rollouts(model_dir, seed, rollouts)
         return float(np.mean([bool(e.success) for e in eps]))
 
 

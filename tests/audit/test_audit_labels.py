@@ -57,3 +57,16 @@ def test_label_view_refuses_mismatched_labels(mod):
         mod.label_view(_audit(), labels, "bad")
     with pytest.raises(ValueError, match="no episode is labelled 'worse'"):
         mod.label_view(_audit(), {f"e{i}": "bad" for i in range(6)}, "worse")
+
+
+def test_by_context_splits_on_binary_context_flags_only(mod):
+    from types import SimpleNamespace as E
+
+    def ep(heavy, white, ok, cue=0.3):
+        knobs = {"context_heavy": heavy, "context_white": white, "context_weight_cue": cue, "mass_scale": 1.0}
+        return E(metadata={"env_knobs": knobs}, success=ok)
+
+    eps = [ep(1.0, 1.0, True), ep(1.0, 1.0, False), ep(0.0, 1.0, True, cue=1.0), ep(1.0, 1.0, True)]
+    assert mod.by_context(eps) == {"heavy=0,white=1": [1, 1], "heavy=1,white=1": [2, 3]}
+    # Episodes of a task without contexts fall under one bucket.
+    assert mod.by_context([E(metadata={}, success=True), E(metadata=None, success=None)]) == {"all": [1, 2]}
