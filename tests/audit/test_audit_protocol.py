@@ -41,8 +41,10 @@ def test_scenario_examples_audit_the_default_on_the_known_bad_share(scenario, kn
     assert opts["scenario"] == scenario and Path(cfg.dataset).name == scenario.replace("-", "_")
     sc = get_scenario(opts["scenario"])
     assert sc.task == cfg.task and cfg.methods == (DEFAULT_SCORER,)
-    # The scenario fixes every episode's length, so `length` would tie all demos: `loss` is the cheap rule.
-    assert sc.horizon > 0 and cfg.baselines == ("loss",)
+    # Every episode runs to the scenario's horizon (success is not judged by stopping at the
+    # first success; tests/sim/test_scenarios.py checks the generated lengths), so `length`
+    # would tie all demos: `loss` is the cheap rule.
+    assert sc.horizon > 0 and sc.success_mode in ("any", "final") and cfg.baselines == ("loss",)
     n = int(opts["demos"])
     (ratio,) = cfg.prune_ratios
     assert n_pruned(ratio, n) == sc.counts(n)[sc.known_bad] == known_bad
