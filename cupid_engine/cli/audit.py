@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     config = AuditConfig.from_toml(args.config)
     only = None
     if args.only_seeds is not None:
+        if args.out is not None:
+            print("cupid-engine audit: error: --only-seeds writes no report, so --out would be ignored; "
+                  "give one of them", file=sys.stderr)
+            return 2
         try:
             only = [int(x) for x in args.only_seeds.split(",") if x.strip()]
         except ValueError:

@@ -132,3 +132,6 @@ def test_cli_seed_shares_refuse_bad_input(tmp_path, capsys):
     assert "--only-seeds takes integers" in capsys.readouterr().err
     assert main(["audit", "--config", cfg, "--learner", "synthetic"]) == 2
     assert "--out is required" in capsys.readouterr().err
+    assert main(["audit", "--config", cfg, "--only-seeds", "0", "--out", str(tmp_path / "r"),
+                 "--learner", "synthetic"]) == 2
+    assert "--out would be ignored" in capsys.readouterr().err and not (tmp_path / "r").exists()
