@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fidelity import auroc  # noqa: E402
+
+
+def _tag(c: Mapping[str, Any]) -> str:
+    """A condition's name in the views: ``full`` or ``rule@ratio``."""
+    return c["method"] if c["method"] == "full" else f"{c['method']}@{c['ratio']:g}"
 
 
 def label_view(audit: Mapping[str, Any], labels: Mapping[str, str], known_bad: str) -> dict[str, Any]:
@@ -66,19 +72,18 @@ def label_view(audit: Mapping[str, Any], labels: Mapping[str, str], known_bad: s
     bad = {i for i in ids if labels[i] == known_bad}
     if not bad:
         raise ValueError(f"no episode is labelled {known_bad!r}; labels seen: {sorted(set(labels.values()))}")
-    seeds: dict[str, dict[str, Any]] = {}
+    seeds: dict[str, dict[str, Any]] = defaultdict(lambda: {"auroc": {}, "pruned_bad": {}, "success": {}})
     for key, table in audit["data"]["scores"].items():
         seed, rule = key.split("|", 1)
         order = list(table)
         s = np.array([table[i] for i in order], np.float64)
         b = np.array([i in bad for i in order])
-        seeds.setdefault(seed, {"auroc": {}, "pruned_bad": {}, "success": {}})["auroc"][rule] = auroc(s, b)
+        seeds[seed]["auroc"][rule] = auroc(s, b)
     for c in audit["data"]["conditions"]:
-        tag = c["method"] if c["method"] == "full" else f"{c['method']}@{c['ratio']:g}"
-        row = seeds.setdefault(str(c["seed"]), {"auroc": {}, "pruned_bad": {}, "success": {}})
-        row["success"][tag] = c["success"]
+        row = seeds[str(c["seed"])]
+        row["success"][_tag(c)] = c["success"]
         if c["method"] != "full":
-            row["pruned_bad"][tag] = [sum(i in bad for i in c["pruned"]), len(c["pruned"])]
+            row["pruned_bad"][_tag(c)] = [sum(i in bad for i in c["pruned"]), len(c["pruned"])]
     rules = sorted({r for v in seeds.values() for r in v["auroc"]})
     tags = sorted({t for v in seeds.values() for t in v["pruned_bad"]})
     return {
@@ -133,10 +138,10 @@ def context_view(audit: Mapping[str, Any]) -> dict[str, Any]:
     runner = AuditRunner(config, learner)
     rows, totals = [], {}
     for c in sorted(audit["data"]["conditions"], key=lambda c: (c["seed"], c["method"], c["ratio"])):
-        key = runner.cache.key("train", seed=c["seed"], method=c["method"], ratio=c["ratio"])
-        if not runner.cache.has_train(key):
+        checkpoint = runner.cached_checkpoint(c["seed"], c["method"], c["ratio"])
+        if checkpoint is None:
             raise RuntimeError(f"seed {c['seed']} {c['method']} @ {c['ratio']}: no checkpoint in {config.cache_dir}")
-        eps = learner.evaluation_rollouts(runner.cache.train_dir(key) / "checkpoint", c["seed"], c["rollouts"])
+        eps = learner.evaluation_rollouts(checkpoint, c["seed"], c["rollouts"])
         success = float(np.mean([bool(e.success) for e in eps]))
         if success != c["success"]:
             raise RuntimeError(f"seed {c['seed']} {c['method']} @ {c['ratio']}: re-run success {success} "
@@ -144,7 +149,7 @@ def context_view(audit: Mapping[str, Any]) -> dict[str, Any]:
         ctx = by_context(eps)
         rows.append({"seed": c["seed"], "method": c["method"], "ratio": c["ratio"], "success": success,
                      "by_context": ctx})
-        tag = c["method"] if c["method"] == "full" else f"{c['method']}@{c['ratio']:g}"
+        tag = _tag(c)
         for k, (won, n) in ctx.items():
             t = totals.setdefault(tag, {}).setdefault(k, [0, 0])
             t[0] += won

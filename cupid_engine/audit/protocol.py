@@ -147,8 +147,16 @@ class AuditRunner:
             self.counts[what] += 1
 
     # -- one cached step each
+    def _train_key(self, seed: int, method: str, ratio: float) -> str:
+        return self.cache.key("train", seed=seed, method=method, ratio=ratio)
+
+    def cached_checkpoint(self, seed: int, method: str, ratio: float) -> Path | None:
+        """The cached checkpoint folder of one condition, or None if it was never trained."""
+        key = self._train_key(seed, method, ratio)
+        return self.cache.train_dir(key) / "checkpoint" if self.cache.has_train(key) else None
+
     def _trained(self, seed: int, method: str, ratio: float, kept: list[str]) -> Path:
-        key = self.cache.key("train", seed=seed, method=method, ratio=ratio)
+        key = self._train_key(seed, method, ratio)
         kept_hash = digest(sorted(kept))
         if self.cache.has_train(key):
             meta = self.cache.train_meta(key)
@@ -243,7 +251,8 @@ class AuditRunner:
             unknown = sorted(set(only_seeds) - known)
             if unknown:
                 raise ValueError(f"seeds {unknown} are not in the config (seeds + heldout_seeds: {sorted(known)})")
-            jobs = [j for j in jobs if j[0] in set(only_seeds)]
+            wanted = set(only_seeds)
+            jobs = [j for j in jobs if j[0] in wanted]
         data = AuditData(list(self.ids), [float(x) for x in self.lengths], list(self.tiers))
         if self.config.workers > 1:
             with ThreadPoolExecutor(max_workers=self.config.workers) as pool:
